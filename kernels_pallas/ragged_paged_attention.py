@@ -1,0 +1,223 @@
+"""Ragged paged attention: the pure-JAX reference that every kernel must match.
+
+A step of the engine packs the new tokens of several sequences back to back
+("ragged"): sequence ``s`` owns query rows ``cu_q_lens[s]:cu_q_lens[s+1]`` and has
+``kv_lens[s]`` tokens in total (its cached context followed by its new tokens).
+Its keys and values live in a paged cache: position ``p`` of sequence ``s`` is
+slot ``p % page_size`` of page ``page_indices[s, p // page_size]``.  The caller
+has already written the new tokens' K/V into the cache, so the cache holds every
+position ``< kv_lens[s]``.  Query row ``i`` of sequence ``s`` sits at position
+``kv_lens[s] - q_len(s) + i`` and attends causally to positions ``<=`` its own
+(and, with ``sliding_window=W``, to the last ``W`` positions only).  Rows that
+belong to no sequence (padding, ``row >= cu_q_lens[num_seqs]``) return zeros.
+
+Layouts: ``q`` is ``[num_tokens, num_q_heads, head_dim]``; ``k_pages``/``v_pages``
+are ``[num_pages, page_size, num_kv_heads, head_dim]``; ``num_q_heads`` is a
+multiple of ``num_kv_heads`` (GQA).
+
+How it is computed (this function *is* the CPU attention of the engine, so its
+formulation is chosen for speed on XLA CPU, and stays exact):
+
+* The rows are split at a static ``num_decode_rows``: the engine promises that
+  rows ``0..D-1`` are single-token sequences ``0..D-1`` (decode steps; padding
+  sequences there have ``kv_lens == 0``).  Those rows read their whole context
+  from the pages, in blocks of ``kv_block_pages`` pages with an online softmax,
+  inside a ``while_loop`` whose trip count is the longest context in the batch:
+  no context-length bucket, no work beyond the longest sequence.
+* The remaining rows (prefill chunks, or everything when ``num_decode_rows=0``)
+  attend to (a) their sequence's cached context (positions before the chunk),
+  with the same blocked loop whose trip count is the longest cached context of
+  *these* rows (zero for fresh prompts), and (b) the new tokens of the step
+  itself with a dense block-diagonal causal mask over the rows.
+
+``ragged_paged_attention_dense`` below is the textbook per-sequence formulation
+used by the tests to check this one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG_INF = -1e30  # finite, so fully masked rows give exp(0)*0 = 0, not NaN.
+
+
+def _soft_cap(scores: jax.Array, soft_cap: float | None) -> jax.Array:
+    if soft_cap is None:
+        return scores
+    return soft_cap * jnp.tanh(scores / soft_cap)
+
+
+def _online_update(carry, scores, mask, v, pv_spec="rkgb,rbkd->rkgd"):
+    """One online-softmax step.
+
+    carry: (m [R,K,G], l [R,K,G], acc [R,K,G,D]); scores [R,K,G,B]; mask [R,B]
+    (or [R,S] for the in-step block) marks the keys each row may see; v holds
+    the values in the layout named by ``pv_spec``.
+    """
+    m, l, acc = carry
+    mask = mask[:, None, None, :]
+    scores = jnp.where(mask, scores, _NEG_INF)
+    m_new = jnp.maximum(m, scores.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l_new = alpha * l + p.sum(axis=-1)
+    acc_new = alpha[..., None] * acc + jnp.einsum(pv_spec, p, v)
+    return m_new, l_new, acc_new
+
+
+def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
+                   sm_scale, sliding_window, soft_cap, kv_block_pages, carry):
+    """Online softmax of rows over the first ``row_ctx_len[r]`` positions of their pages.
+
+    q: [R,K,G,D] (already scaled); row_pages: [R, P] page table of each row's
+    sequence; row_pos: [R] query position; row_ctx_len: [R] number of context
+    positions each row may read from the pages.
+    """
+    page_size = k_pages.shape[1]
+    num_cols = row_pages.shape[1]
+    block_pages = min(kv_block_pages, num_cols)
+    pad = (-num_cols) % block_pages
+    if pad:
+        row_pages = jnp.pad(row_pages, ((0, 0), (0, pad)))
+    block = block_pages * page_size
+    num_blocks = (jnp.max(row_ctx_len, initial=0) + block - 1) // block
+    r, k, g, d = q.shape
+
+    def body(i, carry):
+        pages = jax.lax.dynamic_slice_in_dim(row_pages, i * block_pages, block_pages, axis=1)
+        kb = k_pages[pages].reshape(r, block, k, d)  # [R, B, K, D]
+        vb = v_pages[pages].reshape(r, block, k, d)
+        scores = jnp.einsum("rkgd,rbkd->rkgb", q, kb.astype(q.dtype))
+        scores = _soft_cap(scores, soft_cap)
+        kpos = i * block + jnp.arange(block)
+        mask = kpos[None, :] < row_ctx_len[:, None]
+        if sliding_window is not None:
+            mask &= kpos[None, :] > row_pos[:, None] - sliding_window
+        return _online_update(carry, scores, mask, vb.astype(q.dtype))
+
+    return jax.lax.fori_loop(0, num_blocks, body, carry)
+
+
+def _init_carry(r, k, g, d, dtype=jnp.float32):
+    return (jnp.full((r, k, g), _NEG_INF, dtype), jnp.zeros((r, k, g), dtype),
+            jnp.zeros((r, k, g, d), dtype))
+
+
+def _finish(carry):
+    m, l, acc = carry
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "sliding_window",
+                                             "soft_cap", "kv_block_pages"))
+def ragged_paged_attention_ref(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    num_decode_rows: int = 0,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    kv_block_pages: int = 8,
+) -> jax.Array:
+    """Reference ragged paged attention (see the module docstring for the contract)."""
+    t, hq, d = q.shape
+    hkv = k_pages.shape[2]
+    g = hq // hkv
+    num_slots = kv_lens.shape[0]
+    out_dtype = q.dtype
+    qf = (q.astype(jnp.float32) * sm_scale).reshape(t, hkv, g, d)
+    opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                kv_block_pages=kv_block_pages)
+    outs = []
+
+    nd = num_decode_rows
+    if nd:
+        # Decode rows: row i is sequence i, one query at position kv_len-1.
+        lens = kv_lens[:nd]
+        carry = _paged_context(qf[:nd], k_pages, v_pages, page_indices[:nd], lens - 1, lens,
+                               carry=_init_carry(nd, hkv, g, d), **opts)
+        outs.append(_finish(carry))
+
+    if t > nd:
+        rows = jnp.arange(nd, t)
+        seq_valid = jnp.arange(num_slots) < num_seqs
+        ends = jnp.where(seq_valid, cu_q_lens[1:], jnp.iinfo(jnp.int32).max)
+        # Sequence of each row: number of sequences that end at or before it.
+        seq = jnp.sum(rows[:, None] >= ends[None, :], axis=1)
+        row_valid = rows < cu_q_lens[num_seqs]
+        seq = jnp.where(row_valid, jnp.minimum(seq, num_slots - 1), 0)
+        q_start = cu_q_lens[seq]
+        q_len = cu_q_lens[seq + 1] - q_start
+        ctx_len = kv_lens[seq] - q_len
+        pos = ctx_len + rows - q_start
+        # A sequence with fewer kv than query tokens (padding) has no valid rows.
+        row_valid &= pos >= 0
+        ctx_len = jnp.where(row_valid, ctx_len, 0)
+        pos = jnp.where(row_valid, pos, 0)
+        qr = qf[nd:]
+        r = t - nd
+        row_pages = page_indices[seq]
+        # (a) cached context of each row's sequence, read from the pages.
+        carry = _paged_context(qr, k_pages, v_pages, row_pages, pos, ctx_len,
+                               carry=_init_carry(r, hkv, g, d), **opts)
+        # (b) the new tokens of this step: block-diagonal causal attention.
+        page_size = k_pages.shape[1]
+        page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
+        k_new = k_pages[page, pos % page_size].astype(jnp.float32)  # [R, K, D]
+        v_new = v_pages[page, pos % page_size].astype(jnp.float32)
+        scores = jnp.einsum("rkgd,skd->rkgs", qr, k_new)
+        scores = _soft_cap(scores, soft_cap)
+        mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+        mask &= row_valid[:, None] & row_valid[None, :]
+        if sliding_window is not None:
+            mask &= pos[None, :] > pos[:, None] - sliding_window
+        carry = _online_update(carry, scores, mask, v_new, pv_spec="rkgs,skd->rkgd")
+        outs.append(_finish(carry))
+
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+    return out.reshape(t, hq, d).astype(out_dtype)
+
+
+def ragged_paged_attention_dense(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                 *, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
+    """Per-sequence dense causal attention in float64 numpy: the textbook definition."""
+    q = np.asarray(q, np.float64)
+    k_pages = np.asarray(k_pages, np.float64)
+    v_pages = np.asarray(v_pages, np.float64)
+    kv_lens, page_indices, cu_q_lens = map(np.asarray, (kv_lens, page_indices, cu_q_lens))
+    t, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    g = hq // hkv
+    out = np.zeros_like(q)
+    for s in range(int(num_seqs)):
+        lo, hi = int(cu_q_lens[s]), int(cu_q_lens[s + 1])
+        n = int(kv_lens[s])
+        if hi == lo or n == 0:
+            continue
+        pos = np.arange(n)
+        k = k_pages[page_indices[s, pos // page_size], pos % page_size]  # [n, K, D]
+        v = v_pages[page_indices[s, pos // page_size], pos % page_size]
+        k = np.repeat(k, g, axis=1)
+        v = np.repeat(v, g, axis=1)
+        qpos = n - (hi - lo) + np.arange(hi - lo)
+        scores = np.einsum("qhd,khd->hqk", q[lo:hi], k) * sm_scale
+        if soft_cap is not None:
+            scores = soft_cap * np.tanh(scores / soft_cap)
+        mask = pos[None, :] <= qpos[:, None]
+        if sliding_window is not None:
+            mask &= pos[None, :] > qpos[:, None] - sliding_window
+        scores = np.where(mask[None], scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[lo:hi] = np.einsum("hqk,khd->qhd", p, v)
+    return out
