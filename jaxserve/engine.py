@@ -1,0 +1,310 @@
+"""``Engine``: the public API tying scheduler, KV cache, model runner and detokenizer together.
+
+    engine = Engine.from_pretrained("models/tiny")
+    outputs = engine.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
+
+Lower level, as in vLLM's ``LLMEngine``: ``add_request`` / ``step`` / ``abort`` /
+``has_unfinished``.  Every ``step`` schedules one ragged batch (continuous
+batching: a finished request's slot is refilled at the next step), runs the
+jit-compiled model step and returns the outputs of the requests that advanced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Iterator, Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
+from jaxserve.model_runner import ModelRunner
+from jaxserve.sampling import SamplingParams
+from jaxserve.scheduler import Scheduler
+from jaxserve.sequence import Logprob, RequestOutput, Sequence, Status
+from jaxserve.tokenizer import detokenize_incrementally, load_tokenizer
+from jaxserve.weights import NP_DTYPES, load_params
+
+logger = logging.getLogger(__name__)
+
+Prompt = "str | list[int]"
+DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30  # cap of the default cache size (every slot at max_model_len)
+
+
+def resolve_dtype(name: str) -> str:
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return name
+
+
+class Engine:
+    def __init__(self, model_config: ModelConfig, params: dict[str, Any], tokenizer: Any = None,
+                 config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        config.validate()
+        self.model_config = model_config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.dtype_name = resolve_dtype(config.dtype)
+        dtype = NP_DTYPES[self.dtype_name]
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({model_config.max_position_embeddings})")
+        per_page = page_bytes(model_config, config.page_size, dtype)
+        if config.num_pages is not None:
+            num_pages = config.num_pages
+        elif config.kv_cache_bytes is not None:
+            num_pages = config.kv_cache_bytes // per_page
+            if num_pages < 1:
+                raise ValueError(f"kv_cache_bytes: {config.kv_cache_bytes} bytes hold no page "
+                                 f"({per_page} bytes per page)")
+        else:
+            num_pages = config.max_num_seqs * pages_needed(self.max_model_len, config.page_size)
+            num_pages = max(1, min(num_pages, DEFAULT_MAX_KV_CACHE_BYTES // per_page))
+        self.num_pages = num_pages
+        logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
+                    num_pages, config.page_size, num_pages * config.page_size,
+                    num_pages * per_page / 2**20, self.dtype_name, self.max_model_len)
+
+        device_params = jax.tree_util.tree_map(jnp.asarray, params)
+        cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype)
+        self.allocator = PageAllocator(num_pages, config.page_size)
+        self.scheduler = Scheduler(config, self.allocator)
+        self.runner = ModelRunner(model_config, config, device_params, cache, dtype, self.max_model_len,
+                                  num_pages)
+        self.eos_token_ids = set(model_config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []  # aborted requests' final outputs, sent at the next step
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng(config.seed)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, *, max_num_seqs: int = 64, page_size: int = 16,
+                        num_pages: int | None = None, max_model_len: int | None = None, dtype: str = "auto",
+                        scheduling: str = "continuous", **kwargs: Any) -> "Engine":
+        """Load a Hugging Face checkpoint directory (config.json + *.safetensors [+ tokenizer])."""
+        config = EngineConfig(max_num_seqs=max_num_seqs, page_size=page_size, num_pages=num_pages,
+                              max_model_len=max_model_len, dtype=dtype, scheduling=scheduling, **kwargs)
+        config.validate()
+        model_config = ModelConfig.from_dir(model_dir)
+        t0 = time.perf_counter()
+        params = load_params(model_dir, model_config, NP_DTYPES[resolve_dtype(dtype)])
+        tokenizer = load_tokenizer(model_dir)
+        logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", model_dir, model_config.model_type,
+                    model_config.num_params() / 1e6, time.perf_counter() - t0)
+        return cls(model_config, params, tokenizer, config)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _make_sequence(self, prompt: Any, params: SamplingParams | None, request_id: str | None) -> Sequence:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        params.validate()
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: a text prompt needs a tokenizer; this model has none "
+                                 "(pass token ids instead)")
+            text = prompt
+            token_ids = list(self.tokenizer.encode(prompt)) if prompt else []
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            token_ids = [int(t) for t in prompt] if all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt) else None
+            if token_ids is None:
+                raise ValueError("prompt: a token-id prompt must be a list of integers")
+        else:
+            raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt: is empty (a prompt needs at least one token)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"= {total} exceeds max_model_len ({self.max_model_len})")
+        if pages_needed(total, self.config.page_size) > self.num_pages:
+            raise ValueError(f"max_tokens: the request needs {pages_needed(total, self.config.page_size)} "
+                             f"KV-cache pages for prompt + max_tokens, the cache has only {self.num_pages}")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id: must be a non-empty string, got {request_id!r}")
+        if request_id in self._seqs:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+        return Sequence(request_id, token_ids, params, seed, prompt=text)
+
+    def _enqueue(self, seq: Sequence) -> str:
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue one request; returns its id.  Bad input raises ValueError naming the field."""
+        return self._enqueue(self._make_sequence(prompt, params, request_id))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its pages; its final output (``finish_reason='abort'``) comes
+        with the next ``step``.  Returns False for an unknown or finished request."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        seq.finish_time = time.monotonic()
+        self._pending.append(seq.to_output(self._with_text(seq)))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and model step; return the outputs of requests that changed."""
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("scheduler made no progress with requests waiting (cache too small?)")
+            return outputs
+        result = self.runner.execute(sched)
+        # Decode i sits in sequence slot i, prefill j in slot decode_slots + j.  Whether a sequence
+        # samples is decided before its progress advances.
+        entries = [(i, s, s.samples) for i, s in enumerate(sched.decodes)]
+        entries += [(result.decode_slots + j, s, s.samples) for j, s in enumerate(sched.prefills)]
+        now = time.monotonic()
+        for slot, sch, samples in entries:
+            seq = sch.seq
+            seq.num_computed_tokens += sch.num_tokens
+            if samples and seq.status == Status.RUNNING:
+                self._append_token(seq, slot, result, now)
+                outputs.append(seq.to_output(self._with_text(seq)))
+        return outputs
+
+    def _with_text(self, seq: Sequence) -> bool:
+        return self.tokenizer is not None and seq.params.detokenize
+
+    def _append_token(self, seq: Sequence, slot: int, result, now: float) -> None:
+        token = int(result.tokens[slot])
+        seq.output_token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.params
+        if seq.logprobs is not None:
+            top = {int(t): float(v) for t, v in
+                   zip(result.top_ids[slot][:p.logprobs], result.top_logprobs[slot][:p.logprobs])}
+            seq.logprobs.append(Logprob(token, float(result.logprob[slot]), top))
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        elif self._with_text(seq):
+            delta = detokenize_incrementally(self.tokenizer, seq)
+            if delta and p.stop and self._truncate_at_stop(seq, len(delta)):
+                reason = "stop"
+        if reason is None and len(seq.output_token_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.finish_time = now
+            self.scheduler.finish(seq)
+            self._seqs.pop(seq.request_id, None)
+
+    @staticmethod
+    def _truncate_at_stop(seq: Sequence, delta_len: int) -> bool:
+        """If a stop string appears in the new text, cut the text before it (as vLLM does)."""
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(seq.text) - delta_len - longest + 1)
+        hits = [i for i in (seq.text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[:min(hits)]
+        return True
+
+    # -- convenience -------------------------------------------------------------------------------
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Generate for one or many prompts; outputs come back in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                         and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(prompts)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        seqs = [self._make_sequence(p, sp, None) for p, sp in zip(prompts, params_list)]  # validate all first
+        order = {seq.request_id: i for i, seq in enumerate(seqs)}
+        for seq in seqs:
+            self._enqueue(seq)
+        results: list[RequestOutput | None] = [None] * len(seqs)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(seqs), desc="generate", unit="req")
+        remaining = len(seqs)
+        try:
+            while remaining:
+                for out in self.step():
+                    i = order.get(out.request_id)
+                    if i is not None and out.finished:
+                        results[i] = out
+                        remaining -= 1
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            if remaining:  # interrupted: do not leave our requests holding pages
+                for seq in seqs:
+                    self.abort(seq.request_id)
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield incremental outputs (``new_token_ids``, ``text_delta``) of one request as it runs."""
+        request_id = self.add_request(prompt, sampling_params)
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # -- introspection -------------------------------------------------------------------------------
+
+    @property
+    def compile_count(self) -> int:
+        return self.runner.compile_count
+
+    @property
+    def num_buckets(self) -> int:
+        return self.runner.num_buckets
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    def warmup(self) -> float:
+        """Compile the model step for every bucket; returns the seconds it took."""
+        return self.runner.warmup()

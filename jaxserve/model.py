@@ -1,0 +1,145 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as a Flax Linen module.
+
+Linen rather than NNX: the engine's step is a pure function ``(params, cache,
+batch) -> (cache, tokens)`` that is jit-compiled once per bucket with the cache
+donated, sharded with NamedSharding and saved with Orbax.  Linen keeps the
+weights a plain dict pytree outside the module, which is exactly that shape,
+with no split/merge of module state at each call.
+
+The model runs one *ragged* step: ``T`` new tokens of many sequences packed back
+to back.  Each layer writes the new tokens' K/V into the paged cache at
+``slot_mapping`` and calls ``kernels_pallas.ragged_paged_attention``.  Logits are
+computed only for the rows named by ``logits_indices`` (the last new token of
+each sequence), not for every prompt token.
+
+Projections are fused (q|k|v into ``qkv_proj``, gate|up into ``gate_up_proj``):
+fewer, larger matmuls.  ``weights.py`` fuses the Hugging Face tensors on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import ModelConfig
+from kernels_pallas import ragged_paged_attention
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages) [pages, page_size, kv_heads, head_dim]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Per-step ragged-batch metadata (vLLM names), all device arrays of fixed bucket shapes."""
+
+    slot_mapping: jax.Array  # [T] flat cache slot of every new token; out of range for padding
+    query_start_loc: jax.Array  # [S+1] cumulative query lengths
+    seq_lens: jax.Array  # [S] kv length of each sequence including its new tokens
+    block_tables: jax.Array  # [S, pages_per_seq] page table of each sequence
+    num_seqs: jax.Array  # [] number of real sequences
+
+
+def _init(std=0.02):
+    return nn.initializers.normal(std)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * xf.astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding in the Hugging Face (rotate-half) layout; x [T, H, D], cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    attention_impl: str
+    num_decode_rows: int
+
+    @nn.compact
+    def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], meta: AttentionMetadata):
+        cfg, dt = self.cfg, self.dtype
+        t = x.shape[0]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
+        qkv = nn.Dense((hq + 2 * hkv) * d, use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt,
+                       kernel_init=_init(), name="qkv_proj")(h)
+        q = qkv[:, : hq * d].reshape(t, hq, d)
+        k = qkv[:, hq * d: (hq + hkv) * d].reshape(t, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        k_pages, v_pages = kv
+        num_pages, page_size = k_pages.shape[:2]
+        flat = (num_pages * page_size, hkv, d)
+        k_pages = k_pages.reshape(flat).at[meta.slot_mapping].set(k.astype(k_pages.dtype), mode="drop")
+        v_pages = v_pages.reshape(flat).at[meta.slot_mapping].set(v.astype(v_pages.dtype), mode="drop")
+        k_pages, v_pages = k_pages.reshape(kv[0].shape), v_pages.reshape(kv[1].shape)
+
+        attn = ragged_paged_attention(
+            q, k_pages, v_pages, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
+            sm_scale=d ** -0.5, num_decode_rows=self.num_decode_rows,
+            sliding_window=cfg.sliding_window, impl=self.attention_impl)
+        x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
+                         name="o_proj")(attn.reshape(t, hq * d))
+
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_norm")(x)
+        gate_up = nn.Dense(2 * cfg.intermediate_size, use_bias=False, dtype=dt, param_dtype=dt,
+                           kernel_init=_init(), name="gate_up_proj")(h)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
+                         name="down_proj")(jax.nn.silu(gate) * up)
+        return x, (k_pages, v_pages)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head over one ragged batch of new tokens."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    attention_impl: str = "reference"
+    num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
+
+    @nn.compact
+    def __call__(self, input_ids, positions, kv_caches: KVCache, meta: AttentionMetadata, logits_indices):
+        cfg, dt = self.cfg, self.dtype
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
+                         embedding_init=_init(), name="embed")
+        x = embed(input_ids)
+        inv_freq = jnp.asarray(cfg.inv_freq())
+        angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        new_caches = []
+        for i in range(cfg.num_layers):
+            layer = DecoderLayer(cfg, dt, self.attention_impl, self.num_decode_rows, name=f"layers_{i}")
+            x, kv = layer(x, cos, sin, kv_caches[i], meta)
+            new_caches.append(kv)
+        x = x[logits_indices]
+        x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
+                              name="lm_head")(x)
+        return logits.astype(jnp.float32), new_caches

@@ -1,0 +1,220 @@
+"""Packs a scheduled step into fixed-shape arrays and runs the jit-compiled model step.
+
+Layout of one step (vLLM's convention, decodes first)::
+
+    token rows : [ D decode tokens | T_p prefill-chunk tokens              ]
+    seq slots  : [ D decode seqs   | P prefill seqs                         ]
+
+``D`` is padded up to a power of two (the *decode bucket*), ``T_p`` likewise
+(the *prefill bucket*), and ``P`` is fixed (``max_num_prefill_seqs``), so the
+number of compiled programs is at most ``len(decode_buckets) * len(prefill_buckets)``.
+Each program is compiled ahead of time once (``jit(...).lower(...).compile()``),
+logged, and counted in ``compile_count``; an unexpected shape could not slip
+into a silent recompile.  The KV cache is donated, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.model import AttentionMetadata, CausalLM
+from jaxserve.sampling import MAX_LOGPROBS, SamplingArrays, compute_logprobs, sample
+from jaxserve.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+def power_of_two_buckets(lo: int, hi: int) -> list[int]:
+    """Powers of two from ``lo`` (rounded up) up to and including ``hi``."""
+    out, b = [], 1
+    while b < lo:
+        b *= 2
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return out
+
+
+def pick_bucket(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    input_ids: jax.Array  # [T]
+    positions: jax.Array  # [T]
+    meta: AttentionMetadata
+    logits_indices: jax.Array  # [S] row of each sequence's last new token
+    sampling: SamplingArrays  # [S]
+    want_logprobs: jax.Array  # [] bool
+
+
+@dataclasses.dataclass
+class StepResult:
+    tokens: np.ndarray  # [S] sampled token per sequence slot
+    logprob: np.ndarray | None  # [S]
+    top_ids: np.ndarray | None  # [S, MAX_LOGPROBS]
+    top_logprobs: np.ndarray | None
+    decode_slots: int  # index of the first prefill sequence slot
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params: Any, cache: Any,
+                 dtype: Any, max_model_len: int, num_pages: int):
+        self.model_cfg = model_cfg
+        self.cfg = engine_cfg
+        self.params = params
+        self.cache = cache
+        self.dtype = dtype
+        self.page_size = engine_cfg.page_size
+        self.num_pages = num_pages
+        self.pages_per_seq = -(-max_model_len // self.page_size)
+        self.decode_buckets = [0] + power_of_two_buckets(
+            min(engine_cfg.min_decode_bucket, engine_cfg.max_num_seqs), engine_cfg.max_num_seqs)
+        self.prefill_buckets = [0] + power_of_two_buckets(
+            min(engine_cfg.min_prefill_bucket, engine_cfg.max_num_batched_tokens),
+            engine_cfg.max_num_batched_tokens)
+        self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
+        self._executables: dict[tuple[int, int], Any] = {}
+        self.compile_count = 0
+        self.compile_seconds = 0.0
+        self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",), donate_argnames=("cache",))
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self.decode_buckets) * len(self.prefill_buckets) - 1
+
+    def _step(self, params, cache, inputs: StepInputs, *, num_decode_rows: int):
+        model = CausalLM(self.model_cfg, self.dtype, self.cfg.attention_impl, num_decode_rows)
+        logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
+                                    inputs.meta, inputs.logits_indices)
+        tokens = sample(logits, inputs.sampling)
+        logprob, top_ids, top_lp = compute_logprobs(logits, tokens, inputs.want_logprobs)
+        return cache, tokens, logprob, top_ids, top_lp
+
+    # -- packing -----------------------------------------------------------------------------
+
+    def _empty_inputs(self, num_decode: int, num_prefill_tokens: int) -> dict[str, np.ndarray]:
+        t = num_decode + num_prefill_tokens
+        s = num_decode + self.prefill_slots
+        return dict(
+            input_ids=np.zeros(t, np.int32),
+            positions=np.zeros(t, np.int32),
+            slot_mapping=np.full(t, self.num_pages * self.page_size, np.int32),  # out of range: dropped
+            query_start_loc=np.zeros(s + 1, np.int32),
+            seq_lens=np.zeros(s, np.int32),
+            block_tables=np.zeros((s, self.pages_per_seq), np.int32),
+            logits_indices=np.zeros(s, np.int32),
+            temperature=np.zeros(s, np.float32),
+            top_k=np.zeros(s, np.int32),
+            top_p=np.ones(s, np.float32),
+            min_p=np.zeros(s, np.float32),
+            seed=np.zeros((s, 2), np.uint32),
+            step=np.zeros(s, np.int32),
+        )
+
+    def prepare(self, out: SchedulerOutput) -> tuple[tuple[int, int], dict[str, np.ndarray], int, bool]:
+        n_dec = max(len(out.decodes), min(out.min_decode_slots, self.cfg.max_num_seqs))
+        d = pick_bucket(n_dec, self.decode_buckets) if n_dec else 0
+        n_pre_tokens = sum(s.num_tokens for s in out.prefills)
+        tp = pick_bucket(n_pre_tokens, self.prefill_buckets) if n_pre_tokens else 0
+        a = self._empty_inputs(d, tp)
+        ps = self.page_size
+        a["query_start_loc"][1:d + 1] = np.arange(1, d + 1)
+        want_logprobs = False
+        # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
+        slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
+        row = d
+        for j, sch in enumerate(out.prefills):
+            slots.append((d + j, row, sch))
+            row += sch.num_tokens
+        for i, row, sch in slots:
+            seq, n = sch.seq, sch.num_tokens
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n)
+            pages = np.asarray(seq.page_ids, np.int32)
+            a["input_ids"][row:row + n] = seq.token_ids(start, start + n)
+            a["positions"][row:row + n] = pos
+            a["slot_mapping"][row:row + n] = pages[pos // ps] * ps + pos % ps
+            a["seq_lens"][i] = start + n
+            a["block_tables"][i, :len(pages)] = pages
+            a["logits_indices"][i] = row + n - 1
+            if i >= d:
+                a["query_start_loc"][i + 1] = row + n
+            p = seq.params
+            a["temperature"][i] = p.temperature
+            a["top_k"][i] = p.top_k
+            a["top_p"][i] = p.top_p
+            a["min_p"][i] = p.min_p
+            a["seed"][i] = (seq.seed & 0xFFFFFFFF, seq.seed >> 32)
+            a["step"][i] = len(seq.output_token_ids)
+            want_logprobs |= p.logprobs is not None
+        # Prefill slots after the last real one end where the last one ended.
+        n_pre = len(out.prefills)
+        a["query_start_loc"][d + n_pre + 1:] = a["query_start_loc"][d + n_pre]
+        a["num_seqs"] = np.int32(d + n_pre)
+        return (d, tp), a, d, want_logprobs
+
+    def _to_inputs(self, a: dict[str, np.ndarray], want_logprobs: bool) -> StepInputs:
+        return StepInputs(
+            input_ids=a["input_ids"], positions=a["positions"],
+            meta=AttentionMetadata(slot_mapping=a["slot_mapping"], query_start_loc=a["query_start_loc"],
+                                   seq_lens=a["seq_lens"], block_tables=a["block_tables"],
+                                   num_seqs=a["num_seqs"]),
+            logits_indices=a["logits_indices"],
+            sampling=SamplingArrays(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"],
+                                    min_p=a["min_p"], seed=a["seed"], step=a["step"]),
+            want_logprobs=np.bool_(want_logprobs))
+
+    # -- compiling and running -----------------------------------------------------------------
+
+    def _executable(self, key: tuple[int, int], inputs: StepInputs):
+        exe = self._executables.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = self._jitted.lower(self.params, self.cache, inputs, num_decode_rows=key[0]).compile()
+            dt = time.perf_counter() - t0
+            self._executables[key] = exe
+            self.compile_count += 1
+            self.compile_seconds += dt
+            logger.info("compiled step for bucket (decode=%d, prefill_tokens=%d) in %.2fs [%d/%d]",
+                        key[0], key[1], dt, self.compile_count, self.num_buckets)
+        return exe
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        key, arrays, decode_slots, want_logprobs = self.prepare(out)
+        inputs = self._to_inputs(arrays, want_logprobs)
+        exe = self._executable(key, inputs)
+        self.cache, tokens, logprob, top_ids, top_lp = exe(self.params, self.cache, inputs)
+        if want_logprobs:
+            logprob, top_ids, top_lp = (np.asarray(x) for x in (logprob, top_ids, top_lp))
+        else:
+            logprob = top_ids = top_lp = None
+        return StepResult(np.asarray(tokens), logprob, top_ids, top_lp, decode_slots)
+
+    def warmup(self, buckets: list[tuple[int, int]] | None = None) -> float:
+        """Compile the step for every bucket (or the given ones); returns the seconds spent."""
+        t0 = time.perf_counter()
+        keys = buckets or [(d, t) for d in self.decode_buckets for t in self.prefill_buckets if d or t]
+        for d, t in keys:
+            if (d, t) not in self._executables:
+                a = self._empty_inputs(d, t)
+                a["num_seqs"] = np.int32(0)
+                self._executable((d, t), self._to_inputs(a, False))
+        return time.perf_counter() - t0
+
+
+__all__ = ["ModelRunner", "StepResult", "power_of_two_buckets", "pick_bucket", "MAX_LOGPROBS"]

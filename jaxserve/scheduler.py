@@ -1,0 +1,140 @@
+"""The host scheduler: who runs this step, and how many tokens each (plain Python, no JAX).
+
+Continuous batching: every step, running sequences go first (decodes, then
+unfinished prefills), and any free slot is refilled from the FIFO waiting queue
+at once, within the token budget ``max_num_batched_tokens``.  Long prompts are
+prefilled in chunks that fill what the budget leaves.  When the cache runs out
+of pages, the newest running sequence is preempted: its pages are freed and it
+goes back to the front of the queue, to be recomputed (its generated tokens are
+kept, so its output does not change).
+
+Static batching (``scheduling="static"``, for comparison): a batch of up to
+``max_num_seqs`` is admitted together only when nothing runs, and the step keeps
+that batch's shape (finished members' slots stay idle) until its last member
+finishes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+from jaxserve.config import EngineConfig
+from jaxserve.kv_cache import PageAllocator
+from jaxserve.sequence import Sequence, Status
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed for it this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence's known tokens (so a token is sampled)."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledSeq]  # one token each; first in the batch
+    prefills: list[ScheduledSeq]  # prompt chunks
+    min_decode_slots: int = 0  # static batching: the batch keeps this many decode slots
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(s.num_tokens for s in self.prefills)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: PageAllocator):
+        self.config = config
+        self.allocator = allocator
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._static_batch = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        decodes: list[ScheduledSeq] = []
+        prefills: list[ScheduledSeq] = []
+        # Running sequences, oldest first; one with a single token left to compute is a decode.
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
+            if seq.status != Status.RUNNING or budget == 0:
+                continue
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > 1 and len(prefills) >= cfg.max_num_prefill_seqs:
+                continue
+            n = min(remaining, budget)
+            if not self._grow_or_preempt(seq, seq.num_computed_tokens + n):
+                continue
+            (decodes if n == 1 and remaining == 1 else prefills).append(ScheduledSeq(seq, n))
+            budget -= n
+        # Admission from the waiting queue.
+        if cfg.scheduling == "static":
+            if not self.running:
+                self._static_batch = min(len(self.waiting), cfg.max_num_seqs)
+                for _ in range(self._static_batch):
+                    seq = self.waiting.popleft()
+                    seq.status = Status.RUNNING
+                    self.running.append(seq)
+                if self._static_batch:
+                    return self.schedule()  # schedule the new batch's first chunks
+        else:
+            while (self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0
+                   and len(prefills) < cfg.max_num_prefill_seqs):
+                seq = self.waiting[0]
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + n):
+                    break
+                self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                prefills.append(ScheduledSeq(seq, n))
+                budget -= n
+        min_slots = self._static_batch if cfg.scheduling == "static" else 0
+        return SchedulerOutput(decodes, prefills, min_slots)
+
+    def _grow_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make room for ``seq`` to hold ``num_tokens``, preempting the newest running sequences."""
+        while not self.allocator.grow(seq.page_ids, num_tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.release(seq.page_ids)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted %s (%d tokens)", seq.request_id, seq.num_tokens)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and return its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.release(seq.page_ids)
+        seq.status = Status.FINISHED
+        if not self.running:
+            self._static_batch = 0

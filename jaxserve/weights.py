@@ -1,0 +1,115 @@
+"""Load Hugging Face safetensors checkpoints into the Flax parameter tree of ``model.CausalLM``.
+
+The safetensors format is read directly (8-byte header length, JSON header,
+raw little-endian data) through ``numpy.memmap``, so bfloat16 checkpoints load
+without torch and without copying the file into memory first.  Sharded
+checkpoints (``model.safetensors.index.json``) are handled the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import struct
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from jaxserve.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) for every tensor of one .safetensors file (arrays are memory-mapped)."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model: could not read safetensors header of {path}: {e}") from e
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"model: tensor {name} in {path} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        arr = data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        yield name, arr
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted({os.path.join(model_dir, v) for v in weight_map.values()})
+        missing = [p for p in files if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"model: {missing[0]} (listed in {index}) not found")
+        return files
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"model: no *.safetensors file in {model_dir}")
+    return files
+
+
+def load_hf_tensors(model_dir: str) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    for path in checkpoint_files(model_dir):
+        tensors.update(read_safetensors(path))
+    return tensors
+
+
+def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -> dict[str, Any]:
+    """Map Hugging Face tensor names to our (fused, transposed) Linen parameter tree, as numpy."""
+
+    def get(name: str) -> np.ndarray:
+        for prefix in ("", "model."):
+            if prefix + name in tensors:
+                return np.asarray(tensors[prefix + name])
+        raise ValueError(f"model: tensor {name!r} missing from the checkpoint")
+
+    def cast(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.astype(dtype, copy=False))
+
+    params: dict[str, Any] = {"embed": {"embedding": cast(get("embed_tokens.weight"))}}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        qkv = np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T
+        layer = {
+            "input_norm": {"scale": cast(get(p + "input_layernorm.weight"))},
+            "qkv_proj": {"kernel": cast(qkv)},
+            "o_proj": {"kernel": cast(get(p + "self_attn.o_proj.weight").T)},
+            "post_attention_norm": {"scale": cast(get(p + "post_attention_layernorm.weight"))},
+            "gate_up_proj": {"kernel": cast(np.concatenate(
+                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T)},
+            "down_proj": {"kernel": cast(get(p + "mlp.down_proj.weight").T)},
+        }
+        if cfg.attention_bias:
+            layer["qkv_proj"]["bias"] = cast(np.concatenate(
+                [get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0))
+        if cfg.qk_norm:
+            layer["q_norm"] = {"scale": cast(get(p + "self_attn.q_norm.weight"))}
+            layer["k_norm"] = {"scale": cast(get(p + "self_attn.k_norm.weight"))}
+        params[f"layers_{i}"] = layer
+    params["final_norm"] = {"scale": cast(get("norm.weight"))}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": cast(get("lm_head.weight").T)}
+    return params
+
+
+def load_params(model_dir: str, cfg: ModelConfig, dtype: Any) -> dict[str, Any]:
+    """Read a Hugging Face checkpoint directory into a numpy parameter tree of ``dtype``."""
+    return hf_to_params(cfg, load_hf_tensors(model_dir), dtype)
