@@ -91,6 +91,7 @@ class ModelRunner:
         self._executables: dict[tuple[int, int], Any] = {}
         self.compile_count = 0
         self.compile_seconds = 0.0
+        self.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0}  # host packing vs device step (+sync)
         self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",), donate_argnames=("cache",))
 
     @property
@@ -195,15 +196,22 @@ class ModelRunner:
         return exe
 
     def execute(self, out: SchedulerOutput) -> StepResult:
+        t0 = time.perf_counter()
         key, arrays, decode_slots, want_logprobs = self.prepare(out)
         inputs = self._to_inputs(arrays, want_logprobs)
         exe = self._executable(key, inputs)
+        t1 = time.perf_counter()
         self.cache, tokens, logprob, top_ids, top_lp = exe(self.params, self.cache, inputs)
+        tokens = np.asarray(tokens)
         if want_logprobs:
             logprob, top_ids, top_lp = (np.asarray(x) for x in (logprob, top_ids, top_lp))
         else:
             logprob = top_ids = top_lp = None
-        return StepResult(np.asarray(tokens), logprob, top_ids, top_lp, decode_slots)
+        t2 = time.perf_counter()
+        self.stats["steps"] += 1
+        self.stats["prepare_s"] += t1 - t0
+        self.stats["device_s"] += t2 - t1
+        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots)
 
     def warmup(self, buckets: list[tuple[int, int]] | None = None) -> float:
         """Compile the step for every bucket (or the given ones); returns the seconds spent."""
