@@ -69,20 +69,9 @@ def _online_update(carry, scores, mask, v, pv_spec="rkgb,rbkd->rkgd"):
     return m_new, l_new, acc_new
 
 
-def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
-                   sm_scale, sliding_window, soft_cap, kv_block_pages, carry):
-    """Online softmax of rows over the first ``row_ctx_len[r]`` positions of their pages.
-
-    q: [R,K,G,D] (already scaled); row_pages: [R, P] page table of each row's
-    sequence; row_pos: [R] query position; row_ctx_len: [R] number of context
-    positions each row may read from the pages.
-    """
+def _paged_context_loop(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, carry, *,
+                        sliding_window, soft_cap, block_pages):
     page_size = k_pages.shape[1]
-    num_cols = row_pages.shape[1]
-    block_pages = min(kv_block_pages, num_cols)
-    pad = (-num_cols) % block_pages
-    if pad:
-        row_pages = jnp.pad(row_pages, ((0, 0), (0, pad)))
     block = block_pages * page_size
     num_blocks = (jnp.max(row_ctx_len, initial=0) + block - 1) // block
     r, k, g, d = q.shape
@@ -100,6 +89,62 @@ def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
         return _online_update(carry, scores, mask, vb.astype(q.dtype))
 
     return jax.lax.fori_loop(0, num_blocks, body, carry)
+
+
+def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
+                   sliding_window, soft_cap, kv_block_pages, num_groups=4, **_):
+    """Online softmax of rows over the first ``row_ctx_len[r]`` positions of their pages.
+
+    q: [R,K,G,D] (already scaled); row_pages: [R, P] page table of each row's
+    sequence; row_pos: [R] query position; row_ctx_len: [R] number of context
+    positions each row may read from the pages.  Returns the (m, l, acc) carry.
+
+    The loop runs over blocks of ``kv_block_pages`` pages, as many as the longest
+    context needs.  Rows are sorted by context length and split into
+    ``num_groups`` groups with a loop each, so short rows stop early.
+    """
+    r, k, g, d = q.shape
+    num_cols = row_pages.shape[1]
+    block_pages = min(kv_block_pages, num_cols)
+    pad = (-num_cols) % block_pages
+    if pad:
+        row_pages = jnp.pad(row_pages, ((0, 0), (0, pad)))
+    opts = dict(sliding_window=sliding_window, soft_cap=soft_cap, block_pages=block_pages)
+    if r < 2 * num_groups:
+        return _paged_context_loop(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len,
+                                   _init_carry(r, k, g, d), **opts)
+    order = jnp.argsort(row_ctx_len)
+    q, row_pages, row_pos, row_ctx_len = q[order], row_pages[order], row_pos[order], row_ctx_len[order]
+    bounds = [round(i * r / num_groups) for i in range(num_groups + 1)]
+    parts = [_paged_context_loop(q[lo:hi], k_pages, v_pages, row_pages[lo:hi], row_pos[lo:hi],
+                                 row_ctx_len[lo:hi], _init_carry(hi - lo, k, g, d), **opts)
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
+    inverse = jnp.argsort(order)
+    return tuple(jnp.concatenate(xs, axis=0)[inverse] for xs in zip(*parts))
+
+
+def _merge_new_tokens(carry, q, k_new, v_new, mask, row_valid, soft_cap):
+    """Attention of rows to the step's own new tokens (dense, masked), merged into ``carry``.
+
+    Heads are laid out as [H, R, S] with K/V repeated per query head: on XLA CPU
+    this is about 3x faster than keeping the GQA group as a separate axis.
+    """
+    r, k, g, d = q.shape
+    scores = jnp.einsum("rhd,shd->hrs", q.reshape(r, k * g, d), jnp.repeat(k_new, g, axis=1))
+    scores = _soft_cap(scores, soft_cap)
+    scores = jnp.where(mask[None], scores, _NEG_INF)
+    m_new = scores.max(axis=-1)  # [H, R]; every valid row sees at least itself
+    p = jnp.exp(scores - m_new[..., None])
+    l_new = p.sum(axis=-1)
+    acc_new = jnp.einsum("hrs,shd->rhd", p, jnp.repeat(v_new, g, axis=1)).reshape(r, k, g, d)
+    m_new, l_new = m_new.T.reshape(r, k, g), l_new.T.reshape(r, k, g)
+    m_ctx, l_ctx, acc_ctx = carry
+    m = jnp.maximum(m_ctx, m_new)
+    a_ctx, a_new = jnp.exp(m_ctx - m), jnp.exp(m_new - m)
+    l = a_ctx * l_ctx + a_new * l_new
+    acc = a_ctx[..., None] * acc_ctx + a_new[..., None] * acc_new
+    out = acc / l[..., None]
+    return jnp.where(row_valid[:, None, None, None], out, 0.0)
 
 
 def _init_carry(r, k, g, d, dtype=jnp.float32):
@@ -127,10 +172,16 @@ def ragged_paged_attention_ref(
     num_decode_rows: int = 0,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    kv_block_pages: int = 8,
+    kv_block_pages: int | None = None,
 ) -> jax.Array:
-    """Reference ragged paged attention (see the module docstring for the contract)."""
+    """Reference ragged paged attention (see the module docstring for the contract).
+
+    ``kv_block_pages``: pages per step of the context loop; default: 64 tokens' worth
+    (measured fastest on XLA CPU among 16-256 token blocks).
+    """
     t, hq, d = q.shape
+    if kv_block_pages is None:
+        kv_block_pages = max(1, 64 // k_pages.shape[1])
     hkv = k_pages.shape[2]
     g = hq // hkv
     num_slots = kv_lens.shape[0]
@@ -144,8 +195,7 @@ def ragged_paged_attention_ref(
     if nd:
         # Decode rows: row i is sequence i, one query at position kv_len-1.
         lens = kv_lens[:nd]
-        carry = _paged_context(qf[:nd], k_pages, v_pages, page_indices[:nd], lens - 1, lens,
-                               carry=_init_carry(nd, hkv, g, d), **opts)
+        carry = _paged_context(qf[:nd], k_pages, v_pages, page_indices[:nd], lens - 1, lens, **opts)
         outs.append(_finish(carry))
 
     if t > nd:
@@ -168,21 +218,16 @@ def ragged_paged_attention_ref(
         r = t - nd
         row_pages = page_indices[seq]
         # (a) cached context of each row's sequence, read from the pages.
-        carry = _paged_context(qr, k_pages, v_pages, row_pages, pos, ctx_len,
-                               carry=_init_carry(r, hkv, g, d), **opts)
+        carry = _paged_context(qr, k_pages, v_pages, row_pages, pos, ctx_len, **opts)
         # (b) the new tokens of this step: block-diagonal causal attention.
         page_size = k_pages.shape[1]
         page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
         k_new = k_pages[page, pos % page_size].astype(jnp.float32)  # [R, K, D]
         v_new = v_pages[page, pos % page_size].astype(jnp.float32)
-        scores = jnp.einsum("rkgd,skd->rkgs", qr, k_new)
-        scores = _soft_cap(scores, soft_cap)
-        mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
-        mask &= row_valid[:, None] & row_valid[None, :]
+        mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None]) & row_valid[None, :]
         if sliding_window is not None:
             mask &= pos[None, :] > pos[:, None] - sliding_window
-        carry = _online_update(carry, scores, mask, v_new, pv_spec="rkgs,skd->rkgd")
-        outs.append(_finish(carry))
+        outs.append(_merge_new_tokens(carry, qr, k_new, v_new, mask, row_valid, soft_cap))
 
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
     return out.reshape(t, hq, d).astype(out_dtype)

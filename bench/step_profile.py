@@ -1,0 +1,87 @@
+"""Where a step's time goes: device time of decode and prefill steps at several batch/context sizes,
+with the real attention and with attention replaced by a no-op (so the rest is the weights' matmuls,
+sampling and the cache writes).  Prints one JSON line per measurement.
+
+    python bench/step_profile.py --model models/56m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import jaxserve.model as model_mod  # noqa: E402
+from jaxserve import Engine, SamplingParams  # noqa: E402
+
+
+def time_steps(engine: Engine, n: int) -> float:
+    """Median seconds of the next n engine steps."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def decode_case(args, batch: int, context: int, attention: bool) -> dict:
+    engine = Engine.from_pretrained(args.model, max_num_seqs=batch, max_model_len=1024,
+                                    max_num_batched_tokens=512)
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    for _ in range(batch):
+        engine.add_request(rng.integers(3, vocab, context).tolist(),
+                           SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, detokenize=False))
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
+        engine.step()
+    time_steps(engine, 3)  # compile + warm
+    t = time_steps(engine, args.steps)
+    return {"case": "decode", "batch": batch, "context": context, "attention": attention,
+            "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
+
+
+def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
+    engine = Engine.from_pretrained(args.model, max_num_seqs=64, max_model_len=1024, max_num_batched_tokens=512)
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
+    times = []
+    for rep in range(args.steps + 2):
+        for _ in range(prompts):
+            engine.add_request(rng.integers(3, vocab, length).tolist(), params)
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        while engine.has_unfinished():
+            engine.step()
+    t = float(np.median(times[2:]))
+    return {"case": "prefill", "prompts": prompts, "length": length, "attention": attention,
+            "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batches", default="16,32,64")
+    ap.add_argument("--contexts", default="128,512")
+    args = ap.parse_args()
+    real = model_mod.ragged_paged_attention
+    for attention in (True, False):
+        model_mod.ragged_paged_attention = real if attention else (lambda q, *a, **k: q)
+        for b in map(int, args.batches.split(",")):
+            for c in map(int, args.contexts.split(",")):
+                print(json.dumps(decode_case(args, b, c, attention)), flush=True)
+        print(json.dumps(prefill_case(args, 4, 128, attention)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

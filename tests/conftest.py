@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny random checkpoints (written once per session) and shared engines.
+
+Engines are expensive on CPU mainly because every step shape (bucket) is compiled
+once; an engine is therefore shared by every test that can use it.  The
+``engine`` fixture hands out the shared Llama engine and, after each test,
+checks that the test left it clean (nothing queued, every page free) and
+restores that state if it did not, so that one failing test cannot break the
+following ones.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from jaxserve import Engine, SamplingParams  # noqa: E402
+from jaxserve.make_model import make_model  # noqa: E402
+
+# The configuration shared by most tests: page boundaries are crossed every 8
+# tokens, prompts longer than 64 tokens are chunked, and a batch of more than
+# four requests has to wait for free slots.  min_prefill_bucket=64 leaves a single prefill
+# bucket: at most three step programs to compile per engine (compiling dominates on CPU).
+ENGINE_KW = dict(max_num_seqs=4, page_size=8, max_model_len=256, max_num_batched_tokens=64,
+                 min_prefill_bucket=64)
+VOCAB = 1024  # vocabulary of the "tiny" size
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def random_prompts(lengths, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+def drain(engine: Engine, max_steps: int = 10_000) -> dict[str, object]:
+    """Step until nothing is left; return the final output of every request that finished."""
+    final = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return final
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    raise AssertionError("engine did not finish its requests")
+
+
+def assert_clean(engine: Engine) -> None:
+    assert not engine.has_unfinished()
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.num_free_pages == engine.num_pages
+
+
+def reset(engine: Engine) -> None:
+    """Abort whatever a (failed) test left behind and run the engine dry."""
+    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+        engine.abort(seq.request_id)
+    drain(engine)
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """``model_factory(name, arch='llama', **make_model_kwargs)``: a checkpoint dir, written once."""
+    cache: dict[str, str] = {}
+
+    def get(name: str, arch: str = "llama", **kw) -> str:
+        if name not in cache:
+            cache[name] = make_model(str(tmp_path_factory.mktemp(name)), arch, "tiny", **kw)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_factory) -> str:
+    """Tiny random Llama with a trained BPE tokenizer."""
+    return model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def notok_dir(model_factory) -> str:
+    """Tiny random Llama without a tokenizer."""
+    return model_factory("llama_notok", tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def shared_engine(llama_dir) -> Engine:
+    return Engine.from_pretrained(llama_dir, **ENGINE_KW)
+
+
+@pytest.fixture
+def engine(shared_engine):
+    """The shared engine; the test must leave it clean (checked afterwards)."""
+    assert_clean(shared_engine)
+    yield shared_engine
+    try:
+        assert_clean(shared_engine)
+    finally:
+        reset(shared_engine)
+
+
+@pytest.fixture(scope="session")
+def reference_outputs(shared_engine):
+    """``reference_outputs(prompts, max_tokens_list)``: greedy tokens from the shared engine, memoised."""
+    memo: dict[tuple, list[int]] = {}
+
+    def get(prompts, max_tokens):
+        missing = [(tuple(p), n) for p, n in zip(prompts, max_tokens) if (tuple(p), n) not in memo]
+        if missing:
+            assert_clean(shared_engine)
+            outs = shared_engine.generate([list(p) for p, _ in missing], [greedy(n) for _, n in missing])
+            for key, o in zip(missing, outs):
+                memo[key] = o.token_ids
+            assert_clean(shared_engine)
+        return [memo[(tuple(p), n)] for p, n in zip(prompts, max_tokens)]
+
+    return get

@@ -1,0 +1,154 @@
+"""The JAX ragged paged attention (what the engine runs) equals the float64 textbook version.
+
+Batches are built the way the engine builds them: ``D`` decode rows first
+(row ``i`` is single-token sequence ``i``; padded decode slots have
+``kv_len == 0``), then prefill chunks, each with or without cached context
+(a chunk with context is the second or later chunk of a long prompt, or the
+recompute of a preempted sequence), then padding rows that belong to no
+sequence and padding sequence slots (``q_len == 0``, beyond ``num_seqs``).
+Pages are scattered at random over the pool and unused page-table entries hold
+garbage page ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from kernels_pallas import ragged_paged_attention
+from kernels_pallas.ragged_paged_attention import (
+    ragged_paged_attention_dense,
+    ragged_paged_attention_ref,
+)
+
+HEAD_DIM = 16
+NUM_KV_HEADS = 2
+
+
+def make_batch(rng, *, page_size, gqa, num_decode_rows, num_decode_pad, prefills, pad_rows, pad_seqs,
+               max_pages_per_seq=12):
+    """A ragged step.  ``prefills`` is a list of (q_len, ctx_len); decode contexts are random."""
+    hkv, hq, d = NUM_KV_HEADS, NUM_KV_HEADS * gqa, HEAD_DIM
+    decodes = [int(rng.integers(1, max_pages_per_seq * page_size)) for _ in range(num_decode_rows - num_decode_pad)]
+    decode_kv = decodes + [0] * num_decode_pad  # padded decode slots: kv_len 0 (still one row each)
+    q_lens = [1] * num_decode_rows + [q for q, _ in prefills]
+    kv_lens = decode_kv + [q + c for q, c in prefills]
+    num_seqs = len(q_lens)
+    num_slots = num_seqs + pad_seqs
+    assert max(kv_lens, default=0) <= max_pages_per_seq * page_size
+    pages_used = [-(-n // page_size) for n in kv_lens]
+    num_pages = sum(pages_used) + 3
+    perm = rng.permutation(num_pages)
+    # Unused entries: garbage (but valid) page ids; the kernel must not read them.
+    page_indices = rng.integers(0, num_pages, size=(num_slots, max_pages_per_seq)).astype(np.int32)
+    off = 0
+    for s, n in enumerate(pages_used):
+        page_indices[s, :n] = perm[off:off + n]
+        off += n
+    cu = np.zeros(num_slots + 1, np.int32)
+    cu[1:num_seqs + 1] = np.cumsum(q_lens)
+    cu[num_seqs + 1:] = cu[num_seqs]
+    t = int(cu[num_seqs]) + pad_rows
+    kv = np.zeros(num_slots, np.int32)
+    kv[:num_seqs] = kv_lens
+    q = rng.standard_normal((t, hq, d)).astype(np.float32) * 2.0
+    k_pages = rng.standard_normal((num_pages, page_size, hkv, d)).astype(np.float32) * 2.0
+    v_pages = rng.standard_normal((num_pages, page_size, hkv, d)).astype(np.float32)
+    return q, k_pages, v_pages, kv, page_indices, cu, np.int32(num_seqs)
+
+
+def random_prefills(rng, page_size, n):
+    """A mix of fresh prompt chunks (no context), chunks with cached context, and one-token chunks."""
+    out = []
+    for i in range(n):
+        kind = i % 3
+        q_len = int(rng.integers(1, 3 * page_size + 2)) if kind != 2 else 1
+        ctx = 0 if kind == 0 else int(rng.integers(1, 5 * page_size))
+        out.append((q_len, ctx))
+    return out
+
+
+def check(args, num_decode_rows, **kw):
+    q, k_pages, v_pages, kv, pages, cu, num_seqs = args
+    sm_scale = HEAD_DIM ** -0.5
+    got = np.asarray(ragged_paged_attention_ref(q, k_pages, v_pages, kv, pages, cu, num_seqs, sm_scale=sm_scale,
+                                                num_decode_rows=num_decode_rows, **kw))
+    dense_kw = {k: v for k, v in kw.items() if k != "kv_block_pages"}
+    want = ragged_paged_attention_dense(q, k_pages, v_pages, kv, pages, cu, num_seqs, sm_scale=sm_scale,
+                                        **dense_kw)
+    assert got.shape == q.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    # Padding rows and padded decode slots are exactly zero.
+    end = int(cu[int(num_seqs)])
+    assert not got[end:].any()
+    for s in range(int(num_seqs)):
+        if kv[s] == 0:
+            assert not got[cu[s]:cu[s + 1]].any()
+    return got
+
+
+# Every page size x GQA ratio x (decode rows or not); sliding window, soft cap and the KV
+# block size cycle through their values so that each appears with each page size.
+OPTIONS = [  # (sliding_window, soft_cap, kv_block_pages)
+    (None, None, 8), (None, None, 1), (13, None, 8), (None, 3.0, 1), (7, 2.0, 8), (29, None, 1)]
+CASES = [(ps, g, nd, *OPTIONS[i % len(OPTIONS)])
+         for i, (ps, g, nd) in enumerate(itertools.product([4, 8, 16], [1, 2, 4], [0, 3]))]
+
+
+@pytest.mark.parametrize("page_size,gqa,num_decode_rows,sliding_window,soft_cap,kv_block_pages", CASES)
+def test_ref_matches_dense(page_size, gqa, num_decode_rows, sliding_window, soft_cap, kv_block_pages):
+    rng = np.random.default_rng([page_size, gqa, num_decode_rows])
+    kw = dict(sliding_window=sliding_window, soft_cap=soft_cap, kv_block_pages=kv_block_pages)
+    args = make_batch(rng, page_size=page_size, gqa=gqa, num_decode_rows=num_decode_rows,
+                      num_decode_pad=1 if num_decode_rows else 0,
+                      prefills=random_prefills(rng, page_size, 4), pad_rows=5, pad_seqs=2)
+    check(args, num_decode_rows, **kw)
+
+
+@pytest.mark.parametrize("num_decode_rows", [0, 4])
+def test_decode_only_and_full_batches(num_decode_rows):
+    """Only decode rows (no prefill row at all), then the same sequences as one-token chunks
+    with num_decode_rows=0: both paths agree with the dense version."""
+    rng = np.random.default_rng(7)
+    args = make_batch(rng, page_size=8, gqa=2, num_decode_rows=4, num_decode_pad=0, prefills=[], pad_rows=0,
+                      pad_seqs=0)
+    check(args, num_decode_rows)
+    check(args, num_decode_rows, sliding_window=5, kv_block_pages=1)
+
+
+def test_no_real_sequence():
+    """A step with only padding (num_seqs 0, as in warm-up) returns zeros, not NaN."""
+    rng = np.random.default_rng(3)
+    q, k, v, kv, pages, cu, _ = make_batch(rng, page_size=8, gqa=2, num_decode_rows=0, num_decode_pad=0,
+                                           prefills=[(5, 3)], pad_rows=4, pad_seqs=1)
+    out = np.asarray(ragged_paged_attention_ref(q, k, v, kv, pages, cu, np.int32(0), sm_scale=0.25))
+    assert not out.any()
+    out = np.asarray(ragged_paged_attention_ref(q, k, v, np.zeros_like(kv), pages, np.zeros_like(cu),
+                                                np.int32(2), sm_scale=0.25, num_decode_rows=2))
+    assert np.isfinite(out).all() and not out.any()
+
+
+def test_context_longer_than_block_and_page_table():
+    """Contexts spanning several KV blocks with a page table that is not a multiple of
+    kv_block_pages (the blocked loop pads it), single long decode and long chunk."""
+    rng = np.random.default_rng(11)
+    args = make_batch(rng, page_size=4, gqa=4, num_decode_rows=2, num_decode_pad=0,
+                      prefills=[(9, 33), (1, 40), (20, 0)], pad_rows=3, pad_seqs=1, max_pages_per_seq=13)
+    for kvb in (1, 3, 8, 16):
+        check(args, 2, kv_block_pages=kvb)
+
+
+def test_public_entry_point():
+    """``kernels_pallas.ragged_paged_attention`` (what the model calls) dispatches to the
+    reference and rejects unknown implementations naming the field."""
+    rng = np.random.default_rng(5)
+    q, k, v, kv, pages, cu, ns = make_batch(rng, page_size=8, gqa=2, num_decode_rows=2, num_decode_pad=1,
+                                            prefills=[(6, 10), (3, 0)], pad_rows=2, pad_seqs=1)
+    got = np.asarray(ragged_paged_attention(q, k, v, kv, pages, cu, ns, sm_scale=0.25, num_decode_rows=2,
+                                            sliding_window=9))
+    want = ragged_paged_attention_dense(q, k, v, kv, pages, cu, ns, sm_scale=0.25, sliding_window=9)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_impl"):
+        ragged_paged_attention(q, k, v, kv, pages, cu, ns, sm_scale=0.25, impl="nope")
