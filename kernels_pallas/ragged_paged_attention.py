@@ -123,28 +123,70 @@ def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
     return tuple(jnp.concatenate(xs, axis=0)[inverse] for xs in zip(*parts))
 
 
-def _merge_new_tokens(carry, q, k_new, v_new, mask, row_valid, soft_cap):
-    """Attention of rows to the step's own new tokens (dense, masked), merged into ``carry``.
+def _new_token_attention(q, k_new, v_new, seq, pos, first_row, row_valid, *, sliding_window, soft_cap,
+                         tile=64):
+    """Attention of prefill rows to the step's own new tokens, tiled to skip what the mask removes.
 
-    Heads are laid out as [H, R, S] with K/V repeated per query head: on XLA CPU
-    this is about 3x faster than keeping the GQA group as a separate axis.
+    Rows are cut into tiles of ``tile`` rows.  A tile's keys are the new tokens
+    from the first row of its first row's sequence (``first_row``) up to the
+    tile's end, so each tile loops only over the key tiles its sequences cover
+    (the block-diagonal, causal structure of a ragged prefill), not all rows.
+    Heads are laid out [H, rows, keys] with K/V repeated per query head, which
+    on XLA CPU is about 3x faster than a separate GQA axis.
+
+    Returns (m, l, acc) in the [R, K, G(, D)] layout of ``_paged_context``.
     """
     r, k, g, d = q.shape
-    scores = jnp.einsum("rhd,shd->hrs", q.reshape(r, k * g, d), jnp.repeat(k_new, g, axis=1))
-    scores = _soft_cap(scores, soft_cap)
-    scores = jnp.where(mask[None], scores, _NEG_INF)
-    m_new = scores.max(axis=-1)  # [H, R]; every valid row sees at least itself
-    p = jnp.exp(scores - m_new[..., None])
-    l_new = p.sum(axis=-1)
-    acc_new = jnp.einsum("hrs,shd->rhd", p, jnp.repeat(v_new, g, axis=1)).reshape(r, k, g, d)
-    m_new, l_new = m_new.T.reshape(r, k, g), l_new.T.reshape(r, k, g)
-    m_ctx, l_ctx, acc_ctx = carry
-    m = jnp.maximum(m_ctx, m_new)
-    a_ctx, a_new = jnp.exp(m_ctx - m), jnp.exp(m_new - m)
-    l = a_ctx * l_ctx + a_new * l_new
-    acc = a_ctx[..., None] * acc_ctx + a_new[..., None] * acc_new
-    out = acc / l[..., None]
-    return jnp.where(row_valid[:, None, None, None], out, 0.0)
+    h = k * g
+    tile = min(tile, r)
+    pad = (-r) % tile
+    qh = q.reshape(r, h, d)
+    kh, vh = jnp.repeat(k_new, g, axis=1), jnp.repeat(v_new, g, axis=1)
+    if pad:
+        qh, kh, vh = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (qh, kh, vh))
+        seq, pos, first_row = (jnp.pad(x, (0, pad)) for x in (seq, pos, first_row))
+        row_valid = jnp.pad(row_valid, (0, pad))
+    ms, ls, accs = [], [], []
+    for i in range(qh.shape[0] // tile):
+        lo = i * tile
+        q_t, seq_t, pos_t = qh[lo:lo + tile], seq[lo:lo + tile], pos[lo:lo + tile]
+        start_tile = jnp.where(row_valid[lo], first_row[lo] // tile, i)
+
+        def body(j, carry, q_t=q_t, seq_t=seq_t, pos_t=pos_t):
+            m, l, acc = carry
+            ks = jax.lax.dynamic_slice_in_dim(kh, j * tile, tile)
+            vs = jax.lax.dynamic_slice_in_dim(vh, j * tile, tile)
+            seq_s = jax.lax.dynamic_slice_in_dim(seq, j * tile, tile)
+            pos_s = jax.lax.dynamic_slice_in_dim(pos, j * tile, tile)
+            valid_s = jax.lax.dynamic_slice_in_dim(row_valid, j * tile, tile)
+            mask = (seq_t[:, None] == seq_s[None, :]) & (pos_s[None, :] <= pos_t[:, None]) & valid_s[None, :]
+            if sliding_window is not None:
+                mask &= pos_s[None, :] > pos_t[:, None] - sliding_window
+            scores = _soft_cap(jnp.einsum("thd,shd->hts", q_t, ks), soft_cap)
+            scores = jnp.where(mask[None], scores, _NEG_INF)
+            m_new = jnp.maximum(m, scores.max(axis=-1))
+            p = jnp.where(mask[None], jnp.exp(scores - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            return (m_new, alpha * l + p.sum(axis=-1),
+                    alpha[..., None] * acc + jnp.einsum("hts,shd->htd", p, vs))
+
+        init = (jnp.full((h, tile), _NEG_INF, jnp.float32), jnp.zeros((h, tile), jnp.float32),
+                jnp.zeros((h, tile, d), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(start_tile, i + 1, body, init)
+        ms.append(m)
+        ls.append(l)
+        accs.append(acc)
+    m = jnp.concatenate(ms, axis=1)[:, :r].T.reshape(r, k, g)
+    l = jnp.concatenate(ls, axis=1)[:, :r].T.reshape(r, k, g)
+    acc = jnp.concatenate(accs, axis=1)[:, :r].transpose(1, 0, 2).reshape(r, k, g, d)
+    return m, l, acc
+
+
+def _merge(a, b):
+    """Combine two partial softmaxes (m, l, acc) over disjoint key sets."""
+    m = jnp.maximum(a[0], b[0])
+    wa, wb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, wa * a[1] + wb * b[1], wa[..., None] * a[2] + wb[..., None] * b[2]
 
 
 def _init_carry(r, k, g, d, dtype=jnp.float32):
@@ -219,15 +261,16 @@ def ragged_paged_attention_ref(
         row_pages = page_indices[seq]
         # (a) cached context of each row's sequence, read from the pages.
         carry = _paged_context(qr, k_pages, v_pages, row_pages, pos, ctx_len, **opts)
-        # (b) the new tokens of this step: block-diagonal causal attention.
+        # (b) the new tokens of this step (block-diagonal causal), then both merged.
         page_size = k_pages.shape[1]
         page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
         k_new = k_pages[page, pos % page_size].astype(jnp.float32)  # [R, K, D]
         v_new = v_pages[page, pos % page_size].astype(jnp.float32)
-        mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None]) & row_valid[None, :]
-        if sliding_window is not None:
-            mask &= pos[None, :] > pos[:, None] - sliding_window
-        outs.append(_merge_new_tokens(carry, qr, k_new, v_new, mask, row_valid, soft_cap))
+        first_row = q_start - nd  # first prefill row of each row's sequence
+        new = _new_token_attention(qr, k_new, v_new, seq, pos, first_row, row_valid,
+                                   sliding_window=sliding_window, soft_cap=soft_cap)
+        out = _finish(_merge(carry, new))
+        outs.append(jnp.where(row_valid[:, None, None, None], out, 0.0))
 
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
     return out.reshape(t, hq, d).astype(out_dtype)
