@@ -241,6 +241,9 @@ class Engine:
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                          and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts: expected a string, a list of token ids or a list of prompts, "
+                             f"got {type(prompts).__name__}")
         prompts = list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):

@@ -103,11 +103,13 @@ def _sample_filtered(logits: jax.Array, p: SamplingArrays, keys: jax.Array) -> j
     keep = jnp.where(p.top_k[:, None] > 0, rank < p.top_k[:, None], True)
     # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < p.top_p[:, None]
+    keep &= (mass_before < p.top_p[:, None]) | (p.top_p[:, None] >= 1)
     keep &= probs >= p.min_p[:, None] * probs[:, :1]
     masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    # The noise is drawn in token-id order, as in the unfiltered path, so a row's draw does not
+    # depend on which path its batch took.
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
-    choice = jnp.argmax(masked + gumbel, axis=-1)
+    choice = jnp.argmax(masked + jnp.take_along_axis(gumbel, order, axis=-1), axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 

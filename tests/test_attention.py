@@ -152,3 +152,33 @@ def test_public_entry_point():
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="attention_impl"):
         ragged_paged_attention(q, k, v, kv, pages, cu, ns, sm_scale=0.25, impl="nope")
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def ragged_batches(draw):
+    page_size = draw(st.sampled_from([4, 8, 16]))
+    gqa = draw(st.sampled_from([1, 2, 4]))
+    num_decode_rows = draw(st.integers(0, 4))
+    num_decode_pad = draw(st.integers(0, num_decode_rows))
+    prefills = draw(st.lists(st.tuples(st.integers(1, 2 * page_size + 3), st.integers(0, 4 * page_size)),
+                             max_size=4))
+    if num_decode_rows == 0 and not prefills:
+        prefills = [(1, 0)]
+    opts = dict(sliding_window=draw(st.sampled_from([None, 1, 5, 17])),
+                soft_cap=draw(st.sampled_from([None, 1.5])),
+                kv_block_pages=draw(st.sampled_from([1, 2, 8])))
+    batch = dict(page_size=page_size, gqa=gqa, num_decode_rows=num_decode_rows, num_decode_pad=num_decode_pad,
+                 prefills=prefills, pad_rows=draw(st.integers(0, 6)), pad_seqs=draw(st.integers(0, 2)))
+    return batch, opts, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=16, deadline=None, derandomize=True)
+@given(ragged_batches())
+def test_ref_matches_dense_hypothesis(case):
+    batch, opts, seed = case
+    args = make_batch(np.random.default_rng(seed), **batch)
+    check(args, batch["num_decode_rows"], **opts)

@@ -91,6 +91,8 @@ def test_prompt_wrong_type(engine):
     check_rejected(engine, {"ids": [1, 2]}, greedy(4), r"^prompt: ")
     with pytest.raises(ValueError, match=r"^prompt: "):
         engine.add_request(12345, greedy(4))
+    with pytest.raises(ValueError, match=r"^prompts: "):
+        engine.generate({"ids": [1, 2]}, greedy(4))
     assert_clean(engine)
 
 

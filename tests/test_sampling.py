@@ -42,11 +42,6 @@ def test_seeded_sampling_independent_of_batch(engine):
     assert_clean(engine)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: a seeded request without top-k/top-p/min-p is sampled with the Gumbel noise "
-    "indexed by vocabulary id when no row of the batch filters, but by *sorted rank* when some "
-    "other row uses top_k/top_p/min_p (sampling.sample switches every row to _sample_filtered), "
-    "so its tokens depend on what shares its batch"))
 def test_seeded_unfiltered_sampling_independent_of_filtered_neighbour(engine):
     sp = SamplingParams(temperature=0.8, seed=7, max_tokens=10, ignore_eos=True)
     alone = engine.generate([[5, 6, 7, 8]], sp)[0].token_ids
@@ -59,6 +54,14 @@ def test_seeded_unfiltered_sampling_independent_of_filtered_neighbour(engine):
 def test_different_seeds_differ(engine):
     outs = [tuple(engine.generate(PROMPT, seeded(s))[0].token_ids) for s in range(4)]
     assert len(set(outs)) == 4
+    assert_clean(engine)
+
+
+def test_seed_uses_all_64_bits(engine):
+    low = engine.generate(PROMPT, seeded(5))[0].token_ids
+    high = engine.generate(PROMPT, seeded(5 + 2**32))[0].token_ids
+    top = engine.generate(PROMPT, seeded(2**63 - 1))[0].token_ids
+    assert low != high and len(top) == 16
     assert_clean(engine)
 
 
@@ -220,6 +223,14 @@ def test_stream_concatenates_to_generate(engine, prompt):
     assert want.text  # the model has a tokenizer: token-id prompts get text too
     assert "".join(o.text_delta for o in outs) == want.text
     assert outs[-1].token_ids == want.token_ids and outs[-1].text == want.text
+    assert_clean(engine)
+
+
+def test_stream_single_token(engine):
+    """max_tokens=1: the request finishes at its prefill step, in one streamed output."""
+    outs = list(engine.stream(PROMPT, greedy(1)))
+    assert len(outs) == 1 and outs[0].finished and outs[0].finish_reason == "length"
+    assert outs[0].new_token_ids == engine.generate(PROMPT, greedy(1))[0].token_ids
     assert_clean(engine)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
-from jaxserve import Engine
+from jaxserve import Engine, SamplingParams
 from jaxserve.sequence import Status
 
 PROMPT_LENGTHS = [1, 7, 70, 16, 3, 130, 33, 9]
@@ -24,10 +24,16 @@ def reference(reference_outputs):
     return reference_outputs(PROMPTS, MAX_TOKENS)
 
 
-@pytest.mark.parametrize("scheduling,max_num_seqs", [("static", 4), ("continuous", 1), ("continuous", 8),
-                                                     ("static", 8)])
-def test_same_tokens_whatever_the_policy(llama_dir, reference, scheduling, max_num_seqs):
+@pytest.mark.parametrize("scheduling,max_num_seqs,extra", [
+    ("static", 4, {}), ("continuous", 1, {}), ("continuous", 8, {}), ("static", 8, {}),
+    # Many small chunks per prompt (a 130-token prompt in 9 chunks), small pages.
+    ("continuous", 4, dict(page_size=4, max_num_batched_tokens=16)),
+    # One token per page; one prefill sequence per step.
+    ("continuous", 3, dict(page_size=1, max_num_prefill_seqs=1)),
+], ids=["static-4", "continuous-1", "continuous-8", "static-8", "chunks16-page4", "page1-oneprefill"])
+def test_same_tokens_whatever_the_policy(llama_dir, reference, scheduling, max_num_seqs, extra):
     kw = dict(ENGINE_KW, max_num_seqs=max_num_seqs, scheduling=scheduling)
+    kw.update(extra)
     engine = Engine.from_pretrained(llama_dir, **kw)
     outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
     assert [o.token_ids for o in outs] == reference
@@ -111,12 +117,13 @@ def test_static_and_continuous_same_tokens_small(small_engines):
         assert_clean(e)
 
 
-def test_preemption_keeps_outputs(llama_dir, reference, reference_outputs):
+@pytest.mark.parametrize("scheduling", ["continuous", "static"])
+def test_preemption_keeps_outputs(llama_dir, reference, reference_outputs, scheduling):
     """A cache of only a few pages more than the largest request needs: requests are preempted
     and recomputed, and the outputs equal the unconstrained engine's."""
     # Largest request: 130 + 6 = 136 tokens = 17 pages of 8.
     need = max(-(-(len(p) + n) // 8) for p, n in zip(PROMPTS, MAX_TOKENS))
-    engine = Engine.from_pretrained(llama_dir, num_pages=need + 3, **ENGINE_KW)
+    engine = Engine.from_pretrained(llama_dir, num_pages=need + 3, scheduling=scheduling, **ENGINE_KW)
     assert engine.num_pages == need + 3
     outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
     assert engine.scheduler.num_preemptions > 0
@@ -130,6 +137,15 @@ def test_preemption_keeps_outputs(llama_dir, reference, reference_outputs):
     assert engine.scheduler.num_preemptions > before
     assert_clean(engine)
     assert [o.token_ids for o in outs] == reference_outputs(prompts, [40] * 4)
+    # Seeded sampling survives preemption too (the key depends on the seed and the number of
+    # tokens generated, both kept across the recompute).
+    sp = [SamplingParams(temperature=1.0, top_p=0.95, seed=s, max_tokens=40, ignore_eos=True) for s in range(4)]
+    before = engine.scheduler.num_preemptions
+    sampled = [o.token_ids for o in engine.generate(prompts, sp)]
+    assert engine.scheduler.num_preemptions > before
+    assert_clean(engine)
+    alone = [engine.generate(p, s)[0].token_ids for p, s in zip(prompts, sp)]
+    assert sampled == alone
 
 
 def test_status_transitions(small_engines):
