@@ -110,28 +110,17 @@ def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
     if pad:
         row_pages = jnp.pad(row_pages, ((0, 0), (0, pad)))
     opts = dict(sliding_window=sliding_window, soft_cap=soft_cap, block_pages=block_pages)
-    if num_groups == 1 or r < 2 * num_groups:
+    if r < 2 * num_groups:
         return _paged_context_loop(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len,
                                    _init_carry(r, k, g, d), **opts)
-    # Sort rows by context length, cut them into equal groups, and run one loop per group inside an
-    # outer loop over groups (one compiled body, not one per group).
     order = jnp.argsort(row_ctx_len)
-    pad = (-r) % num_groups
-    xs = (q[order], row_pages[order], row_pos[order], row_ctx_len[order])
-    if pad:  # padding rows have no context: their loop does nothing
-        xs = tuple(jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) for x in xs)
-    rg = (r + pad) // num_groups
-    xs = tuple(x.reshape((num_groups, rg) + x.shape[1:]) for x in xs)
-
-    def group(i, out):
-        qg, pages, pos, ctx = (x[i] for x in xs)
-        carry = _paged_context_loop(qg, k_pages, v_pages, pages, pos, ctx, _init_carry(rg, k, g, d), **opts)
-        return tuple(jax.lax.dynamic_update_index_in_dim(o, c, i, 0) for o, c in zip(out, carry))
-
-    out = tuple(jnp.zeros((num_groups,) + c.shape, c.dtype) for c in _init_carry(rg, k, g, d))
-    out = jax.lax.fori_loop(0, num_groups, group, out)
+    q, row_pages, row_pos, row_ctx_len = q[order], row_pages[order], row_pos[order], row_ctx_len[order]
+    bounds = [round(i * r / num_groups) for i in range(num_groups + 1)]
+    parts = [_paged_context_loop(q[lo:hi], k_pages, v_pages, row_pages[lo:hi], row_pos[lo:hi],
+                                 row_ctx_len[lo:hi], _init_carry(hi - lo, k, g, d), **opts)
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
     inverse = jnp.argsort(order)
-    return tuple(o.reshape((r + pad,) + o.shape[2:])[:r][inverse] for o in out)
+    return tuple(jnp.concatenate(xs, axis=0)[inverse] for xs in zip(*parts))
 
 
 def _new_token_attention(q, k_new, v_new, seq, pos, first_row, row_valid, *, sliding_window, soft_cap,
@@ -157,17 +146,19 @@ def _new_token_attention(q, k_new, v_new, seq, pos, first_row, row_valid, *, sli
         qh, kh, vh = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (qh, kh, vh))
         seq, pos, first_row = (jnp.pad(x, (0, pad)) for x in (seq, pos, first_row))
         row_valid = jnp.pad(row_valid, (0, pad))
-    num_tiles = qh.shape[0] // tile
-
-    def tile_body(i, out):
+    ms, ls, accs = [], [], []
+    for i in range(qh.shape[0] // tile):
         lo = i * tile
-        q_t, seq_t, pos_t = (jax.lax.dynamic_slice_in_dim(x, lo, tile) for x in (qh, seq, pos))
+        q_t, seq_t, pos_t = qh[lo:lo + tile], seq[lo:lo + tile], pos[lo:lo + tile]
         start_tile = jnp.where(row_valid[lo], first_row[lo] // tile, i)
 
-        def body(j, carry):
+        def body(j, carry, q_t=q_t, seq_t=seq_t, pos_t=pos_t):
             m, l, acc = carry
-            ks, vs, seq_s, pos_s, valid_s = (jax.lax.dynamic_slice_in_dim(x, j * tile, tile)
-                                             for x in (kh, vh, seq, pos, row_valid))
+            ks = jax.lax.dynamic_slice_in_dim(kh, j * tile, tile)
+            vs = jax.lax.dynamic_slice_in_dim(vh, j * tile, tile)
+            seq_s = jax.lax.dynamic_slice_in_dim(seq, j * tile, tile)
+            pos_s = jax.lax.dynamic_slice_in_dim(pos, j * tile, tile)
+            valid_s = jax.lax.dynamic_slice_in_dim(row_valid, j * tile, tile)
             mask = (seq_t[:, None] == seq_s[None, :]) & (pos_s[None, :] <= pos_t[:, None]) & valid_s[None, :]
             if sliding_window is not None:
                 mask &= pos_s[None, :] > pos_t[:, None] - sliding_window
@@ -181,15 +172,13 @@ def _new_token_attention(q, k_new, v_new, seq, pos, first_row, row_valid, *, sli
 
         init = (jnp.full((h, tile), _NEG_INF, jnp.float32), jnp.zeros((h, tile), jnp.float32),
                 jnp.zeros((h, tile, d), jnp.float32))
-        carry = jax.lax.fori_loop(start_tile, i + 1, body, init)
-        return tuple(jax.lax.dynamic_update_slice_in_dim(o, c, lo, axis=1) for o, c in zip(out, carry))
-
-    rp = qh.shape[0]
-    out = (jnp.zeros((h, rp), jnp.float32), jnp.zeros((h, rp), jnp.float32), jnp.zeros((h, rp, d), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, num_tiles, tile_body, out)
-    m = m[:, :r].T.reshape(r, k, g)
-    l = l[:, :r].T.reshape(r, k, g)
-    acc = acc[:, :r].transpose(1, 0, 2).reshape(r, k, g, d)
+        m, l, acc = jax.lax.fori_loop(start_tile, i + 1, body, init)
+        ms.append(m)
+        ls.append(l)
+        accs.append(acc)
+    m = jnp.concatenate(ms, axis=1)[:, :r].T.reshape(r, k, g)
+    l = jnp.concatenate(ls, axis=1)[:, :r].T.reshape(r, k, g)
+    acc = jnp.concatenate(accs, axis=1)[:, :r].transpose(1, 0, 2).reshape(r, k, g, d)
     return m, l, acc
 
 
@@ -271,7 +260,7 @@ def ragged_paged_attention_ref(
         r = t - nd
         row_pages = page_indices[seq]
         # (a) cached context of each row's sequence, read from the pages.
-        carry = _paged_context(qr, k_pages, v_pages, row_pages, pos, ctx_len, num_groups=1, **opts)
+        carry = _paged_context(qr, k_pages, v_pages, row_pages, pos, ctx_len, **opts)
         # (b) the new tokens of this step (block-diagonal causal), then both merged.
         page_size = k_pages.shape[1]
         page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
