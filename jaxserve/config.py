@@ -159,6 +159,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
     scheduling: str = "continuous"  # or "static"
+    enable_prefix_caching: bool = True  # share the KV pages of identical prompt prefixes
+    enable_chunked_prefill: bool = True  # else a prompt is prefilled in one step (budget >= max_model_len)
     attention_impl: str = "reference"
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4

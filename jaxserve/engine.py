@@ -73,7 +73,10 @@ class Engine:
 
         device_params = jax.tree_util.tree_map(jnp.asarray, params)
         cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype)
-        self.allocator = PageAllocator(num_pages, config.page_size)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens: without chunked prefill it must be at least "
+                             f"max_model_len ({self.max_model_len}), got {config.max_num_batched_tokens}")
+        self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.runner = ModelRunner(model_config, config, device_params, cache, dtype, self.max_model_len,
                                   num_pages)
@@ -188,6 +191,8 @@ class Engine:
         for slot, sch, samples in entries:
             seq = sch.seq
             seq.num_computed_tokens += sch.num_tokens
+            self.allocator.register_full_pages(seq.page_ids, seq.page_keys, seq.token_ids,
+                                               seq.num_computed_tokens)
             if samples and seq.status == Status.RUNNING:
                 self._append_token(seq, slot, result, now)
                 outputs.append(seq.to_output(self._with_text(seq)))

@@ -60,6 +60,10 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed
+        self.num_decode_tokens = 0
+        self.prefix_cache_query_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_cache_hit_tokens = 0  # ... of which were found cached (not computed)
         self._static_batch = 0
 
     def add(self, seq: Sequence) -> None:
@@ -77,13 +81,17 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
             if seq.status != Status.RUNNING or budget == 0:
                 continue
+            if seq.num_computed_tokens == 0 and not seq.page_ids:
+                self._match_prefix(seq)  # admitted by static batching, not yet started
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining > 1 and len(prefills) >= cfg.max_num_prefill_seqs:
+                continue
+            if remaining > budget and not cfg.enable_chunked_prefill:
                 continue
             n = min(remaining, budget)
             if not self._grow_or_preempt(seq, seq.num_computed_tokens + n):
                 continue
-            (decodes if n == 1 and remaining == 1 else prefills).append(ScheduledSeq(seq, n))
+            self._schedule(ScheduledSeq(seq, n), decodes if n == 1 and remaining == 1 else prefills)
             budget -= n
         # Admission from the waiting queue.
         if cfg.scheduling == "static":
@@ -99,16 +107,44 @@ class Scheduler:
             while (self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0
                    and len(prefills) < cfg.max_num_prefill_seqs):
                 seq = self.waiting[0]
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                if not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + n):
+                self._match_prefix(seq)
+                remaining = seq.num_tokens - seq.num_computed_tokens
+                n = min(remaining, budget)
+                if (remaining > budget and not cfg.enable_chunked_prefill) or \
+                        not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + n):
+                    self._release(seq)  # a waiting sequence holds no pages
                     break
                 self.waiting.popleft()
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-                prefills.append(ScheduledSeq(seq, n))
+                self._schedule(ScheduledSeq(seq, n), prefills)
                 budget -= n
         min_slots = self._static_batch if cfg.scheduling == "static" else 0
         return SchedulerOutput(decodes, prefills, min_slots)
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Start a sequence on the cached pages of its longest cached prefix (prefix caching)."""
+        pages, keys = self.allocator.match_prefix(seq.all_token_ids)
+        seq.page_ids, seq.page_keys = pages, keys
+        seq.num_computed_tokens = len(pages) * self.allocator.page_size
+
+    def _schedule(self, sch: ScheduledSeq, group: list[ScheduledSeq]) -> None:
+        group.append(sch)
+        seq = sch.seq
+        if sch.num_tokens > 1 or seq.num_computed_tokens < len(seq.prompt_token_ids):
+            self.num_prefill_tokens += sch.num_tokens
+        else:
+            self.num_decode_tokens += 1
+        if not seq.counted_prefix:  # first chunk since admission: count the prefix-cache lookup
+            seq.counted_prefix = True
+            self.prefix_cache_query_tokens += seq.num_tokens
+            self.prefix_cache_hit_tokens += seq.num_computed_tokens
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.release(seq.page_ids)
+        seq.page_keys = []
+        seq.num_computed_tokens = 0
+        seq.counted_prefix = False
 
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
         """Make room for ``seq`` to hold ``num_tokens``, preempting the newest running sequences."""
@@ -121,8 +157,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.release(seq.page_ids)
-        seq.num_computed_tokens = 0
+        self._release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -134,7 +169,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.release(seq.page_ids)
+        self._release(seq)
         seq.status = Status.FINISHED
         if not self.running:
             self._static_batch = 0

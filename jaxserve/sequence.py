@@ -56,6 +56,8 @@ class Sequence:
         self.seed = seed
         self.status = Status.WAITING
         self.page_ids: list[int] = []
+        self.page_keys: list = []  # prefix-cache keys of its full pages (PageAllocator.register_full_pages)
+        self.counted_prefix = False  # its prefix-cache lookup is in the scheduler's statistics
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.finish_reason: str | None = None
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
