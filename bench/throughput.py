@@ -17,44 +17,13 @@ import logging
 import os
 import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from jaxserve import Engine, SamplingParams  # noqa: E402
-
-
-def load_workload(path: str) -> dict:
-    with open(path) as f:
-        workload = json.load(f)
-    if not isinstance(workload.get("requests"), list) or not workload["requests"]:
-        raise SystemExit(f"--workload: {path} has no 'requests' list")
-    return workload
-
-
-def run(engine: Engine, requests: list[dict], progress: bool) -> tuple[float, int]:
-    for r in requests:
-        engine.add_request(r["prompt_token_ids"], SamplingParams(
-            temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True, detokenize=False))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), desc="requests", unit="req", file=sys.stderr)
-    output_tokens = 0
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                output_tokens += len(out.token_ids)
-                if bar is not None:
-                    bar.update(1)
-    seconds = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
-    return seconds, output_tokens
+from jaxserve import Engine  # noqa: E402
+from jaxserve.benchmark import load_workload, run_workload  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -79,7 +48,8 @@ def main(argv=None) -> int:
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode)
     warmup_s = 0.0 if args.no_warmup else engine.warmup()
-    seconds, output_tokens = run(engine, requests, progress=not args.no_progress)
+    run = run_workload(engine, requests, progress=not args.no_progress)
+    seconds, output_tokens = run["seconds"], run["output_tokens"]
     stats = engine.runner.stats
     result = {
         "engine": "jaxserve",
@@ -92,6 +62,8 @@ def main(argv=None) -> int:
         "seconds": round(seconds, 3),
         "tok_s": round(output_tokens / seconds, 2),
         "warmup_s": round(warmup_s, 2),
+        "ttft_ms": run["ttft_ms"],
+        "tpot_ms": run["tpot_ms"],
         "compiles": engine.compile_count,
         "buckets": engine.num_buckets,
         "steps": stats["steps"],

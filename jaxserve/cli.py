@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -59,6 +60,54 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _csv(kind):
+    return lambda text: [kind(x) for x in str(text).split(",") if x]
+
+
+def cmd_bench(args) -> int:
+    from jaxserve.benchmark import run_grid
+
+    records = run_grid(args.model, args.workload, modes=args.modes, max_num_seqs=args.max_num_seqs,
+                       dtypes=args.dtype, out_dir=args.out, max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.max_model_len, progress=not args.no_progress)
+    for r in records:
+        print(json.dumps({k: r[k] for k in ("device", "mode", "max_num_seqs", "dtype", "tok_s", "seconds",
+                                            "roofline_fraction")}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jaxserve.report import load_records, write_report
+
+    prices = {}
+    for item in args.price or []:
+        device, _, usd = item.rpartition("=")
+        if not device:
+            raise ValueError(f"price: expected DEVICE=USD_PER_HOUR, got {item!r}")
+        prices[device] = float(usd)
+    path = write_report(load_records(args.results), args.out, prices)
+    print(f"wrote {path}")
+    return 0
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """Defaults from ``--config FILE.yaml`` (keys named as the long options, with underscores)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        import yaml
+
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+        values = {k.replace("-", "_"): (",".join(map(str, v)) if isinstance(v, list) else v)
+                  for k, v in values.items()}
+        parser.set_defaults(**values)
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference on JAX")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -83,6 +132,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("bench", help="throughput benchmark over a grid of settings, JSON records to --out")
+    p.add_argument("--config", help="YAML file with defaults for these options (configs/bench/*.yaml)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--workload", required=True)
+    p.add_argument("--modes", type=_csv(str), default=["continuous", "static"])
+    p.add_argument("--max-num-seqs", type=_csv(int), default=[32])
+    p.add_argument("--dtype", type=_csv(str), default=["auto"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--out", default="results")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    bench_parser = p
+
+    p = sub.add_parser("report", help="tables and plots from benchmark records of any number of machines")
+    p.add_argument("results", nargs="+", help="result directories or .jsonl files")
+    p.add_argument("--out", default="report")
+    p.add_argument("--price", action="append", help="DEVICE=USD_PER_HOUR (repeatable)")
+    p.set_defaults(func=cmd_report)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        _apply_config(bench_parser, argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

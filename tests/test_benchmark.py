@@ -1,0 +1,79 @@
+"""`jaxserve bench` and `jaxserve report` on a tiny model and workload; the roofline arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT, random_prompts
+from jaxserve import cli
+from jaxserve.benchmark import matmul_params, roofline
+from jaxserve.config import ModelConfig
+from jaxserve.make_model import SIZES, hf_config
+
+
+def test_roofline_matches_hand_computation():
+    cfg = ModelConfig.from_hf(hf_config("llama", "56m"))
+    # 56m: hidden 512, intermediate 1408, 8 layers, 8 heads, 4 KV heads, head_dim 64, vocab 32000.
+    per_layer = 512 * 64 * (2 * 8 + 2 * 4) + 3 * 512 * 1408  # q,o: 512x512; k,v: 512x256; MLP 3x
+    assert per_layer == 786_432 + 2_162_688
+    assert matmul_params(cfg) == (8 * per_layer, 512 * 32000)
+    rl = roofline(cfg, prompt_tokens=100, output_tokens=11, steps=11, kv_token_reads=1055,
+                  seconds=2.0, dtype_bytes=4, peaks=(1e12, 1e10))
+    flops = 2 * 8 * per_layer * 110 + 2 * 512 * 32000 * 11 + 4 * 64 * 8 * 8 * 1055
+    moved = 11 * (8 * per_layer + 512 * 32000) * 4 + 1055 * 2 * 8 * 4 * 64 * 4
+    assert rl.flops == flops
+    assert rl.bytes == moved
+    assert rl.achieved_flop_s == flops / 2.0
+    assert rl.fraction == pytest.approx(max(flops / 2.0 / 1e12, moved / 2.0 / 1e10))
+
+
+def test_size_configs_match_make_model():
+    with open(os.path.join(ROOT, "configs", "models", "sizes.yaml")) as f:
+        assert yaml.safe_load(f) == SIZES
+
+
+def test_bench_and_report(llama_dir, tmp_path, capsys):
+    prompts = random_prompts([5, 30, 12, 50, 3, 20], seed=9)
+    workload = {"name": "tiny-6", "vocab_size": 1024,
+                "requests": [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(prompts, [4, 9, 2, 6, 12, 3])]}
+    wl_path = tmp_path / "tiny.json"
+    wl_path.write_text(json.dumps(workload))
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump({"model": llama_dir, "workload": str(wl_path), "modes": ["continuous", "static"],
+                                      "max_num_seqs": [2, 4], "dtype": ["float32"],
+                                      "max_num_batched_tokens": 32, "max_model_len": 128}))
+    results = tmp_path / "results"
+    assert cli.main(["bench", "--config", str(config), "--out", str(results), "--no-progress"]) == 0
+    files = list(results.glob("*.jsonl"))
+    assert len(files) == 1
+    records = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert {(r["mode"], r["max_num_seqs"]) for r in records} == {
+        ("continuous", 2), ("continuous", 4), ("static", 2), ("static", 4)}
+    for r in records:
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["workload"] == "tiny-6"
+        assert r["output_tokens"] == 36 and r["requests"] == 6
+        assert r["tok_s"] > 0 and r["seconds"] > 0 and r["compiles"] >= 1 and r["warmup_s"] >= 0
+        assert set(r["ttft_ms"]) == {"p50", "p90", "p99"} and set(r["tpot_ms"]) == {"p50", "p90", "p99"}
+        assert r["flops"] > 0 and r["bytes"] > 0 and 0 < r["roofline_fraction"]
+        assert r["peak_tflop_s"] > 0 and r["peak_gb_s"] > 0 and r["peak_host_rss_mb"] > 0
+        assert r["jax_version"] and r["model_params"] > 0
+    # A record "from another machine", to check that the report merges devices.
+    other = dict(records[0], device="TPU v5e", tok_s=records[0]["tok_s"] * 10, roofline_fraction=0.5)
+    (results / "tpu.jsonl").write_text(json.dumps(other) + "\n")
+    report_dir = tmp_path / "report"
+    assert cli.main(["report", str(results), "--out", str(report_dir), "--price", "TPU v5e=1.2"]) == 0
+    md = (report_dir / "report.md").read_text()
+    for name in ("tok_s_vs_max_num_seqs.png", "latency_percentiles.png", "continuous_vs_static.png"):
+        assert (report_dir / name).stat().st_size > 1000
+        assert f"]({name})" in md
+    table = [line for line in md.splitlines() if line.startswith("| cpu |") or line.startswith("| TPU v5e |")]
+    assert len([t for t in table if t.count("|") == 12]) == 5  # 4 cpu runs + 1 TPU run in the throughput table
+    speedups = [line for line in md.splitlines() if line.startswith("| cpu |") and line.endswith("x |")]
+    assert len(speedups) == 2  # continuous vs static for max_num_seqs 2 and 4
+    tpu_row = next(t for t in table if t.startswith("| TPU v5e |"))
+    cost = 1.2 / 3600 / other["tok_s"] * 1e6
+    assert f"{cost:.3f}" in tpu_row and "50.0%" in tpu_row
