@@ -91,9 +91,16 @@ def train_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 4096), special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus_lines(), trainer)
+    # The shipped text yields only a few thousand merges; pad the vocabulary with placeholder
+    # tokens so every id of the model decodes to visible text ("<id1234>"), never to nothing.
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<id{i}>"] = i
+    tok = Tokenizer.from_str(json.dumps(spec))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -113,7 +120,7 @@ def make_model(out_dir: str, arch: str = "llama", size: str = "tiny", seed: int 
     config.save_pretrained(out_dir)
     save_safetensors(random_hf_tensors(config, seed), os.path.join(out_dir, "model.safetensors"))
     if tokenizer:
-        train_tokenizer(min(config.vocab_size, 4096)).save_pretrained(out_dir)
+        train_tokenizer(config.vocab_size).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "config.json")) as f:
         n = json.load(f)
     logger.info("wrote a random %s-%s checkpoint (%s layers, hidden %s, vocab %s) to %s", arch, size,
