@@ -169,9 +169,11 @@ def ragged_paged_attention_tpu(
     soft_cap: float | None = None,
     block_q: int | None = None,
     pages_per_block: int | None = None,
-    interpret: bool = False,
+    interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Pallas (Mosaic TPU) ragged paged attention; ``interpret=True`` runs it on CPU (TPU interpret mode).
+
+    ``interpret`` may also be a ``pltpu.InterpretParams`` (e.g. with ``detect_races=True``).
 
     ``block_q``: tokens per query block (default: ``default_block_q(G)``);
     ``pages_per_block``: pages per kv step, i.e. per DMA buffer (default: 64 tokens).
@@ -218,7 +220,7 @@ def ragged_paged_attention_tpu(
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((hkv, t_pad * group, d), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="ragged_paged_attention_tpu",
     )(kv_lens.astype(jnp.int32), table, cu_q_lens.astype(jnp.int32), seq_lo, seq_hi, qt, k_pages, v_pages)
     return out.reshape(hkv, t_pad, group, d)[:, :t].transpose(1, 0, 2, 3).reshape(t, hq, d)
