@@ -17,6 +17,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
+    p.add_argument("--attention-impl", default="reference",
+                   choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
+                   help="attention implementation (auto: Pallas kernel on TPU/GPU, reference on CPU)")
 
 
 def engine_from_args(args):
@@ -25,7 +28,7 @@ def engine_from_args(args):
     return Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-        dtype=args.dtype, scheduling=args.scheduling)
+        dtype=args.dtype, scheduling=args.scheduling, attention_impl=args.attention_impl)
 
 
 def cmd_make_model(args) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from kernels_pallas import ATTENTION_IMPLS
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -161,7 +163,7 @@ class EngineConfig:
     scheduling: str = "continuous"  # or "static"
     enable_prefix_caching: bool = True  # share the KV pages of identical prompt prefixes
     enable_chunked_prefill: bool = True  # else a prompt is prefilled in one step (budget >= max_model_len)
-    attention_impl: str = "reference"
+    attention_impl: str = "reference"  # reference | auto | pallas | pallas_tpu | pallas_gpu (kernels_pallas)
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
@@ -182,3 +184,6 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be at least 2, got {self.max_model_len!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
+                             f"got {self.attention_impl!r}")

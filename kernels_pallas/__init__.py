@@ -1,30 +1,72 @@
 """Attention kernels for jaxserve.
 
-``ragged_paged_attention`` is the one entry point the model calls.  Today the
-only implementation is the pure-JAX reference (``ragged_paged_attention_ref``),
-which is also what CPU runs; the Pallas TPU/GPU kernels plug in behind the same
-signature and are tested against the reference.
+``ragged_paged_attention`` is the one entry point the model calls; ``impl`` picks
+the implementation (``EngineConfig.attention_impl``):
+
+* ``"reference"``: the pure-JAX reference (``ragged_paged_attention_ref``), the
+  fastest choice on CPU.
+* ``"auto"``: by ``jax.default_backend()``: the TPU kernel on TPU, the GPU
+  kernel on GPU, the reference on CPU.
+* ``"pallas"``: the Pallas kernel of the backend (TPU kernel on TPU, GPU
+  kernel on GPU); on CPU the GPU kernel in Pallas interpret mode (slow: for
+  checking the kernel's logic, e.g. the engine's tokens, not for serving).
+* ``"pallas_tpu"`` / ``"pallas_gpu"``: that kernel explicitly; interpreted when
+  the backend is not the kernel's own (TPU interpret mode for the TPU kernel,
+  ``interpret=True`` for the GPU one).
+
+All of them have the semantics of the reference; ``num_decode_rows`` is a static
+hint only the reference and the GPU kernel's tile choice use.
 """
+
+from __future__ import annotations
+
+import jax
 
 from kernels_pallas.ragged_paged_attention import (
     ragged_paged_attention_dense,
     ragged_paged_attention_ref,
 )
+from kernels_pallas.ragged_paged_attention_gpu import default_block_q, ragged_paged_attention_gpu
+from kernels_pallas.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 
-ATTENTION_IMPLS = ("reference",)
+ATTENTION_IMPLS = ("reference", "auto", "pallas", "pallas_tpu", "pallas_gpu")
 
 
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                           sm_scale, num_decode_rows=0, sliding_window=None, soft_cap=None,
-                           impl: str = "reference"):
-    """Ragged paged attention with the implementation chosen by ``impl``."""
+def resolve_impl(impl: str, backend: str | None = None) -> tuple[str, bool]:
+    """``(kernel, interpret)`` for ``impl`` on ``backend`` (default: ``jax.default_backend()``).
+
+    ``kernel`` is ``"reference"``, ``"tpu"`` or ``"gpu"``; ``interpret`` says whether a
+    Pallas kernel runs in interpret mode.
+    """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl: unknown implementation {impl!r}; "
                          f"available: {', '.join(ATTENTION_IMPLS)}")
-    return ragged_paged_attention_ref(
-        q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        num_decode_rows=num_decode_rows, sliding_window=sliding_window, soft_cap=soft_cap)
+    backend = backend or jax.default_backend()
+    if impl == "reference":
+        return "reference", False
+    if impl == "auto":
+        return (backend, False) if backend in ("tpu", "gpu") else ("reference", False)
+    if impl == "pallas":
+        return (backend, False) if backend in ("tpu", "gpu") else ("gpu", True)
+    kernel = impl.removeprefix("pallas_")
+    return kernel, backend != kernel
+
+
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                           sm_scale: float, num_decode_rows: int = 0, sliding_window: int | None = None,
+                           soft_cap: float | None = None, impl: str = "reference") -> jax.Array:
+    """Ragged paged attention with the implementation chosen by ``impl`` (see the module docstring)."""
+    kernel, interpret = resolve_impl(impl)
+    args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if kernel == "tpu":
+        return ragged_paged_attention_tpu(*args, interpret=interpret, **opts)
+    if kernel == "gpu":
+        group = q.shape[1] // k_pages.shape[2]
+        block_q = default_block_q(group, decode_only=num_decode_rows >= q.shape[0])
+        return ragged_paged_attention_gpu(*args, interpret=interpret, block_q=block_q, **opts)
+    return ragged_paged_attention_ref(*args, num_decode_rows=num_decode_rows, **opts)
 
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_ref", "ragged_paged_attention_dense",
-           "ATTENTION_IMPLS"]
+           "ragged_paged_attention_tpu", "ragged_paged_attention_gpu", "resolve_impl", "ATTENTION_IMPLS"]

@@ -28,10 +28,16 @@ NUM_KV_HEADS = 2
 
 
 def make_batch(rng, *, page_size, gqa, num_decode_rows, num_decode_pad, prefills, pad_rows, pad_seqs,
-               max_pages_per_seq=12):
-    """A ragged step.  ``prefills`` is a list of (q_len, ctx_len); decode contexts are random."""
-    hkv, hq, d = NUM_KV_HEADS, NUM_KV_HEADS * gqa, HEAD_DIM
-    decodes = [int(rng.integers(1, max_pages_per_seq * page_size)) for _ in range(num_decode_rows - num_decode_pad)]
+               max_pages_per_seq=12, head_dim=HEAD_DIM, num_kv_heads=NUM_KV_HEADS, decode_lens=None):
+    """A ragged step.  ``prefills`` is a list of (q_len, ctx_len); decode contexts are ``decode_lens``
+    (one per real decode row) or random."""
+    hkv, hq, d = num_kv_heads, num_kv_heads * gqa, head_dim
+    if decode_lens is not None:
+        assert len(decode_lens) == num_decode_rows - num_decode_pad
+        decodes = list(decode_lens)
+    else:
+        decodes = [int(rng.integers(1, max_pages_per_seq * page_size))
+                   for _ in range(num_decode_rows - num_decode_pad)]
     decode_kv = decodes + [0] * num_decode_pad  # padded decode slots: kv_len 0 (still one row each)
     q_lens = [1] * num_decode_rows + [q for q, _ in prefills]
     kv_lens = decode_kv + [q + c for q, c in prefills]
