@@ -131,6 +131,9 @@ class EngineLoop:
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._idle_poll_s = idle_poll_s
         self.num_steps = 0
+        # Text of token ids that appeared in logprobs, filled by the engine thread before it posts the
+        # output (the tokenizer is used from that thread only); readers only look ids up.
+        self.token_strings: dict[int, str] = {}
         self._publish()
 
     # -- public, any thread ----------------------------------------------------------------------
@@ -261,9 +264,19 @@ class EngineLoop:
             sink = self._sinks.get(out.request_id)
             if sink is None:  # aborted by its client: nobody listens
                 continue
+            if out.logprobs:
+                self._learn_token_strings(out)
             if out.finished:
                 del self._sinks[out.request_id]
             _post(sink.loop, sink.queue.put_nowait, (sink.index, out))
+
+    def _learn_token_strings(self, out: RequestOutput) -> None:
+        tokenizer = self.engine.tokenizer
+        for lp in out.logprobs[-max(1, len(out.new_token_ids)):]:
+            for token_id in (lp.token_id, *lp.top):
+                if token_id not in self.token_strings:
+                    self.token_strings[token_id] = (tokenizer.decode([token_id]) if tokenizer is not None
+                                                    else f"token_id:{token_id}")
 
     def _abort_all(self, reason: str) -> None:
         if self._sinks:

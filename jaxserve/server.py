@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxserve.engine import Engine
 from jaxserve.engine_loop import EngineFailure, EngineLoop, PromptSpec, Submission
 from jaxserve.metrics import ServerMetrics
-from jaxserve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+from jaxserve.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, RequestError
 from jaxserve.sequence import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ async def parse_body(request: Request, model: type[BaseModel]):
 
 # -- response building ----------------------------------------------------------------------------
 
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a zero-probability token gets -9999.0 (as vLLM reports it)."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -160,10 +166,8 @@ class OpenAIServer:
     # -- token strings for logprobs ----------------------------------------------------------
 
     def _token_str(self, token_id: int) -> str:
-        tok = self.engine.tokenizer
-        if tok is None:
-            return f"token_id:{token_id}"
-        return tok.decode([token_id])
+        """A token's text (decoded by the engine thread, which owns the tokenizer)."""
+        return self.engine_loop.token_strings.get(token_id, f"token_id:{token_id}")
 
     def _completion_logprobs(self, out: RequestOutput, start: int, text_offset: int) -> dict[str, Any] | None:
         if out.logprobs is None:
@@ -174,8 +178,8 @@ class OpenAIServer:
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in entries],
-                "top_logprobs": [{self._token_str(t): v for t, v in lp.top.items()} for lp in entries],
+        return {"tokens": tokens, "token_logprobs": [_finite(lp.logprob) for lp in entries],
+                "top_logprobs": [{self._token_str(t): _finite(v) for t, v in lp.top.items()} for lp in entries],
                 "text_offset": offsets}
 
     def _chat_logprobs(self, out: RequestOutput, start: int) -> dict[str, Any] | None:
@@ -185,8 +189,8 @@ class OpenAIServer:
         for lp in out.logprobs[start:]:
             token = self._token_str(lp.token_id)
             content.append({
-                "token": token, "logprob": lp.logprob, "bytes": list(token.encode("utf-8", "replace")),
-                "top_logprobs": [{"token": (s := self._token_str(t)), "logprob": v,
+                "token": token, "logprob": _finite(lp.logprob), "bytes": list(token.encode("utf-8", "replace")),
+                "top_logprobs": [{"token": (s := self._token_str(t)), "logprob": _finite(v),
                                   "bytes": list(s.encode("utf-8", "replace"))} for t, v in lp.top.items()]})
         return {"content": content}
 
@@ -244,8 +248,8 @@ class OpenAIServer:
 
     def _completion_specs(self, req: CompletionRequest) -> list[PromptSpec]:
         prompts = req.prompts()
-        if len(prompts) * req.n > 256:
-            raise RequestError("n", f"n: {len(prompts)} prompts x n={req.n} exceeds 256 choices")
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise RequestError("n", f"n: {len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices")
         auto = req.max_tokens is None
         specs = []
         for prompt in prompts:
