@@ -127,6 +127,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._commands: list[Any] = []
         self._stop = False
+        self._paused = False
         self._thread: threading.Thread | None = None
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._idle_poll_s = idle_poll_s
@@ -167,6 +168,17 @@ class EngineLoop:
     def abort(self, request_ids: list[str]) -> None:
         self._push(("abort", list(request_ids)))
 
+    def pause(self) -> None:
+        """Stop stepping (commands are still applied: requests are admitted and wait, aborts free
+        pages) until ``resume``; for maintenance and for tests that need requests to stay in flight."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify()
+
     def stop(self, timeout: float | None = 10.0) -> None:
         """Abort everything still running and end the thread."""
         with self._cond:
@@ -189,16 +201,17 @@ class EngineLoop:
         engine = self.engine
         while True:
             with self._cond:
-                while not self._commands and not self._stop and not engine.has_unfinished():
+                while not self._commands and not self._stop and (self._paused or not engine.has_unfinished()):
                     self._cond.wait(self._idle_poll_s)
                 commands, self._commands = self._commands, []
                 stopping = self._stop
+                paused = self._paused and not stopping
             try:
                 for command in commands:
                     self._apply(command)
                 if stopping:
                     self._abort_all("the server is shutting down")
-                if engine.has_unfinished():
+                if engine.has_unfinished() and not paused:
                     self._dispatch(engine.step())
                     self.num_steps += 1
             except Exception as e:  # noqa: BLE001 - the loop must survive anything the engine raises

@@ -34,7 +34,7 @@ def _check_text(value: str, field: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{field}: is not valid Unicode (lone surrogate at {e.start})") from None
+        raise RequestError(field, f"{field}: is not valid Unicode (lone surrogate at {e.start})") from None
     return value
 
 

@@ -410,6 +410,13 @@ class OpenAIServer:
         async def on_request_error(request: Request, e: RequestError):
             return error_response(e.status, e.message, e.kind, e.param)
 
+        @app.exception_handler(ValueError)
+        async def on_value_error(request: Request, e: ValueError):
+            # The project's convention: ValueError means bad input, its message starting with the field.
+            message = str(e)
+            field, sep, _ = message.partition(":")
+            return error_response(400, message, "invalid_request_error", field if sep and " " not in field else None)
+
         @app.exception_handler(StarletteHTTPException)
         async def on_http_error(request: Request, e: StarletteHTTPException):
             return error_response(e.status_code, str(e.detail), "invalid_request_error")

@@ -226,7 +226,7 @@ def test_chat_stream_equals_non_stream(server):
     assert finals == ["length"]
 
 
-def test_chat_default_max_tokens_and_logprobs(server):
+def test_chat_logprobs_and_max_completion_tokens(server):
     c = client(server)
     out = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
                                     logprobs=True, top_logprobs=3, max_completion_tokens=5, **GREEDY,
@@ -337,7 +337,7 @@ NASTY = [
     b"", b"{", b"null", b"[]", b'"prompt"', b"123", b"\xff\xfe\x00garbage", b'{"prompt": NaN}',
     b'{"prompt": "hi", "max_tokens": Infinity}', b'{"prompt": "hi", "max_tokens": 1e999}',
     b'{"prompt": "hi", "temperature": 1e999}', b"[" * 100_000 + b"]" * 100_000,
-    b'{"prompt": "\\ud800"}', b'{"prompt": "hi", "stop": "\\udfff"}', b'{"prompt": []}', b'{"prompt": ""}',
+    b'{"prompt": "\\ud800"}', b'{"prompt": "hi", "stop": "\\udfff"}', b'{"prompt": []}',
     b'{"prompt": [[]]}', b'{"prompt": [1, "a"]}', b'{"prompt": [-1]}', b'{"prompt": [99999999999999999999]}',
     b'{"prompt": [5], "max_tokens": 100000}', b'{"prompt": [5], "max_tokens": 0}', b'{"prompt": [5], "n": 0}',
     b'{"prompt": [5], "n": 100000}', b'{"prompt": [5], "top_k": 99999999999999}', b'{"prompt": [5], "top_p": 0}',
@@ -473,19 +473,24 @@ def test_api_key_max_queue_and_missing_chat_template(engine):
         assert e.value.status_code == 400 and "chat template" in e.value.message
         assert e.value.body["param"] == "messages"
 
-        # --max-queue 0 with max_num_seqs=4: four long streams fill the server, the fifth gets a 429.
+        # --max-queue 0 with max_num_seqs=4: four streams fill the server, the fifth request gets a 429.
+        # The engine loop is paused meanwhile so that the four stay in flight however fast the engine is.
         auth = {"Authorization": "Bearer sekrit"}
         long_body = {"prompt": [9, 10, 11], "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+        app_server.engine_loop.pause()
         with httpx.Client(timeout=HTTP_TIMEOUT_S, headers=auth) as h:
             streams = [h.stream("POST", url + "/v1/completions", json=long_body) for _ in range(4)]
-            responses = [s.__enter__() for s in streams]
+            responses = [s.__enter__() for s in streams]  # returns once the headers came: admitted
             try:
-                for resp in responses:
-                    assert resp.status_code == 200
-                    assert len(_read_events(resp, 1)) == 1
-                with pytest.raises(openai.RateLimitError):
+                assert [resp.status_code for resp in responses] == [200] * 4
+                with pytest.raises(openai.RateLimitError) as e:
                     c.completions.create(model="tiny", prompt=[5], max_tokens=2)
+                assert e.value.status_code == 429
+                app_server.engine_loop.resume()
+                for resp in responses:
+                    assert len(_read_events(resp, 1)) == 1
             finally:
+                app_server.engine_loop.resume()
                 for s in streams:
                     s.__exit__(None, None, None)
         deadline = time.monotonic() + 60
