@@ -80,6 +80,9 @@ def _loc_to_param(loc: tuple) -> str:
 def _validation_error(e: ValidationError) -> RequestError:
     errors = e.errors()
     first = errors[0]
+    if len(errors) > 1 and all(err["loc"][:1] == ("prompt",) for err in errors):
+        return RequestError("prompt", "prompt: must be a string, a non-empty list of token ids (integers), or a "
+                            "non-empty list of strings or of token-id lists")
     param = _loc_to_param(first["loc"])
     msg = first["msg"]
     if msg.startswith("Value error, "):  # our own validators put the field first
