@@ -497,6 +497,25 @@ def test_api_key_max_queue_and_missing_chat_template(engine):
         while engine.has_unfinished() or engine.num_free_pages != engine.num_pages:
             assert time.monotonic() < deadline, "aborted streams did not free their pages"
             time.sleep(0.05)
+
+        # A non-streaming client that goes away: its request is aborted (taken off the waiting queue
+        # without any step: the engine loop is paused throughout), its final output comes after resume.
+        aborted_before = app_server.metrics.finished["abort"]
+        app_server.engine_loop.pause()
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/completions", headers=auth, timeout=1.0,
+                           json={"prompt": list(range(3, 40)), "max_tokens": 100, "ignore_eos": True})
+            deadline = time.monotonic() + 60
+            while engine.num_free_pages != engine.num_pages or engine.scheduler.waiting or engine.scheduler.running:
+                assert time.monotonic() < deadline, "the disconnected request was not aborted"
+                time.sleep(0.05)
+        finally:
+            app_server.engine_loop.resume()
+        deadline = time.monotonic() + 60
+        while app_server.metrics.finished["abort"] != aborted_before + 1 or engine.has_unfinished():
+            assert time.monotonic() < deadline, "no final 'abort' output for the disconnected request"
+            time.sleep(0.05)
         assert c.completions.create(model="tiny", prompt=[5], max_tokens=2, temperature=0).usage.completion_tokens == 2
     finally:
         uv.should_exit = True
@@ -509,10 +528,11 @@ def test_api_key_max_queue_and_missing_chat_template(engine):
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server, reference_outputs):
     prompts = random_prompts([4, 8, 12], seed=21)
-    max_tokens = [40, 60, 80]
+    max_tokens = [160, 200, 240]
     expected = reference_outputs(prompts, max_tokens)
     started = threading.Semaphore(0)
     results: dict[int, tuple[list[int], str]] = {}
+    received = [0, 0, 0]  # tokens so far, per stream
 
     def run(i: int) -> None:
         ids, reason = [], None
@@ -525,6 +545,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server, reference_outpu
                         for ch in json.loads(line[6:])["choices"]:
                             ids += ch["token_ids"]
                             reason = ch["finish_reason"] or reason
+                        received[i] = len(ids)
                         if ids and not signalled:
                             signalled = True
                             started.release()
@@ -536,6 +557,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server, reference_outpu
     for _ in threads:
         assert started.acquire(timeout=HTTP_TIMEOUT_S), "streams did not start"
     server.proc.send_signal(signal.SIGTERM)
+    at_signal = sum(received)
     # New work is refused from now on: /health turns 503, then the port closes.
     deadline = time.monotonic() + 30
     refused = False
@@ -556,4 +578,5 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server, reference_outpu
         t.join(HTTP_TIMEOUT_S)
     assert [results[i][0] for i in range(3)] == expected
     assert all(results[i][1] == "length" for i in range(3))
+    assert at_signal < sum(max_tokens)  # they were still generating when the signal came
     assert server.proc.wait(60) == 0, server.log_text()
