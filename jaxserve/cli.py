@@ -1,4 +1,4 @@
-"""The ``jaxserve`` command: ``make-model`` and ``generate``."""
+"""The ``jaxserve`` command: ``make-model``, ``generate`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-impl", default="reference",
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto: Pallas kernel on TPU/GPU, reference on CPU)")
+    p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
 
 
 def engine_from_args(args):
@@ -28,13 +29,15 @@ def engine_from_args(args):
     return Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-        dtype=args.dtype, scheduling=args.scheduling, attention_impl=args.attention_impl)
+        dtype=args.dtype, scheduling=args.scheduling, attention_impl=args.attention_impl,
+        min_prefill_bucket=args.min_prefill_bucket)
 
 
 def cmd_make_model(args) -> int:
     from jaxserve.make_model import make_model
 
-    make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed)
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, **overrides)
     print(f"wrote {args.arch}-{args.size} checkpoint to {args.dir}")
     return 0
 
@@ -111,6 +114,22 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> No
                 action.required = False
 
 
+def cmd_serve(args) -> int:
+    from jaxserve.server import default_model_name, serve
+
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("jaxserve").warning("binding %s: the server is reachable from other hosts", args.host)
+    engine = engine_from_args(args)
+    if not args.no_warmup:
+        logging.getLogger("jaxserve").info("compiled %d step programs in %.1fs", engine.num_buckets,
+                                           engine.warmup())
+    return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
+                 default_model_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
+                 drain_timeout_s=args.drain_timeout, log_level="info" if args.verbose else "warning")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference on JAX")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -121,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "mistral"])
     p.add_argument("--size", default="tiny", choices=["tiny", "56m", "200m"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=None, help="override the size's vocabulary")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("generate", help="generate a completion, streamed to the terminal")
@@ -158,6 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         _apply_config(bench_parser, argv[1:])
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="answer 429 when more than max_num_seqs + N requests would be in flight")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish after SIGTERM")
+    p.add_argument("--served-model-name", default=None, help="the model id in the API (default: dir name)")
+    p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
+    p.set_defaults(func=cmd_serve)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,198 @@
+"""OpenAI API request bodies (pydantic, strict types) and their mapping to ``SamplingParams``.
+
+Strict mode: ``"max_tokens": "5"`` or ``true`` is an error, not a coercion; ints are accepted
+where a float is expected.  Unknown fields are ignored (as vLLM does); fields that the
+engine cannot honour (``echo``, ``suffix``, non-zero penalties, ``logit_bias``, tools) are
+rejected with a 400 naming them rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
+
+MAX_CHOICES = 256  # prompts x n in one HTTP request
+INT32_MAX = 2**31 - 1
+INT64_LIMIT = 2**63
+
+
+class RequestError(ValueError):
+    """Bad input: ``param`` names the field (``message`` starts with it too)."""
+
+    def __init__(self, param: str | None, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.status = status
+        self.kind = kind
+
+
+def _check_text(value: str, field: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(field, f"{field}: is not valid Unicode (lone surrogate at {e.start})") from None
+    return value
+
+
+Stop = Union[StrictStr, Annotated[list[StrictStr], Field(max_length=64)], None]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+class _Sampling(BaseModel):
+    """Fields common to both endpoints (OpenAI names, plus vLLM's extras)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    model: StrictStr | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    temperature: Annotated[float, Field(ge=0, le=1e4)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=INT64_LIMIT)] | None = None
+    stop: Stop = None
+    stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0, lt=INT64_LIMIT)]], Field(max_length=64)] | None = None
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    user: StrictStr | None = None
+    # Not supported by the engine: accepted only at their neutral values.
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    best_of: StrictInt | None = None
+    # vLLM extension: return prompt_token_ids and token_ids with the choices.
+    return_token_ids: StrictBool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.stop, str):
+            _check_text(self.stop, "stop")
+        elif self.stop is not None:
+            for s in self.stop:
+                _check_text(s, "stop")
+            if any(not s for s in self.stop):
+                raise ValueError("stop: stop strings must be non-empty")
+        if self.stream_options is not None:
+            include = self.stream_options.get("include_usage", True)
+            if not isinstance(include, bool):
+                raise ValueError("stream_options.include_usage: must be a boolean")
+        return self
+
+    def include_usage(self) -> bool:
+        """Usage comes with every response; a stream ends with a usage chunk unless asked not to."""
+        return bool((self.stream_options or {}).get("include_usage", True))
+
+    def check_supported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise RequestError(name, f"{name}: is not supported by this server (only 0)")
+        if self.repetition_penalty not in (None, 1):
+            raise RequestError("repetition_penalty", "repetition_penalty: is not supported (only 1)")
+        if self.logit_bias:
+            raise RequestError("logit_bias", "logit_bias: is not supported by this server")
+        if self.best_of not in (None, 1):
+            raise RequestError("best_of", "best_of: is not supported (only 1)")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if self.temperature is None else float(self.temperature),
+                top_p=1.0 if self.top_p is None else float(self.top_p),
+                top_k=-1 if self.top_k is None else self.top_k,
+                min_p=0.0 if self.min_p is None else float(self.min_p),
+                seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos, logprobs=logprobs)
+        except ValueError as e:
+            raise RequestError(str(e).split(":", 1)[0], str(e)) from None
+
+    def seeds(self, count: int) -> list[int | None]:
+        """Per-choice seeds: choice i of a seeded request uses seed + i, so choices differ."""
+        if self.seed is None:
+            return [None] * count
+        return [(self.seed + i) % INT64_LIMIT for i in range(count)]
+
+
+PromptInput = Union[StrictStr, TokenIds, Annotated[list[StrictStr], Field(min_length=1)],
+                    Annotated[list[TokenIds], Field(min_length=1)]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: PromptInput
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [_check_text(p, "prompt")]
+        if p and isinstance(p[0], int):
+            return [p]
+        return [_check_text(x, "prompt") if isinstance(x, str) else x for x in p]
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise RequestError("echo", "echo: is not supported by this server")
+        if self.suffix:
+            raise RequestError("suffix", "suffix: is not supported by this server")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[Any] | None = None
+    add_generation_prompt: StrictBool = True
+
+    def rendered_messages(self) -> list[dict[str, str]]:
+        out = []
+        for i, m in enumerate(self.messages):
+            msg = {"role": m.role, "content": _check_text(m.text(), f"messages.{i}.content")}
+            if m.name is not None:
+                msg["name"] = m.name
+            out.append(msg)
+        return out
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs", "top_logprobs: needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise RequestError("tools", "tools: tool calling is not supported by this server")

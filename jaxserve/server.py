@@ -1,0 +1,556 @@
+"""OpenAI-compatible HTTP server: ``jaxserve serve --model DIR``.
+
+    POST /v1/completions        prompt: string | token ids | list of either; stream: SSE
+    POST /v1/chat/completions   messages rendered with the tokenizer's chat template; stream: SSE
+    GET  /v1/models, /health, /metrics (Prometheus text)
+
+The engine runs in one background thread (``EngineLoop``); handlers only parse,
+submit and await their per-request ``asyncio.Queue``.  Bad input gets a 400 with an
+OpenAI-style error body whose ``param`` names the field; ``--api-key`` makes ``/v1/*``
+answer 401 without ``Authorization: Bearer KEY``; ``--max-queue N`` answers 429 when
+more than ``max_num_seqs + N`` engine requests (one per choice) would be in flight.
+A client that disconnects has its requests aborted (pages freed before the next step).
+SIGTERM (or SIGINT): new requests get 503, in-flight ones finish (up to
+``--drain-timeout`` seconds), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxserve.engine import Engine
+from jaxserve.engine_loop import EngineFailure, EngineLoop, PromptSpec, Submission
+from jaxserve.metrics import ServerMetrics
+from jaxserve.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, RequestError
+from jaxserve.sequence import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_queue: int | None = None  # engine requests beyond max_num_seqs; None: unbounded
+    drain_timeout_s: float = 30.0
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: int | str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error",
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, status), status_code=status)
+
+
+_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none", "function", "literal", "union")
+
+
+def _loc_to_param(loc: tuple) -> str:
+    """pydantic's error location without its union-branch tags: ('prompt', 'list[int]', 0) -> 'prompt.0'."""
+    parts = []
+    for item in loc:
+        if isinstance(item, str) and ("[" in item or "-" in item or item.lower() in _TYPE_TAGS):
+            continue
+        parts.append(str(item))
+    return ".".join(parts)
+
+
+def _validation_error(e: ValidationError) -> RequestError:
+    errors = e.errors()
+    first = errors[0]
+    if len(errors) > 1 and all(err["loc"][:1] == ("prompt",) for err in errors):
+        return RequestError("prompt", "prompt: must be a string, a non-empty list of token ids (integers), or a "
+                            "non-empty list of strings or of token-id lists")
+    param = _loc_to_param(first["loc"])
+    msg = first["msg"]
+    if msg.startswith("Value error, "):  # our own validators put the field first
+        msg = msg[len("Value error, "):]
+        param = param or msg.split(":", 1)[0]
+        message = msg
+    else:
+        message = f"{param or 'body'}: {msg}"
+    if len(errors) > 1:
+        others = sorted({_loc_to_param(err["loc"]) or "body" for err in errors[1:]} - {param})
+        if others:
+            message += f" (also invalid: {', '.join(others[:5])})"
+    return RequestError(param or None, message)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def parse_body(request: Request, model: type[BaseModel]):
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(None, f"body: larger than {MAX_BODY_BYTES} bytes", status=413)
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise RequestError(None, f"body: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise RequestError(None, f"body: must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    except RecursionError:
+        raise RequestError(None, "body: nested too deeply") from None
+
+
+# -- response building ----------------------------------------------------------------------------
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: a zero-probability token gets -9999.0 (as vLLM reports it)."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _ChoiceStream:
+    """What one choice has sent so far.  With stop strings, the last ``len(longest) - 1``
+    characters are held back until the request finishes: the engine may still cut the text
+    there, and streamed text must equal the final text."""
+
+    def __init__(self, holdback: int):
+        self.holdback = holdback
+        self.sent_chars = 0
+        self.sent_tokens = 0
+
+    def advance(self, out: RequestOutput) -> tuple[str, list[int], int]:
+        """(new text, new token ids, index of the first new token) to send now."""
+        text = out.text or ""
+        end = len(text) if out.finished else max(self.sent_chars, len(text) - self.holdback)
+        delta = text[self.sent_chars:end]
+        self.sent_chars = max(self.sent_chars, end)
+        start = self.sent_tokens
+        new_ids = out.token_ids[start:]
+        self.sent_tokens = len(out.token_ids)
+        return delta, new_ids, start
+
+
+class OpenAIServer:
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics or ServerMetrics()
+        self.engine_loop = EngineLoop(engine, self.metrics)
+        self.draining = False
+        self.in_flight = 0  # engine requests (choices) admitted by handlers and not yet done
+        self.max_in_flight = (engine.config.max_num_seqs + config.max_queue
+                              if config.max_queue is not None else None)
+        self.app = self._build_app()
+
+    # -- token strings for logprobs ----------------------------------------------------------
+
+    def _token_str(self, token_id: int) -> str:
+        """A token's text (decoded by the engine thread, which owns the tokenizer)."""
+        return self.engine_loop.token_strings.get(token_id, f"token_id:{token_id}")
+
+    def _completion_logprobs(self, out: RequestOutput, start: int, text_offset: int) -> dict[str, Any] | None:
+        if out.logprobs is None:
+            return None
+        entries = out.logprobs[start:]
+        tokens = [self._token_str(lp.token_id) for lp in entries]
+        offsets, pos = [], text_offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [_finite(lp.logprob) for lp in entries],
+                "top_logprobs": [{self._token_str(t): _finite(v) for t, v in lp.top.items()} for lp in entries],
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, out: RequestOutput, start: int) -> dict[str, Any] | None:
+        if out.logprobs is None:
+            return None
+        content = []
+        for lp in out.logprobs[start:]:
+            token = self._token_str(lp.token_id)
+            content.append({
+                "token": token, "logprob": _finite(lp.logprob), "bytes": list(token.encode("utf-8", "replace")),
+                "top_logprobs": [{"token": (s := self._token_str(t)), "logprob": _finite(v),
+                                  "bytes": list(s.encode("utf-8", "replace"))} for t, v in lp.top.items()]})
+        return {"content": content}
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise RequestError("model", f"model: '{name}' does not exist; this server serves "
+                               f"'{self.config.model_name}'", status=404, kind="not_found_error")
+
+    async def _submit(self, specs: list[PromptSpec]) -> Submission:
+        if self.draining:
+            raise RequestError(None, "the server is shutting down", status=503, kind="service_unavailable")
+        if self.max_in_flight is not None and self.in_flight + len(specs) > self.max_in_flight:
+            raise RequestError(None, f"the server is busy ({self.in_flight} requests in flight, "
+                               f"--max-queue {self.config.max_queue}); retry later", status=429,
+                               kind="rate_limit_error")
+        request_ids = [f"{uuid.uuid4().hex[:16]}-{i}" for i in range(len(specs))]
+        self.in_flight += len(specs)
+        try:
+            return await self.engine_loop.submit(request_ids, specs)
+        except ValueError as e:
+            self.in_flight -= len(specs)
+            message = str(e)
+            raise RequestError(message.split(":", 1)[0] if ":" in message else None, message) from None
+        except BaseException:
+            self.in_flight -= len(specs)
+            raise
+
+    def _release(self, submission: Submission) -> None:
+        """Abort what is unfinished and give back its ``--max-queue`` slots (once)."""
+        submission.close()
+        if not submission.released:
+            submission.released = True
+            self.in_flight -= len(submission.request_ids)
+
+    @contextlib.asynccontextmanager
+    async def _abort_on_disconnect(self, request: Request, submission: Submission):
+        """For non-streaming responses: watch the connection and abort the requests if it closes."""
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            if len(submission.finished) < len(submission.request_ids):
+                logger.info("client disconnected: aborting %s", ", ".join(submission.request_ids))
+            submission.close()
+
+        task = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    # -- endpoints -------------------------------------------------------------------------------------
+
+    def _completion_specs(self, req: CompletionRequest) -> list[PromptSpec]:
+        prompts = req.prompts()
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise RequestError("n", f"n: {len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices")
+        auto = req.max_tokens is None
+        specs = []
+        for prompt in prompts:
+            for seed in req.seeds(req.n):
+                params = req.sampling_params(1 if auto else req.max_tokens, req.logprobs)
+                params.seed = seed
+                specs.append(PromptSpec(prompt, params, add_special_tokens=True, max_tokens_auto=auto))
+        return specs
+
+    def _chat_specs(self, req: ChatCompletionRequest) -> list[PromptSpec]:
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise RequestError("messages", "messages: this model has no chat template; use /v1/completions "
+                               "or serve a model whose tokenizer_config.json has a chat_template")
+        try:
+            text = tok.apply_chat_template(req.rendered_messages(), tokenize=False,
+                                           add_generation_prompt=req.add_generation_prompt)
+        except RequestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - jinja raises many types
+            raise RequestError("messages", f"messages: the chat template failed: {str(e)[:300]}") from None
+        limit = req.limit()
+        logprobs = req.num_logprobs()
+        specs = []
+        for seed in req.seeds(req.n):
+            params = req.sampling_params(limit or 1, logprobs)
+            params.seed = seed
+            specs.append(PromptSpec(text, params, add_special_tokens=False, max_tokens_auto=limit is None))
+        return specs
+
+    async def completions(self, request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest)
+        self._check_model(req.model)
+        req.check_supported()
+        submission = await self._submit(self._completion_specs(req))
+        header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                  "model": self.config.model_name}
+        if req.stream:
+            return self._stream(submission, header, req, chat=False)
+        return await self._complete(request, submission, header, req, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = await parse_body(request, ChatCompletionRequest)
+        self._check_model(req.model)
+        req.check_supported()
+        submission = await self._submit(self._chat_specs(req))
+        header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                  "created": int(time.time()), "model": self.config.model_name}
+        if req.stream:
+            return self._stream(submission, header, req, chat=True)
+        return await self._complete(request, submission, header, req, chat=True)
+
+    async def _complete(self, request: Request, submission: Submission, header: dict, req, chat: bool) -> Response:
+        try:
+            async with self._abort_on_disconnect(request, submission):
+                async for _ in submission.outputs():
+                    pass
+        except EngineFailure as e:
+            return error_response(500, str(e), "internal_error")
+        finally:
+            self._release(submission)
+        outs = [submission.finished[i] for i in sorted(submission.finished)]
+        if len(outs) < len(submission.request_ids):  # aborted: the client is gone
+            return error_response(499, "request aborted (client disconnected)", "aborted")
+        choices = []
+        for index, out in enumerate(outs):
+            if chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": out.text or ""},
+                          "logprobs": self._chat_logprobs(out, 0), "finish_reason": out.finish_reason}
+            else:
+                choice = {"index": index, "text": out.text or "",
+                          "logprobs": self._completion_logprobs(out, 0, 0), "finish_reason": out.finish_reason}
+            if req.return_token_ids:
+                choice["token_ids"] = out.token_ids
+                choice["prompt_token_ids"] = out.prompt_token_ids
+            choices.append(choice)
+        prompt_tokens = sum(len(out.prompt_token_ids) for i, out in enumerate(outs) if i % req.n == 0)
+        usage = _usage(prompt_tokens, sum(len(out.token_ids) for out in outs))
+        return JSONResponse({**header, "choices": choices, "usage": usage})
+
+    def _stream(self, submission: Submission, header: dict, req, chat: bool) -> StreamingResponse:
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        holdback = max((len(s) - 1 for s in stops), default=0)
+        chunk_header = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def body() -> AsyncIterator[str]:
+            states = [_ChoiceStream(holdback) for _ in submission.request_ids]
+            prompt_tokens: dict[int, int] = {}
+            try:
+                if chat:
+                    for i in range(len(states)):
+                        yield event({**chunk_header, "choices": [
+                            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}]})
+                async for index, out in submission.outputs():
+                    prompt_tokens[index] = len(out.prompt_token_ids)
+                    state = states[index]
+                    text_offset = state.sent_chars
+                    delta, new_ids, start = state.advance(out)
+                    if not delta and not out.finished and not (req.return_token_ids and new_ids) \
+                            and out.logprobs is None:
+                        continue
+                    if chat:
+                        choice = {"index": index, "delta": {"content": delta} if delta else {},
+                                  "logprobs": self._chat_logprobs(out, start), "finish_reason": out.finish_reason}
+                    else:
+                        choice = {"index": index, "text": delta,
+                                  "logprobs": self._completion_logprobs(out, start, text_offset),
+                                  "finish_reason": out.finish_reason}
+                    if req.return_token_ids:
+                        choice["token_ids"] = new_ids
+                        if start == 0:
+                            choice["prompt_token_ids"] = out.prompt_token_ids
+                    yield event({**chunk_header, "choices": [choice]})
+                if req.include_usage():
+                    total_prompt = sum(v for i, v in prompt_tokens.items() if i % req.n == 0)
+                    completion = sum(s.sent_tokens for s in states)
+                    yield event({**chunk_header, "choices": [], "usage": _usage(total_prompt, completion)})
+                yield "data: [DONE]\n\n"
+            except EngineFailure as e:
+                yield event(error_body(str(e), "internal_error", None, 500))
+                yield "data: [DONE]\n\n"
+            finally:
+                if len(submission.finished) < len(submission.request_ids):
+                    logger.info("stream ended early (client gone?): aborting %s", ", ".join(submission.request_ids))
+                self._release(submission)
+
+        return _SubmissionStream(body(), release=lambda: self._release(submission))
+
+    # -- app -------------------------------------------------------------------------------------------
+
+    def authorized(self, headers: Headers) -> bool:
+        if self.config.api_key is None:
+            return True
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                  self.config.api_key.encode())
+
+    def _build_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI):
+            self.engine_loop.start()
+            try:
+                yield
+            finally:
+                self.draining = True
+                await asyncio.to_thread(self.engine_loop.stop)
+
+        app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_middleware(_Guard, server=self)
+        metrics = self.metrics
+
+        @app.exception_handler(RequestError)
+        async def on_request_error(request: Request, e: RequestError):
+            return error_response(e.status, e.message, e.kind, e.param)
+
+        @app.exception_handler(ValueError)
+        async def on_value_error(request: Request, e: ValueError):
+            # The project's convention: ValueError means bad input, its message starting with the field.
+            message = str(e)
+            field, sep, _ = message.partition(":")
+            return error_response(400, message, "invalid_request_error", field if sep and " " not in field else None)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def on_http_error(request: Request, e: StarletteHTTPException):
+            return error_response(e.status_code, str(e.detail), "invalid_request_error")
+
+        @app.exception_handler(Exception)
+        async def on_error(request: Request, e: Exception):
+            logger.exception("unhandled error on %s", request.url.path)
+            return error_response(500, f"internal error: {type(e).__name__}", "internal_error")
+
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{
+                "id": self.config.model_name, "object": "model", "created": 0, "owned_by": "jaxserve",
+                "max_model_len": self.engine.max_model_len}]}
+
+        @app.get("/health")
+        async def health():
+            if not self.engine_loop.alive:
+                return error_response(503, "the engine loop is not running", "service_unavailable")
+            if self.draining:
+                return error_response(503, "the server is shutting down", "service_unavailable")
+            return {"status": "ok"}
+
+        @app.get("/metrics")
+        async def prometheus():
+            return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+        return app
+
+
+class _SubmissionStream(StreamingResponse):
+    """An SSE response that releases its submission however it ends, even when the client is
+    gone before the body generator ever started (its ``finally`` would then never run)."""
+
+    def __init__(self, content: AsyncIterator[str], release):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._release_submission = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release_submission()
+
+
+class _Guard:
+    """ASGI middleware: API-key check on /v1/*, responses counted by status, generation requests
+    in flight (a plain ASGI middleware, so that streaming and disconnects pass through untouched)."""
+
+    GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app, server: OpenAIServer):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.server.metrics
+        path = scope.get("path", "")
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                metrics.on_response(int(message["status"]))
+            await send(message)
+
+        if path.startswith("/v1/") and not self.server.authorized(Headers(scope=scope)):
+            response = error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                      "authentication_error")
+            await response(scope, receive, counting_send)
+            return
+        generating = path in self.GENERATE_PATHS
+        if generating:
+            metrics.add_in_flight(1)
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if generating:
+                metrics.add_in_flight(-1)
+
+
+# -- running it ------------------------------------------------------------------------------------
+
+def _make_uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: str):
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn, except that a SIGTERM/SIGINT marks the app as draining and that, once the graceful
+        shutdown is done, the process exits 0 instead of re-raising the signal."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def on_signal(sig: int, frame) -> None:
+                if not server.draining:
+                    logger.info("received %s: draining (up to %.0fs)", signal.Signals(sig).name,
+                                server.config.drain_timeout_s)
+                server.draining = True
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=server.config.drain_timeout_s, access_log=False,
+                            lifespan="on")
+    return _Server(config)
+
+
+def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          api_key: str | None = None, max_queue: int | None = None, drain_timeout_s: float = 30.0,
+          log_level: str = "warning") -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful shutdown)."""
+    if max_queue is not None and max_queue < 0:
+        raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
+    server = OpenAIServer(engine, ServerConfig(model_name or "jaxserve", api_key, max_queue, drain_timeout_s))
+    uv = _make_uvicorn_server(server, host, port, log_level)
+    logger.info("serving %s on http://%s:%d", server.config.model_name, host, port)
+    uv.run()
+    return 0 if uv.started else 1
+
+
+def default_model_name(model_dir: str) -> str:
+    return os.path.basename(os.path.normpath(model_dir)) or model_dir
