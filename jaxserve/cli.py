@@ -39,29 +39,18 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
 
 
-def _context_length(model: str) -> int:
-    """The model's stated context length, read from its config (no weights loaded)."""
-    from jaxserve.config import ModelConfig
-    from jaxserve.gguf_loader import is_gguf_path, model_config_from_gguf, open_gguf, read_metadata, \
-        resolve_model_path
-
-    path = resolve_model_path(model)
-    if is_gguf_path(path):
-        reader = open_gguf(path)
-        return model_config_from_gguf(read_metadata(reader), {t.name for t in reader.tensors}).max_position_embeddings
-    return ModelConfig.from_dir(path).max_position_embeddings
-
-
 def engine_from_args(args: argparse.Namespace) -> "Engine":
-    from jaxserve import Engine
+    from jaxserve import Engine, EngineConfig
+    from jaxserve.engine import load_model
 
-    max_model_len = args.max_model_len
-    if max_model_len is None:
-        max_model_len = min(CLI_MAX_MODEL_LEN, _context_length(args.model))
-    return Engine.from_pretrained(
-        args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-        dtype=args.dtype, scheduling=args.scheduling)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
+                          dtype=args.dtype, scheduling=args.scheduling)
+    config.validate()  # before the (slow) load
+    model_config, params, tokenizer = load_model(args.model, args.dtype)
+    if config.max_model_len is None:
+        config.max_model_len = min(CLI_MAX_MODEL_LEN, model_config.max_position_embeddings)
+    return Engine(model_config, params, tokenizer, config)
 
 
 def cmd_make_model(args) -> int:

@@ -42,6 +42,23 @@ def resolve_dtype(name: str) -> str:
     return name
 
 
+def load_model(model: str, dtype: str = "auto") -> tuple[ModelConfig, dict[str, Any], Any]:
+    """``(model_config, numpy parameter tree, tokenizer or None)`` of a Hugging Face directory, a
+    ``.gguf`` file or ``"smollm2"``, with the weights in ``dtype`` (``"auto"``: as the engine's)."""
+    path = resolve_model_path(model)
+    np_dtype = NP_DTYPES[resolve_dtype(dtype)]
+    t0 = time.perf_counter()
+    if is_gguf_path(path):
+        model_config, params, tokenizer = load_gguf(path, np_dtype)
+    else:
+        model_config = ModelConfig.from_dir(path)
+        params = load_params(path, model_config, np_dtype)
+        tokenizer = load_tokenizer(path)
+    logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", path, model_config.model_type,
+                model_config.num_params() / 1e6, time.perf_counter() - t0)
+    return model_config, params, tokenizer
+
+
 class Engine:
     def __init__(self, model_config: ModelConfig, params: dict[str, Any], tokenizer: Any = None,
                  config: EngineConfig | None = None):
@@ -96,17 +113,7 @@ class Engine:
         config = EngineConfig(max_num_seqs=max_num_seqs, page_size=page_size, num_pages=num_pages,
                               max_model_len=max_model_len, dtype=dtype, scheduling=scheduling, **kwargs)
         config.validate()
-        path = resolve_model_path(model)
-        np_dtype = NP_DTYPES[resolve_dtype(dtype)]
-        t0 = time.perf_counter()
-        if is_gguf_path(path):
-            model_config, params, tokenizer = load_gguf(path, np_dtype)
-        else:
-            model_config = ModelConfig.from_dir(path)
-            params = load_params(path, model_config, np_dtype)
-            tokenizer = load_tokenizer(path)
-        logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", path, model_config.model_type,
-                    model_config.num_params() / 1e6, time.perf_counter() - t0)
+        model_config, params, tokenizer = load_model(model, dtype)
         return cls(model_config, params, tokenizer, config)
 
     # -- requests ------------------------------------------------------------------------------
