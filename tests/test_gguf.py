@@ -73,8 +73,12 @@ def hf_model(smol_path):
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """Plain greedy loop with transformers' KV cache: argmax of the last logits, n times."""
+    import inspect
+
     import torch
 
+    # transformers 5.x renames past_key_values to cache.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out_ids = []
     with torch.no_grad():
         out = model(torch.tensor([prompt]), use_cache=True)
@@ -82,7 +86,8 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             token = int(out.logits[0, -1].argmax())
             out_ids.append(token)
             if i + 1 < n:
-                out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+                cache = out.cache if hasattr(out, "cache") else out.past_key_values
+                out = model(torch.tensor([[token]]), use_cache=True, **{cache_arg: cache})
     return out_ids
 
 
