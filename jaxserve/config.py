@@ -163,6 +163,9 @@ class EngineConfig:
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
+    # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model", token rows
+    # of the batch on "data"; see jaxserve/sharding.py).  None: one device, no sharding at all.
+    mesh_shape: dict[str, int] | None = None
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_num_prefill_seqs", "page_size",
@@ -180,3 +183,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be at least 2, got {self.max_model_len!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.mesh_shape is not None:
+            from jaxserve.sharding import normalize_mesh_shape
+
+            self.mesh_shape = normalize_mesh_shape(self.mesh_shape)
