@@ -180,6 +180,8 @@ class CausalLM(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
                               name="lm_head")(x)
-        # Sampling sees whole rows: the (vocab-sharded) logits are gathered onto every device.
+        # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
+        # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
+        logits = constrain(logits, self.mesh, None, MODEL)
         logits = constrain(logits.astype(jnp.float32), self.mesh, None, None)
         return logits, new_caches
