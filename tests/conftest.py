@@ -20,6 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# tests/multidevice needs 8 (virtual) devices, which XLA only creates if XLA_FLAGS says so before jax
+# starts; this process may already have started jax with one device.  tests/test_multidevice.py
+# therefore runs each of those modules in a subprocess with MULTIDEVICE_ENV set; elsewhere they are
+# not collected.  To run them directly: JAXSERVE_MULTIDEVICE=1 python3 -m pytest -q tests/multidevice
+MULTIDEVICE_ENV = {"JAXSERVE_MULTIDEVICE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+if os.environ.get("JAXSERVE_MULTIDEVICE") == "1":
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + MULTIDEVICE_ENV["XLA_FLAGS"]).strip()
+else:
+    collect_ignore = ["multidevice"]
+
 from jaxserve import Engine, SamplingParams  # noqa: E402
 from jaxserve.make_model import make_model  # noqa: E402
 
@@ -30,6 +41,15 @@ from jaxserve.make_model import make_model  # noqa: E402
 ENGINE_KW = dict(max_num_seqs=4, page_size=8, max_model_len=256, max_num_batched_tokens=64,
                  min_prefill_bucket=64)
 VOCAB = 1024  # vocabulary of the "tiny" size
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("JAXSERVE_MULTIDEVICE") == "1":
+        import jax
+
+        if jax.device_count() < 8:
+            raise pytest.UsageError(f"tests/multidevice needs 8 devices, jax sees {jax.device_count()} "
+                                    "(XLA_FLAGS was set after jax started?)")
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
@@ -77,6 +97,18 @@ def model_factory(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def mha_dir(model_factory) -> str:
+    """Tiny Llama with 8 query and 8 KV heads: splits over a 'model' axis of 1, 2, 4 or 8."""
+    return model_factory("llama_h8_kv8", num_attention_heads=8, num_key_value_heads=8)
+
+
+@pytest.fixture(scope="session")
+def gqa_dir(model_factory) -> str:
+    """Tiny Llama with 8 query and 2 KV heads: a 'model' axis of 4 or 8 replicates the KV heads."""
+    return model_factory("llama_h8_kv2", num_attention_heads=8, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="session")

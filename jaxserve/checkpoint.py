@@ -1,0 +1,153 @@
+"""Orbax checkpoints of converted weights: ``jaxserve convert`` writes them, ``Engine`` restores them.
+
+A converted checkpoint directory::
+
+    CKPT_DIR/
+        jaxserve_checkpoint.json   # marker: format version, dtype, parameter layout
+        config.json                # the Hugging Face config, copied
+        tokenizer.json, ...        # the tokenizer files, copied (if the model has them)
+        params/                    # Orbax (OCDBT) checkpoint of the Flax parameter tree
+
+The parameter tree is the one ``weights.hf_to_params`` builds (fused, transposed,
+in the layouts of ``model.py``), already cast to the chosen dtype, so loading
+does no conversion work.  It is stored for the model as written (its own KV
+head count); replicating KV heads for a wide ``model`` axis happens after the
+restore, on the mesh.
+
+Restoring (``restore_params``) hands Orbax a target tree of
+``jax.ShapeDtypeStruct`` whose ``sharding`` is the parameter's ``NamedSharding``
+(``restore_targets``): every process reads only the slices of the stored
+arrays that its devices hold, so no device (and no host) ever materialises a
+whole sharded weight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from jaxserve import sharding
+from jaxserve.config import ModelConfig
+from jaxserve.weights import NP_DTYPES, load_params
+
+logger = logging.getLogger(__name__)
+
+MARKER = "jaxserve_checkpoint.json"
+FORMAT_VERSION = 1
+PARAMS_SUBDIR = "params"
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``convert``."""
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def read_marker(ckpt_dir: str) -> dict[str, Any]:
+    with open(os.path.join(ckpt_dir, MARKER)) as f:
+        info = json.load(f)
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"model: {ckpt_dir} has checkpoint format {info.get('format_version')!r}, "
+                         f"this jaxserve reads format {FORMAT_VERSION}")
+    return info
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16") -> str:
+    """Convert a Hugging Face checkpoint directory into an Orbax checkpoint at ``out_dir``."""
+    import orbax.checkpoint as ocp
+
+    if dtype not in NP_DTYPES:
+        raise ValueError(f"dtype: must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
+    out_dir = os.path.abspath(out_dir)
+    params_dir = os.path.join(out_dir, PARAMS_SUBDIR)
+    if os.path.exists(params_dir):
+        raise ValueError(f"out: {params_dir} already exists (choose a new directory)")
+    cfg = ModelConfig.from_dir(hf_dir)
+    params = load_params(hf_dir, cfg, NP_DTYPES[dtype])
+    os.makedirs(out_dir, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, params)
+    checkpointer.wait_until_finished()
+    copied = []
+    for name in sorted(os.listdir(hf_dir)):
+        src = os.path.join(hf_dir, name)
+        if os.path.isfile(src) and not name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(src, os.path.join(out_dir, name))
+            copied.append(name)
+    with open(os.path.join(out_dir, MARKER), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "source": os.path.abspath(hf_dir),
+                   "layout": {"qkv_proj": "[H, Hkv, G+2, D]", "gate_up_proj": "[H, 2, I]"}}, f, indent=2)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    logger.info("converted %s (%.1fM parameters, %s) to %s; copied %s", hf_dir, n / 1e6, dtype, out_dir,
+                ", ".join(copied))
+    return out_dir
+
+
+def stored_shapes(ckpt_dir: str) -> dict[str, Any]:
+    """The stored parameter tree as (shape, dtype) leaves, from the Orbax metadata (no data read)."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(ckpt_dir), PARAMS_SUBDIR))
+    tree = meta.item_metadata.tree
+    return jax.tree_util.tree_map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), tree,
+                                  is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def _restore_specs(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    """Shardings to restore the stored (unreplicated) tree into.  With KV-head replication the stored
+    ``qkv_proj`` cannot be split on its KV heads, so it is restored split on its input (hidden)
+    axis and re-laid out on the mesh afterwards."""
+    m = mesh.shape[sharding.MODEL]
+    replication = sharding.kv_replication(cfg, m)
+    specs = sharding.param_specs(cfg, m)
+    if replication > 1:
+        hidden_split = sharding.MODEL if cfg.hidden_size % m == 0 else None
+        for i in range(cfg.num_layers):
+            qkv = specs[f"layers_{i}"]["qkv_proj"]
+            qkv["kernel"] = P(hidden_split, None, None, None)
+            if "bias" in qkv:
+                qkv["bias"] = P()
+    return specs
+
+
+def restore_targets(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | None) -> dict[str, Any]:
+    """The Orbax restore target: a ``jax.ShapeDtypeStruct`` per parameter carrying the sharding it is
+    restored into (``NamedSharding`` on ``mesh``; the default device without one)."""
+    shapes = stored_shapes(ckpt_dir)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree_util.tree_map(lambda sd: jax.ShapeDtypeStruct(sd[0], dtype, sharding=device), shapes,
+                                      is_leaf=lambda x: isinstance(x, tuple))
+    specs = _restore_specs(cfg, mesh)
+    return jax.tree_util.tree_map(
+        lambda spec, sd: jax.ShapeDtypeStruct(sd[0], dtype, sharding=NamedSharding(mesh, spec)),
+        specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def restore_params(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | None = None) -> dict[str, Any]:
+    """Restore the parameters of a converted checkpoint onto the device(s), in the sharding the
+    engine runs them with (``sharding.param_specs`` of the model as it runs on ``mesh``)."""
+    import orbax.checkpoint as ocp
+
+    read_marker(ckpt_dir)
+    targets = restore_targets(ckpt_dir, cfg, dtype, mesh)
+    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_SUBDIR), targets)
+    if mesh is not None:
+        replication = sharding.kv_replication(cfg, mesh.shape[sharding.MODEL])
+        if replication > 1:
+            run_cfg = sharding.sharded_model_config(cfg, mesh.shape[sharding.MODEL])
+            relayout = jax.jit(lambda p: sharding.replicate_kv_heads(p, cfg, replication),
+                               out_shardings=sharding.param_shardings(mesh, run_cfg))
+            params = relayout(params)
+    return params
+
+
+__all__ = ["convert", "is_checkpoint", "read_marker", "restore_params", "restore_targets", "stored_shapes",
+           "MARKER", "PARAMS_SUBDIR"]

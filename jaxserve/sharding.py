@@ -1,0 +1,252 @@
+"""Multi-device serving: the device mesh, the PartitionSpec of every weight and of the KV cache.
+
+jaxserve does not partition anything by hand: it names a ``NamedSharding`` for
+the weights, the KV cache and the step's inputs and outputs, and XLA's SPMD
+partitioner (GSPMD) inserts the collectives.  The only manual region is the
+attention (cache write + ragged paged attention), run under ``jax.shard_map``
+over the ``model`` axis so that its gathers and einsums stay local to each
+device's KV heads.
+
+The mesh has two axes:
+
+``model`` (tensor parallelism, Megatron layout)
+    * ``qkv_proj`` kernel ``[H, Hkv, G+2, D]`` (each KV head's G query heads,
+      then its K and V) is split on the KV-head axis, so every shard holds whole
+      GQA groups and q/k/v stay consistent for any ``M`` dividing ``Hkv``;
+    * ``o_proj`` ``[Hq*D, H]`` is split on its input (head) rows: its partial
+      sums are all-reduced by XLA;
+    * ``gate_up_proj`` kernel ``[H, 2, I]`` and ``down_proj`` ``[I, H]`` are split
+      on the intermediate axis ``I`` (column- then row-parallel MLP);
+    * the embedding ``[V, H]`` and the LM head ``[H, V]`` are split on the
+      **vocabulary**: the lookup becomes a masked local gather plus an
+      all-reduce, and the LM head yields vocab-sharded logits, which are then
+      gathered (``[num_seqs, V]``, small) so that sampling sees whole rows.  The
+      vocabulary is chosen over the hidden axis because the LM head is the
+      largest matmul of a decode step for small models and splitting it on ``V``
+      needs no reduction before the gather.  If ``V`` does not divide by ``M``
+      they are split on the hidden axis instead (replicated if neither divides);
+    * norms (and q/k norms) are replicated;
+    * the KV cache ``[num_pages, page_size, Hkv, D]`` is split on KV heads.
+
+    Head counts: ``num_attention_heads`` must divide by ``M``.  If
+    ``num_key_value_heads`` does not but ``M`` is a multiple of it (GQA with
+    more devices than KV heads), each KV head is **replicated** ``M / Hkv``
+    times, as vLLM and Megatron do: the model is run as the equivalent model
+    with ``M`` KV heads (K/V weights copied, each query group split), so the
+    KV cache holds one head per device.  Anything else is a ``ValueError``.
+
+``data`` (the batch)
+    A step is one ragged batch of token rows (decode tokens, then prefill
+    chunks).  On ``data`` the *token rows* of the dense layers are split: the
+    embedding, q/k/v, o_proj and MLP of each data group compute only its share
+    of the rows (when the row count divides by ``D``).  Attention needs every
+    row of a sequence and the pages of the whole cache, so the rows are gathered
+    before it and the KV cache and weights are replicated across data groups:
+    ``data`` buys throughput for the matmuls of large batches, not memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxserve.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DATA, MODEL = "data", "model"
+MESH_AXES = (DATA, MODEL)
+
+
+def normalize_mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+    """``{"data": D, "model": M}`` with defaults of 1; raises ValueError on unknown axes or bad sizes."""
+    if not isinstance(mesh_shape, Mapping):
+        raise ValueError(f"mesh_shape: expected a dict like {{'data': 1, 'model': 8}}, got {mesh_shape!r}")
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh_shape: unknown axis {sorted(unknown)[0]!r}; axes are 'data' and 'model'")
+    shape = {axis: mesh_shape.get(axis, 1) for axis in MESH_AXES}
+    for axis, size in shape.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"mesh_shape: {axis!r} must be a positive integer, got {size!r}")
+    return shape
+
+
+def make_mesh(mesh_shape: Mapping[str, int], devices: list[Any] | None = None) -> Mesh:
+    """A ``(data, model)`` mesh over the first ``D*M`` devices (all processes' devices under
+    ``jax.distributed``), axes in Auto mode so that XLA propagates shardings."""
+    shape = normalize_mesh_shape(mesh_shape)
+    devices = list(jax.devices()) if devices is None else list(devices)
+    n = shape[DATA] * shape[MODEL]
+    if n > len(devices):
+        raise ValueError(f"mesh_shape: data={shape[DATA]} x model={shape[MODEL]} needs {n} devices, "
+                         f"{len(devices)} available")
+    if n == len(devices):
+        from jax.experimental import mesh_utils
+
+        # Topology-aware order on TPU (model axis along the fastest interconnect); a plain reshape on CPU.
+        grid = mesh_utils.create_device_mesh((shape[DATA], shape[MODEL]), devices=devices)
+    else:
+        grid = np.asarray(devices[:n], dtype=object).reshape(shape[DATA], shape[MODEL])
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def kv_replication(cfg: ModelConfig, model_axis: int) -> int:
+    """How many times each KV head is replicated on a ``model`` axis of this size (1: none).
+
+    Raises ValueError when the head counts cannot be split over ``model_axis``."""
+    hq, hkv, m = cfg.num_heads, cfg.num_kv_heads, model_axis
+    if hq % m:
+        raise ValueError(f"mesh_shape: num_attention_heads ({hq}) must be divisible by the 'model' "
+                         f"axis ({m})")
+    if cfg.intermediate_size % m:
+        raise ValueError(f"mesh_shape: intermediate_size ({cfg.intermediate_size}) must be divisible "
+                         f"by the 'model' axis ({m})")
+    if hkv % m == 0:
+        return 1
+    if m % hkv == 0:
+        return m // hkv
+    raise ValueError(f"mesh_shape: num_key_value_heads ({hkv}) must divide, or be a multiple of, the "
+                     f"'model' axis ({m})")
+
+
+def sharded_model_config(cfg: ModelConfig, model_axis: int) -> ModelConfig:
+    """The model as it runs on a ``model`` axis of this size: with replicated KV heads if needed."""
+    r = kv_replication(cfg, model_axis)
+    if r == 1:
+        return cfg
+    logger.info("replicating each of the %d KV heads %d times for a 'model' axis of %d",
+                cfg.num_kv_heads, r, model_axis)
+    return dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r)
+
+
+def replicate_kv_heads(params: dict[str, Any], cfg: ModelConfig, replication: int) -> dict[str, Any]:
+    """Rewrite the q/k/v projections of ``cfg`` as those of the equivalent model with
+    ``num_kv_heads * replication`` KV heads (each query group split, its K and V copied).
+
+    Works on numpy and on jax arrays (under jit, with output shardings, for a restore)."""
+    if replication == 1:
+        return params
+    xp = np if all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)) else jnp
+    r, hkv = replication, cfg.num_kv_heads
+    g = cfg.num_heads // hkv
+
+    def expand(x, lead: tuple[int, ...]):
+        # x [..., Hkv, G+2, D] -> [..., Hkv*r, G/r+2, D]
+        d = x.shape[-1]
+        q = x[..., :g, :].reshape(*lead, hkv, r, g // r, d)
+        kv = xp.broadcast_to(x[..., None, g:, :], (*lead, hkv, r, 2, d))
+        return xp.concatenate([q, kv], axis=-2).reshape(*lead, hkv * r, g // r + 2, d)
+
+    out = dict(params)
+    for i in range(cfg.num_layers):
+        layer = dict(out[f"layers_{i}"])
+        qkv = dict(layer["qkv_proj"])
+        qkv["kernel"] = expand(qkv["kernel"], (qkv["kernel"].shape[0],))
+        if "bias" in qkv:
+            qkv["bias"] = expand(qkv["bias"], ())
+        layer["qkv_proj"] = qkv
+        out[f"layers_{i}"] = layer
+    return out
+
+
+def _vocab_spec(cfg: ModelConfig, m: int, vocab_axis: int) -> P:
+    """Spec of a [V, H] (vocab_axis=0) or [H, V] (vocab_axis=1) matrix: split on V, else on H."""
+    spec: list[Any] = [None, None]
+    if cfg.vocab_size % m == 0:
+        spec[vocab_axis] = MODEL
+    elif cfg.hidden_size % m == 0:
+        spec[1 - vocab_axis] = MODEL
+    return P(*spec)
+
+
+def param_specs(cfg: ModelConfig, model_axis: int) -> dict[str, Any]:
+    """PartitionSpec of every parameter of ``model.CausalLM`` (``cfg`` as it runs, see
+    ``sharded_model_config``), mirroring the parameter tree."""
+    m = model_axis
+    specs: dict[str, Any] = {"embed": {"embedding": _vocab_spec(cfg, m, 0)}, "final_norm": {"scale": P()}}
+    for i in range(cfg.num_layers):
+        layer: dict[str, Any] = {
+            "input_norm": {"scale": P()},
+            "qkv_proj": {"kernel": P(None, MODEL, None, None)},
+            "o_proj": {"kernel": P(MODEL, None)},
+            "post_attention_norm": {"scale": P()},
+            "gate_up_proj": {"kernel": P(None, None, MODEL)},
+            "down_proj": {"kernel": P(MODEL, None)},
+        }
+        if cfg.attention_bias:
+            layer["qkv_proj"]["bias"] = P(MODEL, None, None)
+        if cfg.qk_norm:
+            layer["q_norm"] = {"scale": P()}
+            layer["k_norm"] = {"scale": P()}
+        specs[f"layers_{i}"] = layer
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = {"kernel": _vocab_spec(cfg, m, 1)}
+    return specs
+
+
+CACHE_SPEC = P(None, None, MODEL, None)  # [num_pages, page_size, kv_heads, head_dim]
+
+
+def param_shardings(mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
+    specs = param_specs(cfg, mesh.shape[MODEL])
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, CACHE_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def rows_sharding(mesh: Mesh, num_rows: int) -> NamedSharding:
+    """Token rows split on ``data`` when they divide evenly, else replicated."""
+    if num_rows and num_rows % mesh.shape[DATA] == 0:
+        return NamedSharding(mesh, P(DATA))
+    return replicated(mesh)
+
+
+def put_params(params: dict[str, Any], mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
+    """Place a host (numpy) parameter tree of the model as it runs (``cfg``) on the mesh: each device
+    receives only its shards, no device ever holds a whole sharded weight."""
+    return jax.device_put(params, param_shardings(mesh, cfg))
+
+
+def allocate_sharded_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, mesh: Mesh):
+    """Zeroed per-layer (K, V) page pools, created directly in their KV-head sharding."""
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=cache_sharding(mesh))
+    return [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, *spec: Any) -> jax.Array:
+    """``with_sharding_constraint`` that is a no-op without a mesh, and drops the ``data`` axis
+    from a dimension it does not divide (a bucket's row count need not be a multiple of D)."""
+    if mesh is None:
+        return x
+    fixed = []
+    for dim, axis in zip(x.shape, spec):
+        if axis is not None and dim % mesh.shape[axis]:
+            axis = None
+        fixed.append(axis)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*fixed)))
+
+
+def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array from a host value that every process holds in full (multi-host inputs)."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+__all__ = ["DATA", "MODEL", "MESH_AXES", "CACHE_SPEC", "make_mesh", "normalize_mesh_shape", "kv_replication",
+           "sharded_model_config", "replicate_kv_heads", "param_specs", "param_shardings", "cache_sharding",
+           "replicated", "rows_sharding", "put_params", "allocate_sharded_kv_cache", "constrain",
+           "global_array"]

@@ -1,0 +1,127 @@
+"""Serving on a (data, model) mesh of 8 virtual devices gives the single-device engine's tokens,
+with the weights and the KV cache really sharded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
+from jaxserve import Engine, ModelConfig
+from jaxserve.sharding import CACHE_SPEC, kv_replication, make_mesh
+
+# Six requests on four slots (some wait), one prompt chunked over two steps.
+PROMPTS = random_prompts([5, 70, 17, 33, 9, 120], seed=3)
+MAX_TOKENS = [12, 8, 16, 10, 14, 6]
+MESHES = [(1, 8), (2, 4), (8, 1)]
+HIDDEN, INTERMEDIATE, VOCAB, HEAD_DIM = 64, 176, 1024, 8  # the "tiny" size with 8 heads
+
+
+def run(engine: Engine) -> list[list[int]]:
+    outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
+    assert_clean(engine)
+    return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def mha_tokens(mha_dir):
+    return run(Engine.from_pretrained(mha_dir, **ENGINE_KW))
+
+
+@pytest.fixture(scope="module")
+def gqa_tokens(gqa_dir):
+    return run(Engine.from_pretrained(gqa_dir, **ENGINE_KW))
+
+
+def shard_shape(x) -> tuple[int, ...]:
+    shapes = {s.data.shape for s in x.addressable_shards}
+    assert len(shapes) == 1
+    return shapes.pop()
+
+
+@pytest.mark.parametrize("data,model", MESHES, ids=[f"{d}x{m}" for d, m in MESHES])
+def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
+    engine = Engine.from_pretrained(mha_dir, mesh_shape={"data": data, "model": model}, **ENGINE_KW)
+    assert dict(engine.mesh.shape) == {"data": data, "model": model}
+    params = engine.runner.params
+    layer = params["layers_0"]
+    expect = {
+        # tensor parallel on "model": heads (whole GQA groups), MLP intermediate, vocabulary
+        ("layers_0", "qkv_proj"): (P(None, "model", None, None), (HIDDEN, 8 // model, 3, HEAD_DIM)),
+        ("layers_0", "o_proj"): (P("model", None), (8 * HEAD_DIM // model, HIDDEN)),
+        ("layers_0", "gate_up_proj"): (P(None, None, "model"), (HIDDEN, 2, INTERMEDIATE // model)),
+        ("layers_0", "down_proj"): (P("model", None), (INTERMEDIATE // model, HIDDEN)),
+        ("embed",): (P("model", None), (VOCAB // model, HIDDEN)),
+        ("lm_head",): (P(None, "model"), (HIDDEN, VOCAB // model)),
+    }
+    for path, (spec, local_shape) in expect.items():
+        leaf = params[path[0]][path[1]] if len(path) == 2 else params[path[0]]
+        array = next(iter(leaf.values()))
+        assert isinstance(array.sharding, NamedSharding) and array.sharding.mesh == engine.mesh, path
+        assert array.sharding.spec == spec, path
+        assert shard_shape(array) == local_shape, path
+        assert len(array.sharding.device_set) == 8
+    assert layer["input_norm"]["scale"].sharding.is_fully_replicated
+
+    def check_cache():
+        for k_pages, v_pages in engine.runner.cache:
+            for pages in (k_pages, v_pages):
+                assert pages.sharding.spec == CACHE_SPEC
+                assert shard_shape(pages) == (engine.num_pages, 8, 8 // model, HEAD_DIM)
+
+    check_cache()
+    assert run(engine) == mha_tokens
+    check_cache()  # the step's out_shardings keep the donated cache in place, sharded by KV heads
+
+    # Every compiled step declares its shardings: the weights and cache as placed, sampled tokens
+    # (from the gathered logits) replicated on every device.
+    assert engine.compile_count > 0
+    for exe in engine.runner._executables.values():
+        params_in, cache_in, _ = exe.input_shardings[0]
+        assert params_in["layers_0"]["qkv_proj"]["kernel"].spec == P(None, "model", None, None)
+        assert cache_in[0][0].spec == CACHE_SPEC
+        cache_out, tokens_out = exe.output_shardings[:2]
+        assert cache_out[0][0].spec == CACHE_SPEC
+        assert tokens_out.is_fully_replicated
+
+
+@pytest.mark.parametrize("model", [4, 8])
+def test_gqa_kv_heads_replicated_on_wide_model_axis(gqa_dir, gqa_tokens, model):
+    engine = Engine.from_pretrained(gqa_dir, mesh_shape={"data": 8 // model, "model": model}, **ENGINE_KW)
+    assert engine.model_config.num_kv_heads == 2
+    assert engine.run_config.num_kv_heads == model  # each of the 2 KV heads copied model/2 times
+    qkv = engine.runner.params["layers_0"]["qkv_proj"]["kernel"]
+    assert shard_shape(qkv) == (HIDDEN, 1, 8 // model + 2, HEAD_DIM)  # one KV head and its queries
+    assert shard_shape(engine.runner.cache[0][0]) == (engine.num_pages, 8, 1, HEAD_DIM)
+    assert run(engine) == gqa_tokens
+
+
+def test_heads_not_divisible_is_a_clear_error(model_factory):
+    tiny = model_factory("llama")  # 4 query heads, 2 KV heads
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by the 'model' axis \(8\)"):
+        Engine.from_pretrained(tiny, mesh_shape={"model": 8}, **ENGINE_KW)
+    cfg = ModelConfig.from_dir(tiny)
+    odd = dataclasses.replace(cfg, num_heads=12, num_kv_heads=3)
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(3\) must divide, or be a multiple of"):
+        kv_replication(odd, 4)
+    assert kv_replication(cfg, 2) == 1 and kv_replication(cfg, 4) == 2
+
+
+def test_bad_mesh_shapes(mha_dir):
+    with pytest.raises(ValueError, match="needs 16 devices, 8 available"):
+        make_mesh({"data": 4, "model": 4})
+    with pytest.raises(ValueError, match="unknown axis 'tensor'"):
+        Engine.from_pretrained(mha_dir, mesh_shape={"tensor": 2}, **ENGINE_KW)
+    with pytest.raises(ValueError, match="'model' must be a positive integer"):
+        Engine.from_pretrained(mha_dir, mesh_shape={"model": 0}, **ENGINE_KW)
+
+
+def test_rows_split_on_data_axis(mha_dir):
+    engine = Engine.from_pretrained(mha_dir, mesh_shape={"data": 2, "model": 4}, **ENGINE_KW)
+    engine.runner.warmup([(4, 64)])
+    exe = engine.runner._executables[(4, 64)]
+    inputs = exe.input_shardings[0][2]
+    assert inputs.input_ids.spec == P("data") and inputs.positions.spec == P("data")  # 68 rows / 2
+    assert inputs.meta.block_tables.is_fully_replicated
