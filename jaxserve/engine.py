@@ -38,7 +38,6 @@ from jaxserve.weights import NP_DTYPES, load_params
 
 logger = logging.getLogger(__name__)
 
-Prompt = "str | list[int]"
 DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30  # cap of the default cache size (every slot at max_model_len)
 
 

@@ -12,7 +12,6 @@ import collections
 import logging
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,10 +54,6 @@ class PageAllocator:
     def num_free(self) -> int:
         """Pages a sequence could get now (never-used plus evictable cached pages)."""
         return len(self._free) + len(self._evictable)
-
-    @property
-    def num_cached(self) -> int:
-        return len(self._cached)
 
     def _take(self) -> int:
         if self._free:
@@ -140,7 +135,3 @@ def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: A
     """Zeroed per-layer (K, V) page pools on the default device."""
     shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
-
-
-def cache_nbytes(cache) -> int:
-    return sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
