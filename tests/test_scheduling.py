@@ -59,18 +59,23 @@ def _three_requests(engine):
     return short, long_, third
 
 
-def test_continuous_refill_two_slots(small_engines):
-    engine = small_engines["continuous"]
-    short, long_, third = _three_requests(engine)
-    finished = {}
-    history = []
-    for step in range(1, 40):
+def _run_recording(engine, max_steps: int = 40):
+    """Step until done; returns ({request_id: step it finished}, [(step, running ids, waiting ids)])."""
+    finished, history = {}, []
+    for step in range(1, max_steps):
         for o in engine.step():
             if o.finished:
                 finished[o.request_id] = step
         history.append((step, _ids(engine.scheduler.running), _ids(engine.scheduler.waiting)))
         if not engine.has_unfinished():
             break
+    return finished, history
+
+
+def test_continuous_refill_two_slots(small_engines):
+    engine = small_engines["continuous"]
+    short, long_, third = _three_requests(engine)
+    finished, history = _run_recording(engine)
     assert set(finished) == {short, long_, third}
     s = finished[short]
     assert finished[long_] > s + 1, "test setup: the long request must outlive the short one"
@@ -86,15 +91,7 @@ def test_continuous_refill_two_slots(small_engines):
 def test_static_batching_waits_for_whole_batch(small_engines):
     engine = small_engines["static"]
     short, long_, third = _three_requests(engine)
-    finished = {}
-    history = []
-    for step in range(1, 40):
-        for o in engine.step():
-            if o.finished:
-                finished[o.request_id] = step
-        history.append((step, _ids(engine.scheduler.running), _ids(engine.scheduler.waiting)))
-        if not engine.has_unfinished():
-            break
+    finished, history = _run_recording(engine)
     assert set(finished) == {short, long_, third}
     assert finished[short] < finished[long_] < finished[third]
     b = finished[long_]
