@@ -24,14 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxserve import Engine, SamplingParams  # noqa: E402
-
-
-def percentiles(values: list[float], scale: float = 1e3) -> dict[str, float]:
-    if not values:
-        return {}
-    arr = np.asarray(values) * scale
-    return {f"p{p}": round(float(np.percentile(arr, p)), 2) for p in (50, 90, 99)} | {
-        "mean": round(float(arr.mean()), 2)}
+from jaxserve.benchmark import load_workload, percentiles  # noqa: E402
 
 
 def replay(engine: Engine, requests: list[dict], time_scale: float = 1.0) -> dict[str, dict]:
@@ -69,8 +62,9 @@ def summarize(timings: dict[str, dict]) -> dict:
         if len(toks) > 1:
             tpot.append((e2e[-1] - ttft[-1]) / (len(toks) - 1))
             itl.extend(np.diff(toks).tolist())
-    return {"ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot), "itl_ms": percentiles(itl),
-            "e2e_ms": percentiles(e2e), "_raw": {"ttft": ttft, "tpot": tpot, "itl": itl, "e2e": e2e}}
+    return {"ttft_ms": percentiles(ttft, True), "tpot_ms": percentiles(tpot, True),
+            "itl_ms": percentiles(itl, True), "e2e_ms": percentiles(e2e, True),
+            "_raw": {"ttft": ttft, "tpot": tpot, "itl": itl, "e2e": e2e}}
 
 
 def plot(raw: dict[str, list[float]], path: str, title: str) -> None:
@@ -108,8 +102,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    with open(args.workload) as f:
-        workload = json.load(f)
+    workload = load_workload(args.workload)
     requests = workload["requests"][:args.limit]
     budget = args.max_num_batched_tokens
     if args.no_chunked_prefill:

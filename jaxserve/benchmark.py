@@ -81,8 +81,8 @@ def run_workload(engine: Engine, requests: list[dict], progress: bool = False) -
         "seconds": seconds,
         "output_tokens": sum(len(o.token_ids) for o in finished),
         "prompt_tokens": sum(len(o.prompt_token_ids) for o in finished),
-        "ttft_ms": _percentiles(ttft),
-        "tpot_ms": _percentiles(tpot),
+        "ttft_ms": percentiles(ttft),
+        "tpot_ms": percentiles(tpot),
         "kv_token_reads": sum(_kv_reads(len(o.prompt_token_ids), len(o.token_ids)) for o in finished),
     }
 
@@ -93,11 +93,15 @@ def _kv_reads(prompt: int, output: int) -> int:
     return sum(prompt + i for i in range(1, output))
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float], with_mean: bool = False) -> dict[str, float]:
+    """p50/p90/p99 (and optionally the mean) of durations in seconds, in milliseconds."""
     if not values:
         return {}
     arr = np.asarray(values) * 1e3
-    return {f"p{p}": round(float(np.percentile(arr, p)), 2) for p in (50, 90, 99)}
+    out = {f"p{p}": round(float(np.percentile(arr, p)), 2) for p in (50, 90, 99)}
+    if with_mean:
+        out["mean"] = round(float(arr.mean()), 2)
+    return out
 
 
 @dataclasses.dataclass
