@@ -89,8 +89,7 @@ class Scheduler:
             if remaining > budget and not cfg.enable_chunked_prefill:
                 continue
             n = min(remaining, budget)
-            scheduled = {s.seq.request_id for s in decodes + prefills}
-            if not self._grow_or_preempt(seq, seq.num_computed_tokens + n, scheduled):
+            if not self._grow_or_preempt(seq, seq.num_computed_tokens + n, decodes + prefills):
                 continue
             self._schedule(ScheduledSeq(seq, n), decodes if n == 1 and remaining == 1 else prefills)
             budget -= n
@@ -147,11 +146,12 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.counted_prefix = False
 
-    def _grow_or_preempt(self, seq: Sequence, num_tokens: int, scheduled: set[str]) -> bool:
+    def _grow_or_preempt(self, seq: Sequence, num_tokens: int, scheduled: list[ScheduledSeq]) -> bool:
         """Make room for ``seq`` to hold ``num_tokens``, preempting the newest running sequences that
         are not already scheduled in this step (``seq`` itself last: then it waits in the queue)."""
         while not self.allocator.grow(seq.page_ids, num_tokens):
-            victims = [s for s in reversed(self.running) if s.request_id not in scheduled]
+            busy = {id(s.seq) for s in scheduled}
+            victims = [s for s in reversed(self.running) if id(s) not in busy]
             if not victims:
                 return False  # everyone else is in this step; they free pages as they finish
             self.preempt(victims[0])
