@@ -3,7 +3,9 @@
 ``run_workload`` is the measurement (used by ``bench/throughput.py`` and ``jaxserve bench``):
 every request of a workload file, greedy with EOS ignored, added at once; the clock starts after
 the warm-up that compiles every bucket.  ``roofline`` turns a run's token counts into FLOPs and
-bytes moved, using the model's shapes, and compares them with the device's peak.
+bytes moved, using the model's shapes, and compares them with the device's peak (on CPU the
+measured float32 peak, which bfloat16 runs are compared against as well).  ``run_grid`` (``jaxserve
+bench``) runs each point of its grid in a fresh process (``python -m jaxserve.benchmark SPEC``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import logging
 import os
 import resource
+import subprocess
+import sys
 import time
 from typing import Any, Iterable
 
@@ -184,6 +188,11 @@ def device_memory_bytes() -> int | None:
 
 def bench_one(model: str, workload: dict, *, mode: str, max_num_seqs: int, dtype: str,
               max_num_batched_tokens: int, max_model_len: int, peaks, progress: bool) -> dict[str, Any]:
+    """One run of the grid: build the engine, warm it up, run the workload; returns the record.
+
+    ``peaks`` is (FLOP/s, bytes/s) of the device; None looks them up (on CPU: measures them)."""
+    if peaks is None:
+        peaks = device_peaks(jax.devices()[0].device_kind)
     engine = Engine.from_pretrained(model, max_num_seqs=max_num_seqs, dtype=dtype, scheduling=mode,
                                     max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
     warmup_s = engine.warmup()
@@ -214,16 +223,32 @@ def bench_one(model: str, workload: dict, *, mode: str, max_num_seqs: int, dtype
     }
 
 
+def _bench_one_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``bench_one`` in a fresh Python process and return its record.
+
+    One process per run, so that each record's peak host memory is that run's own (``ru_maxrss`` only
+    grows within a process) and no run inherits the compiled programs, caches or heap of the runs
+    before it.
+    """
+    proc = subprocess.run([sys.executable, "-m", "jaxserve.benchmark", json.dumps(spec)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench run {spec['mode']} max_num_seqs={spec['max_num_seqs']} {spec['dtype']} "
+                           f"failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_grid(model: str, workload_path: str, *, modes: Iterable[str], max_num_seqs: Iterable[int],
              dtypes: Iterable[str], out_dir: str, max_num_batched_tokens: int = 512, max_model_len: int = 1024,
              progress: bool = True) -> list[dict[str, Any]]:
-    """Run every combination and append one JSON record per run to ``out_dir/<device>.jsonl``."""
-    workload = load_workload(workload_path)
-    workload.setdefault("name", os.path.splitext(os.path.basename(workload_path))[0])
+    """Run every combination, each in its own process, and append one JSON record per run to
+    ``out_dir/<device>.jsonl``."""
+    # This process never touches the accelerator: a TPU opens in one process at a time, and a GPU
+    # client here would take memory from the runs.  The first run looks up (or, on CPU, measures) the
+    # device's peaks; the later ones reuse them.
+    load_workload(workload_path)  # fail here, with the path, before starting any run
     os.makedirs(out_dir, exist_ok=True)
-    kind = jax.devices()[0].device_kind
-    peaks = device_peaks(kind)
-    path = os.path.join(out_dir, "".join(c if c.isalnum() else "-" for c in kind).strip("-").lower() + ".jsonl")
+    peaks = None
     grid = list(itertools.product(list(dtypes), list(max_num_seqs), list(modes)))
     records = []
     bar = None
@@ -231,10 +256,22 @@ def run_grid(model: str, workload_path: str, *, modes: Iterable[str], max_num_se
         from tqdm import tqdm
 
         bar = tqdm(total=len(grid), desc="bench runs", unit="run")
+    failed = []
     for dtype, seqs, mode in grid:
-        record = bench_one(model, workload, mode=mode, max_num_seqs=seqs, dtype=dtype,
-                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                           peaks=peaks, progress=False)
+        try:
+            record = _bench_one_in_subprocess(dict(
+                model=model, workload=workload_path, mode=mode, max_num_seqs=seqs, dtype=dtype,
+                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, peaks=peaks))
+        except RuntimeError as e:  # e.g. out of device memory at a large max_num_seqs: go on with the grid
+            logger.error("%s", e)
+            failed.append(f"{mode} max_num_seqs={seqs} {dtype}")
+            if bar is not None:
+                bar.update(1)
+            continue
+        if record["peak_tflop_s"] is not None:
+            peaks = (record["peak_tflop_s"] * 1e12, record["peak_gb_s"] * 1e9)
+        kind = record["device"]
+        path = os.path.join(out_dir, "".join(c if c.isalnum() else "-" for c in kind).strip("-").lower() + ".jsonl")
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         records.append(record)
@@ -244,4 +281,23 @@ def run_grid(model: str, workload_path: str, *, modes: Iterable[str], max_num_se
             bar.set_postfix_str(f"{mode} seqs={seqs} {dtype}: {record['tok_s']} tok/s")
     if bar is not None:
         bar.close()
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(grid)} bench runs failed (their errors are logged above; "
+                           f"the other {len(records)} records were written): {', '.join(failed)}")
     return records
+
+
+def _workload_with_name(path: str) -> dict:
+    workload = load_workload(path)
+    workload.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return workload
+
+
+if __name__ == "__main__":  # one run of the grid, started by run_grid; prints its record as the last line
+    spec = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.WARNING)
+    rec = bench_one(spec["model"], _workload_with_name(spec["workload"]), mode=spec["mode"],
+                    max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"],
+                    max_num_batched_tokens=spec["max_num_batched_tokens"], max_model_len=spec["max_model_len"],
+                    peaks=spec["peaks"] and tuple(spec["peaks"]), progress=False)
+    print(json.dumps(rec))

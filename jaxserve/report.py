@@ -37,6 +37,13 @@ def _cost_per_mtok(record: dict, prices: dict[str, float]) -> float | None:
     return price / 3600 / record["tok_s"] * 1e6
 
 
+_SHORT_DTYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
+
+
+def _blank_none(value) -> str:
+    return "" if value is None else f"{value:,.0f}"
+
+
 def write_report(records: list[dict], out_dir: str, prices: dict[str, float] | None = None) -> str:
     """Write ``report.md`` and PNG plots into ``out_dir``; returns the markdown path."""
     prices = prices or {}
@@ -48,15 +55,17 @@ def write_report(records: list[dict], out_dir: str, prices: dict[str, float] | N
              f"{len(rows)} runs from {len({r['device'] for r in rows})} device kind(s).", "",
              "## Throughput", "",
              "| device | model | workload | dtype | max_num_seqs | mode | tok/s | TTFT p50 ms | TPOT p50 ms "
-             "| % of roofline | $ / M output tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| % of roofline | $ / M output tokens | warm-up s | host peak MiB | device peak MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         frac = r.get("roofline_fraction")
         cost = _cost_per_mtok(r, prices)
         lines.append(f"| {r['device']} | {r['model']} | {r['workload']} | {r['dtype']} | {r['max_num_seqs']} | "
                      f"{r['mode']} | {r['tok_s']:.1f} | {r.get('ttft_ms', {}).get('p50', '')} | "
                      f"{r.get('tpot_ms', {}).get('p50', '')} | "
-                     f"{'' if frac is None else f'{100 * frac:.1f}%'} | {'' if cost is None else f'{cost:.3f}'} |")
+                     f"{'' if frac is None else f'{100 * frac:.1f}%'} | {'' if cost is None else f'{cost:.3f}'} | "
+                     f"{r.get('warmup_s', '')} | {_blank_none(r.get('peak_host_rss_mb'))} | "
+                     f"{_blank_none(r.get('device_peak_mb'))} |")
     lines += ["", "## Continuous over static batching", "",
               "| device | model | workload | dtype | max_num_seqs | continuous tok/s | static tok/s | speed-up |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -74,6 +83,12 @@ def write_report(records: list[dict], out_dir: str, prices: dict[str, float] | N
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def _label(r: dict, with_mode: bool) -> str:
+    """A short axis label for a run: device, workload, then (mode,) max_num_seqs and dtype."""
+    mode = f"{r['mode']} " if with_mode else ""
+    return f"{r['device'][:18]} {r['workload']}\n{mode}{r['max_num_seqs']} seqs {_SHORT_DTYPE.get(r['dtype'], r['dtype'])}"
 
 
 def _plots(rows: list[dict], out_dir: str) -> list[str]:
@@ -100,14 +115,17 @@ def _plots(rows: list[dict], out_dir: str) -> list[str]:
     plt.close(fig)
     written.append("tok_s_vs_max_num_seqs.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{r['device'][:18]}\n{r['workload']} {r['mode'][:4]} {r['max_num_seqs']} {r['dtype'][:4]}" for r in rows]
-    for ax, field, title in ((axes[0], "ttft_ms", "TTFT (ms)"), (axes[1], "tpot_ms", "TPOT (ms)")):
-        for p, color in (("p50", "tab:blue"), ("p99", "tab:red")):
-            ax.bar(range(len(rows)), [r.get(field, {}).get(p, 0) for r in rows], alpha=0.6, color=color, label=p)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    labels = [_label(r, with_mode=True) for r in rows]
+    width = 0.27
+    for ax, field, title in ((axes[0], "ttft_ms", "TTFT (ms, log scale)"), (axes[1], "tpot_ms", "TPOT (ms, log scale)")):
+        for k, p in enumerate(("p50", "p90", "p99")):
+            ax.bar([i + (k - 1) * width for i in range(len(rows))], [r.get(field, {}).get(p, 0) for r in rows],
+                   width=width, label=p)
+        ax.set_yscale("log")
         ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
         ax.set_title(title)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "latency_percentiles.png"), dpi=100)
     plt.close(fig)
@@ -118,8 +136,7 @@ def _plots(rows: list[dict], out_dir: str) -> list[str]:
              for s in rows if s["mode"] == "static" and all(s[k] == r[k] for k in
                                                             ("device", "model", "workload", "max_num_seqs", "dtype"))]
     ax.bar(range(len(pairs)), [r["tok_s"] / s["tok_s"] for r, s in pairs])
-    ax.set_xticks(range(len(pairs)), [f"{r['device'][:14]} {r['max_num_seqs']} {r['dtype'][:4]}" for r, _ in pairs],
-                  rotation=60, fontsize=7)
+    ax.set_xticks(range(len(pairs)), [_label(r, with_mode=False) for r, _ in pairs], rotation=60, fontsize=7)
     ax.axhline(1.0, color="k", linewidth=0.8)
     ax.set_ylabel("continuous / static tok/s")
     ax.set_title("Continuous vs static batching")

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT, random_prompts
 from jaxserve import cli
-from jaxserve.benchmark import matmul_params, roofline
+from jaxserve.benchmark import matmul_params, roofline, run_grid
 from jaxserve.config import ModelConfig
 from jaxserve.make_model import SIZES, hf_config
 
@@ -36,12 +36,17 @@ def test_size_configs_match_make_model():
         assert yaml.safe_load(f) == SIZES
 
 
-def test_bench_and_report(llama_dir, tmp_path, capsys):
+def _tiny_workload(tmp_path) -> str:
     prompts = random_prompts([5, 30, 12, 50, 3, 20], seed=9)
     workload = {"name": "tiny-6", "vocab_size": 1024,
                 "requests": [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(prompts, [4, 9, 2, 6, 12, 3])]}
     wl_path = tmp_path / "tiny.json"
     wl_path.write_text(json.dumps(workload))
+    return str(wl_path)
+
+
+def test_bench_and_report(llama_dir, tmp_path, capsys):
+    wl_path = _tiny_workload(tmp_path)
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump({"model": llama_dir, "workload": str(wl_path), "modes": ["continuous", "static"],
                                       "max_num_seqs": [2, 4], "dtype": ["float32"],
@@ -71,9 +76,20 @@ def test_bench_and_report(llama_dir, tmp_path, capsys):
         assert (report_dir / name).stat().st_size > 1000
         assert f"]({name})" in md
     table = [line for line in md.splitlines() if line.startswith("| cpu |") or line.startswith("| TPU v5e |")]
-    assert len([t for t in table if t.count("|") == 12]) == 5  # 4 cpu runs + 1 TPU run in the throughput table
+    assert len([t for t in table if t.count("|") == 15]) == 5  # 4 cpu runs + 1 TPU run in the throughput table
     speedups = [line for line in md.splitlines() if line.startswith("| cpu |") and line.endswith("x |")]
     assert len(speedups) == 2  # continuous vs static for max_num_seqs 2 and 4
     tpu_row = next(t for t in table if t.startswith("| TPU v5e |"))
     cost = 1.2 / 3600 / other["tok_s"] * 1e6
     assert f"{cost:.3f}" in tpu_row and "50.0%" in tpu_row
+
+
+def test_failed_run_does_not_stop_the_grid(llama_dir, tmp_path):
+    # max_num_seqs=0 is refused by the engine in its run's process; the other run still writes its record.
+    results = tmp_path / "results"
+    with pytest.raises(RuntimeError, match=r"1 of 2 bench runs failed.*continuous max_num_seqs=0 float32"):
+        run_grid(llama_dir, _tiny_workload(tmp_path), modes=["continuous"], max_num_seqs=[0, 2], dtypes=["float32"],
+                 out_dir=str(results), max_num_batched_tokens=32, max_model_len=128, progress=False)
+    (records_file,) = results.glob("*.jsonl")
+    records = [json.loads(line) for line in records_file.read_text().splitlines()]
+    assert [(r["mode"], r["max_num_seqs"], r["output_tokens"]) for r in records] == [("continuous", 2, 36)]
