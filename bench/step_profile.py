@@ -2,7 +2,7 @@
 with the real attention and with attention replaced by a no-op (so the rest is the weights' matmuls,
 sampling and the cache writes).  Prints one JSON line per measurement.
 
-    python bench/step_profile.py --model models/56m
+    python bench/step_profile.py --model models/56m [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def time_steps(engine: Engine, n: int) -> float:
 
 def decode_case(args, batch: int, context: int, attention: bool) -> dict:
     engine = Engine.from_pretrained(args.model, max_num_seqs=batch, max_model_len=1024,
-                                    max_num_batched_tokens=512)
+                                    max_num_batched_tokens=512, dtype=args.dtype)
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     for _ in range(batch):
@@ -43,12 +43,13 @@ def decode_case(args, batch: int, context: int, attention: bool) -> dict:
         engine.step()
     time_steps(engine, 3)  # compile + warm
     t = time_steps(engine, args.steps)
-    return {"case": "decode", "batch": batch, "context": context, "attention": attention,
+    return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "context": context, "attention": attention,
             "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
 
 
 def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
-    engine = Engine.from_pretrained(args.model, max_num_seqs=64, max_model_len=1024, max_num_batched_tokens=512)
+    engine = Engine.from_pretrained(args.model, max_num_seqs=64, max_model_len=1024, max_num_batched_tokens=512,
+                                    dtype=args.dtype)
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
@@ -62,7 +63,7 @@ def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
         while engine.has_unfinished():
             engine.step()
     t = float(np.median(times[2:]))
-    return {"case": "prefill", "prompts": prompts, "length": length, "attention": attention,
+    return {"case": "prefill", "dtype": engine.dtype_name, "prompts": prompts, "length": length, "attention": attention,
             "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
 
 
@@ -72,6 +73,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batches", default="16,32,64")
     ap.add_argument("--contexts", default="128,512")
+    ap.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (float32 on CPU)")
     args = ap.parse_args()
     real = model_mod.ragged_paged_attention
     for attention in (True, False):

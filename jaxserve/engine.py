@@ -88,7 +88,7 @@ class Engine:
         if self.dtype_name != "float32" and jax.default_backend() == "cpu":
             # Measured with `jaxserve bench --config configs/bench/cpu-quick.yaml` (README, Benchmarks).
             logger.warning("dtype %s on XLA CPU: its matrix-vector products are several times slower than "
-                           "float32 (longtail-64, 56m model: 6-15x fewer tok/s); float32 is the CPU default",
+                           "float32 (longtail-64, 56m model: 2-9x fewer tok/s); float32 is the CPU default",
                            self.dtype_name)
         dtype = NP_DTYPES[self.dtype_name]
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings

@@ -188,3 +188,22 @@ def test_ref_matches_dense_hypothesis(case):
     batch, opts, seed = case
     args = make_batch(np.random.default_rng(seed), **batch)
     check(args, batch["num_decode_rows"], **opts)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cache_write_puts_each_row_in_its_slot(dtype):
+    """The model's cache write (a bit-level scatter for 16-bit caches on CPU) stores every new row at its
+    flat slot, leaves every other slot alone and drops padding slots past the end."""
+    import jax.numpy as jnp
+
+    from jaxserve.model import _write_pages
+
+    rng = np.random.default_rng(3)
+    num_pages, page_size, hkv, d = 6, 4, 2, 8
+    pages = jnp.asarray(rng.standard_normal((num_pages, page_size, hkv, d)), dtype)
+    new = jnp.asarray(rng.standard_normal((5, hkv, d)), dtype)
+    slots = np.array([0, 7, 13, 23, num_pages * page_size + 3])  # the last is padding: dropped
+    out = np.asarray(_write_pages(pages, new, jnp.asarray(slots, jnp.int32)).astype(jnp.float32))
+    expect = np.asarray(pages.astype(jnp.float32)).reshape(-1, hkv, d).copy()
+    expect[slots[:4]] = np.asarray(new.astype(jnp.float32))[:4]
+    np.testing.assert_array_equal(out.reshape(-1, hkv, d), expect)
