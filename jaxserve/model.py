@@ -148,8 +148,9 @@ class DecoderLayer(nn.Module):
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = hq // hkv
         h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
+        # qkv: [T, Hkv, G+2, D]
         qkv = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt,
-                              kernel_init=_init(), dot_general=_dot_f32_accumulate, name="qkv_proj")(h)  # [T, Hkv, G+2, D]
+                              kernel_init=_init(), dot_general=_dot_f32_accumulate, name="qkv_proj")(h)
         q = qkv[:, :, :g].reshape(t, hq, d)
         k, v = qkv[:, :, g], qkv[:, :, g + 1]
         if cfg.qk_norm:
@@ -172,8 +173,8 @@ class DecoderLayer(nn.Module):
         x = constrain(x, mesh, DATA, None)
 
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_norm")(x)
-        gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,
-                                  kernel_init=_init(), dot_general=_dot_f32_accumulate, name="gate_up_proj")(h)  # [T, 2, I]
+        gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,  # [T, 2, I]
+                                  kernel_init=_init(), dot_general=_dot_f32_accumulate, name="gate_up_proj")(h)
         gate, up = gate_up[:, 0], gate_up[:, 1]
         x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
                          dot_general=_dot_f32_accumulate, name="down_proj")(jax.nn.silu(gate) * up)

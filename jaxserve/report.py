@@ -88,7 +88,8 @@ def write_report(records: list[dict], out_dir: str, prices: dict[str, float] | N
 def _label(r: dict, with_mode: bool) -> str:
     """A short axis label for a run: device, workload, then (mode,) max_num_seqs and dtype."""
     mode = f"{r['mode']} " if with_mode else ""
-    return f"{r['device'][:18]} {r['workload']}\n{mode}{r['max_num_seqs']} seqs {_SHORT_DTYPE.get(r['dtype'], r['dtype'])}"
+    dtype = _SHORT_DTYPE.get(r["dtype"], r["dtype"])
+    return f"{r['device'][:18]} {r['workload']}\n{mode}{r['max_num_seqs']} seqs {dtype}"
 
 
 def _plots(rows: list[dict], out_dir: str) -> list[str]:
@@ -118,7 +119,8 @@ def _plots(rows: list[dict], out_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     labels = [_label(r, with_mode=True) for r in rows]
     width = 0.27
-    for ax, field, title in ((axes[0], "ttft_ms", "TTFT (ms, log scale)"), (axes[1], "tpot_ms", "TPOT (ms, log scale)")):
+    for ax, field, title in ((axes[0], "ttft_ms", "TTFT (ms, log scale)"),
+                             (axes[1], "tpot_ms", "TPOT (ms, log scale)")):
         for k, p in enumerate(("p50", "p90", "p99")):
             ax.bar([i + (k - 1) * width for i in range(len(rows))], [r.get(field, {}).get(p, 0) for r in rows],
                    width=width, label=p)
