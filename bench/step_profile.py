@@ -43,8 +43,8 @@ def decode_case(args, batch: int, context: int, attention: bool) -> dict:
         engine.step()
     time_steps(engine, 3)  # compile + warm
     t = time_steps(engine, args.steps)
-    return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "context": context, "attention": attention,
-            "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
+    return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "context": context,
+            "attention": attention, "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
 
 
 def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
@@ -63,8 +63,8 @@ def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
         while engine.has_unfinished():
             engine.step()
     t = float(np.median(times[2:]))
-    return {"case": "prefill", "dtype": engine.dtype_name, "prompts": prompts, "length": length, "attention": attention,
-            "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
+    return {"case": "prefill", "dtype": engine.dtype_name, "prompts": prompts, "length": length,
+            "attention": attention, "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
 
 
 def main() -> int:

@@ -51,10 +51,12 @@ DEVICE_PEAKS: dict[str, tuple[float, float]] = {
 
 
 def load_workload(path: str) -> dict:
+    """A workload file's dict; its ``name`` defaults to the file's base name."""
     with open(path) as f:
         workload = json.load(f)
     if not isinstance(workload.get("requests"), list) or not workload["requests"]:
         raise ValueError(f"workload: {path} has no 'requests' list")
+    workload.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     return workload
 
 
@@ -287,16 +289,10 @@ def run_grid(model: str, workload_path: str, *, modes: Iterable[str], max_num_se
     return records
 
 
-def _workload_with_name(path: str) -> dict:
-    workload = load_workload(path)
-    workload.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-    return workload
-
-
 if __name__ == "__main__":  # one run of the grid, started by run_grid; prints its record as the last line
     spec = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.WARNING)
-    rec = bench_one(spec["model"], _workload_with_name(spec["workload"]), mode=spec["mode"],
+    rec = bench_one(spec["model"], load_workload(spec["workload"]), mode=spec["mode"],
                     max_num_seqs=spec["max_num_seqs"], dtype=spec["dtype"],
                     max_num_batched_tokens=spec["max_num_batched_tokens"], max_model_len=spec["max_model_len"],
                     peaks=spec["peaks"] and tuple(spec["peaks"]), progress=False)

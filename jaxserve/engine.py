@@ -87,8 +87,8 @@ class Engine:
         self.dtype_name = resolve_dtype(config.dtype)
         if self.dtype_name != "float32" and jax.default_backend() == "cpu":
             # Measured with `jaxserve bench --config configs/bench/cpu-quick.yaml` (README, Benchmarks).
-            logger.warning("dtype %s on XLA CPU: its matrix-vector products are several times slower than "
-                           "float32 (longtail-64, 56m model: 2-9x fewer tok/s); float32 is the CPU default",
+            logger.warning("dtype %s on XLA CPU is several times slower than float32 (longtail-64, 56m model: "
+                           "2-9x fewer tok/s, much of it the 16-bit cache write); float32 is the CPU default",
                            self.dtype_name)
         dtype = NP_DTYPES[self.dtype_name]
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
