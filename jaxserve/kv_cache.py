@@ -1,9 +1,36 @@
-"""The paged KV cache: a free-page allocator on the host and the page pools on the device.
+"""The paged KV cache: a free-page allocator on the host and the one device array that holds K and V.
 
-Device side: per layer a K pool and a V pool of ``[num_pages, page_size,
-num_kv_heads, head_dim]``.  Host side: ``PageAllocator`` hands out page ids;
-each sequence keeps its list of pages (its page table), and the position ``p``
-of a sequence lives in slot ``p % page_size`` of page ``page_ids[p // page_size]``.
+Host side: ``PageAllocator`` hands out page ids; each sequence keeps its list of
+pages (its page table), and the position ``p`` of a sequence lives in slot
+``p % page_size`` of page ``page_ids[p // page_size]``.
+
+Device side (this module is the one place that owns the layout; the model, the
+reference attention, both Pallas kernels, the sharding specs and the memory
+planner all read it from here)::
+
+    kv_cache: [num_layers, num_kv_heads, num_pages, page_size, 2 * head_dim]
+               ^ scanned   ^ split on     ^ the page table   ^ K in lanes [:D],
+                 by the      the 'model'    indexes this       V in lanes [D:]
+                 layer loop  mesh axis
+
+Why this layout:
+
+* **One array for all layers**, so the model's layers run under one
+  ``lax.scan`` with the cache in the carry (updated in place, donated), and a
+  kernel reads layer ``l`` by indexing, never by slicing out a copy.
+* **KV head before the page**, so one page of one head, ``[page_size, 2*D]``,
+  is a contiguous block whose two minor dimensions are whole: the TPU DMA of
+  a page never slices a tiled dimension (the old ``[pages, page_size, Hkv, D]``
+  layout sliced the head out of the second-minor dimension, which Mosaic
+  rejects for packed 16-bit dtypes), and the Triton gather of a block of pages
+  is a plain strided load.
+* **K and V side by side on the lanes**: one write and one DMA per page fetch
+  both, and with ``head_dim=64`` the minor dimension is 128 lanes wide instead
+  of a half-empty 64 (TPU tiles lanes by 128, so a 64-wide minor dimension
+  would take twice its size in HBM).
+
+A ``page_size`` that is a multiple of the dtype's sublane packing (8 rows for
+32-bit, 16 for 16-bit on TPU) keeps pages tile-aligned; the kernels check it.
 """
 
 from __future__ import annotations
@@ -12,8 +39,10 @@ import collections
 import logging
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxserve.config import ModelConfig
 
@@ -126,12 +155,60 @@ class PageAllocator:
                 self._page_key[page] = key
 
 
+# -- the device layout ----------------------------------------------------------------------------
+
+KV_HEAD_AXIS = 1  # the axis that tensor parallelism splits
+
+
+def kv_cache_shape(num_layers: int, num_kv_heads: int, num_pages: int, page_size: int,
+                   head_dim: int) -> tuple[int, int, int, int, int]:
+    return (num_layers, num_kv_heads, num_pages, page_size, 2 * head_dim)
+
+
+def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int, int]:
+    """Shape of the engine's cache for ``cfg`` (the model as it runs, KV heads replicated if so)."""
+    return kv_cache_shape(cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+
+
+def partition_spec(model_axis: str | None) -> P:
+    """How the cache is split on a mesh: KV heads on ``model_axis``, everything else whole."""
+    spec = [None] * 5
+    spec[KV_HEAD_AXIS] = model_axis
+    return P(*spec)
+
+
 def page_bytes(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
-    """Bytes one page takes over all layers, K and V."""
-    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
+    """Bytes one page takes over all layers and KV heads, K and V."""
+    return int(np.prod(cache_shape(cfg, 1, page_size))) * np.dtype(dtype).itemsize
 
 
-def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any):
-    """Zeroed per-layer (K, V) page pools on the default device."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, sharding: Any = None):
+    """The zeroed cache, created directly in ``sharding`` when one is given (no host copy)."""
+    shape = cache_shape(cfg, num_pages, page_size)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def split_kv(block: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[..., 2*D]`` cache rows -> (K ``[..., D]``, V ``[..., D]``)."""
+    d = block.shape[-1] // 2
+    return block[..., :d], block[..., d:]
+
+
+def write_kv(cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,
+             slot_mapping: jax.Array) -> jax.Array:
+    """Write the new tokens' K/V (``[T, Hkv, D]`` each) of ``layer`` at their flat slots
+    (``page * page_size + slot``); slots past the end of the cache (padding rows) are dropped.
+
+    One scatter of ``[T, Hkv, 2D]`` rows into the cache, in place when the cache is donated (or a
+    loop carry)."""
+    page_size = cache.shape[3]
+    rows = jnp.concatenate([k, v], axis=-1).astype(cache.dtype)  # [T, Hkv, 2D]
+    page, slot = slot_mapping // page_size, slot_mapping % page_size
+    # Advanced indices (layer, page, slot) around a slice: the update is laid out [T, Hkv, 2D].
+    return cache.at[layer, :, page, slot].set(rows, mode="drop")
+
+
+def read_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:
+    """One gather of ``cache[layer, :, pages]``: ``pages`` of shape ``[...]`` give
+    ``[..., Hkv, page_size, 2D]`` (only those pages are read, no copy of the layer)."""
+    return cache[layer, :, pages]

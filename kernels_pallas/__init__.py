@@ -52,17 +52,17 @@ def resolve_impl(impl: str, backend: str | None = None) -> tuple[str, bool]:
     return kernel, backend != kernel
 
 
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, num_decode_rows: int = 0, sliding_window: int | None = None,
                            soft_cap: float | None = None, impl: str = "reference") -> jax.Array:
     """Ragged paged attention with the implementation chosen by ``impl`` (see the module docstring)."""
     kernel, interpret = resolve_impl(impl)
-    args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    args = (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if kernel == "tpu":
         return ragged_paged_attention_tpu(*args, interpret=interpret, **opts)
     if kernel == "gpu":
-        group = q.shape[1] // k_pages.shape[2]
+        group = q.shape[1] // kv_cache.shape[1]
         block_q = default_block_q(group, decode_only=num_decode_rows >= q.shape[0])
         return ragged_paged_attention_gpu(*args, interpret=interpret, block_q=block_q, **opts)
     return ragged_paged_attention_ref(*args, num_decode_rows=num_decode_rows, **opts)

@@ -4,16 +4,19 @@ A step of the engine packs the new tokens of several sequences back to back
 ("ragged"): sequence ``s`` owns query rows ``cu_q_lens[s]:cu_q_lens[s+1]`` and has
 ``kv_lens[s]`` tokens in total (its cached context followed by its new tokens).
 Its keys and values live in a paged cache: position ``p`` of sequence ``s`` is
-slot ``p % page_size`` of page ``page_indices[s, p // page_size]``.  The caller
+slot ``p % page_size`` of page ``page_indices[s, p // page_size]`` of layer ``layer``.  The caller
 has already written the new tokens' K/V into the cache, so the cache holds every
 position ``< kv_lens[s]``.  Query row ``i`` of sequence ``s`` sits at position
 ``kv_lens[s] - q_len(s) + i`` and attends causally to positions ``<=`` its own
 (and, with ``sliding_window=W``, to the last ``W`` positions only).  Rows that
 belong to no sequence (padding, ``row >= cu_q_lens[num_seqs]``) return zeros.
 
-Layouts: ``q`` is ``[num_tokens, num_q_heads, head_dim]``; ``k_pages``/``v_pages``
-are ``[num_pages, page_size, num_kv_heads, head_dim]``; ``num_q_heads`` is a
-multiple of ``num_kv_heads`` (GQA).
+Layouts: ``q`` is ``[num_tokens, num_q_heads, head_dim]``; ``kv_cache`` is the
+engine's cache of all layers, ``[num_layers, num_kv_heads, num_pages, page_size,
+2 * head_dim]`` (K in lanes ``[:D]``, V in ``[D:]``; the layout is owned by
+``jaxserve/kv_cache.py``) and ``layer`` (an int32 scalar, traced under the
+model's layer scan) picks the layer; ``num_q_heads`` is a multiple of
+``num_kv_heads`` (GQA).
 
 How it is computed (this function *is* the CPU attention of the engine, so its
 formulation is chosen for speed on XLA CPU, and stays exact):
@@ -65,33 +68,39 @@ def _online_update(carry, scores, mask, v, pv_spec="rkgb,rbkd->rkgd"):
     p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
     l_new = alpha * l + p.sum(axis=-1)
-    acc_new = alpha[..., None] * acc + jnp.einsum(pv_spec, p, v)
+    if isinstance(pv_spec, tuple):  # paged values [R, P, K, S, D]: split the key axis into (P, S)
+        _, num_p, num_s = pv_spec
+        pv = jnp.einsum("rkgps,rpksd->rkgd", p.reshape(*p.shape[:-1], num_p, num_s), v)
+    else:
+        pv = jnp.einsum(pv_spec, p, v)
+    acc_new = alpha[..., None] * acc + pv
     return m_new, l_new, acc_new
 
 
-def _paged_context_loop(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, carry, *,
+def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, carry, *,
                         sliding_window, soft_cap, block_pages):
-    page_size = k_pages.shape[1]
+    page_size = kv_cache.shape[3]
     block = block_pages * page_size
     num_blocks = (jnp.max(row_ctx_len, initial=0) + block - 1) // block
     r, k, g, d = q.shape
 
     def body(i, carry):
         pages = jax.lax.dynamic_slice_in_dim(row_pages, i * block_pages, block_pages, axis=1)
-        kb = k_pages[pages].reshape(r, block, k, d)  # [R, B, K, D]
-        vb = v_pages[pages].reshape(r, block, k, d)
-        scores = jnp.einsum("rkgd,rbkd->rkgb", q, kb.astype(q.dtype))
+        kvb = kv_cache[layer, :, pages].astype(q.dtype)  # [R, P, K, S, 2D]
+        kb, vb = kvb[..., :d], kvb[..., d:]
+        scores = jnp.einsum("rkgd,rpksd->rkgps", q, kb).reshape(r, k, g, block)
         scores = _soft_cap(scores, soft_cap)
         kpos = i * block + jnp.arange(block)
         mask = kpos[None, :] < row_ctx_len[:, None]
         if sliding_window is not None:
             mask &= kpos[None, :] > row_pos[:, None] - sliding_window
-        return _online_update(carry, scores, mask, vb.astype(q.dtype))
+        return _online_update(carry, scores, mask, vb.reshape(r, block_pages, k, page_size, d),
+                              pv_spec=("rkgb,rpksd->rkgd", block_pages, page_size))
 
     return jax.lax.fori_loop(0, num_blocks, body, carry)
 
 
-def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
+def _paged_context(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, *,
                    sliding_window, soft_cap, kv_block_pages, num_groups=4, **_):
     """Online softmax of rows over the first ``row_ctx_len[r]`` positions of their pages.
 
@@ -111,12 +120,12 @@ def _paged_context(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len, *,
         row_pages = jnp.pad(row_pages, ((0, 0), (0, pad)))
     opts = dict(sliding_window=sliding_window, soft_cap=soft_cap, block_pages=block_pages)
     if r < 2 * num_groups:
-        return _paged_context_loop(q, k_pages, v_pages, row_pages, row_pos, row_ctx_len,
+        return _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len,
                                    _init_carry(r, k, g, d), **opts)
     order = jnp.argsort(row_ctx_len)
     q, row_pages, row_pos, row_ctx_len = q[order], row_pages[order], row_pos[order], row_ctx_len[order]
     bounds = [round(i * r / num_groups) for i in range(num_groups + 1)]
-    parts = [_paged_context_loop(q[lo:hi], k_pages, v_pages, row_pages[lo:hi], row_pos[lo:hi],
+    parts = [_paged_context_loop(q[lo:hi], kv_cache, layer, row_pages[lo:hi], row_pos[lo:hi],
                                  row_ctx_len[lo:hi], _init_carry(hi - lo, k, g, d), **opts)
              for lo, hi in zip(bounds[:-1], bounds[1:])]
     inverse = jnp.argsort(order)
@@ -203,8 +212,8 @@ def _finish(carry):
                                              "soft_cap", "kv_block_pages"))
 def ragged_paged_attention_ref(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    kv_cache: jax.Array,
+    layer: jax.Array,
     kv_lens: jax.Array,
     page_indices: jax.Array,
     cu_q_lens: jax.Array,
@@ -223,8 +232,8 @@ def ragged_paged_attention_ref(
     """
     t, hq, d = q.shape
     if kv_block_pages is None:
-        kv_block_pages = max(1, 64 // k_pages.shape[1])
-    hkv = k_pages.shape[2]
+        kv_block_pages = max(1, 64 // kv_cache.shape[3])
+    hkv = kv_cache.shape[1]
     g = hq // hkv
     num_slots = kv_lens.shape[0]
     out_dtype = q.dtype
@@ -237,7 +246,7 @@ def ragged_paged_attention_ref(
     if nd:
         # Decode rows: row i is sequence i, one query at position kv_len-1.
         lens = kv_lens[:nd]
-        carry = _paged_context(qf[:nd], k_pages, v_pages, page_indices[:nd], lens - 1, lens, **opts)
+        carry = _paged_context(qf[:nd], kv_cache, layer, page_indices[:nd], lens - 1, lens, **opts)
         outs.append(_finish(carry))
 
     if t > nd:
@@ -260,12 +269,12 @@ def ragged_paged_attention_ref(
         r = t - nd
         row_pages = page_indices[seq]
         # (a) cached context of each row's sequence, read from the pages.
-        carry = _paged_context(qr, k_pages, v_pages, row_pages, pos, ctx_len, **opts)
+        carry = _paged_context(qr, kv_cache, layer, row_pages, pos, ctx_len, **opts)
         # (b) the new tokens of this step (block-diagonal causal), then both merged.
-        page_size = k_pages.shape[1]
+        page_size = kv_cache.shape[3]
         page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
-        k_new = k_pages[page, pos % page_size].astype(jnp.float32)  # [R, K, D]
-        v_new = v_pages[page, pos % page_size].astype(jnp.float32)
+        kv_new = kv_cache[layer, :, page, pos % page_size].astype(jnp.float32)  # [R, K, 2D]
+        k_new, v_new = kv_new[..., :d], kv_new[..., d:]
         first_row = q_start - nd  # first prefill row of each row's sequence
         new = _new_token_attention(qr, k_new, v_new, seq, pos, first_row, row_valid,
                                    sliding_window=sliding_window, soft_cap=soft_cap)
@@ -276,14 +285,15 @@ def ragged_paged_attention_ref(
     return out.reshape(t, hq, d).astype(out_dtype)
 
 
-def ragged_paged_attention_dense(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+def ragged_paged_attention_dense(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                                  *, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
     """Per-sequence dense causal attention in float64 numpy: the textbook definition."""
     q = np.asarray(q, np.float64)
-    k_pages = np.asarray(k_pages, np.float64)
-    v_pages = np.asarray(v_pages, np.float64)
-    kv_lens, page_indices, cu_q_lens = map(np.asarray, (kv_lens, page_indices, cu_q_lens))
+    kv = np.asarray(np.asarray(kv_cache)[int(layer)], np.float64)  # [K, pages, page_size, 2D]
     t, hq, d = q.shape
+    k_pages = kv[..., :d].transpose(1, 2, 0, 3)  # [pages, page_size, K, D]
+    v_pages = kv[..., d:].transpose(1, 2, 0, 3)
+    kv_lens, page_indices, cu_q_lens = map(np.asarray, (kv_lens, page_indices, cu_q_lens))
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     g = hq // hkv
     out = np.zeros_like(q)

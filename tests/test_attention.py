@@ -60,9 +60,13 @@ def make_batch(rng, *, page_size, gqa, num_decode_rows, num_decode_pad, prefills
     kv = np.zeros(num_slots, np.int32)
     kv[:num_seqs] = kv_lens
     q = rng.standard_normal((t, hq, d)).astype(np.float32) * 2.0
-    k_pages = rng.standard_normal((num_pages, page_size, hkv, d)).astype(np.float32) * 2.0
-    v_pages = rng.standard_normal((num_pages, page_size, hkv, d)).astype(np.float32)
-    return q, k_pages, v_pages, kv, page_indices, cu, np.int32(num_seqs)
+    # The engine's cache of all layers (jaxserve/kv_cache.py): [L, Hkv, pages, page_size, 2D], K in the
+    # first D lanes, V in the last D.  The step reads layer 1 of 2, so indexing the layer is exercised.
+    layers = 2
+    k = rng.standard_normal((layers, hkv, num_pages, page_size, d)).astype(np.float32) * 2.0
+    v = rng.standard_normal((layers, hkv, num_pages, page_size, d)).astype(np.float32)
+    kv_cache = np.concatenate([k, v], axis=-1)
+    return q, kv_cache, np.int32(1), kv, page_indices, cu, np.int32(num_seqs)
 
 
 def random_prefills(rng, page_size, n):
@@ -77,12 +81,12 @@ def random_prefills(rng, page_size, n):
 
 
 def check(args, num_decode_rows, **kw):
-    q, k_pages, v_pages, kv, pages, cu, num_seqs = args
+    q, kv_cache, layer, kv, pages, cu, num_seqs = args
     sm_scale = HEAD_DIM ** -0.5
-    got = np.asarray(ragged_paged_attention_ref(q, k_pages, v_pages, kv, pages, cu, num_seqs, sm_scale=sm_scale,
+    got = np.asarray(ragged_paged_attention_ref(q, kv_cache, layer, kv, pages, cu, num_seqs, sm_scale=sm_scale,
                                                 num_decode_rows=num_decode_rows, **kw))
     dense_kw = {k: v for k, v in kw.items() if k != "kv_block_pages"}
-    want = ragged_paged_attention_dense(q, k_pages, v_pages, kv, pages, cu, num_seqs, sm_scale=sm_scale,
+    want = ragged_paged_attention_dense(q, kv_cache, layer, kv, pages, cu, num_seqs, sm_scale=sm_scale,
                                         **dense_kw)
     assert got.shape == q.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
