@@ -40,7 +40,7 @@ from jaxserve.weights import NP_DTYPES, load_params
 logger = logging.getLogger(__name__)
 
 MARKER = "jaxserve_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layer weights stacked under "layers" (the model scans over them)
 PARAMS_SUBDIR = "params"
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -83,7 +83,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16") -> str:
             copied.append(name)
     with open(os.path.join(out_dir, MARKER), "w") as f:
         json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "source": os.path.abspath(hf_dir),
-                   "layout": {"qkv_proj": "[H, Hkv, G+2, D]", "gate_up_proj": "[H, 2, I]"}}, f, indent=2)
+                   "layout": {"qkv_proj": "[L, H, Hkv, G+2, D]", "gate_up_proj": "[L, H, 2, I]"}}, f, indent=2)
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logger.info("converted %s (%.1fM parameters, %s) to %s; copied %s", hf_dir, n / 1e6, dtype, out_dir,
                 ", ".join(copied))
@@ -109,11 +109,10 @@ def _restore_specs(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     specs = sharding.param_specs(cfg, m)
     if replication > 1:
         hidden_split = sharding.MODEL if cfg.hidden_size % m == 0 else None
-        for i in range(cfg.num_layers):
-            qkv = specs[f"layers_{i}"]["qkv_proj"]
-            qkv["kernel"] = P(hidden_split, None, None, None)
-            if "bias" in qkv:
-                qkv["bias"] = P()
+        qkv = specs["layers"]["qkv_proj"]
+        qkv["kernel"] = P(None, hidden_split, None, None, None)
+        if "bias" in qkv:
+            qkv["bias"] = P()
     return specs
 
 

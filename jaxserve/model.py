@@ -8,7 +8,13 @@ with no split/merge of module state at each call.
 
 The model runs one *ragged* step: ``T`` new tokens of many sequences packed back
 to back.  Each layer writes the new tokens' K/V into the paged cache at
-``slot_mapping`` and calls ``kernels_pallas.ragged_paged_attention``.  Logits are
+``slot_mapping`` and calls ``kernels_pallas.ragged_paged_attention``.
+
+The layers run under one ``nn.scan`` (a ``lax.scan``): their weights are stacked
+on a leading layer axis (``params["layers"]``) and the KV cache of all layers is
+one array (``jaxserve/kv_cache.py``) carried through the loop, written in place
+and read by layer index.  Compiling a step therefore costs about the same for 2
+layers or 80.  Logits are
 computed only for the rows named by ``logits_indices`` (the last new token of
 each sequence), not for every prompt token.
 
@@ -40,11 +46,10 @@ import jax.numpy as jnp
 
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxserve import kv_cache
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import CACHE_SPEC, DATA, MODEL, constrain
 from kernels_pallas import ragged_paged_attention
-
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages) [pages, page_size, kv_heads, head_dim]
 
 
 @jax.tree_util.register_dataclass
@@ -101,37 +106,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _write_pages(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Scatter the new tokens' rows [T, Hkv, D] into pages [num_pages, page_size, Hkv, D] at flat slots
-    (slots past the end, i.e. padding, are dropped)."""
-    num_pages, page_size, hkv, d = pages.shape
-    flat = pages.reshape(num_pages * page_size, hkv, d)
-    new = new.astype(pages.dtype)
-    if jax.default_backend() == "cpu" and pages.dtype.itemsize == 2:
-        # XLA CPU upcasts a bf16/f16 scatter to f32, converting the whole cache, twice per layer and
-        # step. The same scatter on the bits (uint16) is an in-place integer scatter, but the bitcasts
-        # of the whole cache around it still copy it. 56m model, 64-sequence decode step without
-        # attention (`bench/step_profile.py --dtype bfloat16`): 336 ms before, 160 ms with this, 20 ms
-        # with no cache write at all. Keeping 16-bit caches as uint16 on CPU would remove the rest.
-        bits = jax.lax.bitcast_convert_type(flat, jnp.uint16).at[slot_mapping].set(
-            jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
-        return jax.lax.bitcast_convert_type(bits, pages.dtype).reshape(pages.shape)
-    return flat.at[slot_mapping].set(new, mode="drop").reshape(pages.shape)
-
-
-def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array, layer: jax.Array,
                      meta: AttentionMetadata, *, sm_scale: float, num_decode_rows: int,
                      sliding_window: int | None, impl: str):
-    """Write the new tokens' K/V into the pages at ``meta.slot_mapping``, then ragged paged attention.
+    """Write the new tokens' K/V of ``layer`` into the cache at ``meta.slot_mapping``, then ragged paged
+    attention over that layer's pages.
 
-    q [T, Hq, D], k/v [T, Hkv, D], pages [num_pages, page_size, Hkv, D] (a device's local heads under
-    shard_map).  Returns (attention output [T, Hq, D], k_pages, v_pages)."""
-    new_k = _write_pages(k_pages, k, meta.slot_mapping)
-    new_v = _write_pages(v_pages, v, meta.slot_mapping)
+    q [T, Hq, D], k/v [T, Hkv, D], cache [L, Hkv, pages, page_size, 2D] (a device's local heads under
+    shard_map).  Returns (attention output [T, Hq, D], cache)."""
+    cache = kv_cache.write_kv(cache, layer, k, v, meta.slot_mapping)
     attn = ragged_paged_attention(
-        q, new_k, new_v, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
+        q, cache, layer, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
         sm_scale=sm_scale, num_decode_rows=num_decode_rows, sliding_window=sliding_window, impl=impl)
-    return attn, new_k, new_v
+    return attn, cache
 
 
 class DecoderLayer(nn.Module):
@@ -142,7 +129,10 @@ class DecoderLayer(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, kv: tuple[jax.Array, jax.Array], meta: AttentionMetadata):
+    def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
+        """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
+        ``layer`` this layer's index (scanned), the rest broadcast to every layer."""
+        x, cache = carry
         cfg, dt, mesh = self.cfg, self.dtype, self.mesh
         t = x.shape[0]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -164,9 +154,9 @@ class DecoderLayer(nn.Module):
             # Each device writes and attends with its own KV heads (and their query groups); the token
             # rows are gathered from the data groups, as attention needs every row of a sequence.
             heads = P(None, MODEL, None)
-            attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, CACHE_SPEC, CACHE_SPEC, P()),
-                                   out_specs=(heads, CACHE_SPEC, CACHE_SPEC), check_vma=False)
-        attn, k_pages, v_pages = attend(q, k, v, kv[0], kv[1], meta)
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, CACHE_SPEC, P(), P()),
+                                   out_specs=(heads, CACHE_SPEC), check_vma=False)
+        attn, cache = attend(q, k, v, cache, layer, meta)
         attn = constrain(attn.reshape(t, hq * d), mesh, DATA, MODEL)
         x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
                          dot_general=_dot_f32_accumulate, name="o_proj")(attn)
@@ -179,7 +169,7 @@ class DecoderLayer(nn.Module):
         x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
                          dot_general=_dot_f32_accumulate, name="down_proj")(jax.nn.silu(gate) * up)
         x = constrain(x, mesh, DATA, None)
-        return x, (k_pages, v_pages)
+        return (x, cache), None
 
 
 class CausalLM(nn.Module):
@@ -192,7 +182,7 @@ class CausalLM(nn.Module):
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
 
     @nn.compact
-    def __call__(self, input_ids, positions, kv_caches: KVCache, meta: AttentionMetadata, logits_indices):
+    def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
         cfg, dt = self.cfg, self.dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
                          embedding_init=_init(), name="embed")
@@ -201,12 +191,10 @@ class CausalLM(nn.Module):
         angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        new_caches = []
-        for i in range(cfg.num_layers):
-            layer = DecoderLayer(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh,
-                                 name=f"layers_{i}")
-            x, kv = layer(x, cos, sin, kv_caches[i], meta)
-            new_caches.append(kv)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+        (x, cache), _ = layers(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, name="layers")(
+            (x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), cos, sin, meta)
         x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
         if cfg.tie_word_embeddings:
@@ -218,4 +206,4 @@ class CausalLM(nn.Module):
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)
         logits = constrain(logits.astype(jnp.float32), self.mesh, None, None)
-        return logits, new_caches
+        return logits, cache

@@ -26,7 +26,10 @@ The mesh has two axes:
       needs no reduction before the gather.  If ``V`` does not divide by ``M``
       they are split on the hidden axis instead (replicated if neither divides);
     * norms (and q/k norms) are replicated;
-    * the KV cache ``[num_pages, page_size, Hkv, D]`` is split on KV heads.
+    * every layer weight has a leading layer axis (the model scans over the
+      layers), never split;
+    * the KV cache ``[layers, Hkv, pages, page_size, 2D]`` (``kv_cache.py``) is
+      split on KV heads.
 
     Head counts: ``num_attention_heads`` must divide by ``M``.  If
     ``num_key_value_heads`` does not but ``M`` is a multiple of it (GQA with
@@ -56,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxserve import kv_cache
 from jaxserve.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -145,14 +149,13 @@ def replicate_kv_heads(params: dict[str, Any], cfg: ModelConfig, replication: in
         return xp.concatenate([q, kv], axis=-2).reshape(*lead, hkv * r, g // r + 2, d)
 
     out = dict(params)
-    for i in range(cfg.num_layers):
-        layer = dict(out[f"layers_{i}"])
-        qkv = dict(layer["qkv_proj"])
-        qkv["kernel"] = expand(qkv["kernel"], (qkv["kernel"].shape[0],))
-        if "bias" in qkv:
-            qkv["bias"] = expand(qkv["bias"], ())
-        layer["qkv_proj"] = qkv
-        out[f"layers_{i}"] = layer
+    layers = dict(out["layers"])
+    qkv = dict(layers["qkv_proj"])
+    qkv["kernel"] = expand(qkv["kernel"], qkv["kernel"].shape[:2])  # [L, H, Hkv, G+2, D]
+    if "bias" in qkv:
+        qkv["bias"] = expand(qkv["bias"], qkv["bias"].shape[:1])  # [L, Hkv, G+2, D]
+    layers["qkv_proj"] = qkv
+    out["layers"] = layers
     return out
 
 
@@ -171,27 +174,27 @@ def param_specs(cfg: ModelConfig, model_axis: int) -> dict[str, Any]:
     ``sharded_model_config``), mirroring the parameter tree."""
     m = model_axis
     specs: dict[str, Any] = {"embed": {"embedding": _vocab_spec(cfg, m, 0)}, "final_norm": {"scale": P()}}
-    for i in range(cfg.num_layers):
-        layer: dict[str, Any] = {
-            "input_norm": {"scale": P()},
-            "qkv_proj": {"kernel": P(None, MODEL, None, None)},
-            "o_proj": {"kernel": P(MODEL, None)},
-            "post_attention_norm": {"scale": P()},
-            "gate_up_proj": {"kernel": P(None, None, MODEL)},
-            "down_proj": {"kernel": P(MODEL, None)},
-        }
-        if cfg.attention_bias:
-            layer["qkv_proj"]["bias"] = P(MODEL, None, None)
-        if cfg.qk_norm:
-            layer["q_norm"] = {"scale": P()}
-            layer["k_norm"] = {"scale": P()}
-        specs[f"layers_{i}"] = layer
+    # Layer weights: a leading (scanned) layer axis, never split.
+    layer: dict[str, Any] = {
+        "input_norm": {"scale": P(None)},
+        "qkv_proj": {"kernel": P(None, None, MODEL, None, None)},
+        "o_proj": {"kernel": P(None, MODEL, None)},
+        "post_attention_norm": {"scale": P(None)},
+        "gate_up_proj": {"kernel": P(None, None, None, MODEL)},
+        "down_proj": {"kernel": P(None, MODEL, None)},
+    }
+    if cfg.attention_bias:
+        layer["qkv_proj"]["bias"] = P(None, MODEL, None, None)
+    if cfg.qk_norm:
+        layer["q_norm"] = {"scale": P(None)}
+        layer["k_norm"] = {"scale": P(None)}
+    specs["layers"] = layer
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = {"kernel": _vocab_spec(cfg, m, 1)}
     return specs
 
 
-CACHE_SPEC = P(None, None, MODEL, None)  # [num_pages, page_size, kv_heads, head_dim]
+CACHE_SPEC = kv_cache.partition_spec(MODEL)  # KV heads split on "model" (layout: jaxserve/kv_cache.py)
 
 
 def param_shardings(mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
@@ -222,10 +225,8 @@ def put_params(params: dict[str, Any], mesh: Mesh, cfg: ModelConfig) -> dict[str
 
 
 def allocate_sharded_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, mesh: Mesh):
-    """Zeroed per-layer (K, V) page pools, created directly in their KV-head sharding."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=cache_sharding(mesh))
-    return [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+    """The zeroed cache, created directly in its KV-head sharding."""
+    return kv_cache.allocate_kv_cache(cfg, num_pages, page_size, dtype, cache_sharding(mesh))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, *spec: Any) -> jax.Array:

@@ -15,6 +15,7 @@ import os
 import struct
 from typing import Any, Iterator
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -76,7 +77,8 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -
     """Map Hugging Face tensor names to our (fused, transposed) Linen parameter tree, as numpy.
 
     Layouts (see ``model.py``): ``qkv_proj`` kernel ``[H, Hkv, G+2, D]``, ``gate_up_proj`` kernel
-    ``[H, 2, I]``, the other kernels ``[in, out]``."""
+    ``[H, 2, I]``, the other kernels ``[in, out]``; every layer weight is stacked on a leading layer
+    axis under ``params["layers"]`` (the model scans over it)."""
 
     def get(name: str) -> np.ndarray:
         for prefix in ("", "model."):
@@ -100,6 +102,7 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -
         return np.moveaxis(out, (0, 1, 2), (-3, -2, -1)) if rest else out
 
     params: dict[str, Any] = {"embed": {"embedding": cast(get("embed_tokens.weight"))}}
+    layers = []
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         qkv = grouped_qkv(*(get(p + f"self_attn.{n}_proj.weight") for n in "qkv"))  # [H, Hkv, G+2, D]
@@ -118,11 +121,23 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -
         if cfg.qk_norm:
             layer["q_norm"] = {"scale": cast(get(p + "self_attn.q_norm.weight"))}
             layer["k_norm"] = {"scale": cast(get(p + "self_attn.k_norm.weight"))}
-        params[f"layers_{i}"] = layer
+        layers.append(layer)
+    params["layers"] = stack_layers(layers)
     params["final_norm"] = {"scale": cast(get("norm.weight"))}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": cast(get("lm_head.weight").T)}
     return params
+
+
+def stack_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer parameter trees -> one tree whose leaves have a leading layer axis."""
+    def stack(*xs):
+        out = np.empty((len(xs), *xs[0].shape), xs[0].dtype)
+        for i, x in enumerate(xs):
+            out[i] = x
+        return out
+
+    return jax.tree_util.tree_map(stack, *layers)
 
 
 def load_params(model_dir: str, cfg: ModelConfig, dtype: Any) -> dict[str, Any]:

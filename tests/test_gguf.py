@@ -304,7 +304,7 @@ def test_quantized_gguf_dequantizes(tmp_path, qtype, atol):
         assert flat[key].dtype == np.float32
         np.testing.assert_allclose(flat[key], value, atol=atol, err_msg=key)
     # Quantization really happened (the values are not bit-exact).
-    assert not np.array_equal(flat["layers_0/qkv_proj/kernel"], expected["layers_0"]["qkv_proj"]["kernel"])
+    assert not np.array_equal(flat["layers/qkv_proj/kernel"], expected["layers"]["qkv_proj"]["kernel"])
 
 
 def test_unsupported_architecture_is_named(tmp_path):

@@ -16,7 +16,7 @@ from jaxserve.sharding import CACHE_SPEC, kv_replication, make_mesh
 PROMPTS = random_prompts([5, 70, 17, 33, 9, 120], seed=3)
 MAX_TOKENS = [12, 8, 16, 10, 14, 6]
 MESHES = [(1, 8), (2, 4), (8, 1)]
-HIDDEN, INTERMEDIATE, VOCAB, HEAD_DIM = 64, 176, 1024, 8  # the "tiny" size with 8 heads
+HIDDEN, INTERMEDIATE, VOCAB, HEAD_DIM, LAYERS = 64, 176, 1024, 8, 2  # the "tiny" size with 8 heads
 
 
 def run(engine: Engine) -> list[list[int]]:
@@ -46,13 +46,15 @@ def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
     engine = Engine.from_pretrained(mha_dir, mesh_shape={"data": data, "model": model}, **ENGINE_KW)
     assert dict(engine.mesh.shape) == {"data": data, "model": model}
     params = engine.runner.params
-    layer = params["layers_0"]
+    layer = params["layers"]
+    nl = LAYERS
     expect = {
-        # tensor parallel on "model": heads (whole GQA groups), MLP intermediate, vocabulary
-        ("layers_0", "qkv_proj"): (P(None, "model", None, None), (HIDDEN, 8 // model, 3, HEAD_DIM)),
-        ("layers_0", "o_proj"): (P("model", None), (8 * HEAD_DIM // model, HIDDEN)),
-        ("layers_0", "gate_up_proj"): (P(None, None, "model"), (HIDDEN, 2, INTERMEDIATE // model)),
-        ("layers_0", "down_proj"): (P("model", None), (INTERMEDIATE // model, HIDDEN)),
+        # tensor parallel on "model": heads (whole GQA groups), MLP intermediate, vocabulary; the
+        # leading (scanned) layer axis is never split
+        ("layers", "qkv_proj"): (P(None, None, "model", None, None), (nl, HIDDEN, 8 // model, 3, HEAD_DIM)),
+        ("layers", "o_proj"): (P(None, "model", None), (nl, 8 * HEAD_DIM // model, HIDDEN)),
+        ("layers", "gate_up_proj"): (P(None, None, None, "model"), (nl, HIDDEN, 2, INTERMEDIATE // model)),
+        ("layers", "down_proj"): (P(None, "model", None), (nl, INTERMEDIATE // model, HIDDEN)),
         ("embed",): (P("model", None), (VOCAB // model, HIDDEN)),
         ("lm_head",): (P(None, "model"), (HIDDEN, VOCAB // model)),
     }
@@ -66,10 +68,9 @@ def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
     assert layer["input_norm"]["scale"].sharding.is_fully_replicated
 
     def check_cache():
-        for k_pages, v_pages in engine.runner.cache:
-            for pages in (k_pages, v_pages):
-                assert pages.sharding.spec == CACHE_SPEC
-                assert shard_shape(pages) == (engine.num_pages, 8, 8 // model, HEAD_DIM)
+        cache = engine.runner.cache  # [layers, kv heads, pages, page size, 2 * head_dim]
+        assert cache.sharding.spec == CACHE_SPEC
+        assert shard_shape(cache) == (nl, 8 // model, engine.num_pages, 8, 2 * HEAD_DIM)
 
     check_cache()
     assert run(engine) == mha_tokens
@@ -80,10 +81,10 @@ def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
     assert engine.compile_count > 0
     for exe in engine.runner._executables.values():
         params_in, cache_in, _ = exe.input_shardings[0]
-        assert params_in["layers_0"]["qkv_proj"]["kernel"].spec == P(None, "model", None, None)
-        assert cache_in[0][0].spec == CACHE_SPEC
+        assert params_in["layers"]["qkv_proj"]["kernel"].spec == P(None, None, "model", None, None)
+        assert cache_in.spec == CACHE_SPEC
         cache_out, tokens_out = exe.output_shardings[:2]
-        assert cache_out[0][0].spec == CACHE_SPEC
+        assert cache_out.spec == CACHE_SPEC
         assert tokens_out.is_fully_replicated
 
 
@@ -92,9 +93,9 @@ def test_gqa_kv_heads_replicated_on_wide_model_axis(gqa_dir, gqa_tokens, model):
     engine = Engine.from_pretrained(gqa_dir, mesh_shape={"data": 8 // model, "model": model}, **ENGINE_KW)
     assert engine.model_config.num_kv_heads == 2
     assert engine.run_config.num_kv_heads == model  # each of the 2 KV heads copied model/2 times
-    qkv = engine.runner.params["layers_0"]["qkv_proj"]["kernel"]
-    assert shard_shape(qkv) == (HIDDEN, 1, 8 // model + 2, HEAD_DIM)  # one KV head and its queries
-    assert shard_shape(engine.runner.cache[0][0]) == (engine.num_pages, 8, 1, HEAD_DIM)
+    qkv = engine.runner.params["layers"]["qkv_proj"]["kernel"]
+    assert shard_shape(qkv) == (LAYERS, HIDDEN, 1, 8 // model + 2, HEAD_DIM)  # one KV head and its queries
+    assert shard_shape(engine.runner.cache) == (LAYERS, 1, engine.num_pages, 8, 2 * HEAD_DIM)
     assert run(engine) == gqa_tokens
 
 

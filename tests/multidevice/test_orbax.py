@@ -85,7 +85,7 @@ def test_restore_into_mesh_reads_only_each_devices_shards(mha_dir, mha_ckpt, mha
         if MODEL in tuple(target.sharding.spec):
             sharded += 1
             assert target.sharding.shard_shape(target.shape) != target.shape, key
-    assert sharded == 2 + 4 * cfg.num_layers  # embedding, lm_head, 4 kernels per layer
+    assert sharded == 2 + 4  # embedding, lm_head, the 4 stacked layer kernels
 
     params = restore_params(mha_ckpt, cfg, np.float32, mesh)
     total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
@@ -100,7 +100,7 @@ def test_restore_into_mesh_reads_only_each_devices_shards(mha_dir, mha_ckpt, mha
     assert_same_params(params, load_params(mha_dir, cfg, np.float32))
 
     engine = Engine.from_pretrained(mha_ckpt, mesh_shape={"data": 2, "model": 4}, **ENGINE_KW)
-    assert engine.runner.params["layers_1"]["down_proj"]["kernel"].sharding.spec == P("model", None)
+    assert engine.runner.params["layers"]["down_proj"]["kernel"].sharding.spec == P(None, "model", None)
     assert run(engine) == mha_tokens
 
 
@@ -110,10 +110,10 @@ def test_restore_with_kv_head_replication(gqa_dir, tmp_path):
     # The stored qkv (2 KV heads) cannot split 8 ways on its heads: it is restored split on the
     # hidden axis, then re-laid out on the mesh into 8 replicated KV heads, one per device.
     targets = restore_targets(ckpt, cfg, np.float32, make_mesh({"model": 8}))
-    assert targets["layers_0"]["qkv_proj"]["kernel"].sharding.spec == P(MODEL, None, None, None)
+    assert targets["layers"]["qkv_proj"]["kernel"].sharding.spec == P(None, MODEL, None, None, None)
     engine = Engine.from_pretrained(ckpt, mesh_shape={"model": 8}, **ENGINE_KW)
-    qkv = engine.runner.params["layers_0"]["qkv_proj"]["kernel"]
-    assert qkv.shape == (64, 8, 3, 8) and qkv.sharding.spec == P(None, MODEL, None, None)
+    qkv = engine.runner.params["layers"]["qkv_proj"]["kernel"]
+    assert qkv.shape == (cfg.num_layers, 64, 8, 3, 8) and qkv.sharding.spec == P(None, None, MODEL, None, None)
     expected = replicate_kv_heads(load_params(gqa_dir, cfg, np.float32), cfg, 4)
     assert_same_params(engine.runner.params, expected)
     assert run(engine) == run(Engine.from_pretrained(gqa_dir, **ENGINE_KW))
