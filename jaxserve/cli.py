@@ -214,7 +214,8 @@ def cmd_serve(args) -> int:
                                            engine.warmup())
     return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
                  default_model_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
-                 drain_timeout_s=args.drain_timeout, log_level="info" if args.verbose else "warning")
+                 drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
+                 log_level="info" if args.verbose else "warning")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: dir name)")
+    p.add_argument("--enable-force-include-usage", action="store_true",
+                   help="end every stream with a usage chunk, whatever the request's stream_options.include_usage")
     p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
     p.set_defaults(func=cmd_serve)
 

@@ -79,14 +79,14 @@ class _Sampling(BaseModel):
             if any(not s for s in self.stop):
                 raise ValueError("stop: stop strings must be non-empty")
         if self.stream_options is not None:
-            include = self.stream_options.get("include_usage", True)
+            include = self.stream_options.get("include_usage", False)
             if not isinstance(include, bool):
                 raise ValueError("stream_options.include_usage: must be a boolean")
         return self
 
     def include_usage(self) -> bool:
-        """Usage comes with every response; a stream ends with a usage chunk unless asked not to."""
-        return bool((self.stream_options or {}).get("include_usage", True))
+        """Whether a stream ends with a usage chunk (``choices: []``): only when asked, as in OpenAI's API."""
+        return bool((self.stream_options or {}).get("include_usage", False))
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

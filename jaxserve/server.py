@@ -9,6 +9,8 @@ submit and await their per-request ``asyncio.Queue``.  Bad input gets a 400 with
 OpenAI-style error body whose ``param`` names the field; ``--api-key`` makes ``/v1/*``
 answer 401 without ``Authorization: Bearer KEY``; ``--max-queue N`` answers 429 when
 more than ``max_num_seqs + N`` engine requests (one per choice) would be in flight.
+A stream ends with a usage chunk (``choices: []``) only when the request sets
+``stream_options.include_usage``, or always with ``--enable-force-include-usage``.
 A client that disconnects has its requests aborted (pages freed before the next step).
 SIGTERM (or SIGINT): new requests get 503, in-flight ones finish (up to
 ``--drain-timeout`` seconds), then the process exits 0.
@@ -52,6 +54,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int | None = None  # engine requests beyond max_num_seqs; None: unbounded
     drain_timeout_s: float = 30.0
+    force_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -141,6 +144,7 @@ class _ChoiceStream:
         self.holdback = holdback
         self.sent_chars = 0
         self.sent_tokens = 0
+        self.token_chars = 0  # completion logprobs' text_offset: token strings sent so far
 
     def advance(self, out: RequestOutput) -> tuple[str, list[int], int]:
         """(new text, new token ids, index of the first new token) to send now."""
@@ -336,7 +340,10 @@ class OpenAIServer:
     def _stream(self, submission: Submission, header: dict, req, chat: bool) -> StreamingResponse:
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         holdback = max((len(s) - 1 for s in stops), default=0)
+        include_usage = self.config.force_include_usage or req.include_usage()
         chunk_header = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if include_usage:  # as OpenAI: the other chunks carry "usage": null
+            chunk_header["usage"] = None
 
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -353,7 +360,6 @@ class OpenAIServer:
                 async for index, out in submission.outputs():
                     prompt_tokens[index] = len(out.prompt_token_ids)
                     state = states[index]
-                    text_offset = state.sent_chars
                     delta, new_ids, start = state.advance(out)
                     if not delta and not out.finished and not (req.return_token_ids and new_ids) \
                             and out.logprobs is None:
@@ -362,15 +368,17 @@ class OpenAIServer:
                         choice = {"index": index, "delta": {"content": delta} if delta else {},
                                   "logprobs": self._chat_logprobs(out, start), "finish_reason": out.finish_reason}
                     else:
-                        choice = {"index": index, "text": delta,
-                                  "logprobs": self._completion_logprobs(out, start, text_offset),
+                        logprobs = self._completion_logprobs(out, start, state.token_chars)
+                        if logprobs is not None:
+                            state.token_chars += sum(len(t) for t in logprobs["tokens"])
+                        choice = {"index": index, "text": delta, "logprobs": logprobs,
                                   "finish_reason": out.finish_reason}
                     if req.return_token_ids:
                         choice["token_ids"] = new_ids
                         if start == 0:
                             choice["prompt_token_ids"] = out.prompt_token_ids
                     yield event({**chunk_header, "choices": [choice]})
-                if req.include_usage():
+                if include_usage:
                     total_prompt = sum(v for i, v in prompt_tokens.items() if i % req.n == 0)
                     completion = sum(s.sent_tokens for s in states)
                     yield event({**chunk_header, "choices": [], "usage": _usage(total_prompt, completion)})
@@ -541,11 +549,12 @@ def _make_uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, max_queue: int | None = None, drain_timeout_s: float = 30.0,
-          log_level: str = "warning") -> int:
+          force_include_usage: bool = False, log_level: str = "warning") -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful shutdown)."""
     if max_queue is not None and max_queue < 0:
         raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
-    server = OpenAIServer(engine, ServerConfig(model_name or "jaxserve", api_key, max_queue, drain_timeout_s))
+    server = OpenAIServer(engine, ServerConfig(model_name or "jaxserve", api_key, max_queue, drain_timeout_s,
+                                               force_include_usage))
     uv = _make_uvicorn_server(server, host, port, log_level)
     logger.info("serving %s on http://%s:%d", server.config.model_name, host, port)
     uv.run()

@@ -3,8 +3,9 @@
 One ``jaxserve serve`` subprocess (tiny Llama with a chat template, the shared test engine
 configuration) serves most tests; the last test shuts it down with SIGTERM.  One test runs the
 server in-process (uvicorn in a thread) over the shared engine to check the API key, the 429 of
-``--max-queue`` and the 400 of a model without a chat template.  Expected token ids come from
-``Engine.generate`` (the ``reference_outputs`` fixture) on the same checkpoint.
+``--max-queue``, ``--enable-force-include-usage`` and the 400 of a model without a chat template.
+Expected token ids come from ``Engine.generate`` (the ``reference_outputs`` fixture) on the same
+checkpoint.
 """
 
 from __future__ import annotations
@@ -170,25 +171,35 @@ def test_models_health_metrics(server):
 def test_completion_stream_equals_non_stream(server, reference_outputs):
     c = client(server)
     prompt = random_prompts([11], seed=5)[0]
-    full = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, **GREEDY, extra_body=IDS_EXTRA)
+    kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=20, logprobs=2, **GREEDY, extra_body=IDS_EXTRA)
+    full = c.completions.create(**kwargs)
     choice = full.choices[0]
     assert choice.finish_reason == "length"
     assert choice.token_ids == reference_outputs([prompt], [20])[0]
     assert full.usage.prompt_tokens == 11 and full.usage.completion_tokens == 20
     assert full.usage.total_tokens == 31
 
-    text, ids, reasons, usage = "", [], [], None
-    for chunk in c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, stream=True, **GREEDY,
-                                      extra_body=IDS_EXTRA):
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for ch in chunk.choices:
-            text += ch.text
-            ids += ch.token_ids
-            reasons.append(ch.finish_reason)
-    assert text == choice.text and ids == choice.token_ids
+    # The standard client loop: without stream_options, every chunk has its choice (no usage chunk).
+    chunks = list(c.completions.create(stream=True, **kwargs))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == choice.text
+    assert [i for chunk in chunks for i in chunk.choices[0].token_ids] == choice.token_ids
+    reasons = [chunk.choices[0].finish_reason for chunk in chunks]
     assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
-    assert (usage.prompt_tokens, usage.completion_tokens) == (11, 20)
+    assert all(chunk.usage is None for chunk in chunks)
+    assert {(ch.id, ch.created, ch.model, ch.object) for ch in chunks} == {
+        (chunks[0].id, chunks[0].created, MODEL_NAME, "text_completion")}
+    logprobs = [chunk.choices[0].logprobs for chunk in chunks]
+    assert [t for lp in logprobs for t in lp.tokens] == choice.logprobs.tokens
+    assert [o for lp in logprobs for o in lp.text_offset] == choice.logprobs.text_offset
+    assert [v for lp in logprobs for v in lp.token_logprobs] == pytest.approx(choice.logprobs.token_logprobs)
+
+    # Asked for: exactly one more chunk, the last, with no choices and the request's usage.
+    chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert [chunk.choices == [] for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert "".join(chunk.choices[0].text for chunk in chunks[:-1]) == choice.text
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (11, 20, 31)
 
 
 def test_text_prompt_and_stop_string_stream_equals_non_stream(server):
@@ -211,19 +222,44 @@ def test_text_prompt_and_stop_string_stream_equals_non_stream(server):
 def test_chat_stream_equals_non_stream(server):
     c = client(server)
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
-    full = c.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, **GREEDY,
-                                     extra_body={"ignore_eos": True})
+    kwargs = dict(model=MODEL_NAME, messages=messages, max_tokens=16, logprobs=True, **GREEDY,
+                  extra_body={"ignore_eos": True})
+    full = c.chat.completions.create(**kwargs)
     msg = full.choices[0].message
     assert msg.role == "assistant" and full.object == "chat.completion"
     assert full.usage.completion_tokens == 16 and full.usage.prompt_tokens > 10
-    chunks = list(c.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, stream=True,
-                                            **GREEDY, extra_body={"ignore_eos": True}))
-    assert chunks[0].choices[0].delta.role == "assistant"
-    streamed = "".join(ch.delta.content or "" for chunk in chunks for ch in chunk.choices)
-    assert streamed == msg.content
-    assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
-    finals = [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason]
-    assert finals == ["length"]
+
+    # The standard client loop: a role chunk, then content; no usage chunk unless asked for.
+    chunks = list(c.chat.completions.create(stream=True, **kwargs))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == msg.content
+    first = chunks[0].choices[0]
+    assert (first.delta.role, first.delta.content, first.logprobs, first.finish_reason) == ("assistant", "", None, None)
+    assert all(chunk.choices[0].delta.role is None for chunk in chunks[1:])
+    reasons = [chunk.choices[0].finish_reason for chunk in chunks]
+    assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
+    assert all(chunk.usage is None for chunk in chunks)
+    assert {(ch.id, ch.created, ch.model, ch.object) for ch in chunks} == {
+        (chunks[0].id, chunks[0].created, MODEL_NAME, "chat.completion.chunk")}
+    streamed = [(e.token, e.logprob) for chunk in chunks[1:] for e in chunk.choices[0].logprobs.content]
+    expected = [(e.token, e.logprob) for e in full.choices[0].logprobs.content]
+    assert [t for t, _ in streamed] == [t for t, _ in expected]
+    assert [v for _, v in streamed] == pytest.approx([v for _, v in expected])
+
+    # include_usage, on the wire: "usage": null on every chunk but the last, which has no choices.
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=HTTP_TIMEOUT_S) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert events[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]
+    assert [e["choices"] == [] for e in events] == [False] * (len(events) - 1) + [True]
+    assert [e["usage"] for e in events[:-1]] == [None] * (len(events) - 1)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == msg.content
+    assert events[-1]["usage"] == {"prompt_tokens": full.usage.prompt_tokens, "completion_tokens": 16,
+                                   "total_tokens": full.usage.prompt_tokens + 16}
 
 
 def test_chat_logprobs_and_max_completion_tokens(server):
@@ -441,7 +477,7 @@ def test_malformed_burst_mixed_with_good_requests(server, reference_outputs, bad
     wait_idle(server.url)
 
 
-# -- in-process server: API key, --max-queue, no chat template -----------------------------------------
+# -- in-process server: API key, --max-queue, forced usage chunk, no chat template ------------------------
 
 def test_api_key_max_queue_and_missing_chat_template(engine):
     import uvicorn
@@ -450,7 +486,7 @@ def test_api_key_max_queue_and_missing_chat_template(engine):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    app_server = OpenAIServer(engine, ServerConfig("tiny", api_key="sekrit", max_queue=0))
+    app_server = OpenAIServer(engine, ServerConfig("tiny", api_key="sekrit", max_queue=0, force_include_usage=True))
     uv = uvicorn.Server(uvicorn.Config(app_server.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -467,6 +503,13 @@ def test_api_key_max_queue_and_missing_chat_template(engine):
         assert httpx.get(url + "/health").status_code == 200
         c = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0, timeout=HTTP_TIMEOUT_S)
         assert c.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0).usage.total_tokens == 7
+        # --enable-force-include-usage: the usage chunk comes unasked, and even when declined.
+        for options in ({}, {"stream_options": {"include_usage": False}}):
+            chunks = list(c.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                               stream=True, **options))
+            assert [chunk.choices == [] for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+            usage = chunks[-1].usage
+            assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (3, 4, 7)
 
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
@@ -522,6 +565,18 @@ def test_api_key_max_queue_and_missing_chat_template(engine):
         thread.join(60)
     assert not thread.is_alive() and not app_server.engine_loop.alive
     assert_clean(engine)
+
+
+def test_enable_force_include_usage_flag_reaches_the_server(monkeypatch):
+    from jaxserve import cli, server as server_module
+
+    seen = {}
+    monkeypatch.setattr(cli, "engine_from_args", lambda args: None)
+    monkeypatch.setattr(server_module, "serve", lambda engine, **kw: seen.update(kw) or 0)
+    assert cli.main(["serve", "--model", "m", "--no-warmup", "--enable-force-include-usage"]) == 0
+    assert seen["force_include_usage"] is True
+    assert cli.main(["serve", "--model", "m", "--no-warmup"]) == 0
+    assert seen["force_include_usage"] is False
 
 
 # -- shutdown (keep last: it stops the module's server) ----------------------------------------------------
