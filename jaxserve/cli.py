@@ -39,9 +39,10 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
-    p.add_argument("--attention-impl", default="reference",
+    p.add_argument("--attention-impl", default="auto",
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
-                   help="attention implementation (auto: Pallas kernel on TPU/GPU, reference on CPU)")
+                   help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
+                        "reference on CPU)")
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
     add_mesh_args(p)
 
@@ -84,6 +85,27 @@ def engine_from_args(args: argparse.Namespace) -> "Engine":
     if config.max_model_len is None:
         config.max_model_len = min(CLI_MAX_MODEL_LEN, model_config.max_position_embeddings)
     return Engine(model_config, params, tokenizer, config)
+
+
+def cmd_plan(args) -> int:
+    from jaxserve import EngineConfig
+    from jaxserve.plan import format_plan, make_plan
+
+    mesh = None
+    if args.mesh_data is not None or args.mesh_model is not None:
+        mesh = {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
+                          dtype=args.dtype, attention_impl=args.attention_impl,
+                          min_prefill_bucket=args.min_prefill_bucket)
+    plan = make_plan(args.model, args.target, topology=args.topology, mesh_shape=mesh,
+                     memory_utilization=args.memory_utilization, buckets=args.buckets, engine_config=config,
+                     progress=not args.no_progress)
+    print(format_plan(plan))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.to_json(), f, indent=1)
+    return 0 if plan.ok else 1
 
 
 def cmd_convert(args) -> int:
@@ -280,6 +302,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None, help="override the size's vocabulary")
     p.set_defaults(func=cmd_make_model)
+
+    from jaxserve.targets import TARGETS
+
+    p = sub.add_parser("plan", help="compile every bucket of the engine step for a TPU/GPU target, deviceless, "
+                                    "and size the KV cache for its memory")
+    _add_engine_args(p)
+    p.add_argument("--target", required=True, choices=list(TARGETS))
+    p.add_argument("--topology", default=None,
+                   help="TPU: chips as AxB (e.g. 2x2, 2x4); GPU: 1x1xN (N GPUs); default: the smallest that "
+                        "holds the mesh")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="fraction of each chip's memory jaxserve may use (default 0.9)")
+    p.add_argument("--buckets", default="all", choices=["all", "representative"],
+                   help="all buckets, or the largest decode-only, prefill-only and mixed ones")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax checkpoint")
     p.add_argument("--model", required=True, help="Hugging Face model directory")

@@ -163,7 +163,9 @@ class EngineConfig:
     scheduling: str = "continuous"  # or "static"
     enable_prefix_caching: bool = True  # share the KV pages of identical prompt prefixes
     enable_chunked_prefill: bool = True  # else a prompt is prefilled in one step (budget >= max_model_len)
-    attention_impl: str = "reference"  # reference | auto | pallas | pallas_tpu | pallas_gpu (kernels_pallas)
+    # auto: the backend's Pallas kernel on TPU/GPU, the reference on CPU (kernels_pallas); or reference |
+    # pallas | pallas_tpu | pallas_gpu
+    attention_impl: str = "auto"
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32

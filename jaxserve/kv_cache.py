@@ -201,11 +201,14 @@ def write_kv(cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,
 
     One scatter of ``[T, Hkv, 2D]`` rows into the cache, in place when the cache is donated (or a
     loop carry)."""
-    page_size = cache.shape[3]
+    page_size, num_heads = cache.shape[3], cache.shape[1]
     rows = jnp.concatenate([k, v], axis=-1).astype(cache.dtype)  # [T, Hkv, 2D]
     page, slot = slot_mapping // page_size, slot_mapping % page_size
-    # Advanced indices (layer, page, slot) around a slice: the update is laid out [T, Hkv, 2D].
-    return cache.at[layer, :, page, slot].set(rows, mode="drop")
+    heads = jnp.arange(num_heads)
+    # One index per (token, head), so that the scatter's window is the minor (lane) dimension alone: a
+    # window over (head, lanes) makes XLA TPU re-lay the whole cache out around the scatter (two copies
+    # of the cache per step, seen in `jaxserve plan`'s temporary bytes).
+    return cache.at[layer, heads[None, :], page[:, None], slot[:, None]].set(rows, mode="drop")
 
 
 def read_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:

@@ -8,15 +8,15 @@ with no split/merge of module state at each call.
 
 The model runs one *ragged* step: ``T`` new tokens of many sequences packed back
 to back.  Each layer writes the new tokens' K/V into the paged cache at
-``slot_mapping`` and calls ``kernels_pallas.ragged_paged_attention``.
+``slot_mapping`` and calls ``kernels_pallas.ragged_paged_attention``.  Logits are
+computed only for the rows named by ``logits_indices`` (the last new token of
+each sequence), not for every prompt token.
 
 The layers run under one ``nn.scan`` (a ``lax.scan``): their weights are stacked
 on a leading layer axis (``params["layers"]``) and the KV cache of all layers is
 one array (``jaxserve/kv_cache.py``) carried through the loop, written in place
 and read by layer index.  Compiling a step therefore costs about the same for 2
-layers or 80.  Logits are
-computed only for the rows named by ``logits_indices`` (the last new token of
-each sequence), not for every prompt token.
+layers or 80.
 
 Projections are fused: fewer, larger matmuls.  ``weights.py`` fuses the Hugging
 Face tensors on load, in layouts that split over a tensor-parallel ``model``
@@ -108,7 +108,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array, layer: jax.Array,
                      meta: AttentionMetadata, *, sm_scale: float, num_decode_rows: int,
-                     sliding_window: int | None, impl: str):
+                     sliding_window: int | None, impl: str, backend: str | None):
     """Write the new tokens' K/V of ``layer`` into the cache at ``meta.slot_mapping``, then ragged paged
     attention over that layer's pages.
 
@@ -117,7 +117,8 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array,
     cache = kv_cache.write_kv(cache, layer, k, v, meta.slot_mapping)
     attn = ragged_paged_attention(
         q, cache, layer, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
-        sm_scale=sm_scale, num_decode_rows=num_decode_rows, sliding_window=sliding_window, impl=impl)
+        sm_scale=sm_scale, num_decode_rows=num_decode_rows, sliding_window=sliding_window, impl=impl,
+        backend=backend)
     return attn, cache
 
 
@@ -127,6 +128,7 @@ class DecoderLayer(nn.Module):
     attention_impl: str
     num_decode_rows: int
     mesh: Mesh | None = None
+    backend: str | None = None
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
@@ -149,7 +151,8 @@ class DecoderLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         attend = functools.partial(write_and_attend, sm_scale=d ** -0.5, num_decode_rows=self.num_decode_rows,
-                                   sliding_window=cfg.sliding_window, impl=self.attention_impl)
+                                   sliding_window=cfg.sliding_window, impl=self.attention_impl,
+                                   backend=self.backend)
         if mesh is not None:
             # Each device writes and attends with its own KV heads (and their query groups); the token
             # rows are gathered from the data groups, as attention needs every row of a sequence.
@@ -180,6 +183,7 @@ class CausalLM(nn.Module):
     attention_impl: str = "reference"
     num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
+    backend: str | None = None  # platform compiled for (default: jax.default_backend())
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
@@ -193,7 +197,8 @@ class CausalLM(nn.Module):
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
-        (x, cache), _ = layers(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, name="layers")(
+        (x, cache), _ = layers(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend,
+                               name="layers")(
             (x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), cos, sin, meta)
         x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)

@@ -39,6 +39,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM
 from jaxserve.sampling import MAX_LOGPROBS, SamplingArrays, compute_logprobs, sample
 from jaxserve.scheduler import SchedulerOutput
+from kernels_pallas import resolve_impl, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,17 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params: Any, cache: Any,
-                 dtype: Any, max_model_len: int, num_pages: int, mesh: Mesh | None = None):
+                 dtype: Any, max_model_len: int, num_pages: int, mesh: Mesh | None = None,
+                 platform: str | None = None):
         """``model_cfg`` is the model as it runs (with replicated KV heads on a mesh that needs them);
-        ``params``/``cache`` are already placed (sharded on ``mesh`` if given)."""
+        ``params``/``cache`` are already placed (sharded on ``mesh`` if given), or are
+        ``jax.ShapeDtypeStruct``s with shardings for a compile-only run (``jaxserve plan``).
+        ``platform``: what the steps are compiled for (default: the mesh's devices, else
+        ``jax.default_backend()``)."""
         self.model_cfg = model_cfg
+        self.platform = platform or (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
+        self.attention_impl = resolve_attention(engine_cfg.attention_impl, self.platform, model_cfg,
+                                                engine_cfg.page_size, dtype)
         self.mesh = mesh
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
@@ -114,7 +122,8 @@ class ModelRunner:
         return len(self.decode_buckets) * len(self.prefill_buckets) - 1
 
     def _step(self, params, cache, inputs: StepInputs, *, num_decode_rows: int):
-        model = CausalLM(self.model_cfg, self.dtype, self.cfg.attention_impl, num_decode_rows, self.mesh)
+        model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
+                         self.platform)
         logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                     inputs.meta, inputs.logits_indices)
         tokens = sample(logits, inputs.sampling)
@@ -258,16 +267,39 @@ class ModelRunner:
         self.stats["device_s"] += t2 - t1
         return StepResult(tokens, logprob, top_ids, top_lp, decode_slots)
 
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (decode rows, prefill tokens) bucket, in compile order."""
+        return [(d, t) for d in self.decode_buckets for t in self.prefill_buckets if d or t]
+
+    def compile_bucket(self, key: tuple[int, int]):
+        """The compiled step of one bucket (compiled now unless it already is)."""
+        a = self._empty_inputs(*key)
+        a["num_seqs"] = np.int32(0)
+        return self._executable(key, self._to_inputs(a, False))
+
     def warmup(self, buckets: list[tuple[int, int]] | None = None) -> float:
         """Compile the step for every bucket (or the given ones); returns the seconds spent."""
         t0 = time.perf_counter()
-        keys = buckets or [(d, t) for d in self.decode_buckets for t in self.prefill_buckets if d or t]
-        for d, t in keys:
-            if (d, t) not in self._executables:
-                a = self._empty_inputs(d, t)
-                a["num_seqs"] = np.int32(0)
-                self._executable((d, t), self._to_inputs(a, False))
+        for key in buckets or self.buckets:
+            self.compile_bucket(key)
         return time.perf_counter() - t0
+
+
+def resolve_attention(impl: str, platform: str, cfg: ModelConfig, page_size: int, dtype: Any) -> str:
+    """The attention implementation the steps use: ``impl`` resolved for ``platform``, or the
+    reference, with one warning naming the shape, when the platform's kernel does not serve it."""
+    kernel, _ = resolve_impl(impl, platform)
+    if kernel == "reference":
+        return "reference"
+    reason = unsupported_reason(kernel, head_dim=cfg.head_dim, num_q_heads=cfg.num_heads,
+                                num_kv_heads=cfg.num_kv_heads, page_size=page_size, dtype=dtype)
+    if reason is not None:
+        logger.warning("attention: the %s kernel does not serve head_dim=%d, %d query / %d KV heads, "
+                       "page_size=%d, %s (%s); using the reference attention", kernel.upper(), cfg.head_dim,
+                       cfg.num_heads, cfg.num_kv_heads, page_size, np.dtype(dtype).name, reason)
+        return "reference"
+    return "pallas_" + kernel
 
 
 def _local_copy(x: jax.Array) -> np.ndarray:

@@ -52,11 +52,28 @@ def resolve_impl(impl: str, backend: str | None = None) -> tuple[str, bool]:
     return kernel, backend != kernel
 
 
+def unsupported_reason(kernel: str, *, head_dim: int, num_q_heads: int, num_kv_heads: int, page_size: int,
+                       dtype) -> str | None:
+    """Why the ``kernel`` ("tpu" or "gpu") cannot serve this shape, or None when it can."""
+    if kernel == "tpu":
+        from kernels_pallas.ragged_paged_attention_tpu import tpu_unsupported_reason as reason
+    elif kernel == "gpu":
+        from kernels_pallas.ragged_paged_attention_gpu import gpu_unsupported_reason as reason
+    else:
+        return None
+    return reason(head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, page_size=page_size,
+                  dtype=dtype)
+
+
 def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, num_decode_rows: int = 0, sliding_window: int | None = None,
-                           soft_cap: float | None = None, impl: str = "reference") -> jax.Array:
-    """Ragged paged attention with the implementation chosen by ``impl`` (see the module docstring)."""
-    kernel, interpret = resolve_impl(impl)
+                           soft_cap: float | None = None, impl: str = "reference",
+                           backend: str | None = None) -> jax.Array:
+    """Ragged paged attention with the implementation chosen by ``impl`` (see the module docstring).
+
+    ``backend``: the platform the program is compiled for (default ``jax.default_backend()``; a
+    deviceless compile for TPU or GPU passes it, since the default backend is then the CPU)."""
+    kernel, interpret = resolve_impl(impl, backend)
     args = (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if kernel == "tpu":
@@ -69,4 +86,4 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
 
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_ref", "ragged_paged_attention_dense",
-           "ragged_paged_attention_tpu", "ragged_paged_attention_gpu", "resolve_impl", "ATTENTION_IMPLS"]
+           "ragged_paged_attention_tpu", "ragged_paged_attention_gpu", "resolve_impl", "unsupported_reason", "ATTENTION_IMPLS"]
