@@ -34,9 +34,11 @@ Design
   the first query block of each head so that stale rows are always finite and ``0 * stale = 0``).
 * **K and V without a misaligned lane slice.**  With ``D % 128 == 0``, K and V are the
   tile-aligned lane halves ``buf[..., :D]`` / ``buf[..., D:]``.  Otherwise (``D = 64``: one
-  128-lane row holds K and V) ``q`` is zero-extended to ``2D`` lanes in the wrapper, so
-  ``q_ext @ buf^T`` is exactly ``q @ K^T``, and ``p @ buf`` fills a ``[rows, 2D]`` accumulator
-  whose V half is the attention output; the wrapper keeps lanes ``[D:]`` (an XLA slice).
+  128-lane row holds K and V; also 80, 96, ...) nothing is sliced at lane ``D``: ``q`` is
+  zero-extended to ``2D`` lanes in the wrapper, so ``q_ext @ buf^T`` is exactly ``q @ K^T``, and
+  ``p @ buf`` fills a ``[rows, 2D]`` accumulator whose V half is the attention output; the kernel
+  writes ``[rows, 2D]`` tiles and the wrapper keeps lanes ``[D:]`` (an XLA slice).  The price is
+  a second, wasted ``p @ K`` half of that matmul and twice the output bytes.
 * **Online softmax** over the kv blocks with running max / denominator / accumulator in VMEM
   scratch (float32); rows of other sequences in the tile are masked, which leaves their state
   untouched, and rows of no sequence end as zeros.  Scores are ``q @ K^T`` in the cache dtype with
@@ -52,21 +54,31 @@ Design
   VMEM estimate fits the budget; ``vmem_limit_bytes`` is set from the estimate.
   These choices follow the structure of vLLM's TPU ragged paged attention (separate decode /
   prefill / mixed block sizes, per-generation tables, VMEM budget) but the numbers are not tuned.
-* **Supported shapes**: ``tpu_unsupported_reason`` returns why a configuration is not served
-  (dtype not float32/bfloat16, ``2 * head_dim`` not a multiple of 128, ``page_size`` not a
-  multiple of the sublane packing, query heads not a multiple of kv heads), or ``None``.
+* **Not done** (left for tuning on hardware): the first kv block of each program (grid step) is
+  fetched without overlap (nothing is prefetched across grid steps); q and the output move
+  through the ``BlockSpec`` pipeline, not manual DMAs; one DMA per page (no coalescing of
+  consecutive pages); no separate compute block size inside a kv block.
+* **Supported shapes**: ``tpu_unsupported_reason`` returns why a configuration is not served, or
+  ``None``: dtype float32 or bfloat16 (a ``q`` of another dtype is cast to the cache's); query
+  heads a multiple of kv heads; ``head_dim`` a multiple of 16; ``page_size`` a multiple of the
+  sublane packing (8 rows float32, 16 bfloat16; Mosaic also compiles 8-row bfloat16 pages, a DMA
+  to a half tile, but that is not served); and, given the page table's shape, that it fits in SMEM
+  (1 MiB on v5e/v6e, 64 KiB kept for the rest; the wrapper checks the exact need and raises).
 
 What has been checked, and what has not
 ---------------------------------------
-No TPU was available while writing this kernel.  It is **compile-checked**: Mosaic and XLA
-compile it for TPU v5e and v6e (deviceless, ``jaxserve.targets``) in float32 and bfloat16 over
-head dims 64/128/256, GQA 1-8, page sizes 16/32/64, decode / mixed / prefill steps, with and
-without sliding window and soft cap (``tests/test_compile_tpu_kernel.py``).  It is
+No TPU was available while writing this kernel.  It is **compile-checked**: Mosaic and XLA TPU
+compile it, deviceless (``jaxserve.targets``), for TPU v5e and v6e in float32 and bfloat16 over
+head dims 64/128/256, GQA 1-8, page sizes 16/32/64, decode-only (64 sequences), mixed (32 decodes +
+480 prefill tokens) and prefill-only (512 tokens) steps, with and without sliding window and soft
+cap, with ``max_model_len`` 4096 on a 2-layer cache of 64K tokens; by default a pairwise covering
+subset of that grid plus head dims 80/96, 8-row float32 pages and a 512 KiB page table
+(``tests/test_compile_tpu_kernel.py``; the full product is ``-m slow``).  It is
 **interpret-checked**: in TPU interpret mode on CPU it matches the reference and the float64
 textbook attention (``tests/test_pallas_tpu.py``), and the interpreter's race detector finds no
 read of a buffer while a DMA into it is in flight.  It has **never run on TPU hardware**: neither
-its numerics on the MXU nor its speed are measured, and the block-size table is a starting point,
-not a tuning result.
+its numerics on the MXU nor its speed are measured (it is not timed), and the block-size table is
+a starting point, not a tuning result.
 """
 
 from __future__ import annotations
@@ -153,8 +165,8 @@ def tpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int
         need = smem_bytes(num_slots=max_num_seqs, pages_per_seq=pages_per_seq) + SMEM_RESERVE
         if need > smem_capacity:
             return (f"the page table ({max_num_seqs} sequences x {pages_per_seq} pages, int32) does not fit "
-                    f"in SMEM ({smem_capacity // 1024} KiB with {SMEM_RESERVE // 1024} KiB kept for the other "
-                    "scalars): use a larger page_size or fewer sequences")
+                    f"in SMEM ({smem_capacity // 1024} KiB with {SMEM_RESERVE // 1024} KiB kept for the "
+                    "other scalars): use a larger page_size or fewer sequences")
     return None
 
 
@@ -469,8 +481,8 @@ def ragged_paged_attention_tpu(
         need = smem_bytes(num_slots=num_slots, pages_per_seq=width,
                           num_query_blocks=pl.cdiv(row_end - row_start, block_q or bq))
         if need > smem_capacity:
-            raise ValueError(f"ragged_paged_attention_tpu: the scalar-prefetched page table ({num_slots} x {width}) "
-                             f"and query-block ranges need {need} bytes of SMEM, more than {smem_capacity}")
+            raise ValueError(f"ragged_paged_attention_tpu: the scalar-prefetched page table ({num_slots} x "
+                             f"{width}) and query-block ranges need {need} bytes of SMEM, more than {smem_capacity}")
         outs.append(_attention_part(
             q, kv_cache, layer, kv_lens, table, cu_q_lens, num_seqs, row_start=row_start, row_end=row_end,
             block_q=block_q or bq, pages_per_block=pages_per_block or ppb, table_width=width,

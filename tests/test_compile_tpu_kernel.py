@@ -133,9 +133,9 @@ def _restore_default_device():
 
 
 def test_pairwise_grid_covers_every_pair():
-    have = {(i, row[i], j, row[j]) for row in PAIRWISE for i, j in itertools.combinations(range(len(FACTORS)), 2)}
-    want = {(i, a, j, b) for i, j in itertools.combinations(range(len(FACTORS)), 2)
-            for a in FACTORS[i] for b in FACTORS[j]}
+    pairs = list(itertools.combinations(range(len(FACTORS)), 2))
+    have = {(i, row[i], j, row[j]) for row in PAIRWISE for i, j in pairs}
+    want = {(i, a, j, b) for i, j in pairs for a in FACTORS[i] for b in FACTORS[j]}
     assert not want - have, f"pairs not covered: {sorted(want - have, key=str)[:10]}"
     assert all(row in FULL for row in PAIRWISE)
 

@@ -165,7 +165,8 @@ def test_padding_does_not_touch_real_rows():
     pages[ns:] = np.arange(pages[ns:].size).reshape(pages[ns:].shape) % kv_cache.shape[2]
     cu[ns + 1:] = cu[ns] + 2 + np.arange(len(cu) - ns - 1)
     q[int(cu[ns]):] = np.nan
-    dirty, _, _ = run_kernel((q, kv_cache, layer, kv_lens, pages, cu, np.int32(ns)), num_decode_rows=NUM_DECODE)
+    dirty, _, _ = run_kernel((q, kv_cache, layer, kv_lens, pages, cu, np.int32(ns)),
+                             num_decode_rows=NUM_DECODE)
     np.testing.assert_array_equal(dirty, clean)
     assert not dirty[int(cu[ns]):].any()
 
@@ -185,11 +186,13 @@ def test_reads_the_given_layer():
     assert int(layer) == 1
     other = kv_cache.copy()
     other[0] = np.nan  # the layer that is not read
-    got0 = np.asarray(ragged_paged_attention_tpu(q, other, np.int32(1), *rest, sm_scale=0.125, interpret=True))
+    got0 = np.asarray(ragged_paged_attention_tpu(q, other, np.int32(1), *rest, sm_scale=0.125,
+                                                 interpret=True))
     want = ragged_paged_attention_dense(q, kv_cache, 1, *rest, sm_scale=0.125)
     assert_close(got0, want, "float32")
     swapped = kv_cache[::-1].copy()  # layer 1's data now at layer 0
-    got1 = np.asarray(ragged_paged_attention_tpu(q, swapped, np.int32(0), *rest, sm_scale=0.125, interpret=True))
+    got1 = np.asarray(ragged_paged_attention_tpu(q, swapped, np.int32(0), *rest, sm_scale=0.125,
+                                                 interpret=True))
     np.testing.assert_array_equal(got1, got0)
 
 
@@ -239,7 +242,8 @@ def test_unsupported_reason_rules():
 def test_unsupported_configuration_raises():
     q = jnp.zeros((4, 2, 64), jnp.bfloat16)
     kv_cache = jnp.zeros((1, 2, 4, 8, 128), jnp.bfloat16)  # bfloat16 pages of 8 rows
-    meta = (np.int32(0), np.ones(1, np.int32), np.zeros((1, 1), np.int32), np.array([0, 1], np.int32), np.int32(1))
+    meta = (np.int32(0), np.ones(1, np.int32), np.zeros((1, 1), np.int32), np.array([0, 1], np.int32),
+            np.int32(1))
     with pytest.raises(ValueError, match="page_size"):
         ragged_paged_attention_tpu(q, kv_cache, *meta, sm_scale=0.125, interpret=True)
 
@@ -260,4 +264,5 @@ def test_block_size_choice(dtype, gqa):
         assert (bq_p * gqa) % packing == 0
         assert ppb_d * 16 >= 512 and ppb_p >= 1
         assert block_sizes(decode=True, num_tokens=64, pages_per_seq=3, **common)[1] == 3
-        assert block_sizes(decode=False, num_tokens=3, pages_per_seq=256, **common)[0] == -(-3 // align) * align
+        short = block_sizes(decode=False, num_tokens=3, pages_per_seq=256, **common)[0]
+        assert short == -(-3 // align) * align
