@@ -77,7 +77,7 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
     args = (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if kernel == "tpu":
-        return ragged_paged_attention_tpu(*args, interpret=interpret, **opts)
+        return ragged_paged_attention_tpu(*args, interpret=interpret, num_decode_rows=num_decode_rows, **opts)
     if kernel == "gpu":
         group = q.shape[1] // kv_cache.shape[1]
         block_q = default_block_q(group, decode_only=num_decode_rows >= q.shape[0])

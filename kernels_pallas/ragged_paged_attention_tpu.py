@@ -1,137 +1,352 @@
 """Ragged paged attention as a Pallas kernel for TPU (Mosaic).
 
-Same contract as ``ragged_paged_attention_ref`` (see ``ragged_paged_attention.py``).
+Same contract as ``ragged_paged_attention_ref`` (see ``ragged_paged_attention.py``), on the
+engine's cache of all layers (layout owned by ``jaxserve/kv_cache.py``)::
+
+    kv_cache: [num_layers, num_kv_heads, num_pages, page_size, 2 * head_dim]   K: lanes [:D], V: lanes [D:]
 
 Design
 ------
-* **Grid** ``(kv head, query block)``.  Query blocks are aligned blocks of
-  ``block_q`` packed tokens, so a block may hold the rows of several sequences
-  (many decode tokens, or the end of one prefill chunk and the start of the
-  next).  A program holds the ``block_q`` tokens of all ``G`` query heads that
-  share its kv head (GQA) as one ``[block_q * G, D]`` tile: ``q`` is laid out
-  ``[Hkv, T * G, D]`` (row ``t * G + g``) and blocked with a ``BlockSpec``.
-* **Scalar prefetch** (SMEM): kv lengths, the flattened page table, the query
-  offsets and, per query block, the range of sequences whose rows it holds.
-* **Pages by async copy, double-buffered.**  For each sequence of its block
-  the program walks that sequence's keys in blocks of ``pages_per_block``
-  pages, from the first key its rows can see (sliding window) to the last
-  (causal).  Each page of the current kv head is one DMA from the cache in HBM
-  (``k_pages[page, :, head, :]``, a strided copy; the cache keeps the engine's
-  ``[num_pages, page_size, Hkv, D]`` layout) into a ``[2, block_kv, D]`` VMEM
-  buffer; block ``j + 1`` is started before block ``j`` is waited on and used.
-  Page slots past the sequence's last page re-fetch its last page, so the
-  buffer always holds finite cache data (those keys are masked).
-* **Online softmax** over the kv blocks with running max / denominator /
-  accumulator in VMEM scratch; rows of other sequences in the tile are masked,
-  which leaves their state untouched, and rows of no sequence end as zeros.
-* No reshape of a ref anywhere (buffers are indexed), explicit block sizes:
-  this is what lets the kernel run in TPU interpret mode on CPU
-  (``interpret=True`` here selects ``pltpu.InterpretParams()``), which is how it
-  is tested.  It has not run on a TPU yet.
+* **Grid** ``(kv head, query block)``.  Query blocks are aligned blocks of ``block_q`` packed
+  tokens, so a block may hold the rows of several sequences (many decode tokens, or the end of one
+  prefill chunk and the start of the next).  A program holds the ``block_q`` tokens of all ``G``
+  query heads that share its kv head (GQA) as one ``[block_q * G, Dq]`` tile: ``q`` is laid out
+  ``[Hkv, T * G, Dq]`` (row ``t * G + g``) and blocked with a ``BlockSpec``; the output likewise.
+* **Two calls for a mixed step.**  ``num_decode_rows`` (static; the engine puts its single-token
+  decode sequences first) splits the step: rows ``[0, num_decode_rows)`` run with the decode block
+  sizes, the rest with the prefill block sizes, as two ``pallas_call``s.  A decode-only step
+  (``num_decode_rows >= T``) or a prefill-only step (``num_decode_rows == 0``) is one call.  The
+  split only chooses block sizes: each call computes every sequence that has rows in its part from
+  ``cu_q_lens``, so the result does not depend on the hint being right.
+* **Scalar prefetch** (SMEM): the layer (a traced scalar: the cache of all layers is passed whole
+  and indexed, never sliced), kv lengths, the flattened page table, the query offsets and, per
+  query block, the range of sequences with rows in it.
+* **Pages by async copy, double-buffered.**  One page of one head of one layer,
+  ``kv_hbm.at[layer, head, page]``, is a contiguous ``[page_size, 2D]`` slab whose two minor
+  dimensions are whole: each page is one DMA into a VMEM buffer ``[2, block_kv, 2D]`` at row
+  ``p * page_size`` (tile-aligned because ``page_size`` is a multiple of the dtype's sublane
+  packing).  For each sequence of its block a program walks the keys in blocks of
+  ``pages_per_block`` pages, from the first key its rows can see (sliding window) to the last
+  (causal); block ``j + 1`` is started before block ``j`` is waited on, and on the last block of a
+  sequence the first block of the next sequence of the query block is started, so a stream of
+  short (decode) sequences is double-buffered too.  Only the pages a sequence has are copied (a
+  partial last block leaves stale rows in the buffer, which are masked; the buffer is zeroed at
+  the first query block of each head so that stale rows are always finite and ``0 * stale = 0``).
+* **K and V without a misaligned lane slice.**  With ``D % 128 == 0``, K and V are the
+  tile-aligned lane halves ``buf[..., :D]`` / ``buf[..., D:]``.  Otherwise (``D = 64``: one
+  128-lane row holds K and V; also 80, 96, ...) nothing is sliced at lane ``D``: ``q`` is
+  zero-extended to ``2D`` lanes in the wrapper, so ``q_ext @ buf^T`` is exactly ``q @ K^T``, and
+  ``p @ buf`` fills a ``[rows, 2D]`` accumulator whose V half is the attention output; the kernel
+  writes ``[rows, 2D]`` tiles and the wrapper keeps lanes ``[D:]`` (an XLA slice).  The price is
+  a second, wasted ``p @ K`` half of that matmul and twice the output bytes.
+* **Online softmax** over the kv blocks with running max / denominator / accumulator in VMEM
+  scratch (float32); rows of other sequences in the tile are masked, which leaves their state
+  untouched, and rows of no sequence end as zeros.  Scores are ``q @ K^T`` in the cache dtype with
+  a float32 result (``Precision.HIGHEST`` for float32), scaled by ``sm_scale`` in float32;
+  ``p`` is cast to the cache dtype for ``p @ V``.  If ``q``'s dtype differs from the cache's,
+  ``q`` is cast to the cache dtype and the output back to ``q``'s.
+* **Block sizes** from a small table per chip generation (``BLOCK_TABLE``; the chip is the
+  default device's, i.e. what Pallas lowers for; off TPU, as in interpret mode, the v5e row):
+  decode: the smallest query block whose tile rows are a multiple of the sublane packing, and
+  long kv blocks (the step is bandwidth bound; a program has few rows); prefill: query tiles of
+  about one to two MXU widths of rows and kv blocks of a few hundred tokens.  Both are capped by
+  the step (tokens) and the page table (pages per sequence), and the kv block is halved until the
+  VMEM estimate fits the budget; ``vmem_limit_bytes`` is set from the estimate.
+  These choices follow the structure of vLLM's TPU ragged paged attention (separate decode /
+  prefill / mixed block sizes, per-generation tables, VMEM budget) but the numbers are not tuned.
+* **Not done** (left for tuning on hardware): the first kv block of each program (grid step) is
+  fetched without overlap (nothing is prefetched across grid steps); q and the output move
+  through the ``BlockSpec`` pipeline, not manual DMAs; one DMA per page (no coalescing of
+  consecutive pages); no separate compute block size inside a kv block.
+* **Supported shapes**: ``tpu_unsupported_reason`` returns why a configuration is not served, or
+  ``None``: dtype float32 or bfloat16 (a ``q`` of another dtype is cast to the cache's); query
+  heads a multiple of kv heads; ``head_dim`` a multiple of 16; ``page_size`` a multiple of the
+  sublane packing (8 rows float32, 16 bfloat16; Mosaic also compiles 8-row bfloat16 pages, a DMA
+  to a half tile, but that is not served); and, given the page table's shape, that it fits in SMEM
+  (1 MiB on v5e/v6e, 64 KiB kept for the rest; the wrapper checks the exact need and raises).
+
+What has been checked, and what has not
+---------------------------------------
+No TPU was available while writing this kernel.  It is **compile-checked**: Mosaic and XLA TPU
+compile it, deviceless (``jaxserve.targets``), for TPU v5e and v6e in float32 and bfloat16 over
+head dims 64/128/256, GQA 1-8, page sizes 16/32/64, decode-only (64 sequences), mixed (32 decodes +
+480 prefill tokens) and prefill-only (512 tokens) steps, with and without sliding window and soft
+cap, with ``max_model_len`` 4096 on a 2-layer cache of 64K tokens; by default a pairwise covering
+subset of that grid plus head dims 80/96, 8-row float32 pages and a 512 KiB page table
+(``tests/test_compile_tpu_kernel.py``; the full product is ``-m slow``).  It is
+**interpret-checked**: in TPU interpret mode on CPU it matches the reference and the float64
+textbook attention (``tests/test_pallas_tpu.py``), and the interpreter's race detector finds no
+read of a buffer while a DMA into it is in flight.  It has **never run on TPU hardware**: neither
+its numerics on the MXU nor its speed are measured (it is not timed), and the block-size table is
+a starting point, not a tuning result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 _NEG_INF = -1e30  # finite: fully masked rows give p = 0, never NaN.
+_SUPPORTED_DTYPES = ("float32", "bfloat16")
 
 
-def default_block_q(group: int) -> int:
-    """Tokens per query block: a multiple of 8 giving tiles of about 64 rows."""
-    return max(8, (64 // group) // 8 * 8)
+@dataclasses.dataclass(frozen=True)
+class BlockTable:
+    """Block sizes of one chip generation (tokens / tile rows; not tuned on hardware)."""
+    decode_kv_tokens: int  # keys per kv block of a decode-only part
+    prefill_rows: int  # query tile rows (block_q * G) of a prefill part
+    prefill_kv_tokens: int  # keys per kv block of a prefill part
+    vmem_budget: int  # bytes the kernel's VMEM estimate may use
 
 
-def block_sequence_ranges(cu_q_lens: jax.Array, num_seqs: jax.Array, num_blocks: int, block_q: int):
-    """For each aligned query block, the real sequences ``[lo, hi)`` with rows in it."""
+# v5e: 4 MXUs of 128x128, 16 MiB default scoped VMEM (128 MiB physical); v6e: 2 MXUs of 256x256,
+# 32 MiB default scoped VMEM (128 MiB physical).
+BLOCK_TABLE = {
+    5: BlockTable(decode_kv_tokens=512, prefill_rows=128, prefill_kv_tokens=256, vmem_budget=24 << 20),
+    6: BlockTable(decode_kv_tokens=1024, prefill_rows=256, prefill_kv_tokens=512, vmem_budget=48 << 20),
+}
+_DEFAULT_GENERATION = 5
+SMEM_CAPACITY = 1 << 20  # v5e and v6e: 1 MiB of SMEM per core; scalar-prefetched arrays live there
+SMEM_RESERVE = 64 << 10  # SMEM kept for the per-query-block ranges and Mosaic's own scalars
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def sublane_packing(dtype) -> int:
+    """Rows of one (sublane) tile: 8 for 32-bit dtypes, 16 for 16-bit ones."""
+    return 8 * (4 // np.dtype(dtype).itemsize)
+
+
+def query_alignment(group: int, dtype) -> int:
+    """``block_q`` must be a multiple of this, so that tile rows ``block_q * G`` fill whole tiles."""
+    packing = sublane_packing(dtype)
+    return packing // math.gcd(group, packing)
+
+
+def smem_bytes(*, num_slots: int, pages_per_seq: int, num_query_blocks: int = 0) -> int:
+    """Bytes of SMEM the scalar-prefetched arrays take (page table, kv lengths, query offsets, layer,
+    per-query-block sequence ranges); each padded to whole 128-word rows, as Mosaic lays them out."""
+    words = [num_slots * pages_per_seq, num_slots, num_slots + 1, 1, num_query_blocks, num_query_blocks]
+    return sum(_round_up(max(w, 1), 128) * 4 for w in words)
+
+
+def tpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int, page_size: int,
+                           dtype, max_num_seqs: int | None = None, pages_per_seq: int | None = None,
+                           smem_capacity: int = SMEM_CAPACITY) -> str | None:
+    """``None`` if the kernel serves this configuration, else a short reason why not.
+
+    Rules: dtype float32 or bfloat16; query heads a multiple of kv heads; ``head_dim`` a multiple
+    of 16; ``page_size`` a multiple of the dtype's sublane packing (8 rows for float32, 16 for
+    bfloat16), so that each page DMA lands on whole tiles.  With ``max_num_seqs`` and
+    ``pages_per_seq`` (the page table's shape) also: the page table fits in SMEM
+    (``smem_capacity``, 1 MiB on v5e/v6e) with room for the other prefetched scalars.
+    """
+    name = jnp.dtype(dtype).name
+    if name not in _SUPPORTED_DTYPES:
+        return f"dtype {name} (the TPU kernel supports {' and '.join(_SUPPORTED_DTYPES)})"
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        return f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+    if head_dim <= 0 or head_dim % 16:
+        return f"head_dim={head_dim} is not a multiple of 16"
+    packing = sublane_packing(name)
+    if page_size % packing:
+        return (f"page_size={page_size} is not a multiple of {packing} (the sublane packing of {name}), "
+                "so a page is not a whole number of tiles")
+    if max_num_seqs is not None and pages_per_seq is not None:
+        need = smem_bytes(num_slots=max_num_seqs, pages_per_seq=pages_per_seq) + SMEM_RESERVE
+        if need > smem_capacity:
+            return (f"the page table ({max_num_seqs} sequences x {pages_per_seq} pages, int32) does not fit "
+                    f"in SMEM ({smem_capacity // 1024} KiB with {SMEM_RESERVE // 1024} KiB kept for the "
+                    "other scalars): use a larger page_size or fewer sequences")
+    return None
+
+
+def chip_generation() -> int | None:
+    """TPU generation Pallas lowers for (the default device's), or None off TPU."""
+    try:
+        return int(pltpu.get_tpu_info().generation)
+    except Exception:  # not a TPU device (CPU in interpret mode), or an unknown chip
+        return None
+
+
+def _smem_capacity() -> int:
+    try:
+        return int(pltpu.get_tpu_info().smem_capacity_bytes)
+    except Exception:  # off TPU (interpret mode)
+        return SMEM_CAPACITY
+
+
+def vmem_estimate(*, rows: int, q_lanes: int, block_kv: int, head_dim: int, dtype) -> int:
+    """Bytes of VMEM the kernel uses: kv double buffer, double-buffered q/out tiles, softmax state,
+    and the [rows, block_kv] float32 temporaries of one kv step (scores, p, mask)."""
+    item = np.dtype(dtype).itemsize
+    rows_p = _round_up(rows, 8)
+    kv_buf = 2 * block_kv * 2 * head_dim * item
+    io = 2 * 2 * rows_p * q_lanes * item
+    state = rows_p * q_lanes * 4 + 2 * rows_p * 128 * 4
+    temps = 3 * rows_p * _round_up(block_kv, 128) * 4
+    return kv_buf + io + state + temps
+
+
+def block_sizes(*, decode: bool, num_tokens: int, group: int, head_dim: int, page_size: int,
+                pages_per_seq: int, dtype, generation: int | None = None) -> tuple[int, int]:
+    """``(block_q, pages_per_block)`` for a decode-only or a prefill/mixed part of a step."""
+    table = BLOCK_TABLE.get(generation or _DEFAULT_GENERATION, BLOCK_TABLE[_DEFAULT_GENERATION])
+    align = query_alignment(group, dtype)
+    max_q = _round_up(max(num_tokens, 1), align)
+    if decode:
+        block_q = align
+        kv_tokens = table.decode_kv_tokens
+    else:
+        block_q = max(align, table.prefill_rows // group // align * align)
+        kv_tokens = table.prefill_kv_tokens
+    block_q = min(block_q, max_q)
+    pages = max(1, min(kv_tokens // page_size, pages_per_seq))
+    q_lanes = head_dim if head_dim % 128 == 0 else 2 * head_dim
+    while pages > 1 and vmem_estimate(rows=block_q * group, q_lanes=q_lanes, block_kv=pages * page_size,
+                                      head_dim=head_dim, dtype=dtype) > table.vmem_budget:
+        pages //= 2
+    return block_q, pages
+
+
+def block_sequence_ranges(cu_q_lens: jax.Array, num_seqs: jax.Array, num_blocks: int, block_q: int,
+                          row_start: int, row_end: int):
+    """For each query block of rows ``[row_start, row_end)``, the real sequences ``[lo, hi)`` with
+    rows in it."""
     num_slots = cu_q_lens.shape[0] - 1
     valid = jnp.arange(num_slots) < num_seqs
     big = jnp.iinfo(jnp.int32).max
     starts = jnp.where(valid, cu_q_lens[:-1], big)
     ends = jnp.where(valid, cu_q_lens[1:], big)
-    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_q
+    block_start = row_start + jnp.arange(num_blocks, dtype=jnp.int32) * block_q
+    block_end = jnp.minimum(block_start + block_q, row_end)
     lo = jnp.sum(ends[None, :] <= block_start[:, None], axis=1)
-    hi = jnp.sum(starts[None, :] < block_start[:, None] + block_q, axis=1)
+    hi = jnp.sum(starts[None, :] < block_end[:, None], axis=1)
     return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
 
 
-def _kernel(kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # scalar prefetch (SMEM)
-            q_ref,  # [block_q * G, D] (VMEM block)
-            k_hbm, v_hbm,  # [num_pages, page_size, Hkv, D] (HBM)
-            o_ref,  # [block_q * G, D]
-            k_buf, v_buf,  # [2, block_kv, D] VMEM double buffers
-            sems,  # DMA semaphores [2 (k/v), 2 (slot)]
-            m_ref, l_ref, acc_ref,  # [R, 1], [R, 1], [R, D] float32
-            *, block_q: int, group: int, pages_per_block: int, table_width: int, sm_scale: float,
-            sliding_window: int | None, soft_cap: float | None):
+def _kernel(layer_ref, kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # scalar prefetch
+            q_ref,  # [rows, Dq] (VMEM block)
+            kv_hbm,  # [L, Hkv, num_pages, page_size, 2D] (HBM)
+            o_ref,  # [rows, Dq]
+            buf,  # [2, block_kv, 2D] VMEM double buffer
+            sems,  # DMA semaphores [2 (slot)]
+            m_ref, l_ref, acc_ref,  # [rows, 1], [rows, 1], [rows, Dq] float32
+            *, row_start: int, row_end: int, block_q: int, group: int, pages_per_block: int,
+            table_width: int, sm_scale: float, sliding_window: int | None, soft_cap: float | None,
+            split_kv: bool):
     head = pl.program_id(0)
     qblock = pl.program_id(1)
-    page_size = k_hbm.shape[1]
+    layer = layer_ref[0]
+    page_size = kv_hbm.shape[3]
+    d2 = kv_hbm.shape[4]
+    d = d2 // 2
     block_kv = pages_per_block * page_size
     rows = block_q * group
-    block_start = qblock * block_q
+    block_start = row_start + qblock * block_q
+    block_end = jnp.minimum(block_start + block_q, row_end)
+    precision = jax.lax.Precision.HIGHEST if buf.dtype == jnp.float32 else None
+
+    @pl.when(qblock == 0)
+    def _():  # rows of a partial kv block that no DMA filled must hold finite values
+        buf[...] = jnp.zeros(buf.shape, buf.dtype)
 
     m_ref[...] = jnp.full(m_ref.shape, _NEG_INF, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    token = block_start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0) // group
+    # Token of each tile row (row t * G + g holds token t, query head g of this kv head).
+    token = block_start + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
+    key_iota = jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
 
-    def sequence(seq, _):
+    def seq_info(seq):
         seq_start = cu_ref[seq]
         seq_end = cu_ref[seq + 1]
         kv_len = kv_lens_ref[seq]
         ctx_len = kv_len - (seq_end - seq_start)
         row_lo = jnp.maximum(seq_start, block_start)
-        row_hi = jnp.minimum(seq_end, block_start + block_q)
+        row_hi = jnp.minimum(seq_end, block_end)
         first_pos = ctx_len + row_lo - seq_start
         key_end = jnp.where(row_hi > row_lo, jnp.clip(ctx_len + row_hi - seq_start, 0, kv_len), 0)
-        key_start = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+        if sliding_window is None:
+            key_start = 0
+        else:
+            key_start = jnp.clip(first_pos - sliding_window + 1, 0, key_end)
         kv_lo = key_start // block_kv
         kv_hi = jnp.maximum((key_end + block_kv - 1) // block_kv, kv_lo)
-        last_page = jnp.maximum((kv_len + page_size - 1) // page_size - 1, 0)
+        num_pages = (kv_len + page_size - 1) // page_size
+        return seq_start, seq_end, ctx_len, kv_lo, kv_hi, num_pages
 
-        def copies(kv_block, slot):
-            out = []
-            for p in range(pages_per_block):
-                col = jnp.minimum(kv_block * pages_per_block + p, last_page)
-                page = table_ref[seq * table_width + col]
-                dst = pl.ds(p * page_size, page_size)
-                out.append(pltpu.make_async_copy(k_hbm.at[page, :, head, :], k_buf.at[slot, dst, :],
-                                                 sems.at[0, slot]))
-                out.append(pltpu.make_async_copy(v_hbm.at[page, :, head, :], v_buf.at[slot, dst, :],
-                                                 sems.at[1, slot]))
-            return out
+    def copies(seq, kv_block, slot, num_pages, wait: bool):
+        """Start (or wait for) the DMAs of the pages of ``kv_block`` that the sequence has."""
+        first = kv_block * pages_per_block
+        count = jnp.clip(num_pages - first, 0, pages_per_block)
 
-        @pl.when(kv_hi > kv_lo)
+        def one(p, _):
+            col = jnp.minimum(first + p, table_width - 1)
+            page = table_ref[seq * table_width + col]
+            dst = pl.ds(pl.multiple_of(p * page_size, page_size), page_size)
+            copy = pltpu.make_async_copy(kv_hbm.at[layer, head, page], buf.at[slot, dst], sems.at[slot])
+            if wait:
+                copy.wait()
+            else:
+                copy.start()
+            return 0
+
+        jax.lax.fori_loop(0, count, one, 0)
+
+    seq_lo = seq_lo_ref[qblock]
+    seq_hi = seq_hi_ref[qblock]
+
+    def sequence(seq, carry):
+        slot, prefetched = carry
+        seq_start, seq_end, ctx_len, kv_lo, kv_hi, num_pages = seq_info(seq)
+        nseq = jnp.minimum(seq + 1, seq_hi - 1)
+        _, _, _, n_kv_lo, n_kv_hi, n_num_pages = seq_info(nseq)
+        next_has_kv = (seq + 1 < seq_hi) & (n_kv_hi > n_kv_lo)
+
+        @pl.when((kv_hi > kv_lo) & (prefetched == 0))
         def _():
-            for c in copies(kv_lo, 0):
-                c.start()
+            copies(seq, kv_lo, slot, num_pages, wait=False)
 
-        def kv_step(kv_block, _):
-            slot = (kv_block - kv_lo) % 2
+        pos = ctx_len + token - seq_start  # [rows, 1] query position of each row
+        row_valid = (token >= seq_start) & (token < seq_end) & (token < block_end)
 
-            @pl.when(kv_block + 1 < kv_hi)
+        def kv_step(kv_block, carry):
+            slot, _ = carry
+            last = kv_block + 1 >= kv_hi
+
+            @pl.when(jnp.logical_not(last))
             def _():
-                for c in copies(kv_block + 1, 1 - slot):
-                    c.start()
+                copies(seq, kv_block + 1, 1 - slot, num_pages, wait=False)
 
-            for c in copies(kv_block, slot):
-                c.wait()
+            prefetch_next = last & next_has_kv
+
+            @pl.when(prefetch_next)
+            def _():
+                copies(nseq, n_kv_lo, 1 - slot, n_num_pages, wait=False)
+
+            copies(seq, kv_block, slot, num_pages, wait=True)
             q = q_ref[...]
-            k = k_buf[slot]
-            v = v_buf[slot]
-            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+            if split_kv:
+                k = buf[slot, :, pl.ds(0, d)]
+                v = buf[slot, :, pl.ds(d, d)]
+            else:  # q is zero-extended to 2D lanes; the V half of acc is the output
+                k = v = buf[slot]
+            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                          preferred_element_type=jnp.float32) * sm_scale
             if soft_cap is not None:
                 scores = soft_cap * jnp.tanh(scores / soft_cap)
-            pos = ctx_len + token - seq_start
-            key_pos = kv_block * block_kv + jax.lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
-            mask = (token >= seq_start) & (token < seq_end) & (key_pos <= pos)
+            key_pos = kv_block * block_kv + key_iota  # [1, block_kv]
+            mask = row_valid & (key_pos <= pos)
             if sliding_window is not None:
                 mask &= key_pos > pos - sliding_window
             scores = jnp.where(mask, scores, _NEG_INF)
@@ -142,23 +357,71 @@ def _kernel(kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # scalar pr
             m_ref[...] = m_new
             l_ref[...] = alpha * l_ref[...] + p.sum(axis=1, keepdims=True)
             acc_ref[...] = alpha * acc_ref[...] + jax.lax.dot_general(
-                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            return 0
+                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                preferred_element_type=jnp.float32)
+            return 1 - slot, prefetch_next.astype(jnp.int32)
 
-        jax.lax.fori_loop(kv_lo, kv_hi, kv_step, 0)
-        return 0
+        return jax.lax.fori_loop(kv_lo, kv_hi, kv_step, (slot, jnp.int32(0)))
 
-    jax.lax.fori_loop(seq_lo_ref[qblock], seq_hi_ref[qblock], sequence, 0)
+    jax.lax.fori_loop(seq_lo, seq_hi, sequence, (jnp.int32(0), jnp.int32(0)))
     l = l_ref[...]
     o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q",
-                                             "pages_per_block", "interpret"))
+def _attention_part(q, kv_cache, layer, kv_lens, table, cu_q_lens, num_seqs, *, row_start, row_end,
+                    block_q, pages_per_block, table_width, generation, interpret, **opts):
+    """The kernel over query rows ``[row_start, row_end)``: ``[row_end - row_start, Hq, Dq]``."""
+    _, hq, dq = q.shape
+    _, hkv, _, page_size, d2 = kv_cache.shape
+    group = hq // hkv
+    n = row_end - row_start
+    num_blocks = pl.cdiv(n, block_q)
+    t_pad = num_blocks * block_q
+    rows = block_q * group
+    block_kv = pages_per_block * page_size
+
+    seq_lo, seq_hi = block_sequence_ranges(cu_q_lens, num_seqs, num_blocks, block_q, row_start, row_end)
+    qt = jnp.pad(q[row_start:row_end], ((0, t_pad - n), (0, 0), (0, 0))).reshape(t_pad, hkv, group, dq)
+    qt = qt.transpose(1, 0, 2, 3).reshape(hkv, t_pad * group, dq)
+
+    kernel = functools.partial(_kernel, row_start=row_start, row_end=row_end, block_q=block_q, group=group,
+                               pages_per_block=pages_per_block, table_width=table_width,
+                               split_kv=dq != d2, **opts)
+    tile = pl.BlockSpec((None, rows, dq), lambda h, i, *_: (h, i, 0))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=6,
+        grid=(hkv, num_blocks),
+        in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=tile,
+        scratch_shapes=[
+            pltpu.VMEM((2, block_kv, d2), kv_cache.dtype),
+            pltpu.SemaphoreType.DMA((2,)),
+            pltpu.VMEM((rows, 1), jnp.float32),
+            pltpu.VMEM((rows, 1), jnp.float32),
+            pltpu.VMEM((rows, dq), jnp.float32),
+        ],
+    )
+    table_cfg = BLOCK_TABLE.get(generation or _DEFAULT_GENERATION, BLOCK_TABLE[_DEFAULT_GENERATION])
+    estimate = vmem_estimate(rows=rows, q_lanes=dq, block_kv=block_kv, head_dim=d2 // 2, dtype=kv_cache.dtype)
+    vmem_limit = max(32 << 20, min(2 * estimate, 2 * table_cfg.vmem_budget))
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((hkv, t_pad * group, dq), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=vmem_limit),
+        interpret=pltpu.InterpretParams() if interpret is True else interpret,
+        name="ragged_paged_attention_tpu",
+    )(layer, kv_lens, table, cu_q_lens, seq_lo, seq_hi, qt, kv_cache)
+    return out.reshape(hkv, t_pad, group, dq)[:, :n].transpose(1, 0, 2, 3).reshape(n, hq, dq)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "num_decode_rows",
+                                             "block_q", "pages_per_block", "interpret"))
 def ragged_paged_attention_tpu(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    kv_cache: jax.Array,
+    layer: jax.Array,
     kv_lens: jax.Array,
     page_indices: jax.Array,
     cu_q_lens: jax.Array,
@@ -167,60 +430,65 @@ def ragged_paged_attention_tpu(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    num_decode_rows: int = 0,
     block_q: int | None = None,
     pages_per_block: int | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
-    """Pallas (Mosaic TPU) ragged paged attention; ``interpret=True`` runs it on CPU (TPU interpret mode).
+    """Pallas (Mosaic TPU) ragged paged attention; ``interpret=True`` runs it on CPU (TPU interpret
+    mode), and ``interpret`` may also be a ``pltpu.InterpretParams`` (e.g. ``detect_races=True``).
 
-    ``interpret`` may also be a ``pltpu.InterpretParams`` (e.g. with ``detect_races=True``).
-
-    ``block_q``: tokens per query block (default: ``default_block_q(G)``);
-    ``pages_per_block``: pages per kv step, i.e. per DMA buffer (default: 64 tokens).
+    ``kv_cache`` is the cache of all layers ``[L, Hkv, num_pages, page_size, 2D]`` and ``layer`` an
+    int32 scalar (may be traced).  ``num_decode_rows`` (static): rows ``[0, num_decode_rows)`` run
+    with decode block sizes, the others with prefill block sizes (see the module docstring).
+    ``block_q`` (tokens per query block, a multiple of ``query_alignment(G, dtype)``) and
+    ``pages_per_block`` (pages per kv step) override the table's choice for every part.
     """
     t, hq, d = q.shape
-    num_pages, page_size, hkv, _ = k_pages.shape
+    num_layers, hkv, num_pages, page_size, d2 = kv_cache.shape
+    if d2 != 2 * d:
+        raise ValueError(f"kv_cache: last dimension {d2} is not 2 * head_dim = {2 * d}")
+    reason = tpu_unsupported_reason(head_dim=d, num_q_heads=hq, num_kv_heads=hkv, page_size=page_size,
+                                    dtype=kv_cache.dtype)
+    if reason is not None:
+        raise ValueError(f"ragged_paged_attention_tpu: unsupported configuration: {reason}")
     group = hq // hkv
-    if block_q is None:
-        block_q = default_block_q(group)
-    if pages_per_block is None:
-        pages_per_block = max(1, 64 // page_size)
+    align = query_alignment(group, kv_cache.dtype)
+    if block_q is not None and (block_q <= 0 or block_q % align):
+        raise ValueError(f"block_q={block_q} must be a positive multiple of {align} (G={group}, "
+                         f"{jnp.dtype(kv_cache.dtype).name})")
+    out_dtype = q.dtype
+    q = q.astype(kv_cache.dtype)
+    split_kv = d % 128 == 0
+    if not split_kv:  # zero-extend q to 2D lanes: q_ext @ [K | V]^T == q @ K^T exactly
+        q = jnp.concatenate([q, jnp.zeros_like(q)], axis=-1)
     num_slots, width = page_indices.shape
-    num_blocks = pl.cdiv(t, block_q)
-    t_pad = num_blocks * block_q
-    rows = block_q * group
-    block_kv = pages_per_block * page_size
-
-    seq_lo, seq_hi = block_sequence_ranges(cu_q_lens, num_seqs, num_blocks, block_q)
     table = jnp.clip(page_indices.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
-    qt = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0))).reshape(t_pad, hkv, group, d)
-    qt = qt.transpose(1, 0, 2, 3).reshape(hkv, t_pad * group, d)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    kv_lens = kv_lens.astype(jnp.int32)
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+    num_seqs = jnp.asarray(num_seqs, jnp.int32)
+    generation = chip_generation()
+    smem_capacity = _smem_capacity()
 
-    kernel = functools.partial(_kernel, block_q=block_q, group=group, pages_per_block=pages_per_block,
-                               table_width=width, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
-    tile = pl.BlockSpec((None, rows, d), lambda h, i, *_: (h, i, 0))
-    hbm = pl.BlockSpec(memory_space=pl.ANY)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5,
-        grid=(hkv, num_blocks),
-        in_specs=[tile, hbm, hbm],
-        out_specs=tile,
-        scratch_shapes=[
-            pltpu.VMEM((2, block_kv, d), k_pages.dtype),
-            pltpu.VMEM((2, block_kv, d), v_pages.dtype),
-            pltpu.SemaphoreType.DMA((2, 2)),
-            pltpu.VMEM((rows, 1), jnp.float32),
-            pltpu.VMEM((rows, 1), jnp.float32),
-            pltpu.VMEM((rows, d), jnp.float32),
-        ],
-    )
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((hkv, t_pad * group, d), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret is True else interpret,
-        name="ragged_paged_attention_tpu",
-    )(kv_lens.astype(jnp.int32), table, cu_q_lens.astype(jnp.int32), seq_lo, seq_hi, qt, k_pages, v_pages)
-    return out.reshape(hkv, t_pad, group, d)[:, :t].transpose(1, 0, 2, 3).reshape(t, hq, d)
+    nd = min(max(num_decode_rows, 0), t)
+    parts = [(0, nd, True), (nd, t, False)] if 0 < nd < t else [(0, t, nd >= t)]
+    outs = []
+    for row_start, row_end, decode in parts:
+        bq, ppb = block_sizes(decode=decode, num_tokens=row_end - row_start, group=group, head_dim=d,
+                              page_size=page_size, pages_per_seq=width, dtype=kv_cache.dtype,
+                              generation=generation)
+        need = smem_bytes(num_slots=num_slots, pages_per_seq=width,
+                          num_query_blocks=pl.cdiv(row_end - row_start, block_q or bq))
+        if need > smem_capacity:
+            raise ValueError(f"ragged_paged_attention_tpu: the scalar-prefetched page table ({num_slots} x "
+                             f"{width}) and query-block ranges need {need} bytes of SMEM, more than {smem_capacity}")
+        outs.append(_attention_part(
+            q, kv_cache, layer, kv_lens, table, cu_q_lens, num_seqs, row_start=row_start, row_end=row_end,
+            block_q=block_q or bq, pages_per_block=pages_per_block or ppb, table_width=width,
+            generation=generation, interpret=interpret, sm_scale=sm_scale, sliding_window=sliding_window,
+            soft_cap=soft_cap))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+    if not split_kv:
+        out = out[..., d:]
+    return out.astype(out_dtype)
