@@ -273,7 +273,8 @@ def ragged_paged_attention_ref(
         # (b) the new tokens of this step (block-diagonal causal), then both merged.
         page_size = kv_cache.shape[3]
         page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
-        kv_new = kv_cache[layer, :, page, pos % page_size].astype(jnp.float32)  # [R, K, 2D]
+        heads = jnp.arange(hkv)[None, :]  # one index per (row, head): the gather's window is the lanes
+        kv_new = kv_cache[layer, heads, page[:, None], (pos % page_size)[:, None]].astype(jnp.float32)  # [R, K, 2D]
         k_new, v_new = kv_new[..., :d], kv_new[..., d:]
         first_row = q_start - nd  # first prefill row of each row's sequence
         new = _new_token_attention(qr, k_new, v_new, seq, pos, first_row, row_valid,
