@@ -198,7 +198,6 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
     tg = targets.get_target(target, topology)
     if n > tg.num_devices:
         raise ValueError(f"mesh_shape: {n} devices needed, topology {topology} of {target} has {tg.num_devices}")
-    targets.set_default_device(tg)
 
     if ec.mesh_shape is None:
         mesh, run_cfg, model_axis = None, cfg, 1
@@ -240,7 +239,8 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
     for key in keys:
         t0 = time.perf_counter()
         try:
-            exe = runner.compile_bucket(key)
+            with jax.default_device(tg.devices[0]):  # Pallas lowers for the default device's chip
+                exe = runner.compile_bucket(key)
             mem = exe.memory_analysis()
             res = BucketResult(key[0], key[1], True, time.perf_counter() - t0,
                                temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),

@@ -1,0 +1,103 @@
+"""The engine's real step compiles for TPU and GPU, deviceless, for real model shapes, and fits the chip.
+
+Each case is ``jaxserve plan`` (``jaxserve/plan.py``): the model's parameter tree and KV cache as
+``ShapeDtypeStruct``s with the engine's shardings on compile-only devices (no weights, nothing
+downloaded), every bucket lowered through the engine's own ``ModelRunner`` with the backend's Pallas
+attention kernel (``attention_impl="auto"``), bfloat16, and compiled by the real XLA TPU + Mosaic or
+XLA GPU + Triton + ptxas.  Per chip, the weights + the KV cache + the largest step's temporary bytes
+(``memory_analysis()``) must fit the chip's HBM, and the temporaries must not hold a copy of the cache
+(a layout change of the cache around its write would show up here as gigabytes of temporaries).
+
+By default each model and mesh compiles the representative buckets (largest decode-only, largest
+prefill-only, largest mixed); the full bucket set is marked ``slow``.  The compilers come from
+``jax[tpu]`` and ``jax[cuda12]`` (``.ci/run`` installs both): when they are missing this module fails,
+it is never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import libtpu  # noqa: E402,F401  (required: fail loudly when the TPU compiler is missing)
+import jax_plugins.xla_cuda12  # noqa: E402,F401  (required: the CUDA plugin and ptxas)
+import pytest  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+from jaxserve.config import EngineConfig  # noqa: E402
+from jaxserve.plan import format_plan, make_plan  # noqa: E402
+
+CONFIGS = os.path.join(ROOT, "configs", "models", "hf")
+SEVEN_EIGHT_B = ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "qwen3-8b"]
+
+# (model, target, topology, mesh): one chip where the weights fit one chip, 4-way tensor parallel on a
+# v5e 2x2 (16 GiB chips: an 8B model does not fit one), 70B on 8 v6e chips; and one H100.
+CASES = (
+    [("smollm2-135m", "tpu-v5e", None, None)]
+    + [(m, "tpu-v6e", None, None) for m in SEVEN_EIGHT_B]
+    + [(m, "tpu-v5e", "2x2", {"data": 1, "model": 4}) for m in SEVEN_EIGHT_B]
+    + [("llama-3.1-70b", "tpu-v6e", "2x4", {"data": 1, "model": 8})]
+    + [(m, "h100", None, None) for m in ["smollm2-135m"] + SEVEN_EIGHT_B]
+    + [("llama-3.1-8b", "h200", None, None)]
+)
+IDS = [f"{m}-{t}-{topo or '1'}" for m, t, topo, _ in CASES]
+
+# The engine's settings of a server: 64 sequences, 512-token steps, 4k context.
+ENGINE = dict(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=4096, page_size=16)
+
+
+def check(plan) -> None:
+    report = format_plan(plan)
+    assert plan.ok, report
+    assert plan.attention_impl == f"pallas_{'tpu' if plan.target.startswith('tpu') else 'gpu'}", report
+    assert plan.fits, report
+    # The cache is updated in place: the step's temporaries are far below one copy of it.
+    assert plan.max_temp_bytes < plan.kv_cache_bytes / 4, report
+    assert all(b.alias_bytes >= plan.kv_cache_bytes for b in plan.buckets), report  # the donated cache
+    assert plan.kv_tokens_fit >= ENGINE["max_model_len"], report
+
+
+@pytest.mark.parametrize("model,target,topology,mesh", CASES, ids=IDS)
+def test_engine_step_compiles_and_fits(model, target, topology, mesh):
+    plan = make_plan(os.path.join(CONFIGS, f"{model}.json"), target, topology=topology, mesh_shape=mesh,
+                     buckets="representative", engine_config=EngineConfig(**ENGINE), progress=False)
+    assert [(b.decode, b.prefill_tokens) for b in plan.buckets] == [(64, 0), (0, 512), (64, 512)]
+    check(plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,target,topology,mesh", CASES, ids=IDS)
+def test_engine_step_compiles_every_bucket(model, target, topology, mesh):
+    plan = make_plan(os.path.join(CONFIGS, f"{model}.json"), target, topology=topology, mesh_shape=mesh,
+                     engine_config=EngineConfig(**ENGINE), progress=False)
+    assert len(plan.buckets) == plan.num_buckets
+    check(plan)
+
+
+def test_default_settings_of_a_long_context_model_compile():
+    """Llama-3.1-8B with the engine's defaults (max_model_len = the model's 131,072 tokens) on one v6e."""
+    plan = make_plan(os.path.join(CONFIGS, "llama-3.1-8b.json"), "tpu-v6e", buckets="representative",
+                     progress=False)
+    check(plan)
+
+
+def test_plan_cli_reports_and_exits_nonzero_on_failure(tmp_path, capsys):
+    from jaxserve.cli import main
+
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--model", os.path.join(CONFIGS, "smollm2-135m.json"), "--target", "tpu-v5e",
+               "--buckets", "representative", "--max-model-len", "2048", "--json", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "KV tokens that fit" in text and "(64, 512)" in text and "fits" in text
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["fits"] and data["kv_tokens_fit"] > 0 and len(data["buckets"]) == 3
+    # A cache that cannot fit (more pages than the chip holds): every bucket fails, exit code 1,
+    # and the compiler's message is printed.
+    rc = main(["plan", "--model", os.path.join(CONFIGS, "smollm2-135m.json"), "--target", "tpu-v5e",
+               "--buckets", "representative", "--num-pages", "200000", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "FAILED" in text and "failed:" in text
