@@ -56,17 +56,30 @@ Design
   Optional ``tanh`` soft cap on the scores.  Rows that see no key (padded
   decode slots with ``kv_len == 0``) come out as zeros.
 
-Block sizes (``choose_blocks``): a tile of 16 rows for decode launches and 64
-rows for prefill/mixed ones (``block_q = rows // G_pad``, at least 1), a key
-block of 128 tokens for decode with ``D <= 128`` and 64 otherwise, 4 warps (8
-when the float32 accumulator tile ``rows x D`` has 16K or more elements),
-``num_stages`` 3 for decode and 2 for prefill.  The shared memory the tile
-needs is estimated (``smem_bytes``: the q tile, ``num_stages`` buffers of K
-and V blocks, the probability tile and a fixed reserve) and the config is
-shrunk (stages, then key block, then query block) until the estimate fits in
-the target's ``GPU_SHARED_MEMORY_PER_BLOCK`` minus a margin.  Triton needs
-``D`` to be a power of two of at least 16 for its dots:
-``gpu_unsupported_reason`` says when the kernel cannot serve a model.
+Block sizes (``choose_blocks``; explicit arguments override them)
+-----------------------------------------------------------------
+* Tile rows ``block_q * G_pad``: 16 for the decode launch (one token; the
+  rest of the tile is GQA padding or unused, 16 being the smallest Triton dot),
+  64 for the prefill/mixed launch; ``block_q = rows // G_pad``, at least 1 (so
+  a group of 32 gets 32-row tiles).
+* Key block ``block_kv``: 128 tokens for decode, 64 for prefill.
+* ``num_warps`` 4, or 8 when the float32 accumulator tile (``rows x D``) has
+  16K or more elements; ``num_stages`` 2 (one K/V prefetch buffer; see
+  ``kv_buffers``: with this loop Triton gives the same buffers for 2-4 stages).
+* Shared memory: ``smem_bytes`` is an upper estimate fitted to what Triton
+  allocates for this kernel (measured by compiling for H100 over 105 tile
+  shapes, never above the estimate).  The config shrinks -- key block down
+  to 32, then query block down to 16 rows, then key block down to 16, then
+  no prefetch -- until the estimate fits the target's
+  ``GPU_SHARED_MEMORY_PER_BLOCK`` (227 KiB on sm_90) minus ``SMEM_MARGIN``.
+  Decode, bound by memory bandwidth, first aims at half of that, so two
+  programs share an SM (e.g. head_dim 256 decode gets 64-token key blocks).
+  Examples: head_dim 128 bfloat16 prefill 64x64 ~82 KiB; head_dim 256
+  float32 prefill 64 rows x 32 keys ~194 KiB estimated (160 KiB allocated).
+* Triton needs ``D`` to be a power of two of at least 16 for its dots (tile
+  sizes are powers of two by construction); ``gpu_unsupported_reason`` says
+  when the kernel cannot serve a model, so the engine can fall back to the
+  reference.
 """
 
 from __future__ import annotations
