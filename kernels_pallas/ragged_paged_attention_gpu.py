@@ -32,10 +32,11 @@ Design
   G_pad, D]`` tile, ``G_pad`` = ``G`` rounded up to a power of two (Triton
   tensors must have power-of-two sizes).  Row ``r`` of the tile is token
   ``r // G_pad``, head ``kv * G + r % G_pad``; rows with ``r % G_pad >= G``
-  and rows past the item's end are padding: masked on load (zeros), never
-  stored.  The tile is gathered straight from ``q`` viewed as ``[T * Hq, D]``
-  with a vector row index, and stored the same way into ``[T * Hq, D]``, so
-  neither ``q`` nor the output is transposed or padded in XLA.
+  and rows past the item's end are padding: they read a real row of the item
+  again (clamped index), are masked out of the softmax and never stored.  The
+  tile is gathered straight from ``q`` viewed as ``[T * Hq, D]`` with a vector
+  row index, and stored with a masked store the same way into ``[T * Hq, D]``,
+  so neither ``q`` nor the output is transposed or padded in XLA.
 * **Keys and values straight from the cache.**  The cache is passed whole;
   the program reads block ``j`` of its sequence's keys as
   ``kv_ref[layer, kv, page[k], slot[k], pl.ds(0, D)]`` (values:
@@ -43,9 +44,12 @@ Design
   block, ``page[k]`` is looked up in the page table with a vector index
   (``k // page_size``) and ``slot[k] = k % page_size``.  ``layer`` is a
   traced scalar read from a one-element input; no layer is ever sliced out in
-  XLA.  Keys at or past ``kv_len`` are masked loads (nothing read, zeros),
-  page ids are clamped into the pool, and the page-table column is clamped to
-  the table, so garbage table entries are never dereferenced.  Because pages
+  XLA.  Key positions past the item's last visible key read that key again
+  (its cache lines are already being read: no extra memory traffic) and are
+  masked in the scores; page ids are clamped into the pool and page-table
+  columns into the table, so no load leaves the cache, whatever the unused
+  table entries hold.  (Masked *loads* would do the same, but Pallas interpret
+  mode cannot run a masked load that mixes array and slice indices.)  Because pages
   are addressed per key, ``block_kv`` does not have to be a multiple of the
   page size, and any page size works.
 * **Online softmax over key blocks**, from the first key the item's rows can
@@ -211,11 +215,6 @@ def gpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int
             return (f"head_dim {head_dim} x GQA group {group} in {name} needs about {need} bytes of shared "
                     f"memory even with the smallest tiles (limit {_smem_limit()})")
     return None
-
-
-def default_block_q(group: int, decode_only: bool) -> int:
-    """Tokens per work item of the default tile (16 rows for decode, 64 for prefill/mixed)."""
-    return max(1, (16 if decode_only else 64) // _next_pow2(group))
 
 
 def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, num_rows: int, block_q: int, first_seq: int = 0):

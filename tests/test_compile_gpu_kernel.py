@@ -8,7 +8,12 @@ passes (shared-memory allocation included: a tile that does not fit is a
 
 These tests need the CUDA plugin (``jax[cuda12]``, ``pip install -e
 ".[compile]"``).  They are NOT skipped without it: ``get_target`` raises and
-the tests fail, so a CI machine that lost the plugin is noticed.
+the tests fail, so a CI machine that lost the plugin is noticed.  They also
+need ``JAX_PLATFORMS=cpu`` from before jax starts (otherwise the CUDA plugin
+tries to open a GPU, fails, and registers no compile-only topology): in a
+process without it (a plain ``pytest`` run) the cases run in one subprocess
+that has it (``test_compile_cases_in_cpu_process``), whose output names any
+failing case.
 
 Factors: target (H100, H200) x dtype (bfloat16, float32) x head_dim (64, 128,
 256) x GQA group (1..8) x page size (16, 32, 64) x step (decode-only: 64
@@ -25,6 +30,9 @@ marked ``slow``.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -133,15 +141,43 @@ def _id(case):
     return "-".join(map(str, case))
 
 
-@pytest.mark.parametrize("case", DEFAULT, ids=_id)
-def test_gpu_kernel_compiles(case):
-    check_compiles(case)
+# The compile-only GPU devices exist only in a process that started jax with JAX_PLATFORMS=cpu.
+IN_CPU_PROCESS = os.environ.get("JAX_PLATFORMS", "") == "cpu"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", FULL, ids=_id)
-def test_gpu_kernel_compiles_full_grid(case):
-    check_compiles(case)
+def _run_in_cpu_process(marker: str) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
+                           os.path.relpath(__file__, root)], cwd=root, env=env, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"GPU kernel compile checks failed (JAX_PLATFORMS=cpu subprocess):\n{output[-8000:]}"
+    assert " passed" in output and " skipped" not in output, output[-2000:]
+
+
+if IN_CPU_PROCESS:
+    @pytest.mark.parametrize("case", DEFAULT, ids=_id)
+    def test_gpu_kernel_compiles(case):
+        check_compiles(case)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("case", FULL, ids=_id)
+    def test_gpu_kernel_compiles_full_grid(case):
+        check_compiles(case)
+
+    def test_cache_over_4gib_compiles():
+        """A realistic cache (32 layers, 40 GiB of bfloat16 on an H200) needs 64-bit offsets in the
+        kernel's gathers; it compiles for decode and prefill."""
+        for step in ("decode", "prefill"):
+            compile_kernel("h200", "bfloat16", 128, 4, 16, step, "plain", num_layers=32, max_num_seqs=160)
+else:
+    def test_compile_cases_in_cpu_process():
+        """The default compile grid, in a JAX_PLATFORMS=cpu subprocess."""
+        _run_in_cpu_process("not slow")
+
+    @pytest.mark.slow
+    def test_compile_full_grid_in_cpu_process():
+        _run_in_cpu_process("slow")
 
 
 def test_default_grid_is_pairwise():
@@ -152,9 +188,3 @@ def test_default_grid_is_pairwise():
         seen = {(c[i], c[j]) for c in DEFAULT}
         assert seen == set(itertools.product(FACTORS[names[i]], FACTORS[names[j]])), (names[i], names[j])
 
-
-def test_cache_over_4gib_compiles():
-    """A realistic cache (32 layers, 40 GiB of bfloat16 on an H200) needs 64-bit offsets in the kernel's
-    gathers; it compiles for decode and prefill."""
-    for step in ("decode", "prefill"):
-        compile_kernel("h200", "bfloat16", 128, 4, 16, step, "plain", num_layers=32, max_num_seqs=160)
