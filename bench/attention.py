@@ -1,7 +1,14 @@
 """Attention micro-benchmark: Pallas kernel vs reference ragged paged attention; one JSON line per case.
 
     python bench/attention.py                       # decode (batch 64 x 1k context) and prefill (2k tokens)
-    python bench/attention.py --cases decode --decode-batch 8 --context 256 --iters 3
+    python bench/attention.py --cases decode --batch 64 --context 1024,4096,16384   # one row per context
+    python bench/attention.py --cases decode,prefill --batch 2 --context 64 --prefill-tokens 64 \
+        --num-q-heads 4 --num-kv-heads 2 --head-dim 16 --iters 1   # tiny: runs on CPU in seconds
+
+The cache has the engine's layout (``jaxserve/kv_cache.py``): one array of
+``--num-layers`` layers, ``[L, Hkv, pages, page_size, 2 * head_dim]``, and the
+step reads its last layer through the traced ``layer`` argument, as the model
+does (only that layer's bytes are counted).
 
 For each case and implementation it prints the median time of ``--iters`` runs
 (after one compiling run), the bytes the attention must move at least (q, the
@@ -32,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxserve.kv_cache import kv_cache_shape  # noqa: E402
 from kernels_pallas import ragged_paged_attention  # noqa: E402
 
 # device_kind prefix -> (HBM GB/s, dense bf16 TFLOP/s, float32 TFLOP/s), vendor spec sheets.
@@ -58,12 +66,12 @@ def peaks_for(device_kind: str) -> tuple[float, float, float] | None:
     return None
 
 
-def build_case(name: str, args, dtype) -> tuple[tuple, dict, float, float]:
+def build_case(name: str, args, dtype, context: int) -> tuple[tuple, dict, float, float]:
     """Arrays for a case, the static kwargs, and the minimum bytes moved and FLOPs done."""
     ps, hq, hkv, d = args.page_size, args.num_q_heads, args.num_kv_heads, args.head_dim
     rng = np.random.default_rng(0)
     if name == "decode":
-        b, ctx = args.decode_batch, args.context
+        b, ctx = args.batch, context
         q_lens, kv_lens = [1] * b, [ctx] * b
         num_decode_rows = b
     else:
@@ -75,10 +83,11 @@ def build_case(name: str, args, dtype) -> tuple[tuple, dict, float, float]:
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     t = int(cu[-1])
     q = jnp.asarray(rng.standard_normal((t, hq, d), np.float32), dtype)
-    k = jnp.asarray(rng.standard_normal((num_pages, ps, hkv, d), np.float32), dtype)
-    v = jnp.asarray(rng.standard_normal((num_pages, ps, hkv, d), np.float32), dtype)
-    arrays = (q, k, v, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(page_indices), jnp.asarray(cu),
-              jnp.int32(len(q_lens)))
+    layers = args.num_layers
+    # Filled on the device (a host array of a 16k-context cache would take minutes to make).
+    kv_cache = jax.random.normal(jax.random.key(0), kv_cache_shape(layers, hkv, num_pages, ps, d), dtype)
+    arrays = (q, kv_cache, jnp.int32(layers - 1), jnp.asarray(kv_lens, jnp.int32), jnp.asarray(page_indices),
+              jnp.asarray(cu), jnp.int32(len(q_lens)))
     itemsize = jnp.dtype(dtype).itemsize
     kv_bytes = 2 * sum(kv_lens) * hkv * d * itemsize
     bytes_moved = 2 * t * hq * d * itemsize + kv_bytes  # q in, out, K/V once
@@ -102,8 +111,11 @@ def time_impl(impl: str, arrays, static, iters: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="decode,prefill", help="comma-separated: decode, prefill")
-    ap.add_argument("--decode-batch", type=int, default=64)
-    ap.add_argument("--context", type=int, default=1024, help="kv length of every decode sequence")
+    ap.add_argument("--batch", "--decode-batch", dest="batch", type=int, default=64,
+                    help="decode sequences per step")
+    ap.add_argument("--context", default="1024",
+                    help="kv length of every decode sequence; comma-separated for several (e.g. 1024,4096,16384)")
+    ap.add_argument("--num-layers", type=int, default=2, help="layers in the cache (the step reads the last)")
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="one fresh prompt of this many tokens")
     ap.add_argument("--num-q-heads", type=int, default=32)
     ap.add_argument("--num-kv-heads", type=int, default=8)
@@ -127,10 +139,17 @@ def main(argv=None) -> int:
                 + ("their times are the interpreter's, not the kernels'" if args.interpret
                    else "timing the reference only (--interpret to time the interpreted kernels)"))
     peaks = peaks_for(device_kind)
-    for case in args.cases.split(","):
-        arrays, static, bytes_moved, flops = build_case(case, args, dtype)
+    contexts = [int(c) for c in args.context.split(",")]
+    runs = [(case, ctx) for case in args.cases.split(",") for ctx in (contexts if case == "decode" else [0])]
+    for case, ctx in runs:
+        arrays, static, bytes_moved, flops = build_case(case, args, dtype, ctx)
         for impl in impls:
-            seconds = time_impl(impl, arrays, static, args.iters)
+            try:
+                seconds = time_impl(impl, arrays, static, args.iters)
+            except Exception as e:  # e.g. a kernel that does not compile for this shape: report, go on
+                print(json.dumps({"case": case, "impl": impl, "context": ctx or None,
+                                  "error": f"{type(e).__name__}: {str(e)[:500]}"}), flush=True)
+                continue
             row = {
                 "case": case, "impl": impl, "backend": backend, "device": device_kind, "dtype": dtype,
                 "tokens": int(arrays[0].shape[0]), "num_seqs": int(arrays[6]),

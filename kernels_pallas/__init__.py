@@ -15,7 +15,10 @@ the implementation (``EngineConfig.attention_impl``):
   ``interpret=True`` for the GPU one).
 
 All of them have the semantics of the reference; ``num_decode_rows`` is a static
-hint only the reference and the GPU kernel's tile choice use.
+hint only the reference and the GPU kernel use (the GPU kernel runs the decode rows as
+a launch of their own with decode-sized tiles).  ``gpu_unsupported_reason`` says
+when the GPU kernel cannot serve a model's attention shape (the engine then falls
+back to the reference).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from kernels_pallas.ragged_paged_attention import (
     ragged_paged_attention_dense,
     ragged_paged_attention_ref,
 )
-from kernels_pallas.ragged_paged_attention_gpu import default_block_q, ragged_paged_attention_gpu
+from kernels_pallas.ragged_paged_attention_gpu import gpu_unsupported_reason, ragged_paged_attention_gpu
 from kernels_pallas.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 
 ATTENTION_IMPLS = ("reference", "auto", "pallas", "pallas_tpu", "pallas_gpu")
@@ -79,9 +82,7 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
     if kernel == "tpu":
         return ragged_paged_attention_tpu(*args, interpret=interpret, num_decode_rows=num_decode_rows, **opts)
     if kernel == "gpu":
-        group = q.shape[1] // kv_cache.shape[1]
-        block_q = default_block_q(group, decode_only=num_decode_rows >= q.shape[0])
-        return ragged_paged_attention_gpu(*args, interpret=interpret, block_q=block_q, **opts)
+        return ragged_paged_attention_gpu(*args, interpret=interpret, num_decode_rows=num_decode_rows, **opts)
     return ragged_paged_attention_ref(*args, num_decode_rows=num_decode_rows, **opts)
 
 
