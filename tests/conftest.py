@@ -20,6 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# The suite runs on the CPU: the engine tests on XLA CPU, the kernels in Pallas interpret mode, and the
+# TPU/GPU compile checks on compile-only devices, which exist only when jax starts with JAX_PLATFORMS=cpu
+# (with the CUDA plugin installed, jax would otherwise try to open a GPU).  bench/device_check.sh runs
+# the kernels natively on a lent accelerator with JAX_PLATFORMS set to its platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 # tests/multidevice needs 8 (virtual) devices, which XLA only creates if XLA_FLAGS says so before jax
 # starts; this process may already have started jax with one device.  tests/test_multidevice.py
 # therefore runs each of those modules in a subprocess with MULTIDEVICE_ENV set; elsewhere they are
