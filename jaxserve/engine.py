@@ -321,13 +321,15 @@ class Engine:
 
     @staticmethod
     def _truncate_at_stop(seq: Sequence, delta_len: int) -> bool:
-        """If a stop string appears in the new text, cut the text before it (as vLLM does)."""
+        """If a stop string appears in the new text, cut the text before it (after it with
+        ``include_stop_str_in_output``), as vLLM does."""
         longest = max(len(s) for s in seq.params.stop)
         search_from = max(0, len(seq.text) - delta_len - longest + 1)
-        hits = [i for i in (seq.text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        hits = [(i, -len(s)) for i, s in ((seq.text.find(s, search_from), s) for s in seq.params.stop) if i >= 0]
         if not hits:
             return False
-        seq.text = seq.text[:min(hits)]
+        at, neg_len = min(hits)  # the first stop string (the longest of those starting there)
+        seq.text = seq.text[:at - neg_len if seq.params.include_stop_str_in_output else at]
         return True
 
     # -- convenience -------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ class SamplingParams:
     # Token sequences (strings, tokenized as vLLM does, or token-id lists): the last token of a bad word
     # is banned when the tokens generated just before it equal the rest of the word.
     bad_words: Sequence[str | Sequence[int]] | None = None
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    skip_special_tokens: bool = True  # leave special tokens out of the text
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +92,9 @@ class SamplingParams:
                              f"got {self.stop_token_ids!r}")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be a boolean, got {getattr(self, name)!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not is_num(v) or not -2 <= v <= 2:
