@@ -137,6 +137,7 @@ class Engine:
         self.eos_token_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.runner.eos_token_ids = set(self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # aborted requests' final outputs, sent at the next step
         self._ids = itertools.count()
@@ -202,8 +203,39 @@ class Engine:
             raise ValueError(f"request_id: must be a non-empty string, got {request_id!r}")
         if request_id in self._seqs:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        for t in params.logit_bias or {}:
+            if t >= vocab:
+                raise ValueError(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab})")
+        bad_word_ids = self._bad_word_ids(params.bad_words or [])
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
-        return Sequence(request_id, token_ids, params, seed, prompt=text)
+        seq = Sequence(request_id, token_ids, params, seed, prompt=text)
+        seq.bad_word_ids = bad_word_ids
+        return seq
+
+    def _bad_word_ids(self, words: list) -> list[list[int]]:
+        """Token sequences of ``bad_words``, as vLLM tokenizes them: each word as written and, where it
+        gives a different first token of the same length, with a leading space."""
+        vocab = self.model_config.vocab_size
+        out: list[list[int]] = []
+        for w in words:
+            if isinstance(w, str):
+                if self.tokenizer is None:
+                    raise ValueError("bad_words: words as text need a tokenizer; this model has none "
+                                     "(pass token-id lists instead)")
+                plain = list(self.tokenizer.encode(w.lstrip(), add_special_tokens=False))
+                spaced = list(self.tokenizer.encode(" " + w.lstrip(), add_special_tokens=False))
+                variants = [plain]
+                if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                    variants.append(spaced)
+            else:
+                variants = [list(w)]
+            for ids in variants:
+                if not ids:
+                    continue
+                if any(not 0 <= t < vocab for t in ids):
+                    raise ValueError(f"bad_words: token id {max(ids)} is outside the vocabulary [0, {vocab})")
+                out.append(ids)
+        return out
 
     def _enqueue(self, seq: Sequence) -> str:
         self._seqs[seq.request_id] = seq
@@ -222,6 +254,7 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.finish(seq)
+        self.runner.release_penalty_row(seq)
         seq.finish_reason = "abort"
         seq.finish_time = time.monotonic()
         self._pending.append(seq.to_output(self._with_text(seq)))
@@ -274,7 +307,8 @@ class Engine:
             reason = "stop"
         elif self._with_text(seq):
             delta = detokenize_incrementally(self.tokenizer, seq)
-            if delta and p.stop and self._truncate_at_stop(seq, len(delta)):
+            if (delta and p.stop and len(seq.output_token_ids) >= p.min_tokens
+                    and self._truncate_at_stop(seq, len(delta))):
                 reason = "stop"
         if reason is None and len(seq.output_token_ids) >= p.max_tokens:
             reason = "length"
@@ -282,17 +316,20 @@ class Engine:
             seq.finish_reason = reason
             seq.finish_time = now
             self.scheduler.finish(seq)
+            self.runner.release_penalty_row(seq)
             self._seqs.pop(seq.request_id, None)
 
     @staticmethod
     def _truncate_at_stop(seq: Sequence, delta_len: int) -> bool:
-        """If a stop string appears in the new text, cut the text before it (as vLLM does)."""
+        """If a stop string appears in the new text, cut the text before it (after it with
+        ``include_stop_str_in_output``), as vLLM does."""
         longest = max(len(s) for s in seq.params.stop)
         search_from = max(0, len(seq.text) - delta_len - longest + 1)
-        hits = [i for i in (seq.text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        hits = [(i, -len(s)) for i, s in ((seq.text.find(s, search_from), s) for s in seq.params.stop) if i >= 0]
         if not hits:
             return False
-        seq.text = seq.text[:min(hits)]
+        at, neg_len = min(hits)  # the first stop string (the longest of those starting there)
+        seq.text = seq.text[:at - neg_len if seq.params.include_stop_str_in_output else at]
         return True
 
     # -- convenience -------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ from jax.sharding import Mesh
 from jaxserve import sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM
-from jaxserve.sampling import MAX_LOGPROBS, SamplingArrays, compute_logprobs, sample
+from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
+                               allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
+                               update_penalty_counts)
 from jaxserve.scheduler import SchedulerOutput
 from kernels_pallas import resolve_impl, unsupported_reason
 
@@ -72,6 +74,7 @@ class StepInputs:
     logits_indices: jax.Array  # [S] row of each sequence's last new token
     sampling: SamplingArrays  # [S]
     want_logprobs: jax.Array  # [] bool
+    penalties: PenaltyArrays  # [S] (+ the step's bad-word bans)
 
 
 @dataclasses.dataclass
@@ -115,20 +118,46 @@ class ModelRunner:
         self.compile_count = 0
         self.compile_seconds = 0.0
         self.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0}  # host packing vs device step (+sync)
-        self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",), donate_argnames=("cache",))
+        self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",),
+                               donate_argnames=("cache", "penalty_state"))
+        # Penalty rows (sampling.PenaltyState): one per penalized request in flight; a request gets its row
+        # when it is first scheduled (written then from the host) and keeps it until it finishes or is
+        # preempted (rows of finished / preempted requests are reclaimed when none is free).
+        self.vocab_size = model_cfg.vocab_size
+        self.penalty_rows = engine_cfg.max_num_seqs
+        if isinstance(cache, jax.ShapeDtypeStruct):  # compile-only (jaxserve plan): shapes on the target
+            where = sharding.replicated(mesh) if mesh is not None else cache.sharding
+            self.penalty_state = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                jax.eval_shape(lambda: allocate_penalty_state(self.penalty_rows, self.vocab_size)))
+        else:
+            self.penalty_state = allocate_penalty_state(self.penalty_rows, self.vocab_size)
+            if mesh is not None:
+                self.penalty_state = jax.device_put(self.penalty_state, sharding.replicated(mesh))
+        self._free_rows = list(range(self.penalty_rows))
+        self._row_owner: dict[int, Any] = {}
+        self._row_inits: list[tuple] = []
+        self.eos_token_ids: set[int] = set(model_cfg.eos_token_ids)  # the engine adds the tokenizer's
 
     @property
     def num_buckets(self) -> int:
         return len(self.decode_buckets) * len(self.prefill_buckets) - 1
 
-    def _step(self, params, cache, inputs: StepInputs, *, num_decode_rows: int):
+    def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
                          self.platform)
         logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                     inputs.meta, inputs.logits_indices)
-        tokens = sample(logits, inputs.sampling)
+        tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
+        return cache, tokens, logprob, top_ids, top_lp, penalty_state
+
+    @staticmethod
+    def _sample(logits, inputs: StepInputs, penalty_state: PenaltyState):
+        """Penalties (behind a per-step flag), sampling, logprobs (of the raw logits), count update."""
+        p = inputs.penalties
+        tokens = sample(apply_penalties(logits, penalty_state, p, inputs.sampling.step), inputs.sampling)
         logprob, top_ids, top_lp = compute_logprobs(logits, tokens, inputs.want_logprobs)
-        return cache, tokens, logprob, top_ids, top_lp
+        return tokens, logprob, top_ids, top_lp, update_penalty_counts(penalty_state, p, tokens)
 
     # -- packing -----------------------------------------------------------------------------
 
@@ -149,7 +178,70 @@ class ModelRunner:
             min_p=np.zeros(s, np.float32),
             seed=np.zeros((s, 2), np.uint32),
             step=np.zeros(s, np.int32),
+            pen_row=np.zeros(s, np.int32),
+            pen_active=np.zeros(s, bool),
+            pen_samples=np.zeros(s, bool),
+            repetition=np.ones(s, np.float32),
+            presence=np.zeros(s, np.float32),
+            frequency=np.zeros(s, np.float32),
+            min_tokens=np.zeros(s, np.int32),
+            ban_slot=np.full(MAX_BAD_WORD_BANS, s, np.int32),
+            ban_token=np.zeros(MAX_BAD_WORD_BANS, np.int32),
         )
+
+    # -- penalty rows ---------------------------------------------------------------------------
+
+    def _penalty_row(self, seq, busy: set[int]) -> int:
+        """The request's penalty row, assigned (and its initial contents queued) on first use."""
+        row = getattr(seq, "penalty_row", None)
+        if row is not None:
+            return row
+        if not self._free_rows:
+            from jaxserve.sequence import Status
+
+            for r, owner in list(self._row_owner.items()):
+                if owner.status != Status.RUNNING and id(owner) not in busy:
+                    owner.penalty_row = None
+                    del self._row_owner[r]
+                    self._free_rows.append(r)
+        if not self._free_rows:
+            raise RuntimeError("no free penalty row (more penalized requests running than max_num_seqs)")
+        row = self._free_rows.pop()
+        self._row_owner[row] = seq
+        seq.penalty_row = row
+        p, v = seq.params, self.vocab_size
+        counts = np.bincount(np.asarray(seq.output_token_ids, np.int64), minlength=v).astype(np.int32)[:v]
+        seen = np.zeros(v, bool)
+        seen[np.asarray(seq.prompt_token_ids, np.int64)] = True
+        bias = np.zeros(v, np.float32)
+        for t, b in (p.logit_bias or {}).items():
+            bias[t] = b
+        for word in getattr(seq, "bad_word_ids", ()):
+            if len(word) == 1:
+                bias[word[0]] = -np.inf
+        stop = np.zeros(v, bool)
+        stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+        stop[[t for t in stop_ids if 0 <= t < v]] = True
+        self._row_inits.append((np.int32(row), counts, seen, bias, stop))
+        return row
+
+    def release_penalty_row(self, seq) -> None:
+        row = getattr(seq, "penalty_row", None)
+        if row is not None and self._row_owner.get(row) is seq:
+            del self._row_owner[row]
+            self._free_rows.append(row)
+        seq.penalty_row = None
+
+    @staticmethod
+    def _bad_word_bans(seq) -> list[int]:
+        """Last tokens of the multi-token bad words whose other tokens end the generated text (vLLM)."""
+        out = seq.output_token_ids
+        bans = []
+        for word in getattr(seq, "bad_word_ids", ()):
+            k = len(word) - 1
+            if k and len(out) >= k and out[len(out) - k:] == word[:k]:
+                bans.append(word[-1])
+        return bans
 
     def prepare(self, out: SchedulerOutput) -> tuple[tuple[int, int], dict[str, np.ndarray], int, bool]:
         n_dec = max(len(out.decodes), min(out.min_decode_slots, self.cfg.max_num_seqs))
@@ -160,6 +252,9 @@ class ModelRunner:
         ps = self.page_size
         a["query_start_loc"][1:d + 1] = np.arange(1, d + 1)
         want_logprobs = False
+        any_penalty = False
+        busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
+        num_bans = 0
         # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
         slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
         row = d
@@ -187,10 +282,27 @@ class ModelRunner:
             a["seed"][i] = (seq.seed & 0xFFFFFFFF, seq.seed >> 32)
             a["step"][i] = len(seq.output_token_ids)
             want_logprobs |= p.logprobs is not None
+            if p.penalized:
+                any_penalty = True
+                a["pen_row"][i] = self._penalty_row(seq, busy)
+                a["pen_active"][i] = True
+                a["pen_samples"][i] = sch.samples
+                a["repetition"][i] = p.repetition_penalty
+                a["presence"][i] = p.presence_penalty
+                a["frequency"][i] = p.frequency_penalty
+                a["min_tokens"][i] = p.min_tokens
+                if sch.samples and getattr(seq, "bad_word_ids", None):
+                    bans = self._bad_word_bans(seq)
+                    if num_bans + len(bans) > MAX_BAD_WORD_BANS:
+                        raise RuntimeError(f"bad_words: more than {MAX_BAD_WORD_BANS} bad-word bans in one step")
+                    a["ban_slot"][num_bans:num_bans + len(bans)] = i
+                    a["ban_token"][num_bans:num_bans + len(bans)] = bans
+                    num_bans += len(bans)
         # Prefill slots after the last real one end where the last one ended.
         n_pre = len(out.prefills)
         a["query_start_loc"][d + n_pre + 1:] = a["query_start_loc"][d + n_pre]
         a["num_seqs"] = np.int32(d + n_pre)
+        a["any_penalty"] = np.bool_(any_penalty)
         return (d, tp), a, d, want_logprobs
 
     def _to_inputs(self, a: dict[str, np.ndarray], want_logprobs: bool) -> StepInputs:
@@ -202,7 +314,11 @@ class ModelRunner:
             logits_indices=a["logits_indices"],
             sampling=SamplingArrays(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"],
                                     min_p=a["min_p"], seed=a["seed"], step=a["step"]),
-            want_logprobs=np.bool_(want_logprobs))
+            want_logprobs=np.bool_(want_logprobs),
+            penalties=PenaltyArrays(row=a["pen_row"], active=a["pen_active"], samples=a["pen_samples"],
+                                    repetition=a["repetition"], presence=a["presence"], frequency=a["frequency"],
+                                    min_tokens=a["min_tokens"], ban_slot=a["ban_slot"], ban_token=a["ban_token"],
+                                    any=a.get("any_penalty", np.bool_(False))))
 
     # -- compiling and running -----------------------------------------------------------------
 
@@ -219,9 +335,9 @@ class ModelRunner:
         params_s = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
         cache_s = jax.tree_util.tree_map(lambda x: x.sharding, self.cache)
         rep = sharding.replicated(mesh)
-        return jax.jit(functools.partial(self._step, num_decode_rows=num_decode_rows), donate_argnums=(1,),
-                       in_shardings=(params_s, cache_s, self._input_shardings(inputs)),
-                       out_shardings=(cache_s, rep, rep, rep, rep))
+        return jax.jit(functools.partial(self._step, num_decode_rows=num_decode_rows), donate_argnums=(1, 3),
+                       in_shardings=(params_s, cache_s, self._input_shardings(inputs), rep),
+                       out_shardings=(cache_s, rep, rep, rep, rep, rep))
 
     def _place_inputs(self, inputs: StepInputs) -> StepInputs:
         """Host inputs as they go to the step.  One process: the numpy arrays themselves (the
@@ -236,9 +352,11 @@ class ModelRunner:
         if exe is None:
             t0 = time.perf_counter()
             if self.mesh is None:
-                lowered = self._jitted.lower(self.params, self.cache, inputs, num_decode_rows=key[0])
+                lowered = self._jitted.lower(self.params, self.cache, inputs, self.penalty_state,
+                                             num_decode_rows=key[0])
             else:
-                lowered = self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, inputs)
+                lowered = self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, inputs,
+                                                                  self.penalty_state)
             exe = lowered.compile()
             dt = time.perf_counter() - t0
             self._executables[key] = exe
@@ -254,7 +372,11 @@ class ModelRunner:
         inputs = self._to_inputs(arrays, want_logprobs)
         exe = self._executable(key, inputs)
         t1 = time.perf_counter()
-        self.cache, tokens, logprob, top_ids, top_lp = exe(self.params, self.cache, self._place_inputs(inputs))
+        for init in self._row_inits:  # rows of requests penalized for the first time
+            self.penalty_state = init_penalty_row(self.penalty_state, *init)
+        self._row_inits = []
+        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state = exe(
+            self.params, self.cache, self._place_inputs(inputs), self.penalty_state)
         to_host = _local_copy if self._multi_process else np.asarray
         tokens = to_host(tokens)
         if want_logprobs:

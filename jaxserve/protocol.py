@@ -1,16 +1,17 @@
 """OpenAI API request bodies (pydantic, strict types) and their mapping to ``SamplingParams``.
 
 Strict mode: ``"max_tokens": "5"`` or ``true`` is an error, not a coercion; ints are accepted
-where a float is expected.  Unknown fields are ignored (as vLLM does); fields that the
-engine cannot honour (``echo``, ``suffix``, non-zero penalties, ``logit_bias``, tools) are
-rejected with a 400 naming them rather than silently ignored.
+where a float is expected.  Unknown fields are ignored (as vLLM does) and named in the
+``X-Ignored-Fields`` response header; fields that the engine cannot honour (``suffix``
+without fill-in-the-middle tokens, ``prompt_logprobs``, ``echo`` with ``logprobs``, tools)
+are rejected with a 400 naming them rather than silently ignored.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, model_validator
 
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -60,14 +61,21 @@ class _Sampling(BaseModel):
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     user: StrictStr | None = None
-    # Not supported by the engine: accepted only at their neutral values.
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    best_of: StrictInt | None = None
+    logit_bias: Annotated[dict[StrictStr, float], Field(max_length=4096)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
+    # vLLM's extra sampling parameters.
+    repetition_penalty: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    bad_words: Annotated[list[StrictStr], Field(max_length=128)] | None = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    prompt_logprobs: StrictInt | None = None
     # vLLM extension: return prompt_token_ids and token_ids with the choices.
     return_token_ids: StrictBool = False
+    # Top-level fields of the body that no field here takes (ignored; named in a response header).
+    _ignored: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self):
@@ -89,17 +97,43 @@ class _Sampling(BaseModel):
         return bool((self.stream_options or {}).get("include_usage", False))
 
     def check_supported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise RequestError(name, f"{name}: is not supported by this server (only 0)")
-        if self.repetition_penalty not in (None, 1):
-            raise RequestError("repetition_penalty", "repetition_penalty: is not supported (only 1)")
-        if self.logit_bias:
-            raise RequestError("logit_bias", "logit_bias: is not supported by this server")
-        if self.best_of not in (None, 1):
-            raise RequestError("best_of", "best_of: is not supported (only 1)")
+        if self.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs", "prompt_logprobs: is not supported by this server")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise RequestError("best_of", f"best_of: must be >= n ({self.n}), got {self.best_of}")
+            if self.stream and self.best_of > self.n:
+                raise RequestError("best_of", "best_of: streaming needs best_of == n")
+        self.logit_bias_ids()
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @property
+    def num_candidates(self) -> int:
+        """Engine requests per prompt: best_of (the n best by cumulative logprob are returned) or n."""
+        return self.best_of or self.n
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """``logit_bias`` with OpenAI's string keys as token ids."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for k, v in self.logit_bias.items():
+            try:
+                t = int(k)
+            except ValueError:
+                t = -1
+            if t < 0 or str(t) != k.strip():
+                raise RequestError("logit_bias", f"logit_bias: key {k[:40]!r} is not a token id "
+                                   "(a non-negative integer as a string)")
+            out[t] = v
+        return out
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, auto: bool = False) -> SamplingParams:
+        """``auto``: ``max_tokens`` is a placeholder (the engine loop sets it to what the context leaves)."""
+        if auto:
+            max_tokens = max(max_tokens, self.min_tokens)
+        elif self.min_tokens > max_tokens:
+            raise RequestError("min_tokens", f"min_tokens: must be <= max_tokens ({max_tokens}), "
+                               f"got {self.min_tokens}")
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -108,7 +142,13 @@ class _Sampling(BaseModel):
                 top_k=-1 if self.top_k is None else self.top_k,
                 min_p=0.0 if self.min_p is None else float(self.min_p),
                 seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                ignore_eos=self.ignore_eos, logprobs=logprobs)
+                ignore_eos=self.ignore_eos, logprobs=logprobs,
+                presence_penalty=float(self.presence_penalty or 0.0),
+                frequency_penalty=float(self.frequency_penalty or 0.0),
+                repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+                logit_bias=self.logit_bias_ids(), min_tokens=self.min_tokens,
+                bad_words=self.bad_words, include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens)
         except ValueError as e:
             raise RequestError(str(e).split(":", 1)[0], str(e)) from None
 
@@ -140,10 +180,11 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise RequestError("echo", "echo: is not supported by this server")
-        if self.suffix:
-            raise RequestError("suffix", "suffix: is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo", "echo: with logprobs needs prompt logprobs, which this server does not "
+                               "compute (use echo or logprobs)")
+        if self.suffix is not None:
+            _check_text(self.suffix, "suffix")
 
 
 class TextPart(BaseModel):

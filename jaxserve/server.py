@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -116,11 +117,38 @@ async def parse_body(request: Request, model: type[BaseModel]):
     if not isinstance(data, dict):
         raise RequestError(None, f"body: must be a JSON object, got {type(data).__name__}")
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e) from None
     except RecursionError:
         raise RequestError(None, "body: nested too deeply") from None
+    ignored = sorted(k for k in data if k not in model.model_fields)
+    if ignored:
+        logger.warning("ignored unknown request fields: %s", ", ".join(ignored))
+        req._ignored = ignored
+    return req
+
+
+IGNORED_FIELDS_HEADER = "X-Ignored-Fields"
+FIM_TOKENS = [("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
+              ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder
+              ("<PRE>", "<SUF>", "<MID>")]  # CodeLlama
+
+
+def _fim_tokens(tokenizer) -> tuple[str, str, str] | None:
+    """(prefix, suffix, middle) special tokens of a fill-in-the-middle tokenizer, if it has them."""
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    for names in FIM_TOKENS:
+        if all(n in vocab for n in names):
+            return names
+    return None
+
+
+def _extra_headers(req) -> dict[str, str]:
+    ignored = getattr(req, "_ignored", None)
+    return {IGNORED_FIELDS_HEADER: ", ".join(ignored)} if ignored else {}
 
 
 # -- response building ----------------------------------------------------------------------------
@@ -253,15 +281,30 @@ class OpenAIServer:
 
     # -- endpoints -------------------------------------------------------------------------------------
 
+    def _engine_logprobs(self, req, logprobs: int | None) -> int | None:
+        """best_of > n ranks the candidates by cumulative logprob, so the engine computes logprobs."""
+        return 0 if logprobs is None and req.num_candidates > req.n else logprobs
+
     def _completion_specs(self, req: CompletionRequest) -> list[PromptSpec]:
         prompts = req.prompts()
-        if len(prompts) * req.n > MAX_CHOICES:
-            raise RequestError("n", f"n: {len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices")
+        k = req.num_candidates
+        if len(prompts) * k > MAX_CHOICES:
+            name = "best_of" if req.best_of else "n"
+            raise RequestError(name, f"{name}: {len(prompts)} prompts x {name}={k} exceeds {MAX_CHOICES} choices")
+        if req.suffix is not None:
+            fim = _fim_tokens(self.engine.tokenizer)
+            if fim is None:
+                raise RequestError("suffix", "suffix: this model's tokenizer has no fill-in-the-middle tokens "
+                                   "(e.g. <fim_prefix>, <fim_suffix>, <fim_middle>)")
+            if not all(isinstance(p, str) for p in prompts):
+                raise RequestError("suffix", "suffix: needs text prompts")
+            prompts = [f"{fim[0]}{p}{fim[1]}{req.suffix}{fim[2]}" for p in prompts]
         auto = req.max_tokens is None
         specs = []
         for prompt in prompts:
-            for seed in req.seeds(req.n):
-                params = req.sampling_params(1 if auto else req.max_tokens, req.logprobs)
+            for seed in req.seeds(k):
+                params = req.sampling_params(1 if auto else req.max_tokens,
+                                             self._engine_logprobs(req, req.logprobs), auto=auto)
                 params.seed = seed
                 specs.append(PromptSpec(prompt, params, add_special_tokens=True, max_tokens_auto=auto))
         return specs
@@ -279,10 +322,12 @@ class OpenAIServer:
         except Exception as e:  # noqa: BLE001 - jinja raises many types
             raise RequestError("messages", f"messages: the chat template failed: {str(e)[:300]}") from None
         limit = req.limit()
-        logprobs = req.num_logprobs()
+        logprobs = self._engine_logprobs(req, req.num_logprobs())
+        if req.num_candidates > MAX_CHOICES:
+            raise RequestError("best_of", f"best_of: exceeds {MAX_CHOICES} choices")
         specs = []
-        for seed in req.seeds(req.n):
-            params = req.sampling_params(limit or 1, logprobs)
+        for seed in req.seeds(req.num_candidates):
+            params = req.sampling_params(limit or 1, logprobs, auto=limit is None)
             params.seed = seed
             specs.append(PromptSpec(text, params, add_special_tokens=False, max_tokens_auto=limit is None))
         return specs
@@ -291,6 +336,7 @@ class OpenAIServer:
         req = await parse_body(request, CompletionRequest)
         self._check_model(req.model)
         req.check_supported()
+        self._echo_texts(req)  # a prompt that cannot be echoed is rejected before anything runs
         submission = await self._submit(self._completion_specs(req))
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.config.model_name}
@@ -309,7 +355,38 @@ class OpenAIServer:
             return self._stream(submission, header, req, chat=True)
         return await self._complete(request, submission, header, req, chat=True)
 
+    def _echo_texts(self, req) -> list[str] | None:
+        """Per prompt, the text an ``echo`` completion starts with (token-id prompts decoded)."""
+        if not getattr(req, "echo", False):
+            return None
+        tok = self.engine.tokenizer
+        out = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                out.append(p)
+            elif tok is not None:
+                out.append(tok.decode(p, skip_special_tokens=req.skip_special_tokens))
+            else:
+                raise RequestError("echo", "echo: token-id prompts need a tokenizer to be echoed")
+        return out
+
+    @staticmethod
+    def _best(req, outs: list[RequestOutput]) -> list[RequestOutput]:
+        """Per prompt, the ``n`` of its ``best_of`` candidates with the highest cumulative logprob (in
+        that order); logprobs only where the request asked for them."""
+        k = req.num_candidates
+        if k == req.n:
+            return outs
+        wanted = (req.num_logprobs() if hasattr(req, "num_logprobs") else req.logprobs) is not None
+        chosen = []
+        for start in range(0, len(outs), k):
+            group = outs[start:start + k]
+            group.sort(key=lambda o: -sum(lp.logprob for lp in (o.logprobs or [])))
+            chosen += [o if wanted else dataclasses.replace(o, logprobs=None) for o in group[:req.n]]
+        return chosen
+
     async def _complete(self, request: Request, submission: Submission, header: dict, req, chat: bool) -> Response:
+        echo = None if chat else self._echo_texts(req)
         try:
             async with self._abort_on_disconnect(request, submission):
                 async for _ in submission.outputs():
@@ -321,21 +398,25 @@ class OpenAIServer:
         outs = [submission.finished[i] for i in sorted(submission.finished)]
         if len(outs) < len(submission.request_ids):  # aborted: the client is gone
             return error_response(499, "request aborted (client disconnected)", "aborted")
+        k = req.num_candidates
+        prompt_tokens = sum(len(out.prompt_token_ids) for i, out in enumerate(outs) if i % k == 0)
+        completion_tokens = sum(len(out.token_ids) for out in outs)  # all candidates were generated
+        outs = self._best(req, outs)
         choices = []
         for index, out in enumerate(outs):
             if chat:
                 choice = {"index": index, "message": {"role": "assistant", "content": out.text or ""},
                           "logprobs": self._chat_logprobs(out, 0), "finish_reason": out.finish_reason}
             else:
-                choice = {"index": index, "text": out.text or "",
+                text = (echo[index // req.n] if echo else "") + (out.text or "")
+                choice = {"index": index, "text": text,
                           "logprobs": self._completion_logprobs(out, 0, 0), "finish_reason": out.finish_reason}
             if req.return_token_ids:
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.prompt_token_ids
             choices.append(choice)
-        prompt_tokens = sum(len(out.prompt_token_ids) for i, out in enumerate(outs) if i % req.n == 0)
-        usage = _usage(prompt_tokens, sum(len(out.token_ids) for out in outs))
-        return JSONResponse({**header, "choices": choices, "usage": usage})
+        usage = _usage(prompt_tokens, completion_tokens)
+        return JSONResponse({**header, "choices": choices, "usage": usage}, headers=_extra_headers(req))
 
     def _stream(self, submission: Submission, header: dict, req, chat: bool) -> StreamingResponse:
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
@@ -344,6 +425,7 @@ class OpenAIServer:
         chunk_header = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
         if include_usage:  # as OpenAI: the other chunks carry "usage": null
             chunk_header["usage"] = None
+        echo = None if chat else self._echo_texts(req)
 
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -351,6 +433,7 @@ class OpenAIServer:
         async def body() -> AsyncIterator[str]:
             states = [_ChoiceStream(holdback) for _ in submission.request_ids]
             prompt_tokens: dict[int, int] = {}
+            echoed: set[int] = set()
             try:
                 if chat:
                     for i in range(len(states)):
@@ -362,12 +445,15 @@ class OpenAIServer:
                     state = states[index]
                     delta, new_ids, start = state.advance(out)
                     if not delta and not out.finished and not (req.return_token_ids and new_ids) \
-                            and out.logprobs is None:
+                            and out.logprobs is None and not (echo and index not in echoed):
                         continue
                     if chat:
                         choice = {"index": index, "delta": {"content": delta} if delta else {},
                                   "logprobs": self._chat_logprobs(out, start), "finish_reason": out.finish_reason}
                     else:
+                        if echo and index not in echoed:
+                            echoed.add(index)
+                            delta = echo[index // req.n] + delta
                         logprobs = self._completion_logprobs(out, start, state.token_chars)
                         if logprobs is not None:
                             state.token_chars += sum(len(t) for t in logprobs["tokens"])
@@ -391,7 +477,7 @@ class OpenAIServer:
                     logger.info("stream ended early (client gone?): aborting %s", ", ".join(submission.request_ids))
                 self._release(submission)
 
-        return _SubmissionStream(body(), release=lambda: self._release(submission))
+        return _SubmissionStream(body(), release=lambda: self._release(submission), headers=_extra_headers(req))
 
     # -- app -------------------------------------------------------------------------------------------
 
@@ -465,9 +551,9 @@ class _SubmissionStream(StreamingResponse):
     """An SSE response that releases its submission however it ends, even when the client is
     gone before the body generator ever started (its ``finally`` would then never run)."""
 
-    def __init__(self, content: AsyncIterator[str], release):
+    def __init__(self, content: AsyncIterator[str], release, headers: dict[str, str] | None = None):
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._release_submission = release
 
     async def __call__(self, scope, receive, send) -> None:

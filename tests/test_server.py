@@ -379,8 +379,9 @@ NASTY = [
     b'{"prompt": [5], "n": 100000}', b'{"prompt": [5], "top_k": 99999999999999}', b'{"prompt": [5], "top_p": 0}',
     b'{"prompt": [5], "seed": -1}', b'{"prompt": [5], "seed": 18446744073709551616}',
     b'{"prompt": [5], "logprobs": 50}', b'{"prompt": [5], "max_tokens": "5"}', b'{"prompt": [5], "stream": "yes"}',
-    b'{"prompt": [5], "stop": [""]}', b'{"prompt": [5], "echo": true}', b'{"prompt": [5], "model": "gpt-4"}',
-    b'{"prompt": [5], "stream_options": {"include_usage": 3}}', b'{"prompt": [5], "presence_penalty": 1}',
+    b'{"prompt": [5], "stop": [""]}', b'{"prompt": [5], "echo": true, "logprobs": 1}', b'{"prompt": [5], "model": "gpt-4"}',
+    b'{"prompt": [5], "stream_options": {"include_usage": 3}}', b'{"prompt": [5], "presence_penalty": 3}',
+    b'{"prompt": [5], "logit_bias": {"x": 1}}', b'{"prompt": [5], "repetition_penalty": 0}',
     b'{"prompt": ' + b"[5, " * 1 + b'"x"' + b"]}", b'{"max_tokens": 5}',
 ]
 NASTY_CHAT = [
