@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("make-model", help="write a random-weight HF checkpoint + tokenizer")
     p.add_argument("dir")
     p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "mistral"])
-    p.add_argument("--size", default="tiny", choices=["tiny", "56m", "200m"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "56m", "200m", "1b"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None, help="override the size's vocabulary")
     p.set_defaults(func=cmd_make_model)

@@ -25,6 +25,9 @@ SIZES = {
                 num_key_value_heads=4, vocab_size=32000),
     "200m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
                  num_key_value_heads=8, vocab_size=32000),
+    # Llama-3.2-1B's shapes with a 32k vocabulary (1.1B parameters): the device check's model.
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
 }
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
