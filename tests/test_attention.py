@@ -196,18 +196,23 @@ def test_ref_matches_dense_hypothesis(case):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_cache_write_puts_each_row_in_its_slot(dtype):
-    """The model's cache write (a bit-level scatter for 16-bit caches on CPU) stores every new row at its
-    flat slot, leaves every other slot alone and drops padding slots past the end."""
+    """The model's cache write (``kv_cache.write_kv``) stores every new token's K and V of one layer at
+    its flat slot, side by side on the lanes, leaves every other slot and layer alone and drops padding
+    slots past the end."""
     import jax.numpy as jnp
 
-    from jaxserve.model import _write_pages
+    from jaxserve.kv_cache import kv_cache_shape, write_kv
 
     rng = np.random.default_rng(3)
-    num_pages, page_size, hkv, d = 6, 4, 2, 8
-    pages = jnp.asarray(rng.standard_normal((num_pages, page_size, hkv, d)), dtype)
-    new = jnp.asarray(rng.standard_normal((5, hkv, d)), dtype)
+    layers, num_pages, page_size, hkv, d = 3, 6, 4, 2, 8
+    cache = jnp.asarray(rng.standard_normal(kv_cache_shape(layers, hkv, num_pages, page_size, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((5, hkv, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((5, hkv, d)), dtype)
     slots = np.array([0, 7, 13, 23, num_pages * page_size + 3])  # the last is padding: dropped
-    out = np.asarray(_write_pages(pages, new, jnp.asarray(slots, jnp.int32)).astype(jnp.float32))
-    expect = np.asarray(pages.astype(jnp.float32)).reshape(-1, hkv, d).copy()
-    expect[slots[:4]] = np.asarray(new.astype(jnp.float32))[:4]
-    np.testing.assert_array_equal(out.reshape(-1, hkv, d), expect)
+    out = np.asarray(write_kv(cache, jnp.int32(1), k, v, jnp.asarray(slots, jnp.int32)).astype(jnp.float32))
+    expect = np.asarray(cache.astype(jnp.float32)).copy()  # [L, Hkv, pages, page_size, 2D]
+    flat = expect[1].reshape(hkv, num_pages * page_size, 2 * d)
+    rows = np.concatenate([np.asarray(k.astype(jnp.float32)), np.asarray(v.astype(jnp.float32))], -1)
+    flat[:, slots[:4]] = rows[:4].transpose(1, 0, 2)
+    expect[1] = flat.reshape(hkv, num_pages, page_size, 2 * d)
+    np.testing.assert_array_equal(out, expect)
