@@ -19,8 +19,23 @@ Design
   split only chooses block sizes: each call computes every sequence that has rows in its part from
   ``cu_q_lens``, so the result does not depend on the hint being right.
 * **Scalar prefetch** (SMEM): the layer (a traced scalar: the cache of all layers is passed whole
-  and indexed, never sliced), kv lengths, the flattened page table, the query offsets and, per
-  query block, the range of sequences with rows in it.
+  and indexed, never sliced), kv lengths, the query offsets, per query block the range of
+  sequences with rows in it and, if it fits (``page_table_fits_smem``: 1 MiB of SMEM on v5e/v6e,
+  ``SMEM_RESERVE`` kept), the flattened page table.
+* **Page table in HBM** otherwise (e.g. 64 sequences x 8192 pages, Llama-3.1's 131072-token
+  context at 16-token pages: 2 MiB).  The table, rows padded in the wrapper, is a kernel input in
+  HBM, and the kernel copies the page ids of each kv block into an SMEM scratch of two slots (one
+  per page-buffer slot) with a small async copy: a window of whole 128-word tiles of the row
+  (``page_id_window``: 1-D int32 DMA slices must start on a tile; one tile when
+  ``pages_per_block`` divides 128), tile-aligned at or before the block's first id.  The ids run
+  one block ahead of the pages: while block ``j`` is computed, the pages of block ``j + 1`` are in
+  flight and so are the ids of block ``j + 2`` (the next sequence's first or second block when the
+  current one ends), so the page double buffering is kept; only when the stream of blocks
+  restarts (the first block of a program, or after a sequence with no kv block) is the id copy
+  waited on at once.  ``page_table_in_smem`` forces either path.  (vLLM's TPU ragged paged
+  attention v3 scalar-prefetches the whole table; the metadata kernels of its v4 copy a
+  sequence's whole row of page ids from HBM into SMEM.  Here only a block's window is copied, so
+  SMEM use does not grow with the context length.)
 * **Pages by async copy, double-buffered.**  One page of one head of one layer,
   ``kv_hbm.at[layer, head, page]``, is a contiguous ``[page_size, 2D]`` slab whose two minor
   dimensions are whole: each page is one DMA into a VMEM buffer ``[2, block_kv, 2D]`` at row
@@ -29,9 +44,11 @@ Design
   ``pages_per_block`` pages, from the first key its rows can see (sliding window) to the last
   (causal); block ``j + 1`` is started before block ``j`` is waited on, and on the last block of a
   sequence the first block of the next sequence of the query block is started, so a stream of
-  short (decode) sequences is double-buffered too.  Only the pages a sequence has are copied (a
-  partial last block leaves stale rows in the buffer, which are masked; the buffer is zeroed at
-  the first query block of each head so that stale rows are always finite and ``0 * stale = 0``).
+  short (decode) sequences is double-buffered too.  A page's wait names page 0 as its source (a
+  wait depends on the semaphore and the copy's size, not on the source address), so waits read no
+  page ids.  Only the pages a sequence has are copied (a partial last block leaves stale rows in
+  the buffer, which are masked; the buffer is zeroed at the first query block of each head so that
+  stale rows are always finite and ``0 * stale = 0``).
 * **K and V without a misaligned lane slice.**  With ``D % 128 == 0``, K and V are the
   tile-aligned lane halves ``buf[..., :D]`` / ``buf[..., D:]``.  Otherwise (``D = 64``: one
   128-lane row holds K and V; also 80, 96, ...) nothing is sliced at lane ``D``: ``q`` is
@@ -62,8 +79,9 @@ Design
   ``None``: dtype float32 or bfloat16 (a ``q`` of another dtype is cast to the cache's); query
   heads a multiple of kv heads; ``head_dim`` a multiple of 16; ``page_size`` a multiple of the
   sublane packing (8 rows float32, 16 bfloat16; Mosaic also compiles 8-row bfloat16 pages, a DMA
-  to a half tile, but that is not served); and, given the page table's shape, that it fits in SMEM
-  (1 MiB on v5e/v6e, 64 KiB kept for the rest; the wrapper checks the exact need and raises).
+  to a half tile, but that is not served).  The page table's shape is no limit: it lives in SMEM
+  or in HBM (above).  The wrapper still raises if the other scalars alone (sequence slots and
+  per-query-block ranges) would not fit in SMEM.
 
 What has been checked, and what has not
 ---------------------------------------
@@ -72,13 +90,17 @@ compile it, deviceless (``jaxserve.targets``), for TPU v5e and v6e in float32 an
 head dims 64/128/256, GQA 1-8, page sizes 16/32/64, decode-only (64 sequences), mixed (32 decodes +
 480 prefill tokens) and prefill-only (512 tokens) steps, with and without sliding window and soft
 cap, with ``max_model_len`` 4096 on a 2-layer cache of 64K tokens; by default a pairwise covering
-subset of that grid plus head dims 80/96, 8-row float32 pages and a 512 KiB page table
-(``tests/test_compile_tpu_kernel.py``; the full product is ``-m slow``).  It is
-**interpret-checked**: in TPU interpret mode on CPU it matches the reference and the float64
-textbook attention (``tests/test_pallas_tpu.py``), and the interpreter's race detector finds no
-read of a buffer while a DMA into it is in flight.  It has **never run on TPU hardware**: neither
-its numerics on the MXU nor its speed are measured (it is not timed), and the block-size table is
-a starting point, not a tuning result.
+subset of that grid plus head dims 80/96, 8-row float32 pages, a 512 KiB page table (in SMEM) and
+page tables in HBM: 64 x 8192 and 256 x 2048 pages in bfloat16, decode and mixed, two-tile id
+windows, and the HBM path forced on a small table (``tests/test_compile_tpu_kernel.py``; the full
+product is ``-m slow``).  It is **interpret-checked**: in TPU interpret mode on CPU it matches the
+reference and the float64 textbook attention (``tests/test_pallas_tpu.py``; the HBM page-table
+path too, forced on small tables, including rows of more than 128 pages and windows of two
+tiles), and the interpreter's race detector finds no read of a buffer (page buffer or page-id
+window) while a DMA into it is in flight.  It has **never run on TPU hardware**: neither its
+numerics on the MXU nor its speed are measured (it is not timed; in particular the cost of the
+HBM table path's page-id copies against the scalar-prefetched table is unknown), and the
+block-size table is a starting point, not a tuning result.
 """
 
 from __future__ import annotations
@@ -132,11 +154,37 @@ def query_alignment(group: int, dtype) -> int:
     return packing // math.gcd(group, packing)
 
 
-def smem_bytes(*, num_slots: int, pages_per_seq: int, num_query_blocks: int = 0) -> int:
-    """Bytes of SMEM the scalar-prefetched arrays take (page table, kv lengths, query offsets, layer,
-    per-query-block sequence ranges); each padded to whole 128-word rows, as Mosaic lays them out."""
-    words = [num_slots * pages_per_seq, num_slots, num_slots + 1, 1, num_query_blocks, num_query_blocks]
+_SMEM_TILE = 128  # int32 words of a 1-D tile: slices of a 1-D HBM/SMEM int32 array start on one
+
+
+def page_id_window(pages_per_block: int) -> int:
+    """Page ids copied per kv block when the page table is in HBM: whole 128-word tiles (a DMA
+    slice of a 1-D int32 array must start on a tile) that hold any block's ``pages_per_block`` ids.
+    One tile when ``pages_per_block`` divides 128 (a block never straddles tiles)."""
+    window = _round_up(pages_per_block, _SMEM_TILE)
+    if _SMEM_TILE % pages_per_block and pages_per_block % _SMEM_TILE:
+        window += _SMEM_TILE  # a block may start anywhere in a tile
+    return window
+
+
+def smem_bytes(*, num_slots: int, pages_per_seq: int, num_query_blocks: int = 0,
+               table_in_smem: bool = True, pages_per_block: int = 0) -> int:
+    """Bytes of SMEM the kernel's scalars take: the scalar-prefetched arrays (kv lengths, query
+    offsets, layer, per-query-block sequence ranges and, with ``table_in_smem``, the page table) or,
+    with the page table in HBM, the page-id scratch (two ``page_id_window``s) instead of the table;
+    each padded to whole 128-word rows, as Mosaic lays them out."""
+    table = num_slots * pages_per_seq if table_in_smem else 2 * page_id_window(max(pages_per_block, 1))
+    words = [table, num_slots, num_slots + 1, 1, num_query_blocks, num_query_blocks]
     return sum(_round_up(max(w, 1), 128) * 4 for w in words)
+
+
+def page_table_fits_smem(*, num_slots: int, pages_per_seq: int, num_query_blocks: int = 0,
+                         smem_capacity: int = SMEM_CAPACITY) -> bool:
+    """Whether the page table is scalar-prefetched into SMEM (else it stays in HBM and each kv
+    block's page ids are copied into SMEM by the kernel): it must fit with the other prefetched
+    scalars and ``SMEM_RESERVE`` to spare."""
+    need = smem_bytes(num_slots=num_slots, pages_per_seq=pages_per_seq, num_query_blocks=num_query_blocks)
+    return need + SMEM_RESERVE <= smem_capacity
 
 
 def tpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int, page_size: int,
@@ -146,10 +194,12 @@ def tpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int
 
     Rules: dtype float32 or bfloat16; query heads a multiple of kv heads; ``head_dim`` a multiple
     of 16; ``page_size`` a multiple of the dtype's sublane packing (8 rows for float32, 16 for
-    bfloat16), so that each page DMA lands on whole tiles.  With ``max_num_seqs`` and
-    ``pages_per_seq`` (the page table's shape) also: the page table fits in SMEM
-    (``smem_capacity``, 1 MiB on v5e/v6e) with room for the other prefetched scalars.
+    bfloat16), so that each page DMA lands on whole tiles.  The page table's shape
+    (``max_num_seqs`` x ``pages_per_seq``) does not limit what is served: a table that does not fit
+    in SMEM (``smem_capacity``, 1 MiB on v5e/v6e) stays in HBM (see ``page_table_fits_smem``); the
+    two arguments are accepted for callers that pass them and must be positive if given.
     """
+    del smem_capacity  # the table's size only chooses where it lives
     name = jnp.dtype(dtype).name
     if name not in _SUPPORTED_DTYPES:
         return f"dtype {name} (the TPU kernel supports {' and '.join(_SUPPORTED_DTYPES)})"
@@ -161,12 +211,9 @@ def tpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int
     if page_size % packing:
         return (f"page_size={page_size} is not a multiple of {packing} (the sublane packing of {name}), "
                 "so a page is not a whole number of tiles")
-    if max_num_seqs is not None and pages_per_seq is not None:
-        need = smem_bytes(num_slots=max_num_seqs, pages_per_seq=pages_per_seq) + SMEM_RESERVE
-        if need > smem_capacity:
-            return (f"the page table ({max_num_seqs} sequences x {pages_per_seq} pages, int32) does not fit "
-                    f"in SMEM ({smem_capacity // 1024} KiB with {SMEM_RESERVE // 1024} KiB kept for the "
-                    "other scalars): use a larger page_size or fewer sequences")
+    for arg, value in (("max_num_seqs", max_num_seqs), ("pages_per_seq", pages_per_seq)):
+        if value is not None and value <= 0:
+            return f"{arg}={value} is not positive"
     return None
 
 
@@ -234,23 +281,38 @@ def block_sequence_ranges(cu_q_lens: jax.Array, num_seqs: jax.Array, num_blocks:
     return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
 
 
-def _kernel(layer_ref, kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # scalar prefetch
-            q_ref,  # [rows, Dq] (VMEM block)
-            kv_hbm,  # [L, Hkv, num_pages, page_size, 2D] (HBM)
-            o_ref,  # [rows, Dq]
-            buf,  # [2, block_kv, 2D] VMEM double buffer
-            sems,  # DMA semaphores [2 (slot)]
-            m_ref, l_ref, acc_ref,  # [rows, 1], [rows, 1], [rows, Dq] float32
-            *, row_start: int, row_end: int, block_q: int, group: int, pages_per_block: int,
-            table_width: int, sm_scale: float, sliding_window: int | None, soft_cap: float | None,
-            split_kv: bool):
+def _kernel(*refs, row_start: int, row_end: int, block_q: int, group: int, pages_per_block: int,
+            table_width: int, table_in_smem: bool, sm_scale: float, sliding_window: int | None,
+            soft_cap: float | None, split_kv: bool):
+    # Refs.  Scalar prefetch (SMEM): layer, kv lengths, query offsets, per-query-block sequence
+    # ranges and, when it fits, the flattened page table.  Then q (VMEM block), the cache (HBM) and,
+    # when it does not fit in SMEM, the flattened page table (HBM); the output; scratch.
+    if table_in_smem:
+        (layer_ref, kv_lens_ref, cu_ref, seq_lo_ref, seq_hi_ref, table_ref,
+         q_ref,  # [rows, Dq] (VMEM block)
+         kv_hbm,  # [L, Hkv, num_pages, page_size, 2D] (HBM)
+         o_ref,  # [rows, Dq]
+         buf,  # [2, block_kv, 2D] VMEM double buffer
+         sems,  # DMA semaphores [2 (slot)]
+         m_ref, l_ref, acc_ref) = refs  # [rows, 1], [rows, 1], [rows, Dq] float32
+        table_hbm = idx_ref = idx_sems = None
+    else:
+        (layer_ref, kv_lens_ref, cu_ref, seq_lo_ref, seq_hi_ref,
+         q_ref, kv_hbm,
+         table_hbm,  # [num_slots * table_width] int32 (HBM), rows padded (see _attention_part)
+         o_ref, buf, sems, m_ref, l_ref, acc_ref,
+         idx_ref,  # [2 * window] int32 SMEM: per slot, a window of a row holding one kv block's ids
+         idx_sems) = refs  # DMA semaphores [2 (slot)] of the page-id copies
+        table_ref = None
     head = pl.program_id(0)
     qblock = pl.program_id(1)
     layer = layer_ref[0]
     page_size = kv_hbm.shape[3]
     d2 = kv_hbm.shape[4]
     d = d2 // 2
-    block_kv = pages_per_block * page_size
+    ppb = pages_per_block
+    window = page_id_window(ppb)
+    block_kv = ppb * page_size
     rows = block_q * group
     block_start = row_start + qblock * block_q
     block_end = jnp.minimum(block_start + block_q, row_end)
@@ -266,6 +328,8 @@ def _kernel(layer_ref, kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  
     # Token of each tile row (row t * G + g holds token t, query head g of this kv head).
     token = block_start + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
     key_iota = jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+    seq_lo = seq_lo_ref[qblock]
+    seq_hi = seq_hi_ref[qblock]
 
     def seq_info(seq):
         seq_start = cu_ref[seq]
@@ -285,56 +349,109 @@ def _kernel(layer_ref, kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  
         num_pages = (kv_len + page_size - 1) // page_size
         return seq_start, seq_end, ctx_len, kv_lo, kv_hi, num_pages
 
-    def copies(seq, kv_block, slot, num_pages, wait: bool):
-        """Start (or wait for) the DMAs of the pages of ``kv_block`` that the sequence has."""
-        first = kv_block * pages_per_block
-        count = jnp.clip(num_pages - first, 0, pages_per_block)
+    # The kv blocks a program computes form one stream: the blocks [kv_lo, kv_hi) of each sequence of
+    # its query block in turn.  A block is (valid, seq, kv_block, kv_hi, num_pages) (scalars).
+    def first_block(seq):
+        """The first kv block of sequence ``seq`` (invalid if ``seq >= seq_hi`` or it has none)."""
+        s = jnp.minimum(seq, seq_hi - 1)
+        _, _, _, kv_lo, kv_hi, num_pages = seq_info(s)
+        return (seq < seq_hi) & (kv_hi > kv_lo), s, kv_lo, kv_hi, num_pages
+
+    def successor(block, nxt):
+        """The block after ``block`` in the stream; ``nxt`` is ``first_block`` of the sequence after
+        ``block``'s.  (A sequence with no kv block ends the stream; the next one restarts it.)"""
+        _, seq, j, kv_hi, num_pages = block
+        in_seq = j + 1 < kv_hi
+        return (in_seq | nxt[0], *(jnp.where(in_seq, a, b) for a, b in
+                                   zip((seq, j + 1, kv_hi, num_pages), nxt[1:])))
+
+    def page_count(kv_block, num_pages):
+        return jnp.clip(num_pages - kv_block * ppb, 0, ppb)
+
+    def window_start(kv_block):
+        """Column of the row where the id window of ``kv_block`` starts: tile-aligned, at most the
+        block's first column, and the window stays in the row."""
+        return jnp.minimum(kv_block * ppb // _SMEM_TILE * _SMEM_TILE, table_width - window)
+
+    def index_copy(seq, kv_block, slot):
+        """Copy of the page-id window of ``kv_block`` of ``seq`` (HBM table) into ``idx_ref`` slot
+        ``slot``."""
+        src = pl.multiple_of(seq * table_width + window_start(kv_block), _SMEM_TILE)
+        dst = pl.multiple_of(slot * window, _SMEM_TILE)
+        return pltpu.make_async_copy(table_hbm.at[pl.ds(src, window)], idx_ref.at[pl.ds(dst, window)],
+                                     idx_sems.at[slot])
+
+    def start_pages(seq, kv_block, slot, num_pages):
+        """Start the DMAs of the pages of ``kv_block`` that the sequence has, into buffer ``slot``
+        (HBM table: its page-id window must be in ``idx_ref`` slot ``slot``)."""
+        first = kv_block * ppb
 
         def one(p, _):
-            col = jnp.minimum(first + p, table_width - 1)
-            page = table_ref[seq * table_width + col]
-            dst = pl.ds(pl.multiple_of(p * page_size, page_size), page_size)
-            copy = pltpu.make_async_copy(kv_hbm.at[layer, head, page], buf.at[slot, dst], sems.at[slot])
-            if wait:
-                copy.wait()
+            if table_in_smem:
+                page = table_ref[seq * table_width + jnp.minimum(first + p, table_width - 1)]
             else:
-                copy.start()
+                col = jnp.clip(first + p - window_start(kv_block), 0, window - 1)
+                page = idx_ref[slot * window + col]
+            dst = pl.ds(pl.multiple_of(p * page_size, page_size), page_size)
+            pltpu.make_async_copy(kv_hbm.at[layer, head, page], buf.at[slot, dst], sems.at[slot]).start()
             return 0
 
-        jax.lax.fori_loop(0, count, one, 0)
+        jax.lax.fori_loop(0, page_count(kv_block, num_pages), one, 0)
 
-    seq_lo = seq_lo_ref[qblock]
-    seq_hi = seq_hi_ref[qblock]
+    def wait_pages(kv_block, slot, num_pages):
+        """Wait for the page DMAs of ``kv_block`` (one wait per page; the source is not read)."""
+        def one(p, _):
+            dst = pl.ds(pl.multiple_of(p * page_size, page_size), page_size)
+            pltpu.make_async_copy(kv_hbm.at[layer, head, 0], buf.at[slot, dst], sems.at[slot]).wait()
+            return 0
+
+        jax.lax.fori_loop(0, page_count(kv_block, num_pages), one, 0)
 
     def sequence(seq, carry):
         slot, prefetched = carry
         seq_start, seq_end, ctx_len, kv_lo, kv_hi, num_pages = seq_info(seq)
-        nseq = jnp.minimum(seq + 1, seq_hi - 1)
-        _, _, _, n_kv_lo, n_kv_hi, n_num_pages = seq_info(nseq)
-        next_has_kv = (seq + 1 < seq_hi) & (n_kv_hi > n_kv_lo)
+        nxt = first_block(seq + 1)
+        # With the table in HBM the page ids run one block further ahead than the pages: the block
+        # after next may be the first of the sequence after next.
+        nxt2 = None if table_in_smem else first_block(seq + 2)
 
         @pl.when((kv_hi > kv_lo) & (prefetched == 0))
-        def _():
-            copies(seq, kv_lo, slot, num_pages, wait=False)
+        def _():  # (re)start the stream: nothing of this block is in flight
+            if not table_in_smem:
+                copy = index_copy(seq, kv_lo, slot)
+                copy.start()
+                copy.wait()
+            start_pages(seq, kv_lo, slot, num_pages)
+            if not table_in_smem:
+                nb = successor((True, seq, kv_lo, kv_hi, num_pages), nxt)
+
+                @pl.when(nb[0])
+                def _():
+                    index_copy(nb[1], nb[2], 1 - slot).start()
 
         pos = ctx_len + token - seq_start  # [rows, 1] query position of each row
         row_valid = (token >= seq_start) & (token < seq_end) & (token < block_end)
 
         def kv_step(kv_block, carry):
+            # In flight on entry: the pages of this block (buffer ``slot``) and, with the table in
+            # HBM, the page ids of the next block (``idx_ref`` slot ``1 - slot``).
             slot, _ = carry
-            last = kv_block + 1 >= kv_hi
+            nb = successor((True, seq, kv_block, kv_hi, num_pages), nxt)
 
-            @pl.when(jnp.logical_not(last))
+            @pl.when(nb[0])
             def _():
-                copies(seq, kv_block + 1, 1 - slot, num_pages, wait=False)
+                if not table_in_smem:
+                    index_copy(0, 0, 1 - slot).wait()
+                start_pages(nb[1], nb[2], 1 - slot, nb[4])
+                if not table_in_smem:  # the ids of the block after next, into the slot now free
+                    after = tuple(jnp.where(nb[1] == seq, a, b) for a, b in zip(nxt, nxt2))
+                    nb2 = successor(nb, after)
 
-            prefetch_next = last & next_has_kv
+                    @pl.when(nb2[0])
+                    def _():
+                        index_copy(nb2[1], nb2[2], slot).start()
 
-            @pl.when(prefetch_next)
-            def _():
-                copies(nseq, n_kv_lo, 1 - slot, n_num_pages, wait=False)
-
-            copies(seq, kv_block, slot, num_pages, wait=True)
+            wait_pages(kv_block, slot, num_pages)
             q = q_ref[...]
             if split_kv:
                 k = buf[slot, :, pl.ds(0, d)]
@@ -359,7 +476,9 @@ def _kernel(layer_ref, kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  
             acc_ref[...] = alpha * acc_ref[...] + jax.lax.dot_general(
                 p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                 preferred_element_type=jnp.float32)
-            return 1 - slot, prefetch_next.astype(jnp.int32)
+            # The next sequence's first block is in flight iff this was our last block and it exists.
+            prefetched_next = (kv_block + 1 >= kv_hi) & nb[0]
+            return 1 - slot, prefetched_next.astype(jnp.int32)
 
         return jax.lax.fori_loop(kv_lo, kv_hi, kv_step, (slot, jnp.int32(0)))
 
@@ -368,11 +487,11 @@ def _kernel(layer_ref, kv_lens_ref, table_ref, cu_ref, seq_lo_ref, seq_hi_ref,  
     o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def _attention_part(q, kv_cache, layer, kv_lens, table, cu_q_lens, num_seqs, *, row_start, row_end,
-                    block_q, pages_per_block, table_width, generation, interpret, **opts):
+def _attention_part(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, row_start, row_end,
+                    block_q, pages_per_block, table_in_smem, generation, interpret, **opts):
     """The kernel over query rows ``[row_start, row_end)``: ``[row_end - row_start, Hq, Dq]``."""
     _, hq, dq = q.shape
-    _, hkv, _, page_size, d2 = kv_cache.shape
+    _, hkv, num_pages, page_size, d2 = kv_cache.shape
     group = hq // hkv
     n = row_end - row_start
     num_blocks = pl.cdiv(n, block_q)
@@ -383,23 +502,39 @@ def _attention_part(q, kv_cache, layer, kv_lens, table, cu_q_lens, num_seqs, *, 
     seq_lo, seq_hi = block_sequence_ranges(cu_q_lens, num_seqs, num_blocks, block_q, row_start, row_end)
     qt = jnp.pad(q[row_start:row_end], ((0, t_pad - n), (0, 0), (0, 0))).reshape(t_pad, hkv, group, dq)
     qt = qt.transpose(1, 0, 2, 3).reshape(hkv, t_pad * group, dq)
+    table = jnp.clip(page_indices.astype(jnp.int32), 0, num_pages - 1)
+    width = table.shape[1]
+    if not table_in_smem:  # rows of whole tiles, long enough for the id window of any block
+        window = page_id_window(pages_per_block)
+        width = _round_up(width, _SMEM_TILE) - _SMEM_TILE + window
+        table = jnp.pad(table, ((0, 0), (0, width - table.shape[1])))
+    table = table.reshape(-1)
 
     kernel = functools.partial(_kernel, row_start=row_start, row_end=row_end, block_q=block_q, group=group,
-                               pages_per_block=pages_per_block, table_width=table_width,
-                               split_kv=dq != d2, **opts)
+                               pages_per_block=pages_per_block, table_width=width,
+                               table_in_smem=table_in_smem, split_kv=dq != d2, **opts)
     tile = pl.BlockSpec((None, rows, dq), lambda h, i, *_: (h, i, 0))
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    scratch = [
+        pltpu.VMEM((2, block_kv, d2), kv_cache.dtype),
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.VMEM((rows, 1), jnp.float32),
+        pltpu.VMEM((rows, 1), jnp.float32),
+        pltpu.VMEM((rows, dq), jnp.float32),
+    ]
+    scalars = [layer, kv_lens, cu_q_lens, seq_lo, seq_hi]
+    if table_in_smem:
+        scalars.append(table)
+        inputs, in_specs = [qt, kv_cache], [tile, hbm]
+    else:
+        inputs, in_specs = [qt, kv_cache, table], [tile, hbm, pl.BlockSpec(memory_space=pltpu.HBM)]
+        scratch += [pltpu.SMEM((2 * window,), jnp.int32), pltpu.SemaphoreType.DMA((2,))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=6,
+        num_scalar_prefetch=len(scalars),
         grid=(hkv, num_blocks),
-        in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY)],
+        in_specs=in_specs,
         out_specs=tile,
-        scratch_shapes=[
-            pltpu.VMEM((2, block_kv, d2), kv_cache.dtype),
-            pltpu.SemaphoreType.DMA((2,)),
-            pltpu.VMEM((rows, 1), jnp.float32),
-            pltpu.VMEM((rows, 1), jnp.float32),
-            pltpu.VMEM((rows, dq), jnp.float32),
-        ],
+        scratch_shapes=scratch,
     )
     table_cfg = BLOCK_TABLE.get(generation or _DEFAULT_GENERATION, BLOCK_TABLE[_DEFAULT_GENERATION])
     estimate = vmem_estimate(rows=rows, q_lanes=dq, block_kv=block_kv, head_dim=d2 // 2, dtype=kv_cache.dtype)
@@ -412,12 +547,13 @@ def _attention_part(q, kv_cache, layer, kv_lens, table, cu_q_lens, num_seqs, *, 
                                              vmem_limit_bytes=vmem_limit),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="ragged_paged_attention_tpu",
-    )(layer, kv_lens, table, cu_q_lens, seq_lo, seq_hi, qt, kv_cache)
+    )(*scalars, *inputs)
     return out.reshape(hkv, t_pad, group, dq)[:, :n].transpose(1, 0, 2, 3).reshape(n, hq, dq)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "num_decode_rows",
-                                             "block_q", "pages_per_block", "interpret"))
+                                             "block_q", "pages_per_block", "page_table_in_smem",
+                                             "interpret"))
 def ragged_paged_attention_tpu(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -433,6 +569,7 @@ def ragged_paged_attention_tpu(
     num_decode_rows: int = 0,
     block_q: int | None = None,
     pages_per_block: int | None = None,
+    page_table_in_smem: bool | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Pallas (Mosaic TPU) ragged paged attention; ``interpret=True`` runs it on CPU (TPU interpret
@@ -443,6 +580,10 @@ def ragged_paged_attention_tpu(
     with decode block sizes, the others with prefill block sizes (see the module docstring).
     ``block_q`` (tokens per query block, a multiple of ``query_alignment(G, dtype)``) and
     ``pages_per_block`` (pages per kv step) override the table's choice for every part.
+    ``page_table_in_smem`` (static): ``None`` (default) scalar-prefetches the page table into SMEM
+    when it fits (``page_table_fits_smem``) and otherwise keeps it in HBM, copying each kv block's
+    page ids into SMEM one block ahead; ``True`` / ``False`` force either path (``True`` raises if the
+    table does not fit).
     """
     t, hq, d = q.shape
     num_layers, hkv, num_pages, page_size, d2 = kv_cache.shape
@@ -463,7 +604,6 @@ def ragged_paged_attention_tpu(
     if not split_kv:  # zero-extend q to 2D lanes: q_ext @ [K | V]^T == q @ K^T exactly
         q = jnp.concatenate([q, jnp.zeros_like(q)], axis=-1)
     num_slots, width = page_indices.shape
-    table = jnp.clip(page_indices.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     kv_lens = kv_lens.astype(jnp.int32)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
@@ -478,16 +618,25 @@ def ragged_paged_attention_tpu(
         bq, ppb = block_sizes(decode=decode, num_tokens=row_end - row_start, group=group, head_dim=d,
                               page_size=page_size, pages_per_seq=width, dtype=kv_cache.dtype,
                               generation=generation)
-        need = smem_bytes(num_slots=num_slots, pages_per_seq=width,
-                          num_query_blocks=pl.cdiv(row_end - row_start, block_q or bq))
-        if need > smem_capacity:
-            raise ValueError(f"ragged_paged_attention_tpu: the scalar-prefetched page table ({num_slots} x "
-                             f"{width}) and query-block ranges need {need} bytes of SMEM, more than {smem_capacity}")
+        bq, ppb = block_q or bq, pages_per_block or ppb
+        num_query_blocks = pl.cdiv(row_end - row_start, bq)
+        in_smem = page_table_fits_smem(num_slots=num_slots, pages_per_seq=width,
+                                       num_query_blocks=num_query_blocks, smem_capacity=smem_capacity)
+        if page_table_in_smem is not None:
+            if page_table_in_smem and not in_smem:
+                raise ValueError(f"ragged_paged_attention_tpu: page_table_in_smem=True, but the page table "
+                                 f"({num_slots} x {width}) does not fit in SMEM ({smem_capacity} bytes)")
+            in_smem = page_table_in_smem
+        need = smem_bytes(num_slots=num_slots, pages_per_seq=width, num_query_blocks=num_query_blocks,
+                          table_in_smem=in_smem, pages_per_block=ppb)
+        if need > smem_capacity:  # only the per-query-block ranges can still be too many
+            raise ValueError(f"ragged_paged_attention_tpu: the kernel's scalars ({num_slots} sequence slots, "
+                             f"{num_query_blocks} query blocks) need {need} bytes of SMEM, more than "
+                             f"{smem_capacity}")
         outs.append(_attention_part(
-            q, kv_cache, layer, kv_lens, table, cu_q_lens, num_seqs, row_start=row_start, row_end=row_end,
-            block_q=block_q or bq, pages_per_block=pages_per_block or ppb, table_width=width,
-            generation=generation, interpret=interpret, sm_scale=sm_scale, sliding_window=sliding_window,
-            soft_cap=soft_cap))
+            q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, row_start=row_start,
+            row_end=row_end, block_q=bq, pages_per_block=ppb, table_in_smem=in_smem, generation=generation,
+            interpret=interpret, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
     if not split_kv:
         out = out[..., d:]

@@ -15,6 +15,10 @@ Grid: target (v5e, v6e) x dtype (float32, bfloat16) x head dim (64, 128, 256) x 
 64K tokens with ``max_model_len`` 4096.  The default run is ``PAIRWISE``: every pair of values of any
 two factors appears in some case (32 cases, the minimum: 8 GQA ratios x 4 options), so every value of
 every factor is compiled for each target and dtype; the full product (3456 cases) is marked ``slow``.
+
+Page tables too large for SMEM stay in HBM (``page_table_fits_smem``): 64 sequences x 8192 pages
+(131072 tokens) and 256 x 2048 pages (32K tokens) at 16-token pages compile for both targets in
+bfloat16, decode-only and mixed (``test_long_context_page_table_compiles``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from jaxserve.targets import get_target, set_default_device  # noqa: E402
 from kernels_pallas.ragged_paged_attention_tpu import (  # noqa: E402
     chip_generation,
+    page_table_fits_smem,
     ragged_paged_attention_tpu,
     tpu_unsupported_reason,
 )
@@ -97,8 +102,9 @@ FULL = list(itertools.product(*FACTORS))
 
 
 def compile_kernel(target, dtype, head_dim, gqa, page_size, step, options, *, num_kv_heads=NUM_KV_HEADS,
-                   max_model_len=MAX_MODEL_LEN, num_slots=None):
-    """Lower the kernel in a jitted step-sized function for ``target`` and compile it."""
+                   max_model_len=MAX_MODEL_LEN, num_slots=None, **kernel_opts):
+    """Lower the kernel in a jitted step-sized function for ``target`` and compile it (``kernel_opts``
+    go to the kernel, e.g. ``pages_per_block``)."""
     tg = get_target(target)
     set_default_device(tg)  # Pallas lowers for the default device's chip
     mesh = Mesh(np.array(tg.devices[:1]), ("x",))
@@ -117,7 +123,7 @@ def compile_kernel(target, dtype, head_dim, gqa, page_size, step, options, *, nu
             spec((slots + 1,), jnp.int32),  # cu_q_lens
             spec((), jnp.int32))  # num_seqs
     step_fn = jax.jit(lambda *a: ragged_paged_attention_tpu(
-        *a, sm_scale=head_dim ** -0.5, num_decode_rows=num_decode_rows, **OPTIONS[options]))
+        *a, sm_scale=head_dim ** -0.5, num_decode_rows=num_decode_rows, **OPTIONS[options], **kernel_opts))
     lowered = step_fn.lower(*args)
     assert chip_generation() == {"tpu-v5e": 5, "tpu-v6e": 6}[target]
     compiled = lowered.compile()
@@ -167,9 +173,41 @@ def test_other_served_shapes_compile(target, case):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_large_page_table_compiles(target):
-    """A page table near the SMEM limit that ``tpu_unsupported_reason`` still accepts (256 sequences x
-    32K tokens / 64-token pages: 512 KiB of int32) compiles; one kv head, as under tensor parallelism."""
+    """A page table near the SMEM limit, still scalar-prefetched into SMEM (256 sequences x 32K tokens
+    / 64-token pages: 512 KiB of int32), compiles; one kv head, as under tensor parallelism."""
     assert tpu_unsupported_reason(head_dim=128, num_q_heads=8, num_kv_heads=1, page_size=64, dtype="bfloat16",
                                   max_num_seqs=256, pages_per_seq=512) is None
+    assert page_table_fits_smem(num_slots=256, pages_per_seq=512, num_query_blocks=64)
     compile_kernel(target, "bfloat16", 128, 8, 64, "decode", "none", num_kv_heads=1, max_model_len=32768,
                    num_slots=256)
+
+
+# (sequences, max_model_len) at 16-token pages: page tables of 2 MiB that do not fit in SMEM, so they
+# stay in HBM.  64 x 8192 pages: Llama-3.1's 131072-token context (GQA 4 as in Llama-3.1-8B);
+# 256 x 2048 pages: 32K tokens (GQA 8 as in Llama-3.1-70B).
+LONG_TABLES = [(64, 131072, 4), (256, 32768, 8)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("step", ["decode", "mixed"])
+@pytest.mark.parametrize("num_slots,max_model_len,gqa", LONG_TABLES)
+def test_long_context_page_table_compiles(target, step, num_slots, max_model_len, gqa):
+    """Page tables too large for SMEM are served (``tpu_unsupported_reason`` accepts them) and compile,
+    bfloat16, decode-only and mixed steps."""
+    pages_per_seq = max_model_len // 16
+    assert tpu_unsupported_reason(head_dim=128, num_q_heads=NUM_KV_HEADS * gqa, num_kv_heads=NUM_KV_HEADS,
+                                  page_size=16, dtype="bfloat16", max_num_seqs=num_slots,
+                                  pages_per_seq=pages_per_seq) is None
+    assert not page_table_fits_smem(num_slots=num_slots, pages_per_seq=pages_per_seq)
+    compile_kernel(target, "bfloat16", 128, gqa, 16, step, "none", max_model_len=max_model_len,
+                   num_slots=num_slots)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_long_context_page_table_other_options_compile(target):
+    """The HBM page-table path with page-id windows of two tiles (24 pages per block does not divide
+    128), sliding window and soft cap, head dim 64 (zero-extended q), and the path forced on a small
+    table, compile."""
+    compile_kernel(target, "bfloat16", 64, 2, 32, "mixed", "window+cap", max_model_len=131072, num_slots=64,
+                   pages_per_block=24)
+    compile_kernel(target, "float32", 128, 4, 16, "decode", "cap", page_table_in_smem=False)

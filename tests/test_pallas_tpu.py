@@ -32,7 +32,10 @@ from kernels_pallas.ragged_paged_attention import (  # noqa: E402
 )
 from kernels_pallas.ragged_paged_attention_tpu import (  # noqa: E402
     block_sizes,
+    page_id_window,
+    page_table_fits_smem,
     query_alignment,
+    SMEM_RESERVE,
     ragged_paged_attention_tpu,
     tpu_unsupported_reason,
 )
@@ -234,9 +237,18 @@ def test_unsupported_reason_rules():
     assert "head_dim" in tpu_unsupported_reason(**dict(ok, head_dim=72))
     assert "dtype" in tpu_unsupported_reason(**dict(ok, dtype="float16"))
     assert "num_kv_heads" in tpu_unsupported_reason(**dict(ok, num_q_heads=6, num_kv_heads=4))
-    # The page table is scalar-prefetched into SMEM (1 MiB on v5e/v6e).
-    assert tpu_unsupported_reason(**ok, max_num_seqs=256, pages_per_seq=512) is None
-    assert "SMEM" in tpu_unsupported_reason(**ok, max_num_seqs=256, pages_per_seq=2048)
+    # The page table's size is no limit: scalar-prefetched into SMEM (1 MiB on v5e/v6e) if it fits,
+    # else kept in HBM.  Llama-3.1's 131072-token context at 16-token pages: 8192 pages per sequence.
+    for seqs, pages in ((256, 512), (256, 2048), (64, 8192), (1024, 8192)):
+        assert tpu_unsupported_reason(**ok, max_num_seqs=seqs, pages_per_seq=pages) is None
+    assert "max_num_seqs" in tpu_unsupported_reason(**ok, max_num_seqs=0, pages_per_seq=16)
+    assert page_table_fits_smem(num_slots=256, pages_per_seq=512, num_query_blocks=64)
+    assert not page_table_fits_smem(num_slots=256, pages_per_seq=2048)
+    assert not page_table_fits_smem(num_slots=64, pages_per_seq=8192)
+    assert page_table_fits_smem(num_slots=4, pages_per_seq=4, smem_capacity=SMEM_RESERVE + 6 * 512)
+    assert not page_table_fits_smem(num_slots=4, pages_per_seq=40, smem_capacity=SMEM_RESERVE + 6 * 512)
+    # Page-id windows are whole 128-word tiles holding any block's ids.
+    assert [page_id_window(p) for p in (1, 16, 32, 128, 256, 3, 24, 130)] == [128] * 4 + [256, 256, 256, 384]
 
 
 def test_unsupported_configuration_raises():
@@ -266,3 +278,71 @@ def test_block_size_choice(dtype, gqa):
         assert block_sizes(decode=True, num_tokens=64, pages_per_seq=3, **common)[1] == 3
         short = block_sizes(decode=False, num_tokens=3, pages_per_seq=256, **common)[0]
         assert short == -(-3 // align) * align
+
+
+# The page table in HBM (page_table_in_smem=False forces the path the kernel takes when the table does
+# not fit in SMEM): page ids are copied into SMEM, a tile-aligned window per kv block, one block ahead.
+HBM_TABLE = [  # (mix, page_size, head_dim, gqa, dtype, block_q, pages_per_block, options)
+    ("mixed", 8, 64, 2, "float32", None, None, dict()),
+    ("mixed", 8, 64, 3, "float32", 8, 1, dict(sliding_window=11)),  # one page per block: many blocks
+    ("decode", 16, 128, 4, "bfloat16", None, 3, dict(soft_cap=5.0)),  # 3 does not divide 128
+    ("prefill", 8, 96, 2, "float32", 8, 2, dict(sliding_window=20, soft_cap=3.0)),
+    ("mixed", 16, 64, 1, "bfloat16", 16, 8, dict()),  # blocks longer than every sequence
+]
+
+
+@pytest.mark.parametrize("mix,page_size,head_dim,gqa,dtype,block_q,pages_per_block,options", HBM_TABLE)
+def test_page_table_in_hbm_matches_reference(mix, page_size, head_dim, gqa, dtype, block_q, pages_per_block,
+                                             options):
+    """Kv lengths mid-page and on page boundaries, several sequences per query block, padded slots
+    and rows, every mix: the HBM page-table path equals the reference and the SMEM path."""
+    args = mix_batch(mix, page_size=page_size, gqa=gqa, head_dim=head_dim, seed=11, max_pages_per_seq=5)
+    kw = dict(dtype=dtype, num_decode_rows=decode_rows(mix, args), block_q=block_q,
+              pages_per_block=pages_per_block, **options)
+    got, ref, dense = run_kernel(args, page_table_in_smem=False, **kw)
+    assert_close(got, ref, dtype)
+    assert_close(got, dense, dtype)
+    cu, ns = args[5], int(args[6])
+    assert not got[int(cu[ns]):].any(), "padding rows must be zero"
+    smem, _, _ = run_kernel(args, page_table_in_smem=True, **kw)
+    np.testing.assert_array_equal(got, smem)
+
+
+@pytest.mark.parametrize("pages_per_block", [8, 3])
+def test_page_table_in_hbm_long_rows(pages_per_block):
+    """Sequences of more than 128 pages (page ids beyond the first tile of a row; a row width that is
+    not a multiple of 128), decode and prefill rows sharing query blocks, windows of one tile (8
+    pages per block) and of two (3 does not divide 128, so a block can straddle tiles)."""
+    ps = 8
+    args = make_batch(np.random.default_rng(12), page_size=ps, gqa=2, head_dim=64, num_decode_rows=3,
+                      num_decode_pad=0, decode_lens=[130 * ps + 3, 128 * ps, 5], pad_rows=2, pad_seqs=1,
+                      prefills=[(6, 129 * ps - 2), (4, 2 * ps + 1)], max_pages_per_seq=136)
+    got, ref, dense = run_kernel(args, num_decode_rows=3, block_q=8, pages_per_block=pages_per_block,
+                                 page_table_in_smem=False, sliding_window=200 if pages_per_block == 3 else None)
+    assert_close(got, ref, "float32")
+    assert_close(got, dense, "float32")
+
+
+def test_page_table_in_hbm_has_no_dma_race():
+    """With the table in HBM, the race detector finds no read of a page-id window (SMEM) or a page
+    buffer (VMEM) while a DMA into it is in flight."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # private
+
+    q, kv_cache, layer, kv_lens, pages, cu, ns = mix_batch("mixed", page_size=8, gqa=2, head_dim=64, seed=13)
+    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
+    got = ragged_paged_attention_tpu(q, kv_cache, layer, kv_lens, pages, cu, ns, sm_scale=0.125, block_q=8,
+                                     pages_per_block=1, num_decode_rows=NUM_DECODE, page_table_in_smem=False,
+                                     interpret=params)
+    got.block_until_ready()
+    assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
+    want = ragged_paged_attention_dense(q, kv_cache, layer, kv_lens, pages, cu, ns, sm_scale=0.125)
+    assert_close(np.asarray(got), want, "float32")
+
+
+def test_forcing_a_page_table_into_smem_that_does_not_fit_raises():
+    q = jnp.zeros((4, 2, 64), jnp.float32)
+    kv_cache = jnp.zeros((1, 2, 4, 8, 128), jnp.float32)
+    meta = (np.int32(0), np.ones(64, np.int32), np.zeros((64, 8192), np.int32),
+            np.array([0, 1] + [1] * 63, np.int32), np.int32(1))
+    with pytest.raises(ValueError, match="does not fit in SMEM"):
+        ragged_paged_attention_tpu(q, kv_cache, *meta, sm_scale=0.125, page_table_in_smem=True, interpret=True)
