@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--attention-impl", default="reference",
+    ap.add_argument("--attention-impl", default="auto",
                     choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"])
     ap.add_argument("--limit", type=int, default=None, help="run only the first N requests")
     ap.add_argument("--no-warmup", action="store_true", help="compile buckets lazily inside the timed run")
