@@ -24,6 +24,7 @@ back to the reference).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from kernels_pallas.ragged_paged_attention import (
     ragged_paged_attention_dense,
@@ -77,6 +78,9 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
     ``backend``: the platform the program is compiled for (default ``jax.default_backend()``; a
     deviceless compile for TPU or GPU passes it, since the default backend is then the CPU)."""
     kernel, interpret = resolve_impl(impl, backend)
+    if kernel != "reference" and kv_cache.dtype == jnp.uint16:
+        # A 16-bit cache stored as bits on CPU (jaxserve/kv_cache.py): the interpreted kernels read values.
+        kv_cache = jax.lax.bitcast_convert_type(kv_cache, q.dtype)
     args = (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if kernel == "tpu":

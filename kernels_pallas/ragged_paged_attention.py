@@ -45,7 +45,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 _NEG_INF = -1e30  # finite, so fully masked rows give exp(0)*0 = 0, not NaN.
+
+
+def as_values(block: jax.Array, dtype) -> jax.Array:
+    """Cache contents as ``dtype`` values: a 16-bit cache on XLA CPU is stored as its uint16 bits
+    (``jaxserve/kv_cache.py``, ``storage_dtype``), bitcast here, after the gather, for the few pages read."""
+    if block.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(block, dtype)
+    return block.astype(dtype)
 
 
 def _soft_cap(scores: jax.Array, soft_cap: float | None) -> jax.Array:
@@ -78,7 +87,7 @@ def _online_update(carry, scores, mask, v, pv_spec="rkgb,rbkd->rkgd"):
 
 
 def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, carry, *,
-                        sliding_window, soft_cap, block_pages):
+                        sliding_window, soft_cap, block_pages, kv_dtype):
     page_size = kv_cache.shape[3]
     block = block_pages * page_size
     num_blocks = (jnp.max(row_ctx_len, initial=0) + block - 1) // block
@@ -86,7 +95,7 @@ def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, car
 
     def body(i, carry):
         pages = jax.lax.dynamic_slice_in_dim(row_pages, i * block_pages, block_pages, axis=1)
-        kvb = kv_cache[layer, :, pages].astype(q.dtype)  # [R, P, K, S, 2D]
+        kvb = as_values(kv_cache[layer, :, pages], kv_dtype).astype(q.dtype)  # [R, P, K, S, 2D]
         kb, vb = kvb[..., :d], kvb[..., d:]
         scores = jnp.einsum("rkgd,rpksd->rkgps", q, kb).reshape(r, k, g, block)
         scores = _soft_cap(scores, soft_cap)
@@ -101,7 +110,7 @@ def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, car
 
 
 def _paged_context(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, *,
-                   sliding_window, soft_cap, kv_block_pages, num_groups=4, **_):
+                   sliding_window, soft_cap, kv_block_pages, kv_dtype, num_groups=4, **_):
     """Online softmax of rows over the first ``row_ctx_len[r]`` positions of their pages.
 
     q: [R,K,G,D] (already scaled); row_pages: [R, P] page table of each row's
@@ -118,7 +127,7 @@ def _paged_context(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, *,
     pad = (-num_cols) % block_pages
     if pad:
         row_pages = jnp.pad(row_pages, ((0, 0), (0, pad)))
-    opts = dict(sliding_window=sliding_window, soft_cap=soft_cap, block_pages=block_pages)
+    opts = dict(sliding_window=sliding_window, soft_cap=soft_cap, block_pages=block_pages, kv_dtype=kv_dtype)
     if r < 2 * num_groups:
         return _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len,
                                    _init_carry(r, k, g, d), **opts)
@@ -239,7 +248,7 @@ def ragged_paged_attention_ref(
     out_dtype = q.dtype
     qf = (q.astype(jnp.float32) * sm_scale).reshape(t, hkv, g, d)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                kv_block_pages=kv_block_pages)
+                kv_block_pages=kv_block_pages, kv_dtype=out_dtype)
     outs = []
 
     nd = num_decode_rows
@@ -274,7 +283,8 @@ def ragged_paged_attention_ref(
         page_size = kv_cache.shape[3]
         page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
         heads = jnp.arange(hkv)[None, :]  # one index per (row, head): the gather's window is the lanes
-        kv_new = kv_cache[layer, heads, page[:, None], (pos % page_size)[:, None]].astype(jnp.float32)  # [R, K, 2D]
+        kv_new = as_values(kv_cache[layer, heads, page[:, None], (pos % page_size)[:, None]],
+                           out_dtype).astype(jnp.float32)  # [R, K, 2D]
         k_new, v_new = kv_new[..., :d], kv_new[..., d:]
         first_row = q_start - nd  # first prefill row of each row's sequence
         new = _new_token_attention(qr, k_new, v_new, seq, pos, first_row, row_valid,
