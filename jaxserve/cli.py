@@ -44,7 +44,20 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
                         "reference on CPU)")
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
+    add_compile_cache_args(p)
     add_mesh_args(p)
+
+
+def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("persistent compilation cache")
+    g.add_argument("--compile-cache-dir", default="auto", metavar="DIR",
+                   help="where compiled step programs are kept across runs (default: $JAXSERVE_COMPILE_CACHE, "
+                        "else $XDG_CACHE_HOME/jaxserve/xla or ~/.cache/jaxserve/xla)")
+    g.add_argument("--no-compile-cache", action="store_true", help="compile every program, keep none")
+
+
+def compile_cache_from_args(args) -> str | None:
+    return None if getattr(args, "no_compile_cache", False) else getattr(args, "compile_cache_dir", "auto")
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +91,7 @@ def engine_from_args(args: argparse.Namespace) -> "Engine":
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, scheduling=args.scheduling,
                           attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket,
-                          mesh_shape=mesh_shape_from_args(args))
+                          mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args))
     config.validate()  # before the (slow) load
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
     model_config, params, tokenizer = load_model(args.model, args.dtype, mesh)
@@ -180,8 +193,15 @@ def _csv(kind):
 
 
 def cmd_bench(args) -> int:
+    import os
+
+    from jaxserve import compile_cache
     from jaxserve.benchmark import run_grid
 
+    # Every run is its own subprocess; they inherit the cache setting through the environment.
+    cache = compile_cache_from_args(args)
+    if cache != compile_cache.AUTO:
+        os.environ[compile_cache.ENV] = cache or "off"
     records = run_grid(args.model, args.workload, modes=args.modes, max_num_seqs=args.max_num_seqs,
                        dtypes=args.dtype, out_dir=args.out, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, progress=not args.no_progress)
@@ -346,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--out", default="results")
     p.add_argument("--no-progress", action="store_true")
+    add_compile_cache_args(p)
     p.set_defaults(func=cmd_bench)
     bench_parser = p
 

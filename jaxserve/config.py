@@ -172,6 +172,10 @@ class EngineConfig:
     # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model", token rows
     # of the batch on "data"; see jaxserve/sharding.py).  None: one device, no sharding at all.
     mesh_shape: dict[str, int] | None = None
+    # JAX's persistent compilation cache: "auto" ($JAXSERVE_COMPILE_CACHE, else
+    # $XDG_CACHE_HOME/jaxserve/xla or ~/.cache/jaxserve/xla), a directory, or None (off); see
+    # jaxserve/compile_cache.py.
+    compile_cache_dir: str | None = "auto"
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_num_prefill_seqs", "page_size",
@@ -192,6 +196,9 @@ class EngineConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)
+                                                   or not self.compile_cache_dir):
+            raise ValueError(f"compile_cache_dir: must be 'auto', a directory or None, got {self.compile_cache_dir!r}")
         if self.mesh_shape is not None:
             from jaxserve.sharding import normalize_mesh_shape
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve import checkpoint, sharding
+from jaxserve import checkpoint, compile_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.gguf_loader import is_gguf_path, load_gguf, resolve_model_path
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
@@ -77,6 +77,8 @@ class Engine:
         device(s) as ``checkpoint.restore_params`` returns it for ``config.mesh_shape``."""
         config = config or EngineConfig()
         config.validate()
+        self.compile_cache_dir = compile_cache.configure(config.compile_cache_dir)
+        logger.info("compile cache: %s", self.compile_cache_dir or "off")
         self.model_config = model_config
         self.mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
         # The model as it runs: on a wide "model" axis, with each KV head replicated.
@@ -466,8 +468,11 @@ class Engine:
         return self.allocator.num_free
 
     def warmup(self) -> float:
-        """Compile the model step for every bucket; returns the seconds it took."""
-        return self.runner.warmup()
+        """Compile (or load from the compile cache) the model step for every bucket; returns the
+        seconds it took."""
+        seconds = self.runner.warmup()
+        logger.info("warm-up: %s", self.runner.compile_summary())
+        return seconds
 
 
 def _check_conversation(messages: Any) -> None:

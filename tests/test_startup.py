@@ -1,0 +1,80 @@
+"""Start-up: the persistent compile cache, the visible warm-up, lazy compiles for generate, the KV
+cache sized to the device's memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from jaxserve import compile_cache
+
+# Three step programs: decode buckets [0, 2] x prefill buckets [0, 32], less the empty one.
+SMALL_KW = dict(max_num_seqs=2, page_size=8, max_model_len=64, max_num_batched_tokens=32, min_prefill_bucket=32)
+
+START_SCRIPT = r"""
+import json, sys
+from jaxserve import Engine, SamplingParams
+engine = Engine.from_pretrained(sys.argv[1], **json.loads(sys.argv[2]))
+engine.warmup()
+out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+r = engine.runner
+print(json.dumps({"programs": r.compile_count, "hits": r.cache_hits, "compiled": r.programs_compiled,
+                  "buckets": r.num_buckets, "tokens": out[0].token_ids}))
+"""
+
+
+def _start(model_dir: str, env: dict[str, str], **kw) -> dict:
+    proc = subprocess.run([sys.executable, "-c", START_SCRIPT, model_dir, json.dumps({**SMALL_KW, **kw})],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_resolve_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.resolve_cache_dir("auto") == str(tmp_path / "xdg" / "jaxserve" / "xla")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache.resolve_cache_dir("auto") == str(tmp_path / "home" / ".cache" / "jaxserve" / "xla")
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "env"))
+    assert compile_cache.resolve_cache_dir("auto") == str(tmp_path / "env")
+    assert compile_cache.resolve_cache_dir(str(tmp_path / "x")) == str(tmp_path / "x")
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.resolve_cache_dir("auto") is None
+    assert compile_cache.resolve_cache_dir(None) is None
+
+
+def test_cli_compile_cache_flags():
+    import argparse
+
+    from jaxserve.cli import _add_engine_args, compile_cache_from_args
+
+    p = argparse.ArgumentParser()
+    _add_engine_args(p)
+    assert compile_cache_from_args(p.parse_args([])) == "auto"
+    assert compile_cache_from_args(p.parse_args(["--compile-cache-dir", "/tmp/c"])) == "/tmp/c"
+    assert compile_cache_from_args(p.parse_args(["--no-compile-cache"])) is None
+
+
+def test_second_start_loads_every_program_from_the_cache(llama_dir, tmp_path):
+    """Two engine starts (two processes) with one cache dir: the first compiles every program, the
+    second compiles none (each comes from the cache) and generates the same tokens."""
+    cache = tmp_path / "xla"
+    env = {**os.environ, compile_cache.ENV: str(cache)}
+    first = _start(llama_dir, env)
+    assert first["programs"] == first["buckets"] == 3
+    assert first["compiled"] == 3 and first["hits"] == 0
+    assert any(cache.iterdir())
+    second = _start(llama_dir, env)
+    assert second["programs"] == 3
+    assert second["compiled"] == 0 and second["hits"] == 3
+    assert second["tokens"] == first["tokens"]
+    # Turned off: everything is compiled again.
+    off = _start(llama_dir, {**os.environ, compile_cache.ENV: "off"})
+    assert off["compiled"] == 3 and off["hits"] == 0
