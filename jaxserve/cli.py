@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ def mesh_shape_from_args(args) -> dict[str, int] | None:
     return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
 
 
-def engine_from_args(args: argparse.Namespace) -> "Engine":
+def engine_from_args(args: argparse.Namespace, progress: bool = False) -> "Engine":
+    """The engine the flags describe (``progress``: a tqdm bar while the weights load)."""
     from jaxserve import Engine, EngineConfig
     from jaxserve.engine import load_model
     from jaxserve.sharding import make_mesh
@@ -94,10 +96,13 @@ def engine_from_args(args: argparse.Namespace) -> "Engine":
                           mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args))
     config.validate()  # before the (slow) load
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
-    model_config, params, tokenizer = load_model(args.model, args.dtype, mesh)
+    t0 = time.perf_counter()
+    model_config, params, tokenizer = load_model(args.model, args.dtype, mesh, progress=progress)
     if config.max_model_len is None:
         config.max_model_len = min(CLI_MAX_MODEL_LEN, model_config.max_position_embeddings)
-    return Engine(model_config, params, tokenizer, config)
+    engine = Engine(model_config, params, tokenizer, config)
+    engine.load_seconds = time.perf_counter() - t0  # weights, tokenizer, KV cache
+    return engine
 
 
 def cmd_plan(args) -> int:
@@ -250,14 +255,14 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("jaxserve").warning("binding %s: the server is reachable from other hosts", args.host)
-    engine = engine_from_args(args)
-    if not args.no_warmup:
-        logging.getLogger("jaxserve").info("compiled %d step programs in %.1fs", engine.num_buckets,
-                                           engine.warmup())
+    progress = not args.no_progress
+    engine = engine_from_args(args, progress=progress)
+    # The port is bound before the warm-up (ahead of time: every bucket), so /health answers 503 meanwhile.
     return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
                  default_model_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
                  drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
-                 log_level="info" if args.verbose else "warning")
+                 log_level="info" if args.verbose else "warning", warmup=not args.no_warmup, progress=progress,
+                 model_label=args.model)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -389,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enable-force-include-usage", action="store_true",
                    help="end every stream with a usage chunk, whatever the request's stream_options.include_usage")
     p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars while loading and warming up")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="interactive chat, replies streamed to the terminal")

@@ -47,7 +47,8 @@ def resolve_dtype(name: str) -> str:
     return name
 
 
-def load_model(model: str, dtype: str = "auto", mesh: Any = None) -> tuple[ModelConfig, dict[str, Any], Any]:
+def load_model(model: str, dtype: str = "auto", mesh: Any = None,
+               progress: bool = False) -> tuple[ModelConfig, dict[str, Any], Any]:
     """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, an Orbax
     checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
     ``dtype`` (``"auto"``: as the engine's).  The tree is numpy on the host, except for an Orbax
@@ -63,7 +64,7 @@ def load_model(model: str, dtype: str = "auto", mesh: Any = None) -> tuple[Model
         tokenizer = load_tokenizer(path)
     else:
         model_config = ModelConfig.from_dir(path)
-        params = load_params(path, model_config, np_dtype)
+        params = load_params(path, model_config, np_dtype, progress)
         tokenizer = load_tokenizer(path)
     logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", path, model_config.model_type,
                 model_config.num_params() / 1e6, time.perf_counter() - t0)
@@ -77,6 +78,8 @@ class Engine:
         device(s) as ``checkpoint.restore_params`` returns it for ``config.mesh_shape``."""
         config = config or EngineConfig()
         config.validate()
+        self.load_seconds = 0.0  # weights and tokenizer, set by from_pretrained / the CLI
+        self.warmup_seconds = 0.0
         self.compile_cache_dir = compile_cache.configure(config.compile_cache_dir)
         logger.info("compile cache: %s", self.compile_cache_dir or "off")
         self.model_config = model_config
@@ -162,8 +165,12 @@ class Engine:
                               max_model_len=max_model_len, dtype=dtype, scheduling=scheduling, **kwargs)
         config.validate()
         mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
+        t0 = time.perf_counter()
         model_config, params, tokenizer = load_model(model, dtype, mesh)
-        return cls(model_config, params, tokenizer, config)
+        load_seconds = time.perf_counter() - t0
+        engine = cls(model_config, params, tokenizer, config)
+        engine.load_seconds = load_seconds
+        return engine
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -467,12 +474,28 @@ class Engine:
     def num_free_pages(self) -> int:
         return self.allocator.num_free
 
-    def warmup(self) -> float:
-        """Compile (or load from the compile cache) the model step for every bucket; returns the
-        seconds it took."""
-        seconds = self.runner.warmup()
+    def warmup(self, progress: bool = False, on_bucket: Any = None) -> float:
+        """Compile (or load from the compile cache) the model step for every bucket, ahead of time;
+        returns the seconds it took.  ``progress``: a tqdm bar on stderr."""
+        logger.info("warm-up: compiling or loading all %d step programs ahead of time", self.num_buckets)
+        seconds = self.runner.warmup(progress=progress, on_bucket=on_bucket)
+        self.warmup_seconds += seconds
         logger.info("warm-up: %s", self.runner.compile_summary())
         return seconds
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.num_pages * self.config.page_size
+
+    def ready_line(self, model: str, address: str | None = None) -> str:
+        """One line: where (serve), which model, the KV cache, and the start-up time by part."""
+        r = self.runner
+        where = f" on {address}" if address else ""
+        compiled = r.compile_seconds - r.cache_load_seconds
+        return (f"ready{where}: model {model}, KV cache {self.kv_cache_tokens:,} tokens "
+                f"(max_model_len {self.max_model_len}); start-up: load {self.load_seconds:.1f}s, "
+                f"compile {compiled:.1f}s ({r.programs_compiled} programs), "
+                f"cache hits {r.cache_load_seconds:.1f}s ({r.cache_hits} programs)")
 
 
 def _check_conversation(messages: Any) -> None:

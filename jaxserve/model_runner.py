@@ -417,11 +417,22 @@ class ModelRunner:
         a["num_seqs"] = np.int32(0)
         return self._executable(key, self._to_inputs(a, False))
 
-    def warmup(self, buckets: list[tuple[int, int]] | None = None) -> float:
-        """Compile the step for every bucket (or the given ones); returns the seconds spent."""
+    def warmup(self, buckets: list[tuple[int, int]] | None = None, progress: bool = False,
+               on_bucket: Any = None) -> float:
+        """Compile (or load from the compile cache) the step for every bucket (or the given ones);
+        returns the seconds spent.  ``progress``: a tqdm bar on stderr; ``on_bucket(done, total)``
+        is called after each bucket."""
+        from tqdm.auto import tqdm
+
         t0 = time.perf_counter()
-        for key in buckets or self.buckets:
-            self.compile_bucket(key)
+        keys = list(buckets or self.buckets)
+        with tqdm(total=len(keys), desc="warm-up", unit="program", disable=not progress, leave=False) as bar:
+            for i, key in enumerate(keys):
+                bar.set_postfix_str(f"bucket {key[0]}x{key[1]}, {self.cache_hits} cached", refresh=False)
+                self.compile_bucket(key)
+                bar.update(1)
+                if on_bucket is not None:
+                    on_bucket(i + 1, len(keys))
         return time.perf_counter() - t0
 
 

@@ -78,3 +78,41 @@ def test_second_start_loads_every_program_from_the_cache(llama_dir, tmp_path):
     # Turned off: everything is compiled again.
     off = _start(llama_dir, {**os.environ, compile_cache.ENV: "off"})
     assert off["compiled"] == 3 and off["hits"] == 0
+
+
+def test_health_is_503_while_warming_up_then_200(shared_engine):
+    """The server answers /health during the warm-up (which runs in the engine thread after the
+    app started): 503 with a JSON reason, then 200 once the warm-up returned."""
+    import threading
+    import time
+
+    from starlette.testclient import TestClient
+
+    from jaxserve.server import OpenAIServer, ServerConfig
+
+    release = threading.Event()
+
+    def warmup(loop):
+        loop.warmup_progress = (1, 3)
+        assert release.wait(60)
+
+    server = OpenAIServer(shared_engine, ServerConfig("tiny"), warmup=warmup)
+    with TestClient(server.app) as client:
+        r = client.get("/health")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["status"] == "warming_up"
+        assert body["error"]["message"] == "warming up: 1/3 step programs compiled or loaded"
+        release.set()
+        deadline = time.monotonic() + 30
+        while (r := client.get("/health")).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.json() == {"status": "ok"}
+
+
+def test_ready_line(shared_engine):
+    line = shared_engine.ready_line("tiny", "http://127.0.0.1:8000")
+    assert line.startswith("ready on http://127.0.0.1:8000: model tiny, KV cache ")
+    assert f"{shared_engine.num_pages * shared_engine.config.page_size:,} tokens" in line
+    assert "start-up: load " in line and "compile " in line and "cache hits " in line
