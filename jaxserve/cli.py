@@ -176,8 +176,14 @@ def _stream_to_terminal(engine: "Engine", prompt: str | list[int], params: "Samp
     return out
 
 
+def _lazy_compile_note(engine: "Engine", model: str) -> None:
+    logger.info("%s; step programs compile on demand (only the buckets this run hits, of %d; "
+                "serve and bench compile all ahead of time)", engine.ready_line(model), engine.num_buckets)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
+    _lazy_compile_note(engine, args.model)
     params = _sampling_params(args)
     prompt = args.prompt
     if args.prompt_ids:
@@ -190,6 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = engine.chat_prompt(messages + [{"role": "user", "content": args.prompt}])
     _stream_to_terminal(engine, prompt, params)
+    logger.info("%s", engine.runner.compile_summary())
     return 0
 
 
@@ -267,6 +274,7 @@ def cmd_serve(args) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
+    _lazy_compile_note(engine, args.model)
     if engine.tokenizer is None:
         raise SystemExit("chat: this model has no tokenizer")
     params = _sampling_params(args)

@@ -116,3 +116,24 @@ def test_ready_line(shared_engine):
     assert line.startswith("ready on http://127.0.0.1:8000: model tiny, KV cache ")
     assert f"{shared_engine.num_pages * shared_engine.config.page_size:,} tokens" in line
     assert "start-up: load " in line and "compile " in line and "cache hits " in line
+
+
+def test_generate_compiles_only_the_buckets_it_hits(llama_dir, monkeypatch, capsys):
+    """`jaxserve generate` warms nothing up: one short prompt compiles the programs of its steps only
+    (a prefill-only and a decode-only bucket), not all of them."""
+    from jaxserve import cli
+
+    engines = []
+    make = cli.engine_from_args
+
+    def capture(args, **kw):
+        engines.append(make(args, **kw))
+        return engines[-1]
+
+    monkeypatch.setattr(cli, "engine_from_args", capture)
+    assert cli.main(["generate", "--model", llama_dir, "--prompt-ids", "5,6,7", "--max-tokens", "3",
+                     "--ignore-eos", "--max-num-seqs", "4", "--max-model-len", "64", "--page-size", "8",
+                     "--no-compile-cache"]) == 0
+    runner = engines[0].runner
+    assert runner.num_buckets > 2
+    assert runner.compile_count == 2 and set(runner._executables) == {(0, 32), (4, 0)}
