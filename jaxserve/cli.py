@@ -35,9 +35,13 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None,
-                   help=f"default: the model's context length, at most {CLI_MAX_MODEL_LEN}")
+                   help=f"default: the model's context length, at most what the KV cache holds for one sequence "
+                        f"(on CPU at most {CLI_MAX_MODEL_LEN})")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--memory-utilization", type=float, default=None,
+                   help="fraction of each chip's memory jaxserve may use: the KV cache gets it less the weights and "
+                        "the largest step's temporaries (default 0.9; GPU/TPU only, unless --num-pages is set)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
     p.add_argument("--attention-impl", default="auto",
@@ -93,12 +97,16 @@ def engine_from_args(args: argparse.Namespace, progress: bool = False) -> "Engin
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, scheduling=args.scheduling,
                           attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket,
-                          mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args))
+                          mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
+                          memory_utilization=args.memory_utilization)
     config.validate()  # before the (slow) load
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
     t0 = time.perf_counter()
     model_config, params, tokenizer = load_model(args.model, args.dtype, mesh, progress=progress)
-    if config.max_model_len is None:
+    import jax
+
+    if config.max_model_len is None and jax.default_backend() == "cpu":
+        # On the CPU the default cache holds every slot at max_model_len: keep it small.
         config.max_model_len = min(CLI_MAX_MODEL_LEN, model_config.max_position_embeddings)
     engine = Engine(model_config, params, tokenizer, config)
     engine.load_seconds = time.perf_counter() - t0  # weights, tokenizer, KV cache
@@ -117,7 +125,7 @@ def cmd_plan(args) -> int:
                           dtype=args.dtype, attention_impl=args.attention_impl,
                           min_prefill_bucket=args.min_prefill_bucket)
     plan = make_plan(args.model, args.target, topology=args.topology, mesh_shape=mesh,
-                     memory_utilization=args.memory_utilization, buckets=args.buckets, engine_config=config,
+                     memory_utilization=args.memory_utilization or 0.9, buckets=args.buckets, engine_config=config,
                      progress=not args.no_progress)
     print(format_plan(plan))
     if args.json:
@@ -345,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default=None,
                    help="TPU: chips as AxB (e.g. 2x2, 2x4); GPU: 1x1xN (N GPUs); default: the smallest that "
                         "holds the mesh")
-    p.add_argument("--memory-utilization", type=float, default=0.9,
-                   help="fraction of each chip's memory jaxserve may use (default 0.9)")
     p.add_argument("--buckets", default="all", choices=["all", "representative"],
                    help="all buckets, or the largest decode-only, prefill-only and mixed ones")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")

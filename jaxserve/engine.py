@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve import checkpoint, compile_cache, sharding
+from jaxserve import checkpoint, compile_cache, kv_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.gguf_loader import is_gguf_path, load_gguf, resolve_model_path
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
@@ -39,6 +39,11 @@ from jaxserve.weights import NP_DTYPES, load_params
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30  # cap of the default cache size (every slot at max_model_len)
+
+
+def device_memory_stats(device: Any) -> dict[str, int]:
+    """``device.memory_stats()`` (``{}`` where the platform has none); one place for tests to fake."""
+    return device.memory_stats() or {}
 
 
 def resolve_dtype(name: str) -> str:
@@ -96,37 +101,55 @@ class Engine:
                            "2-9x fewer tok/s, much of it the 16-bit cache write); float32 is the CPU default",
                            self.dtype_name)
         dtype = NP_DTYPES[self.dtype_name]
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        if self.max_model_len > model_config.max_position_embeddings:
-            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({model_config.max_position_embeddings})")
-        per_page = page_bytes(self.run_config, config.page_size, dtype)
-        if config.num_pages is not None:
-            num_pages = config.num_pages
-        elif config.kv_cache_bytes is not None:
-            num_pages = config.kv_cache_bytes // per_page
-            if num_pages < 1:
-                raise ValueError(f"kv_cache_bytes: {config.kv_cache_bytes} bytes hold no page "
-                                 f"({per_page} bytes per page)")
-        else:
-            num_pages = config.max_num_seqs * pages_needed(self.max_model_len, config.page_size)
-            num_pages = max(1, min(num_pages, DEFAULT_MAX_KV_CACHE_BYTES // per_page))
-        self.num_pages = num_pages
-        logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
-                    num_pages, config.page_size, num_pages * config.page_size,
-                    num_pages * per_page / 2**20, self.dtype_name, self.max_model_len)
+        context = model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({context})")
+        max_model_len = config.max_model_len or context  # provisional, until the cache is sized
 
         on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
         if self.mesh is None:
             device_params = params if on_device else jax.tree_util.tree_map(jnp.asarray, params)
+        elif on_device:
+            device_params = params
+        else:
+            replication = sharding.kv_replication(model_config, self.mesh.shape[sharding.MODEL])
+            device_params = sharding.put_params(
+                sharding.replicate_kv_heads(params, model_config, replication), self.mesh, self.run_config)
+        self.platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+
+        per_page = page_bytes(self.run_config, config.page_size, dtype)
+        if config.num_pages is not None:
+            num_pages = config.num_pages
+            how = "num_pages"
+        elif config.kv_cache_bytes is not None:
+            num_pages = config.kv_cache_bytes // per_page
+            how = "kv_cache_bytes"
+            if num_pages < 1:
+                raise ValueError(f"kv_cache_bytes: {config.kv_cache_bytes} bytes hold no page "
+                                 f"({per_page} bytes per page)")
+        elif self.platform == "cpu":
+            num_pages = config.max_num_seqs * pages_needed(max_model_len, config.page_size)
+            num_pages = max(1, min(num_pages, DEFAULT_MAX_KV_CACHE_BYTES // per_page))
+            how = (f"CPU: no device memory limit to size it to, so every slot at max_model_len, capped at "
+                   f"{DEFAULT_MAX_KV_CACHE_BYTES >> 30} GiB (set num_pages or kv_cache_bytes for more)")
+        else:
+            num_pages, how = self._pages_for_device_memory(device_params, dtype, max_model_len)
+        self.num_pages = num_pages
+        if config.max_model_len is None:
+            self.max_model_len = min(context, num_pages * config.page_size)
+            why = ("the model's context" if self.max_model_len == context
+                   else f"what the KV cache holds for one sequence (the model's context is {context})")
+        else:
+            self.max_model_len = config.max_model_len
+            why = "as configured"
+        logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s; %s); max_model_len %d (%s)",
+                    num_pages, config.page_size, num_pages * config.page_size,
+                    num_pages * per_page / 2**20, self.dtype_name, how, self.max_model_len, why)
+
+        if self.mesh is None:
             cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype)
         else:
-            if on_device:
-                device_params = params
-            else:
-                replication = sharding.kv_replication(model_config, self.mesh.shape[sharding.MODEL])
-                device_params = sharding.put_params(
-                    sharding.replicate_kv_heads(params, model_config, replication), self.mesh, self.run_config)
             cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, dtype,
                                                        self.mesh)
             logger.info("mesh data=%d x model=%d over %s devices (%d KV heads per model shard)",
@@ -147,6 +170,40 @@ class Engine:
         self._pending: list[RequestOutput] = []  # aborted requests' final outputs, sent at the next step
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
+
+    def _pages_for_device_memory(self, device_params: Any, dtype: Any, max_model_len: int) -> tuple[int, str]:
+        """KV pages for ``memory_utilization`` of each device's memory (``memory_stats()["bytes_limit"]``)
+        less the weights and the largest step's temporary bytes (``compiled.memory_analysis()`` of the
+        largest bucket, compiled against a provisional one-sequence cache), all per device."""
+        config = self.config
+        util = config.memory_utilization or kv_cache.DEFAULT_MEMORY_UTILIZATION
+        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        stats = device_memory_stats(device)
+        if "bytes_limit" not in stats:
+            raise ValueError(f"memory_utilization: {device.platform} device {device} reports no memory limit; "
+                             "set num_pages or kv_cache_bytes")
+        model_axis = self.mesh.shape[sharding.MODEL] if self.mesh is not None else 1
+        page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, dtype, model_axis)
+        weight_bytes = kv_cache.per_device_bytes(device_params)
+        probe_pages = pages_needed(max_model_len, config.page_size) + 1
+        cache_sharding = (sharding.cache_sharding(self.mesh) if self.mesh is not None
+                          else jax.sharding.SingleDeviceSharding(device))
+        probe_cache = jax.ShapeDtypeStruct(kv_cache.cache_shape(self.run_config, probe_pages, config.page_size),
+                                           dtype, sharding=cache_sharding)
+        probe = ModelRunner(self.run_config, config, device_params, probe_cache, dtype, max_model_len, probe_pages,
+                            mesh=self.mesh)
+        largest = max(probe.buckets, key=lambda k: (k[0] + k[1], k))
+        temp_bytes = int(probe.compile_bucket(largest).memory_analysis().temp_size_in_bytes)
+        num_pages = kv_cache.kv_pages_for_memory(bytes_limit=int(stats["bytes_limit"]), memory_utilization=util,
+                                                 weight_bytes=weight_bytes, temp_bytes=temp_bytes,
+                                                 page_bytes_per_device=page_dev)
+        if num_pages < 1:
+            raise ValueError(f"memory_utilization: {util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device "
+                             f"leaves no room for a KV cache after the weights ({weight_bytes / 2**30:.2f} GiB) "
+                             f"and the step's temporaries ({temp_bytes / 2**30:.2f} GiB); set num_pages")
+        how = (f"{util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device less weights "
+               f"{weight_bytes / 2**30:.2f} GiB and step temporaries {temp_bytes / 2**30:.2f} GiB")
+        return num_pages, how
 
     @classmethod
     def from_pretrained(cls, model: str, *, max_num_seqs: int = 64, page_size: int = 16,

@@ -137,3 +137,60 @@ def test_generate_compiles_only_the_buckets_it_hits(llama_dir, monkeypatch, caps
     runner = engines[0].runner
     assert runner.num_buckets > 2
     assert runner.compile_count == 2 and set(runner._executables) == {(0, 32), (4, 0)}
+
+
+def test_kv_pages_for_memory():
+    from jaxserve.kv_cache import kv_pages_for_memory
+
+    gib = 1 << 30
+    # 0.9 * 16 GiB - 2 GiB weights - 1 GiB temporaries = 11.4 GiB of 1 MiB pages.
+    assert kv_pages_for_memory(bytes_limit=16 * gib, memory_utilization=0.9, weight_bytes=2 * gib, temp_bytes=gib,
+                               page_bytes_per_device=1 << 20) == int((0.9 * 16 - 3) * 1024)
+    assert kv_pages_for_memory(bytes_limit=gib, memory_utilization=0.5, weight_bytes=gib, temp_bytes=0,
+                               page_bytes_per_device=1 << 20) == 0
+    with pytest.raises(ValueError, match="memory_utilization"):
+        kv_pages_for_memory(bytes_limit=gib, memory_utilization=1.5, weight_bytes=0, temp_bytes=0,
+                            page_bytes_per_device=1)
+
+
+def test_engine_sizes_the_cache_to_a_fake_device(shared_engine, monkeypatch):
+    """The engine's GPU/TPU path against a fake ``memory_stats()``: weights and the largest step's
+    temporary bytes come off the top, the rest at memory_utilization goes to pages."""
+    import numpy as np
+
+    from jaxserve import engine as engine_mod
+    from jaxserve.kv_cache import page_bytes, per_device_bytes
+
+    e = shared_engine
+    weights = per_device_bytes(e.runner.params)
+    limit = weights + (64 << 20)
+    monkeypatch.setattr(engine_mod, "device_memory_stats", lambda device: {"bytes_limit": limit})
+    monkeypatch.setattr(e.config, "memory_utilization", 0.95)
+    pages, how = e._pages_for_device_memory(e.runner.params, np.float32, e.max_model_len)
+    per_page = page_bytes(e.run_config, e.config.page_size, np.float32)
+    free = 0.95 * limit - weights
+    assert 0 < pages < free // per_page  # the temporaries took their share
+    temp = free - pages * per_page
+    assert 0 < temp < 64 << 20
+    assert "95% of" in how and "step temporaries" in how
+    monkeypatch.setattr(engine_mod, "device_memory_stats", lambda device: {})
+    with pytest.raises(ValueError, match="memory_utilization: .* reports no memory limit"):
+        e._pages_for_device_memory(e.runner.params, np.float32, e.max_model_len)
+
+
+def test_cpu_default_cache_and_max_model_len(llama_dir, caplog):
+    """On CPU the default cache keeps today's cap and the log says why; max_model_len defaults to
+    the model's context, or to what a small cache holds for one sequence, and says which."""
+    import logging
+
+    from jaxserve import Engine
+
+    with caplog.at_level(logging.INFO, logger="jaxserve.engine"):
+        e = Engine.from_pretrained(llama_dir, max_num_seqs=2, page_size=8, num_pages=10, compile_cache_dir=None)
+    assert e.max_model_len == 80
+    assert any("what the KV cache holds for one sequence" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxserve.engine"):
+        e = Engine.from_pretrained(llama_dir, max_num_seqs=2, page_size=8, compile_cache_dir=None)
+    assert e.max_model_len == e.model_config.max_position_embeddings
+    assert any("CPU: no device memory limit" in r.message for r in caplog.records)
