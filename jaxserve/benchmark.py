@@ -211,7 +211,7 @@ def bench_one(model: str, workload: dict, *, mode: str, max_num_seqs: int, dtype
         "model_params": cfg.num_params(), "workload": workload.get("name", ""),
         "requests": len(workload["requests"]), "mode": mode, "max_num_seqs": max_num_seqs,
         "dtype": engine.dtype_name, "max_num_batched_tokens": max_num_batched_tokens,
-        "warmup_s": round(warmup_s, 2), "compiles": engine.compile_count,
+        "warmup_s": round(warmup_s, 2), "compiles": engine.compile_count, "compile_cache_hits": engine.runner.cache_hits,
         "seconds": round(run["seconds"], 3), "output_tokens": run["output_tokens"],
         "tok_s": round(run["output_tokens"] / run["seconds"], 2),
         "steps": engine.runner.stats["steps"], "ttft_ms": run["ttft_ms"], "tpot_ms": run["tpot_ms"],

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,9 +35,13 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None,
-                   help=f"default: the model's context length, at most {CLI_MAX_MODEL_LEN}")
+                   help=f"default: the model's context length, at most what the KV cache holds for one sequence "
+                        f"(on CPU at most {CLI_MAX_MODEL_LEN})")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--memory-utilization", type=float, default=None,
+                   help="fraction of each chip's memory jaxserve may use: the KV cache gets it less the weights and "
+                        "the largest step's temporaries (default 0.9; GPU/TPU only, unless --num-pages is set)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
     p.add_argument("--attention-impl", default="auto",
@@ -44,7 +49,20 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
                         "reference on CPU)")
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
+    add_compile_cache_args(p)
     add_mesh_args(p)
+
+
+def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("persistent compilation cache")
+    g.add_argument("--compile-cache-dir", default="auto", metavar="DIR",
+                   help="where compiled step programs are kept across runs (default: $JAXSERVE_COMPILE_CACHE, "
+                        "else $XDG_CACHE_HOME/jaxserve/xla or ~/.cache/jaxserve/xla)")
+    g.add_argument("--no-compile-cache", action="store_true", help="compile every program, keep none")
+
+
+def compile_cache_from_args(args) -> str | None:
+    return None if getattr(args, "no_compile_cache", False) else getattr(args, "compile_cache_dir", "auto")
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +87,8 @@ def mesh_shape_from_args(args) -> dict[str, int] | None:
     return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
 
 
-def engine_from_args(args: argparse.Namespace) -> "Engine":
+def engine_from_args(args: argparse.Namespace, progress: bool = False) -> "Engine":
+    """The engine the flags describe (``progress``: a tqdm bar while the weights load)."""
     from jaxserve import Engine, EngineConfig
     from jaxserve.engine import load_model
     from jaxserve.sharding import make_mesh
@@ -78,13 +97,20 @@ def engine_from_args(args: argparse.Namespace) -> "Engine":
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, scheduling=args.scheduling,
                           attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket,
-                          mesh_shape=mesh_shape_from_args(args))
+                          mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
+                          memory_utilization=args.memory_utilization)
     config.validate()  # before the (slow) load
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
-    model_config, params, tokenizer = load_model(args.model, args.dtype, mesh)
-    if config.max_model_len is None:
+    t0 = time.perf_counter()
+    model_config, params, tokenizer = load_model(args.model, args.dtype, mesh, progress=progress)
+    import jax
+
+    if config.max_model_len is None and jax.default_backend() == "cpu":
+        # On the CPU the default cache holds every slot at max_model_len: keep it small.
         config.max_model_len = min(CLI_MAX_MODEL_LEN, model_config.max_position_embeddings)
-    return Engine(model_config, params, tokenizer, config)
+    engine = Engine(model_config, params, tokenizer, config)
+    engine.load_seconds = time.perf_counter() - t0  # weights, tokenizer, KV cache
+    return engine
 
 
 def cmd_plan(args) -> int:
@@ -99,7 +125,7 @@ def cmd_plan(args) -> int:
                           dtype=args.dtype, attention_impl=args.attention_impl,
                           min_prefill_bucket=args.min_prefill_bucket)
     plan = make_plan(args.model, args.target, topology=args.topology, mesh_shape=mesh,
-                     memory_utilization=args.memory_utilization, buckets=args.buckets, engine_config=config,
+                     memory_utilization=args.memory_utilization or 0.9, buckets=args.buckets, engine_config=config,
                      progress=not args.no_progress)
     print(format_plan(plan))
     if args.json:
@@ -158,8 +184,14 @@ def _stream_to_terminal(engine: "Engine", prompt: str | list[int], params: "Samp
     return out
 
 
+def _lazy_compile_note(engine: "Engine", model: str) -> None:
+    logger.info("%s; step programs compile on demand (only the buckets this run hits, of %d; "
+                "serve and bench compile all ahead of time)", engine.ready_line(model), engine.num_buckets)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
+    _lazy_compile_note(engine, args.model)
     params = _sampling_params(args)
     prompt = args.prompt
     if args.prompt_ids:
@@ -172,6 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = engine.chat_prompt(messages + [{"role": "user", "content": args.prompt}])
     _stream_to_terminal(engine, prompt, params)
+    logger.info("%s", engine.runner.compile_summary())
     return 0
 
 
@@ -180,8 +213,15 @@ def _csv(kind):
 
 
 def cmd_bench(args) -> int:
+    import os
+
+    from jaxserve import compile_cache
     from jaxserve.benchmark import run_grid
 
+    # Every run is its own subprocess; they inherit the cache setting through the environment.
+    cache = compile_cache_from_args(args)
+    if cache != compile_cache.AUTO:
+        os.environ[compile_cache.ENV] = cache or "off"
     records = run_grid(args.model, args.workload, modes=args.modes, max_num_seqs=args.max_num_seqs,
                        dtypes=args.dtype, out_dir=args.out, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.max_model_len, progress=not args.no_progress)
@@ -230,18 +270,19 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("jaxserve").warning("binding %s: the server is reachable from other hosts", args.host)
-    engine = engine_from_args(args)
-    if not args.no_warmup:
-        logging.getLogger("jaxserve").info("compiled %d step programs in %.1fs", engine.num_buckets,
-                                           engine.warmup())
+    progress = not args.no_progress
+    engine = engine_from_args(args, progress=progress)
+    # The port is bound before the warm-up (ahead of time: every bucket), so /health answers 503 meanwhile.
     return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
                  default_model_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
                  drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
-                 log_level="info" if args.verbose else "warning")
+                 log_level="info" if args.verbose else "warning", warmup=not args.no_warmup, progress=progress,
+                 model_label=args.model)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
+    _lazy_compile_note(engine, args.model)
     if engine.tokenizer is None:
         raise SystemExit("chat: this model has no tokenizer")
     params = _sampling_params(args)
@@ -312,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default=None,
                    help="TPU: chips as AxB (e.g. 2x2, 2x4); GPU: 1x1xN (N GPUs); default: the smallest that "
                         "holds the mesh")
-    p.add_argument("--memory-utilization", type=float, default=0.9,
-                   help="fraction of each chip's memory jaxserve may use (default 0.9)")
     p.add_argument("--buckets", default="all", choices=["all", "representative"],
                    help="all buckets, or the largest decode-only, prefill-only and mixed ones")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
@@ -346,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--out", default="results")
     p.add_argument("--no-progress", action="store_true")
+    add_compile_cache_args(p)
     p.set_defaults(func=cmd_bench)
     bench_parser = p
 
@@ -368,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enable-force-include-usage", action="store_true",
                    help="end every stream with a usage chunk, whatever the request's stream_options.include_usage")
     p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars while loading and warming up")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="interactive chat, replies streamed to the terminal")

@@ -158,7 +158,11 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None  # KV cache size in pages ...
     kv_cache_bytes: int | None = None  # ... or in bytes; default: every slot can hold max_model_len
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # default: the model's max_position_embeddings, at most what the KV cache holds for one sequence
+    max_model_len: int | None = None
+    # GPU/TPU, without num_pages/kv_cache_bytes: the KV cache gets this fraction of each device's memory
+    # less the weights and the largest step's temporaries (None: 0.9).  Unused on CPU.
+    memory_utilization: float | None = None
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
     scheduling: str = "continuous"  # or "static"
     enable_prefix_caching: bool = True  # share the KV pages of identical prompt prefixes
@@ -172,6 +176,10 @@ class EngineConfig:
     # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model", token rows
     # of the batch on "data"; see jaxserve/sharding.py).  None: one device, no sharding at all.
     mesh_shape: dict[str, int] | None = None
+    # JAX's persistent compilation cache: "auto" ($JAXSERVE_COMPILE_CACHE, else
+    # $XDG_CACHE_HOME/jaxserve/xla or ~/.cache/jaxserve/xla), a directory, or None (off); see
+    # jaxserve/compile_cache.py.
+    compile_cache_dir: str | None = "auto"
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_num_prefill_seqs", "page_size",
@@ -185,6 +193,8 @@ class EngineConfig:
             raise ValueError(f"num_pages: must be a positive integer, got {self.num_pages!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes: must be positive, got {self.kv_cache_bytes!r}")
+        if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"memory_utilization: must be in (0, 1], got {self.memory_utilization!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be at least 2, got {self.max_model_len!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -192,6 +202,9 @@ class EngineConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)
+                                                   or not self.compile_cache_dir):
+            raise ValueError(f"compile_cache_dir: must be 'auto', a directory or None, got {self.compile_cache_dir!r}")
         if self.mesh_shape is not None:
             from jaxserve.sharding import normalize_mesh_shape
 

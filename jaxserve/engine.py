@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve import checkpoint, sharding
+from jaxserve import checkpoint, compile_cache, kv_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.gguf_loader import is_gguf_path, load_gguf, resolve_model_path
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
@@ -41,13 +41,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30  # cap of the default cache size (every slot at max_model_len)
 
 
+def device_memory_stats(device: Any) -> dict[str, int]:
+    """``device.memory_stats()`` (``{}`` where the platform has none); one place for tests to fake."""
+    return device.memory_stats() or {}
+
+
 def resolve_dtype(name: str) -> str:
     if name == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return name
 
 
-def load_model(model: str, dtype: str = "auto", mesh: Any = None) -> tuple[ModelConfig, dict[str, Any], Any]:
+def load_model(model: str, dtype: str = "auto", mesh: Any = None,
+               progress: bool = False) -> tuple[ModelConfig, dict[str, Any], Any]:
     """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, an Orbax
     checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
     ``dtype`` (``"auto"``: as the engine's).  The tree is numpy on the host, except for an Orbax
@@ -63,7 +69,7 @@ def load_model(model: str, dtype: str = "auto", mesh: Any = None) -> tuple[Model
         tokenizer = load_tokenizer(path)
     else:
         model_config = ModelConfig.from_dir(path)
-        params = load_params(path, model_config, np_dtype)
+        params = load_params(path, model_config, np_dtype, progress)
         tokenizer = load_tokenizer(path)
     logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", path, model_config.model_type,
                 model_config.num_params() / 1e6, time.perf_counter() - t0)
@@ -77,6 +83,10 @@ class Engine:
         device(s) as ``checkpoint.restore_params`` returns it for ``config.mesh_shape``."""
         config = config or EngineConfig()
         config.validate()
+        self.load_seconds = 0.0  # weights and tokenizer, set by from_pretrained / the CLI
+        self.warmup_seconds = 0.0
+        self.compile_cache_dir = compile_cache.configure(config.compile_cache_dir)
+        logger.info("compile cache: %s", self.compile_cache_dir or "off")
         self.model_config = model_config
         self.mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
         # The model as it runs: on a wide "model" axis, with each KV head replicated.
@@ -91,37 +101,55 @@ class Engine:
                            "2-9x fewer tok/s, much of it the 16-bit cache write); float32 is the CPU default",
                            self.dtype_name)
         dtype = NP_DTYPES[self.dtype_name]
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        if self.max_model_len > model_config.max_position_embeddings:
-            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({model_config.max_position_embeddings})")
-        per_page = page_bytes(self.run_config, config.page_size, dtype)
-        if config.num_pages is not None:
-            num_pages = config.num_pages
-        elif config.kv_cache_bytes is not None:
-            num_pages = config.kv_cache_bytes // per_page
-            if num_pages < 1:
-                raise ValueError(f"kv_cache_bytes: {config.kv_cache_bytes} bytes hold no page "
-                                 f"({per_page} bytes per page)")
-        else:
-            num_pages = config.max_num_seqs * pages_needed(self.max_model_len, config.page_size)
-            num_pages = max(1, min(num_pages, DEFAULT_MAX_KV_CACHE_BYTES // per_page))
-        self.num_pages = num_pages
-        logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
-                    num_pages, config.page_size, num_pages * config.page_size,
-                    num_pages * per_page / 2**20, self.dtype_name, self.max_model_len)
+        context = model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({context})")
+        max_model_len = config.max_model_len or context  # provisional, until the cache is sized
 
         on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
         if self.mesh is None:
             device_params = params if on_device else jax.tree_util.tree_map(jnp.asarray, params)
+        elif on_device:
+            device_params = params
+        else:
+            replication = sharding.kv_replication(model_config, self.mesh.shape[sharding.MODEL])
+            device_params = sharding.put_params(
+                sharding.replicate_kv_heads(params, model_config, replication), self.mesh, self.run_config)
+        self.platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+
+        per_page = page_bytes(self.run_config, config.page_size, dtype)
+        if config.num_pages is not None:
+            num_pages = config.num_pages
+            how = "num_pages"
+        elif config.kv_cache_bytes is not None:
+            num_pages = config.kv_cache_bytes // per_page
+            how = "kv_cache_bytes"
+            if num_pages < 1:
+                raise ValueError(f"kv_cache_bytes: {config.kv_cache_bytes} bytes hold no page "
+                                 f"({per_page} bytes per page)")
+        elif self.platform == "cpu":
+            num_pages = config.max_num_seqs * pages_needed(max_model_len, config.page_size)
+            num_pages = max(1, min(num_pages, DEFAULT_MAX_KV_CACHE_BYTES // per_page))
+            how = (f"CPU: no device memory limit to size it to, so every slot at max_model_len, capped at "
+                   f"{DEFAULT_MAX_KV_CACHE_BYTES >> 30} GiB (set num_pages or kv_cache_bytes for more)")
+        else:
+            num_pages, how = self._pages_for_device_memory(device_params, dtype, max_model_len)
+        self.num_pages = num_pages
+        if config.max_model_len is None:
+            self.max_model_len = min(context, num_pages * config.page_size)
+            why = ("the model's context" if self.max_model_len == context
+                   else f"what the KV cache holds for one sequence (the model's context is {context})")
+        else:
+            self.max_model_len = config.max_model_len
+            why = "as configured"
+        logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s; %s); max_model_len %d (%s)",
+                    num_pages, config.page_size, num_pages * config.page_size,
+                    num_pages * per_page / 2**20, self.dtype_name, how, self.max_model_len, why)
+
+        if self.mesh is None:
             cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype)
         else:
-            if on_device:
-                device_params = params
-            else:
-                replication = sharding.kv_replication(model_config, self.mesh.shape[sharding.MODEL])
-                device_params = sharding.put_params(
-                    sharding.replicate_kv_heads(params, model_config, replication), self.mesh, self.run_config)
             cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, dtype,
                                                        self.mesh)
             logger.info("mesh data=%d x model=%d over %s devices (%d KV heads per model shard)",
@@ -143,6 +171,40 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
 
+    def _pages_for_device_memory(self, device_params: Any, dtype: Any, max_model_len: int) -> tuple[int, str]:
+        """KV pages for ``memory_utilization`` of each device's memory (``memory_stats()["bytes_limit"]``)
+        less the weights and the largest step's temporary bytes (``compiled.memory_analysis()`` of the
+        largest bucket, compiled against a provisional one-sequence cache), all per device."""
+        config = self.config
+        util = config.memory_utilization or kv_cache.DEFAULT_MEMORY_UTILIZATION
+        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        stats = device_memory_stats(device)
+        if "bytes_limit" not in stats:
+            raise ValueError(f"memory_utilization: {device.platform} device {device} reports no memory limit; "
+                             "set num_pages or kv_cache_bytes")
+        model_axis = self.mesh.shape[sharding.MODEL] if self.mesh is not None else 1
+        page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, dtype, model_axis)
+        weight_bytes = kv_cache.per_device_bytes(device_params)
+        probe_pages = pages_needed(max_model_len, config.page_size) + 1
+        cache_sharding = (sharding.cache_sharding(self.mesh) if self.mesh is not None
+                          else jax.sharding.SingleDeviceSharding(device))
+        probe_cache = jax.ShapeDtypeStruct(kv_cache.cache_shape(self.run_config, probe_pages, config.page_size),
+                                           dtype, sharding=cache_sharding)
+        probe = ModelRunner(self.run_config, config, device_params, probe_cache, dtype, max_model_len, probe_pages,
+                            mesh=self.mesh)
+        largest = max(probe.buckets, key=lambda k: (k[0] + k[1], k))
+        temp_bytes = int(probe.compile_bucket(largest).memory_analysis().temp_size_in_bytes)
+        num_pages = kv_cache.kv_pages_for_memory(bytes_limit=int(stats["bytes_limit"]), memory_utilization=util,
+                                                 weight_bytes=weight_bytes, temp_bytes=temp_bytes,
+                                                 page_bytes_per_device=page_dev)
+        if num_pages < 1:
+            raise ValueError(f"memory_utilization: {util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device "
+                             f"leaves no room for a KV cache after the weights ({weight_bytes / 2**30:.2f} GiB) "
+                             f"and the step's temporaries ({temp_bytes / 2**30:.2f} GiB); set num_pages")
+        how = (f"{util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device less weights "
+               f"{weight_bytes / 2**30:.2f} GiB and step temporaries {temp_bytes / 2**30:.2f} GiB")
+        return num_pages, how
+
     @classmethod
     def from_pretrained(cls, model: str, *, max_num_seqs: int = 64, page_size: int = 16,
                         num_pages: int | None = None, max_model_len: int | None = None, dtype: str = "auto",
@@ -160,8 +222,12 @@ class Engine:
                               max_model_len=max_model_len, dtype=dtype, scheduling=scheduling, **kwargs)
         config.validate()
         mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
+        t0 = time.perf_counter()
         model_config, params, tokenizer = load_model(model, dtype, mesh)
-        return cls(model_config, params, tokenizer, config)
+        load_seconds = time.perf_counter() - t0
+        engine = cls(model_config, params, tokenizer, config)
+        engine.load_seconds = load_seconds
+        return engine
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -465,9 +531,28 @@ class Engine:
     def num_free_pages(self) -> int:
         return self.allocator.num_free
 
-    def warmup(self) -> float:
-        """Compile the model step for every bucket; returns the seconds it took."""
-        return self.runner.warmup()
+    def warmup(self, progress: bool = False, on_bucket: Any = None) -> float:
+        """Compile (or load from the compile cache) the model step for every bucket, ahead of time;
+        returns the seconds it took.  ``progress``: a tqdm bar on stderr."""
+        logger.info("warm-up: compiling or loading all %d step programs ahead of time", self.num_buckets)
+        seconds = self.runner.warmup(progress=progress, on_bucket=on_bucket)
+        self.warmup_seconds += seconds
+        logger.info("warm-up: %s", self.runner.compile_summary())
+        return seconds
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.num_pages * self.config.page_size
+
+    def ready_line(self, model: str, address: str | None = None) -> str:
+        """One line: where (serve), which model, the KV cache, and the start-up time by part."""
+        r = self.runner
+        where = f" on {address}" if address else ""
+        compiled = r.compile_seconds - r.cache_load_seconds
+        return (f"ready{where}: model {model}, KV cache {self.kv_cache_tokens:,} tokens "
+                f"(max_model_len {self.max_model_len}); start-up: load {self.load_seconds:.1f}s, "
+                f"compile {compiled:.1f}s ({r.programs_compiled} programs), "
+                f"cache hits {r.cache_load_seconds:.1f}s ({r.cache_hits} programs)")
 
 
 def _check_conversation(messages: Any) -> None:

@@ -121,8 +121,14 @@ class Submission:
 class EngineLoop:
     """Owns the engine thread.  ``start`` / ``submit`` / ``abort`` / ``stop`` are thread-safe."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None, idle_poll_s: float = 1.0):
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None, idle_poll_s: float = 1.0,
+                 warmup: Any = None):
+        """``warmup(loop)``: run first in the engine thread (the step programs compiled or loaded ahead
+        of time); ``ready`` turns True once it returned.  Requests submitted meanwhile wait."""
         self.engine = engine
+        self._warmup = warmup
+        self.ready = warmup is None
+        self.warmup_progress = (0, engine.num_buckets)  # (programs done, programs) while warming up
         self.metrics = metrics or ServerMetrics()
         self._cond = threading.Condition()
         self._commands: list[Any] = []
@@ -199,6 +205,13 @@ class EngineLoop:
     def _run(self) -> None:
         logger.info("engine loop started")
         engine = self.engine
+        if self._warmup is not None:
+            try:
+                self._warmup(self)
+            except Exception:  # noqa: BLE001 - reported; the loop ends and /health says so
+                logger.exception("warm-up failed; the engine loop stops")
+                return
+            self.ready = True
         while True:
             with self._cond:
                 while not self._commands and not self._stop and (self._paused or not engine.has_unfinished()):

@@ -236,3 +236,36 @@ def read_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Arra
     """One gather of ``cache[layer, :, pages]``: ``pages`` of shape ``[...]`` give
     ``[..., Hkv, page_size, 2D]`` (only those pages are read, no copy of the layer)."""
     return cache[layer, :, pages]
+
+
+# -- sizing the cache to the device's memory -------------------------------------------------------
+
+DEFAULT_MEMORY_UTILIZATION = 0.9  # on GPU/TPU, when neither num_pages nor kv_cache_bytes is given
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of (sharded) arrays or ``ShapeDtypeStruct``s with shardings
+    (without a sharding: the whole leaf)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        s = getattr(leaf, "sharding", None)
+        shape = s.shard_shape(leaf.shape) if s is not None else leaf.shape
+        total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def device_page_bytes(cfg: ModelConfig, page_size: int, dtype: Any, model_axis: int = 1) -> int:
+    """Bytes one page takes on one device: the cache's KV heads are split over the 'model' axis
+    (``cfg``: the model as it runs, KV heads replicated to a multiple of ``model_axis``)."""
+    return page_bytes(cfg, page_size, dtype) // model_axis
+
+
+def kv_pages_for_memory(*, bytes_limit: int, memory_utilization: float, weight_bytes: int, temp_bytes: int,
+                        page_bytes_per_device: int) -> int:
+    """KV-cache pages that fit in ``memory_utilization`` of one device's ``bytes_limit`` after the
+    weights and the largest step's temporaries; every argument is per device (with a mesh, the
+    sums are per device: each holds its shard of the weights and of every page)."""
+    if not 0 < memory_utilization <= 1:
+        raise ValueError(f"memory_utilization: must be in (0, 1], got {memory_utilization!r}")
+    free = bytes_limit * memory_utilization - weight_bytes - temp_bytes
+    return max(0, int(free // page_bytes_per_device))

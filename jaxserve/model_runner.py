@@ -34,7 +34,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from jaxserve import sharding
+from jaxserve import compile_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
@@ -115,8 +115,10 @@ class ModelRunner:
             engine_cfg.max_num_batched_tokens)
         self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
         self._executables: dict[tuple[int, int], Any] = {}
-        self.compile_count = 0
+        self.compile_count = 0  # programs obtained (compiled or loaded from the compile cache)
+        self.cache_hits = 0  # ... of which loaded from the persistent compile cache
         self.compile_seconds = 0.0
+        self.cache_load_seconds = 0.0  # seconds of compile_seconds spent on cache hits
         self.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0}  # host packing vs device step (+sync)
         self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",),
                                donate_argnames=("cache", "penalty_state"))
@@ -357,13 +359,19 @@ class ModelRunner:
             else:
                 lowered = self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, inputs,
                                                                   self.penalty_state)
+            hits = compile_cache.thread_cache_hits()
             exe = lowered.compile()
+            hit = compile_cache.thread_cache_hits() > hits
             dt = time.perf_counter() - t0
             self._executables[key] = exe
             self.compile_count += 1
             self.compile_seconds += dt
-            logger.info("compiled step for bucket (decode=%d, prefill_tokens=%d) in %.2fs [%d/%d]",
-                        key[0], key[1], dt, self.compile_count, self.num_buckets)
+            if hit:
+                self.cache_hits += 1
+                self.cache_load_seconds += dt
+            logger.info("%s step for bucket (decode=%d, prefill_tokens=%d) in %.2fs [%d/%d]",
+                        "loaded (compile cache)" if hit else "compiled", key[0], key[1], dt, self.compile_count,
+                        self.num_buckets)
         return exe
 
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -390,6 +398,15 @@ class ModelRunner:
         return StepResult(tokens, logprob, top_ids, top_lp, decode_slots)
 
     @property
+    def programs_compiled(self) -> int:
+        """Step programs compiled by XLA (not loaded from the persistent compile cache)."""
+        return self.compile_count - self.cache_hits
+
+    def compile_summary(self) -> str:
+        return (f"{self.cache_hits} programs loaded from the compile cache, {self.programs_compiled} compiled "
+                f"({self.compile_seconds:.1f}s)")
+
+    @property
     def buckets(self) -> list[tuple[int, int]]:
         """Every (decode rows, prefill tokens) bucket, in compile order."""
         return [(d, t) for d in self.decode_buckets for t in self.prefill_buckets if d or t]
@@ -400,11 +417,22 @@ class ModelRunner:
         a["num_seqs"] = np.int32(0)
         return self._executable(key, self._to_inputs(a, False))
 
-    def warmup(self, buckets: list[tuple[int, int]] | None = None) -> float:
-        """Compile the step for every bucket (or the given ones); returns the seconds spent."""
+    def warmup(self, buckets: list[tuple[int, int]] | None = None, progress: bool = False,
+               on_bucket: Any = None) -> float:
+        """Compile (or load from the compile cache) the step for every bucket (or the given ones);
+        returns the seconds spent.  ``progress``: a tqdm bar on stderr; ``on_bucket(done, total)``
+        is called after each bucket."""
+        from tqdm.auto import tqdm
+
         t0 = time.perf_counter()
-        for key in buckets or self.buckets:
-            self.compile_bucket(key)
+        keys = list(buckets or self.buckets)
+        with tqdm(total=len(keys), desc="warm-up", unit="program", disable=not progress, leave=False) as bar:
+            for i, key in enumerate(keys):
+                bar.set_postfix_str(f"bucket {key[0]}x{key[1]}, {self.cache_hits} cached", refresh=False)
+                self.compile_bucket(key)
+                bar.update(1)
+                if on_bucket is not None:
+                    on_bucket(i + 1, len(keys))
         return time.perf_counter() - t0
 
 

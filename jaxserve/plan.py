@@ -87,8 +87,11 @@ class Plan:
     @property
     def kv_tokens_fit(self) -> int:
         """KV tokens (per sequence slot summed over all) that fit at ``memory_utilization``."""
-        free = self.hbm_bytes * self.memory_utilization - self.weight_bytes - self.max_temp_bytes
-        return max(0, int(free // self.kv_bytes_per_token))
+        from jaxserve.kv_cache import kv_pages_for_memory
+
+        return kv_pages_for_memory(bytes_limit=self.hbm_bytes, memory_utilization=self.memory_utilization,
+                                   weight_bytes=self.weight_bytes, temp_bytes=self.max_temp_bytes,
+                                   page_bytes_per_device=self.kv_bytes_per_token)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -148,16 +151,6 @@ def abstract_params(cfg: ModelConfig, dtype: Any) -> dict[str, Any]:
     return jax.eval_shape(init)
 
 
-def _per_device_bytes(tree: Any) -> int:
-    import jax
-
-    total = 0
-    for leaf in jax.tree_util.tree_leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape)
-        total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
 def representative_buckets(runner) -> list[tuple[int, int]]:
     """The largest decode-only, the largest prefill-only and the largest mixed bucket."""
     d, t = runner.decode_buckets[-1], runner.prefill_buckets[-1]
@@ -213,14 +206,18 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
         params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                         abstract_params(run_cfg, dtype), shardings)
         cache_sharding = sharding.cache_sharding(mesh)
-    weight_bytes = _per_device_bytes(params)
+    weight_bytes = kv_cache.per_device_bytes(params)
     max_model_len = ec.max_model_len or cfg.max_position_embeddings
-    page_bytes = kv_cache.page_bytes(run_cfg, ec.page_size, dtype) // model_axis  # per chip
+    page_bytes = kv_cache.device_page_bytes(run_cfg, ec.page_size, dtype, model_axis)  # per chip
     if ec.num_pages is not None:
         num_pages = ec.num_pages
     else:
+        # The engine's sum (kv_cache.kv_pages_for_memory), with 10% of what the weights leave as a
+        # provisional allowance for the temporaries (not compiled yet).
         budget = tg.hbm_bytes * memory_utilization - weight_bytes
-        num_pages = int(budget * 0.9 // page_bytes)
+        num_pages = kv_cache.kv_pages_for_memory(bytes_limit=tg.hbm_bytes, memory_utilization=memory_utilization,
+                                                 weight_bytes=weight_bytes, temp_bytes=int(0.1 * max(budget, 0)),
+                                                 page_bytes_per_device=page_bytes)
         if num_pages < 1:
             raise ValueError(f"memory_utilization: the weights ({weight_bytes / 2**30:.2f} GiB per chip) leave no "
                              f"room for a KV cache in {memory_utilization:.0%} of {target}'s "

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -187,11 +188,14 @@ class _ChoiceStream:
 
 
 class OpenAIServer:
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: ServerMetrics | None = None,
+                 warmup: Any = None):
+        """``warmup(engine_loop)``: run in the engine thread once the server is up (``/health`` answers
+        503 until it returned)."""
         self.engine = engine
         self.config = config
         self.metrics = metrics or ServerMetrics()
-        self.engine_loop = EngineLoop(engine, self.metrics)
+        self.engine_loop = EngineLoop(engine, self.metrics, warmup=warmup)
         self.draining = False
         self.in_flight = 0  # engine requests (choices) admitted by handlers and not yet done
         self.max_in_flight = (engine.config.max_num_seqs + config.max_queue
@@ -536,6 +540,11 @@ class OpenAIServer:
         async def health():
             if not self.engine_loop.alive:
                 return error_response(503, "the engine loop is not running", "service_unavailable")
+            if not self.engine_loop.ready:
+                done, total = self.engine_loop.warmup_progress
+                body = error_body(f"warming up: {done}/{total} step programs compiled or loaded",
+                                  "service_unavailable", None, 503)
+                return JSONResponse({**body, "status": "warming_up"}, status_code=503)
             if self.draining:
                 return error_response(503, "the server is shutting down", "service_unavailable")
             return {"status": "ok"}
@@ -635,14 +644,31 @@ def _make_uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, max_queue: int | None = None, drain_timeout_s: float = 30.0,
-          force_include_usage: bool = False, log_level: str = "warning") -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful shutdown)."""
+          force_include_usage: bool = False, log_level: str = "warning", warmup: bool = True,
+          progress: bool = False, model_label: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful shutdown).
+
+    The port is bound first; with ``warmup`` every step program is then compiled (or loaded from
+    the compile cache) in the engine thread, ``/health`` answering 503 meanwhile, and one ``ready``
+    line goes to stderr when it is done (at once without ``warmup``)."""
     if max_queue is not None and max_queue < 0:
         raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
+    address = f"http://{host}:{port}"
+    label = model_label or model_name or "jaxserve"
+
+    def warm(loop: EngineLoop) -> None:
+        if warmup:
+            def on_bucket(done: int, total: int) -> None:
+                loop.warmup_progress = (done, total)
+
+            engine.warmup(progress=progress, on_bucket=on_bucket)
+        print(engine.ready_line(label, address), file=sys.stderr, flush=True)
+
     server = OpenAIServer(engine, ServerConfig(model_name or "jaxserve", api_key, max_queue, drain_timeout_s,
-                                               force_include_usage))
+                                               force_include_usage), warmup=warm)
     uv = _make_uvicorn_server(server, host, port, log_level)
-    logger.info("serving %s on http://%s:%d", server.config.model_name, host, port)
+    logger.info("serving %s on %s (%s)", server.config.model_name, address,
+                "warming up all step programs ahead of time" if warmup else "step programs compiled on demand")
     uv.run()
     return 0 if uv.started else 1
 

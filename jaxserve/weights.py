@@ -73,7 +73,8 @@ def load_hf_tensors(model_dir: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -> dict[str, Any]:
+def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any,
+                 progress: bool = False) -> dict[str, Any]:
     """Map Hugging Face tensor names to our (fused, transposed) Linen parameter tree, as numpy.
 
     Layouts (see ``model.py``): ``qkv_proj`` kernel ``[H, Hkv, G+2, D]``, ``gate_up_proj`` kernel
@@ -103,7 +104,9 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any) -
 
     params: dict[str, Any] = {"embed": {"embedding": cast(get("embed_tokens.weight"))}}
     layers = []
-    for i in range(cfg.num_layers):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(cfg.num_layers), desc="weights", unit="layer", disable=not progress, leave=False):
         p = f"layers.{i}."
         qkv = grouped_qkv(*(get(p + f"self_attn.{n}_proj.weight") for n in "qkv"))  # [H, Hkv, G+2, D]
         gate_up = np.stack([get(p + "mlp.gate_proj.weight").T, get(p + "mlp.up_proj.weight").T], axis=1)
@@ -140,6 +143,7 @@ def stack_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return jax.tree_util.tree_map(stack, *layers)
 
 
-def load_params(model_dir: str, cfg: ModelConfig, dtype: Any) -> dict[str, Any]:
-    """Read a Hugging Face checkpoint directory into a numpy parameter tree of ``dtype``."""
-    return hf_to_params(cfg, load_hf_tensors(model_dir), dtype)
+def load_params(model_dir: str, cfg: ModelConfig, dtype: Any, progress: bool = False) -> dict[str, Any]:
+    """Read a Hugging Face checkpoint directory into a numpy parameter tree of ``dtype``
+    (``progress``: a tqdm bar over the layers on stderr)."""
+    return hf_to_params(cfg, load_hf_tensors(model_dir), dtype, progress)

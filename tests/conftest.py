@@ -26,6 +26,9 @@ if ROOT not in sys.path:
 # the kernels natively on a lent accelerator with JAX_PLATFORMS set to its platform.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# No persistent compile cache unless a test asks for one (tests/test_startup.py): the suite compiles what
+# it tests, and writes nothing to the user's cache home.
+os.environ.setdefault("JAXSERVE_COMPILE_CACHE", "off")
 
 # tests/multidevice needs 8 (virtual) devices, which XLA only creates if XLA_FLAGS says so before jax
 # starts; this process may already have started jax with one device.  tests/test_multidevice.py
