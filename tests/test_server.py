@@ -572,7 +572,7 @@ def test_enable_force_include_usage_flag_reaches_the_server(monkeypatch):
     from jaxserve import cli, server as server_module
 
     seen = {}
-    monkeypatch.setattr(cli, "engine_from_args", lambda args: None)
+    monkeypatch.setattr(cli, "engine_from_args", lambda args, **kw: None)
     monkeypatch.setattr(server_module, "serve", lambda engine, **kw: seen.update(kw) or 0)
     assert cli.main(["serve", "--model", "m", "--no-warmup", "--enable-force-include-usage"]) == 0
     assert seen["force_include_usage"] is True

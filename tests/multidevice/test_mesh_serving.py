@@ -80,7 +80,7 @@ def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
     # (from the gathered logits) replicated on every device.
     assert engine.compile_count > 0
     for exe in engine.runner._executables.values():
-        params_in, cache_in, _ = exe.input_shardings[0]
+        params_in, cache_in = exe.input_shardings[0][:2]  # (params, cache, step inputs, penalty state)
         assert params_in["layers"]["qkv_proj"]["kernel"].spec == P(None, None, "model", None, None)
         assert cache_in.spec == CACHE_SPEC
         cache_out, tokens_out = exe.output_shardings[:2]
