@@ -69,6 +69,40 @@ def make_batch(rng, *, page_size, gqa, num_decode_rows, num_decode_pad, prefills
     return q, kv_cache, np.int32(1), kv, page_indices, cu, np.int32(num_seqs)
 
 
+
+# -- shared by the kernels' interpret-mode tests (test_pallas_tpu.py, test_pallas_gpu.py) -----------------
+
+TOL = {"float32": 1e-5, "bfloat16": 2e-2}  # max abs error / max abs output
+MIXES = ("decode", "prefill", "mixed")
+NUM_DECODE = 4  # decode rows of the decode and mixed batches (one of them a padded slot)
+
+
+def mix_batch(mix: str, *, page_size: int, gqa: int, head_dim: int, seed: int, max_pages_per_seq: int = 4):
+    """A step of the given mix; kv lengths end mid-page and exactly on page boundaries.
+
+    decode: 4 decode rows (one padded slot); prefill: a fresh prompt ending on a page boundary,
+    one ending mid-page, and chunks with cached context ending on / off a boundary; mixed: both.
+    Every batch also has 3 padding rows and 2 padded sequence slots.
+    """
+    ps = page_size
+    decodes = dict(num_decode_rows=NUM_DECODE, num_decode_pad=1, decode_lens=[2 * ps, ps + 3, 1])
+    prefills = [(ps, 0), (ps + 5, 0), (5, 2 * ps - 5), (3, ps + 2)]
+    if mix == "decode":
+        kw = dict(decodes, prefills=[])
+    elif mix == "prefill":
+        kw = dict(num_decode_rows=0, num_decode_pad=0, prefills=prefills)
+    else:
+        kw = dict(decodes, prefills=prefills[1:3])
+    return make_batch(np.random.default_rng(seed), page_size=ps, gqa=gqa, head_dim=head_dim, pad_rows=3,
+                      pad_seqs=2, max_pages_per_seq=max_pages_per_seq, **kw)
+
+
+
+def assert_close(got, want, dtype):
+    scale = float(np.abs(want).max())
+    err = float(np.abs(got - want).max())
+    assert err <= TOL[dtype] * scale, f"max abs error {err:.3g} > {TOL[dtype]} x output scale {scale:.3g}"
+
 def random_prefills(rng, page_size, n):
     """A mix of fresh prompt chunks (no context), chunks with cached context, and one-token chunks."""
     out = []

@@ -21,7 +21,6 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention import make_batch
 
 from kernels_pallas import ragged_paged_attention
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention_dense, ragged_paged_attention_ref
@@ -34,29 +33,7 @@ from kernels_pallas.ragged_paged_attention_gpu import (
 )
 from jaxserve.targets import GPU_SHARED_MEMORY_PER_BLOCK
 
-TOL = {"float32": 1e-5, "bfloat16": 2e-2}  # max abs error / max abs output
-MIXES = ("decode", "prefill", "mixed")
-NUM_DECODE = 4  # decode rows of the "decode" and "mixed" batches (one of them a padded slot)
-
-
-def mix_batch(mix: str, *, page_size: int, gqa: int, head_dim: int, seed: int, max_pages_per_seq: int = 4):
-    """A step of the given mix; kv lengths end mid-page and exactly on page boundaries.
-
-    decode: 4 decode rows (one padded slot); prefill: a fresh prompt ending on a page boundary,
-    one ending mid-page, and chunks with cached context ending on / off a boundary; mixed: both.
-    Every batch also has 3 padding rows and 2 padded sequence slots.
-    """
-    ps = page_size
-    decodes = dict(num_decode_rows=NUM_DECODE, num_decode_pad=1, decode_lens=[2 * ps, ps + 3, 1])
-    prefills = [(ps, 0), (ps + 5, 0), (5, 2 * ps - 5), (3, ps + 2)]
-    if mix == "decode":
-        kw = dict(decodes, prefills=[])
-    elif mix == "prefill":
-        kw = dict(num_decode_rows=0, num_decode_pad=0, prefills=prefills)
-    else:
-        kw = dict(decodes, prefills=prefills[1:3])
-    return make_batch(np.random.default_rng(seed), page_size=ps, gqa=gqa, head_dim=head_dim, pad_rows=3,
-                      pad_seqs=2, max_pages_per_seq=max_pages_per_seq, **kw)
+from test_attention import MIXES, NUM_DECODE, TOL, assert_close, make_batch, mix_batch  # noqa: F401
 
 
 def decode_rows(mix: str) -> int:
@@ -78,12 +55,6 @@ def run_kernel(args, *, dtype: str = "float32", num_decode_rows: int = 0, **kw):
     dense = ragged_paged_attention_dense(np.asarray(q, np.float32), np.asarray(kv_cache, np.float32), layer,
                                          kv, pages, cu, ns, sm_scale=sm_scale, **opts)
     return np.asarray(got, np.float32), np.asarray(ref, np.float32), dense
-
-
-def assert_close(got, want, dtype):
-    scale = float(np.abs(want).max())
-    err = float(np.abs(got - want).max())
-    assert err <= TOL[dtype] * scale, f"max abs error {err:.3g} > {TOL[dtype]} x output scale {scale:.3g}"
 
 
 def assert_padding_zero(got, args):
