@@ -148,7 +148,7 @@ class Engine:
                     num_pages * per_page / 2**20, self.dtype_name, how, self.max_model_len, why)
 
         if self.mesh is None:
-            cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype)
+            cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype, platform=self.platform)
         else:
             cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, dtype,
                                                        self.mesh)
@@ -161,7 +161,7 @@ class Engine:
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.runner = ModelRunner(self.run_config, config, device_params, cache, dtype, self.max_model_len,
-                                  num_pages, mesh=self.mesh)
+                                  num_pages, mesh=self.mesh, platform=self.platform)
         self.eos_token_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
@@ -191,7 +191,7 @@ class Engine:
         probe_cache = jax.ShapeDtypeStruct(kv_cache.cache_shape(self.run_config, probe_pages, config.page_size),
                                            dtype, sharding=cache_sharding)
         probe = ModelRunner(self.run_config, config, device_params, probe_cache, dtype, max_model_len, probe_pages,
-                            mesh=self.mesh)
+                            mesh=self.mesh, platform=self.platform)
         largest = max(probe.buckets, key=lambda k: (k[0] + k[1], k))
         temp_bytes = int(probe.compile_bucket(largest).memory_analysis().temp_size_in_bytes)
         num_pages = kv_cache.kv_pages_for_memory(bytes_limit=int(stats["bytes_limit"]), memory_utilization=util,

@@ -206,12 +206,6 @@ def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: A
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
-def split_kv(block: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``[..., 2*D]`` cache rows -> (K ``[..., D]``, V ``[..., D]``)."""
-    d = block.shape[-1] // 2
-    return block[..., :d], block[..., d:]
-
-
 def write_kv(cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> jax.Array:
     """Write the new tokens' K/V (``[T, Hkv, D]`` each) of ``layer`` at their flat slots
@@ -230,12 +224,6 @@ def write_kv(cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,
     # window over (head, lanes) makes XLA TPU re-lay the whole cache out around the scatter (two copies
     # of the cache per step, seen in `jaxserve plan`'s temporary bytes).
     return cache.at[layer, heads[None, :], page[:, None], slot[:, None]].set(rows, mode="drop")
-
-
-def read_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:
-    """One gather of ``cache[layer, :, pages]``: ``pages`` of shape ``[...]`` give
-    ``[..., Hkv, page_size, 2D]`` (only those pages are read, no copy of the layer)."""
-    return cache[layer, :, pages]
 
 
 # -- sizing the cache to the device's memory -------------------------------------------------------
