@@ -48,6 +48,10 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
                         "reference on CPU)")
+    p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"],
+                   help="how a step runs the layers (auto, the default: switch on one CPU device, a layer scan that "
+                        "reads each layer's own weight buffers, as XLA CPU copies the stacked weights' slices; "
+                        "scan elsewhere)")
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
     add_compile_cache_args(p)
     add_mesh_args(p)
@@ -96,8 +100,8 @@ def engine_from_args(args: argparse.Namespace, progress: bool = False) -> "Engin
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, scheduling=args.scheduling,
-                          attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket,
-                          mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
+                          attention_impl=args.attention_impl, layer_loop=args.layer_loop,
+                          min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
                           memory_utilization=args.memory_utilization)
     config.validate()  # before the (slow) load
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None

@@ -13,6 +13,8 @@ import numpy as np
 
 from kernels_pallas import ATTENTION_IMPLS
 
+LAYER_LOOPS = ("auto", "scan", "switch")  # EngineConfig.layer_loop; see model.resolve_layer_loop
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -170,6 +172,9 @@ class EngineConfig:
     # auto: the backend's Pallas kernel on TPU/GPU, the reference on CPU (kernels_pallas); or reference |
     # pallas | pallas_tpu | pallas_gpu
     attention_impl: str = "auto"
+    # how the step runs the layers: auto (switch on one CPU device, scan elsewhere) | scan | switch;
+    # see jaxserve/model.py resolve_layer_loop
+    layer_loop: str = "auto"
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
@@ -202,6 +207,8 @@ class EngineConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop: must be one of {', '.join(LAYER_LOOPS)}, got {self.layer_loop!r}")
         if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)
                                                    or not self.compile_cache_dir):
             raise ValueError(f"compile_cache_dir: must be 'auto', a directory or None, got {self.compile_cache_dir!r}")

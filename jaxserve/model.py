@@ -123,6 +123,11 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array,
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer: ``pre_attention`` (norm, fused QKV projection, RoPE), the paged attention of
+    ``attend`` (no weights), then ``post_attention`` (output projection, MLP, residuals).  The two weighted
+    halves are separate methods so that the CPU layer loop can pick each layer's weights around one
+    shared attention (``CausalLM``, ``layer_loop="switch"``)."""
+
     cfg: ModelConfig
     dtype: Any
     attention_impl: str
@@ -130,49 +135,87 @@ class DecoderLayer(nn.Module):
     mesh: Mesh | None = None
     backend: str | None = None
 
-    @nn.compact
-    def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
-        """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
-        ``layer`` this layer's index (scanned), the rest broadcast to every layer."""
-        x, cache = carry
-        cfg, dt, mesh = self.cfg, self.dtype, self.mesh
-        t = x.shape[0]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        g = hq // hkv
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
+    def setup(self):
+        cfg, dt = self.cfg, self.dtype
+        hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        dense = dict(dtype=dt, param_dtype=dt, kernel_init=_init(), dot_general=_dot_f32_accumulate)
+        self.input_norm = RMSNorm(cfg.rms_norm_eps, dt)
         # qkv: [T, Hkv, G+2, D]
-        qkv = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt,
-                              kernel_init=_init(), dot_general=_dot_f32_accumulate, name="qkv_proj")(h)
+        self.qkv_proj = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, **dense)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.rms_norm_eps, dt)
+            self.k_norm = RMSNorm(cfg.rms_norm_eps, dt)
+        self.o_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
+        self.post_attention_norm = RMSNorm(cfg.rms_norm_eps, dt)
+        self.gate_up_proj = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, **dense)  # [T, 2, I]
+        self.down_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
+
+    def pre_attention(self, x, cos, sin):
+        """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated)."""
+        cfg = self.cfg
+        t, hq, d, g = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        qkv = self.qkv_proj(self.input_norm(x))
         q = qkv[:, :, :g].reshape(t, hq, d)
         k, v = qkv[:, :, g], qkv[:, :, g + 1]
         if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-        attend = functools.partial(write_and_attend, sm_scale=d ** -0.5, num_decode_rows=self.num_decode_rows,
-                                   sliding_window=cfg.sliding_window, impl=self.attention_impl,
-                                   backend=self.backend)
+    def post_attention(self, x, attn):
+        """Residual stream [T, H] and attention output [T, Hq, D] -> the layer's output [T, H]."""
+        mesh = self.mesh
+        attn = constrain(attn.reshape(x.shape[0], -1), mesh, DATA, MODEL)
+        x = constrain(x + self.o_proj(attn), mesh, DATA, None)
+        gate_up = self.gate_up_proj(self.post_attention_norm(x))
+        x = x + self.down_proj(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1])
+        return constrain(x, mesh, DATA, None)
+
+    def attend(self, q, k, v, cache, layer, meta: AttentionMetadata):
+        """Write the new K/V of ``layer`` and attend over its pages (per KV-head shard on a mesh)."""
+        cfg, mesh = self.cfg, self.mesh
+        attend = functools.partial(write_and_attend, sm_scale=cfg.head_dim ** -0.5,
+                                   num_decode_rows=self.num_decode_rows, sliding_window=cfg.sliding_window,
+                                   impl=self.attention_impl, backend=self.backend)
         if mesh is not None:
             # Each device writes and attends with its own KV heads (and their query groups); the token
             # rows are gathered from the data groups, as attention needs every row of a sequence.
             heads = P(None, MODEL, None)
             attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, CACHE_SPEC, P(), P()),
                                    out_specs=(heads, CACHE_SPEC), check_vma=False)
-        attn, cache = attend(q, k, v, cache, layer, meta)
-        attn = constrain(attn.reshape(t, hq * d), mesh, DATA, MODEL)
-        x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                         dot_general=_dot_f32_accumulate, name="o_proj")(attn)
-        x = constrain(x, mesh, DATA, None)
+        return attend(q, k, v, cache, layer, meta)
 
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_norm")(x)
-        gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,  # [T, 2, I]
-                                  kernel_init=_init(), dot_general=_dot_f32_accumulate, name="gate_up_proj")(h)
-        gate, up = gate_up[:, 0], gate_up[:, 1]
-        x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                         dot_general=_dot_f32_accumulate, name="down_proj")(jax.nn.silu(gate) * up)
-        x = constrain(x, mesh, DATA, None)
-        return (x, cache), None
+    def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
+        """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
+        ``layer`` this layer's index (scanned), the rest broadcast to every layer."""
+        x, cache = carry
+        q, k, v = self.pre_attention(x, cos, sin)
+        attn, cache = self.attend(q, k, v, cache, layer, meta)
+        return (self.post_attention(x, attn), cache), None
+
+
+def resolve_layer_loop(layer_loop: str, platform: str, mesh: Mesh | None = None) -> str:
+    """``auto``: ``switch`` on one CPU device, ``scan`` elsewhere (a CPU mesh of virtual devices stands in
+    for a TPU mesh, so it runs the program a TPU runs).
+
+    ``scan``: each iteration slices its layer's weights out of the stacked arrays.  XLA TPU and GPU feed the
+    slice to the matmul in place; XLA CPU copies it first, every layer of every step (11.8 MB per layer for
+    the 56m model: a 32-sequence decode step went from 16.5 to 21 ms, ``bench/step_profile.py``).
+    ``switch``: the same scan, but each layer's weights are their own buffers (``unstack_layers``), and the
+    body picks them with a ``lax.switch`` over the layers around the weighted halves of the layer, which
+    XLA CPU runs on the buffers in place.  The attention is still compiled once; an unrolled loop
+    compiled 4-8x longer for SmolLM2's 30 layers."""
+    if layer_loop == "auto":
+        return "switch" if platform == "cpu" and mesh is None else "scan"
+    return layer_loop
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """``params["layers"]`` (stacked on a leading layer axis) -> ``params["layers_0"]`` ... as separate
+    arrays: the parameter tree of ``CausalLM(layer_loop="switch")``."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
+    return out
 
 
 class CausalLM(nn.Module):
@@ -184,6 +227,7 @@ class CausalLM(nn.Module):
     num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
     backend: str | None = None  # platform compiled for (default: jax.default_backend())
+    layer_loop: str = "scan"  # "scan" (params["layers"] stacked) or "switch" (params["layers_{i}"])
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
@@ -195,11 +239,26 @@ class CausalLM(nn.Module):
         angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
-        (x, cache), _ = layers(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend,
-                               name="layers")(
-            (x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), cos, sin, meta)
+        layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend)
+        steps = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        if self.layer_loop == "scan":
+            layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+            (x, cache), _ = layers(*layer_args, name="layers")((x, cache), steps, cos, sin, meta)
+        else:  # "switch": per-layer weight buffers params["layers_{i}"] (see resolve_layer_loop)
+            layer = DecoderLayer(*layer_args)
+            weights = [{"params": self.variables["params"][f"layers_{i}"]} for i in range(cfg.num_layers)]
+
+            def body(carry, i):
+                x, cache = carry
+                q, k, v = jax.lax.switch(i, [functools.partial(layer.apply, w, method="pre_attention")
+                                             for w in weights], x, cos, sin)
+                attn, cache = layer.attend(q, k, v, cache, i, meta)
+                x = jax.lax.switch(i, [functools.partial(layer.apply, w, method="post_attention")
+                                       for w in weights], x, attn)
+                return (x, cache), None
+
+            (x, cache), _ = jax.lax.scan(body, (x, cache), steps)
         x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
         if cfg.tie_word_embeddings:

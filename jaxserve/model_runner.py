@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 
 from jaxserve import compile_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.model import AttentionMetadata, CausalLM
+from jaxserve.model import AttentionMetadata, CausalLM, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
@@ -99,6 +99,9 @@ class ModelRunner:
         self.platform = platform or (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
         self.attention_impl = resolve_attention(engine_cfg.attention_impl, self.platform, model_cfg,
                                                 engine_cfg.page_size, dtype)
+        self.layer_loop = resolve_layer_loop(engine_cfg.layer_loop, self.platform, mesh)
+        if self.layer_loop == "switch" and "layers" in params:
+            params = unstack_layers(params, model_cfg.num_layers)
         self.mesh = mesh
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
@@ -147,7 +150,7 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform)
+                         self.platform, self.layer_loop)
         logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                     inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
