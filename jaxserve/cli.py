@@ -302,7 +302,7 @@ def cmd_serve(args) -> int:
                  _served_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
                  drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
                  log_level="info" if args.verbose else "warning", warmup=not args.no_warmup, progress=progress,
-                 model_label=args.model)
+                 model_label=args.model, full_warmup=args.full_warmup)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -435,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enable-force-include-usage", action="store_true",
                    help="end every stream with a usage chunk, whatever the request's stream_options.include_usage")
     p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
+    p.add_argument("--full-warmup", action="store_true",
+                   help="compile every bucket before /health answers 200 (default: the decode-only buckets and the "
+                        "largest prefill and mixed ones first, the rest in the background, steps meanwhile padded "
+                        "into a larger compiled bucket)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while loading and warming up")
     p.set_defaults(func=cmd_serve)
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
+import threading
 import time
 from typing import Any, Iterator, Sequence as Seq
 
@@ -89,6 +91,8 @@ class Engine:
         config.validate()
         self.load_seconds = 0.0  # weights and tokenizer, set by from_pretrained / the CLI
         self.warmup_seconds = 0.0
+        self._background_compile: threading.Thread | None = None
+        self._stop_background = threading.Event()
         self.compile_cache_dir = compile_cache.configure(config.compile_cache_dir)
         logger.info("compile cache: %s", self.compile_cache_dir or "off")
         self.model_config = model_config
@@ -547,6 +551,55 @@ class Engine:
         self.warmup_seconds += seconds
         logger.info("warm-up: %s", self.runner.compile_summary())
         return seconds
+
+    def warmup_for_serving(self, progress: bool = False, on_bucket: Any = None) -> float:
+        """``serve``'s warm-up: compile (or load) the buckets that hold every step between them
+        (``runner.serving_buckets``: each decode-only bucket, the largest prefill-only and the largest
+        one) now, and every other bucket in a background thread.  Until a bucket is compiled, its steps
+        run in the smallest compiled bucket that holds them (padded; ``runner.cover_steps`` counts
+        them), so no request waits on a compile.  Returns the seconds of the part done now."""
+        first = self.runner.serving_buckets()
+        rest = [k for k in self.runner.buckets if k not in first]
+        logger.info("warm-up: %d of %d step programs now (each decode-only bucket, the largest prefill and mixed "
+                    "ones), %d in the background", len(first), self.num_buckets, len(rest))
+        seconds = self.runner.warmup(first, progress=progress, on_bucket=on_bucket)
+        self.warmup_seconds += seconds
+        if rest:
+            self.runner.use_compiled_cover = True
+            self._background_compile = threading.Thread(target=self._compile_in_background, args=(rest, progress),
+                                                        name="jaxserve-compile", daemon=True)
+            self._background_compile.start()
+        return seconds
+
+    def _compile_in_background(self, keys: list[tuple[int, int]], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        try:
+            with tqdm(total=len(keys), desc="background compile", unit="program", disable=not progress,
+                      leave=False) as bar:
+                for key in keys:
+                    if self._stop_background.is_set():
+                        return
+                    self.runner.compile_bucket(key)
+                    bar.update(1)
+        except Exception:  # noqa: BLE001 - serving goes on in the compiled buckets
+            logger.exception("background compile failed; steps keep using the compiled buckets")
+            return
+        r = self.runner
+        print(f"all {self.num_buckets} step programs ready: {len(keys)} compiled or loaded in the background in "
+              f"{time.perf_counter() - t0:.1f}s; {r.cover_steps} steps ran in a larger compiled bucket meanwhile "
+              f"({r.compile_summary()})", file=sys.stderr, flush=True)
+
+    @property
+    def background_compile_pending(self) -> bool:
+        return self._background_compile is not None and self._background_compile.is_alive()
+
+    def stop_background_compile(self, timeout: float | None = 120.0) -> None:
+        """Stop the background compile after the bucket in progress, and wait for it."""
+        self._stop_background.set()
+        if self._background_compile is not None:
+            self._background_compile.join(timeout)
 
     @property
     def kv_cache_tokens(self) -> int:
