@@ -557,9 +557,15 @@ class Engine:
         (``runner.serving_buckets``: each decode-only bucket, the largest prefill-only and the largest
         one) now, and every other bucket in a background thread.  Until a bucket is compiled, its steps
         run in the smallest compiled bucket that holds them (padded; ``runner.cover_steps`` counts
-        them), so no request waits on a compile.  Returns the seconds of the part done now."""
+        them), so no request waits on a compile.  Returns the seconds of the part done now.  With several
+        processes (``jax.distributed``) every bucket is compiled now, as ``warmup`` does: they must all
+        pick the same bucket for each step."""
+        if jax.process_count() > 1:  # every process must run the same bucket each step: no background compile
+            return self.warmup(progress=progress, on_bucket=on_bucket)
         first = self.runner.serving_buckets()
-        rest = [k for k in self.runner.buckets if k not in first]
+        # Coarse to fine: the largest prefill buckets first, so that every compile narrows the padding of the
+        # steps that still run in a larger bucket (a step's cover only gets smaller as buckets arrive).
+        rest = sorted((k for k in self.runner.buckets if k not in first), key=lambda k: (-k[1], k[0]))
         logger.info("warm-up: %d of %d step programs now (each decode-only bucket, the largest prefill and mixed "
                     "ones), %d in the background", len(first), self.num_buckets, len(rest))
         seconds = self.runner.warmup(first, progress=progress, on_bucket=on_bucket)
