@@ -93,6 +93,7 @@ class Engine:
         self.warmup_seconds = 0.0
         self._background_compile: threading.Thread | None = None
         self._stop_background = threading.Event()
+        self.background_programs = 0  # step programs warmup_for_serving left to the background compile
         self.compile_cache_dir = compile_cache.configure(config.compile_cache_dir)
         logger.info("compile cache: %s", self.compile_cache_dir or "off")
         self.model_config = model_config
@@ -570,6 +571,7 @@ class Engine:
                     "ones), %d in the background", len(first), self.num_buckets, len(rest))
         seconds = self.runner.warmup(first, progress=progress, on_bucket=on_bucket)
         self.warmup_seconds += seconds
+        self.background_programs = len(rest)
         if rest:
             self.runner.use_compiled_cover = True
             self._background_compile = threading.Thread(target=self._compile_in_background, args=(rest, progress),

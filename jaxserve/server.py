@@ -670,8 +670,7 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
                 engine.warmup_for_serving(progress=progress, on_bucket=on_bucket)
         line = engine.ready_line(label, address)
         if engine.background_compile_pending:
-            pending = engine.num_buckets - engine.compile_count
-            line += (f"; {pending} more step programs compile in the background (until each is ready, its steps "
+            line += (f"; {engine.background_programs} more step programs compile in the background (until each is ready, its steps "
                      "run padded in a larger compiled bucket)")
         print(line, file=sys.stderr, flush=True)
 

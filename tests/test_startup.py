@@ -229,3 +229,15 @@ def test_serving_warmup_covers_every_step_and_compiles_the_rest_in_the_backgroun
     assert not engine.background_compile_pending and engine.compile_count == engine.num_buckets == 8
     assert [o.token_ids for o in engine.generate(prompts, params)] == want
     engine.stop_background_compile()
+
+
+def test_full_warmup_flag_reaches_serve(monkeypatch):
+    from jaxserve import cli, server as server_module
+
+    seen = {}
+    monkeypatch.setattr(cli, "engine_from_args", lambda args, **kw: None)
+    monkeypatch.setattr(server_module, "serve", lambda engine, **kw: seen.update(kw) or 0)
+    assert cli.main(["serve", "--model", "m"]) == 0
+    assert seen["full_warmup"] is False and seen["model_name"] == "m"
+    assert cli.main(["serve", "--model", "org/name", "--full-warmup"]) == 0
+    assert seen["full_warmup"] is True and seen["model_name"] == "org/name"
