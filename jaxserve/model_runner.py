@@ -41,6 +41,7 @@ from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, P
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
 from jaxserve.scheduler import SchedulerOutput
+from jaxserve.structured import apply_token_bitmask
 from kernels_pallas import resolve_impl, unsupported_reason
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class StepInputs:
     sampling: SamplingArrays  # [S]
     want_logprobs: jax.Array  # [] bool
     penalties: PenaltyArrays  # [S] (+ the step's bad-word bans)
+    bitmask: jax.Array  # [S, ceil(V / 32)] int32: allowed tokens of constrained rows (structured outputs)
+    mask_active: jax.Array  # [S] bool: the row's bitmask applies
 
 
 @dataclasses.dataclass
@@ -140,6 +143,10 @@ class ModelRunner:
         self._row_owner: dict[int, Any] = {}
         self._row_inits: list[tuple] = []
         self.eos_token_ids: set[int] = set(model_cfg.eos_token_ids)  # the engine adds the tokenizer's
+        self.grammar = None  # structured.GrammarBackend, set by the engine on the first constrained request
+        self.mask_words = -(-self.vocab_size // 32)
+        self._plain_masks: dict[int, tuple] = {}  # rows -> device (bitmask, mask_active) of a batch with no constraint
+        self.mask_stats = {"steps": 0, "rows": 0, "seconds": 0.0}  # host time filling bitmasks
 
     @property
     def num_buckets(self) -> int:
@@ -157,7 +164,8 @@ class ModelRunner:
     def _sample(logits, inputs: StepInputs, penalty_state: PenaltyState):
         """Penalties (behind a per-step flag), sampling, logprobs (of the raw logits), count update."""
         p = inputs.penalties
-        tokens = sample(apply_penalties(logits, penalty_state, p, inputs.sampling.step), inputs.sampling)
+        x = apply_penalties(logits, penalty_state, p, inputs.sampling.step)
+        tokens = sample(apply_token_bitmask(x, inputs.bitmask, inputs.mask_active), inputs.sampling)
         logprob, top_ids, top_lp = compute_logprobs(logits, tokens, inputs.want_logprobs)
         return tokens, logprob, top_ids, top_lp, update_penalty_counts(penalty_state, p, tokens)
 
@@ -256,6 +264,7 @@ class ModelRunner:
         want_logprobs = False
         any_penalty = False
         busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
+        constrained: list[tuple[int, Any]] = []  # (slot, matcher) of rows sampling under a grammar
         num_bans = 0
         # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
         slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
@@ -284,6 +293,9 @@ class ModelRunner:
             a["seed"][i] = (seq.seed & 0xFFFFFFFF, seq.seed >> 32)
             a["step"][i] = len(seq.output_token_ids)
             want_logprobs |= p.logprobs is not None
+            matcher = getattr(seq, "matcher", None)
+            if matcher is not None and sch.samples and not matcher.is_terminated():
+                constrained.append((i, matcher))
             if p.penalized:
                 any_penalty = True
                 a["pen_row"][i] = self._penalty_row(seq, busy)
@@ -305,7 +317,29 @@ class ModelRunner:
         a["query_start_loc"][d + n_pre + 1:] = a["query_start_loc"][d + n_pre]
         a["num_seqs"] = np.int32(d + n_pre)
         a["any_penalty"] = np.bool_(any_penalty)
+        if constrained:
+            t0 = time.perf_counter()
+            s = d + self.prefill_slots
+            a["bitmask"] = np.full((s, self.mask_words), -1, np.int32)
+            a["mask_active"] = np.zeros(s, bool)
+            slots_c = [i for i, _ in constrained]
+            self.grammar.fill([m for _, m in constrained], a["bitmask"], slots_c)
+            a["mask_active"][slots_c] = True
+            self.mask_stats["steps"] += 1
+            self.mask_stats["rows"] += len(constrained)
+            self.mask_stats["seconds"] += time.perf_counter() - t0
         return (d, tp), a, d, want_logprobs
+
+    def _no_mask(self, rows: int) -> tuple:
+        """The bitmask inputs of a batch without constraints: kept on the device once per bucket size
+        (nothing is written or sent per step); numpy under a mesh (the executable places them)."""
+        masks = self._plain_masks.get(rows)
+        if masks is None:
+            masks = (np.zeros((rows, self.mask_words), np.int32), np.zeros(rows, bool))
+            if self.mesh is None and not isinstance(self.cache, jax.ShapeDtypeStruct):
+                masks = tuple(jax.device_put(x) for x in masks)
+            self._plain_masks[rows] = masks
+        return masks
 
     def _to_inputs(self, a: dict[str, np.ndarray], want_logprobs: bool) -> StepInputs:
         return StepInputs(
@@ -320,7 +354,9 @@ class ModelRunner:
             penalties=PenaltyArrays(row=a["pen_row"], active=a["pen_active"], samples=a["pen_samples"],
                                     repetition=a["repetition"], presence=a["presence"], frequency=a["frequency"],
                                     min_tokens=a["min_tokens"], ban_slot=a["ban_slot"], ban_token=a["ban_token"],
-                                    any=a.get("any_penalty", np.bool_(False))))
+                                    any=a.get("any_penalty", np.bool_(False))),
+            bitmask=a["bitmask"] if "bitmask" in a else self._no_mask(len(a["seq_lens"]))[0],
+            mask_active=a["mask_active"] if "mask_active" in a else self._no_mask(len(a["seq_lens"]))[1])
 
     # -- compiling and running -----------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxserve.structured import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (vLLM's default max_logprobs)
 MAX_BAD_WORDS = 128  # bad-word token sequences per request
 MAX_BAD_WORD_BANS = 256  # tokens banned by multi-token bad words in one step (all rows together)
@@ -58,6 +60,9 @@ class SamplingParams:
     bad_words: Sequence[str | Sequence[int]] | None = None
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # A JSON schema, regex, choice or grammar the output must follow (jaxserve/structured.py); a dict of
+    # vLLM's names ({"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar": ...}) is accepted.
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,6 +137,9 @@ class SamplingParams:
             if len(words) > MAX_BAD_WORDS:
                 raise ValueError(f"bad_words: at most {MAX_BAD_WORDS} entries, got {len(words)}")
             self.bad_words = words or None
+        if self.structured_outputs is not None:
+            field = getattr(self.structured_outputs, "field", "structured_outputs")
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs, field)
 
     @property
     def penalized(self) -> bool:

@@ -57,6 +57,7 @@ class Sequence:
         self.status = Status.WAITING
         self.penalty_row: int | None = None  # its row of the runner's PenaltyState, if it has one
         self.bad_word_ids: list[list[int]] = []  # params.bad_words as token sequences
+        self.matcher = None  # xgrammar GrammarMatcher of params.structured_outputs (jaxserve/structured.py)
         self.page_ids: list[int] = []
         self.page_keys: list = []  # prefix-cache keys of its full pages (PageAllocator.register_full_pages)
         self.counted_prefix = False  # its prefix-cache lookup is in the scheduler's statistics
