@@ -363,6 +363,8 @@ class Engine:
         entries = [(i, s, s.samples) for i, s in enumerate(sched.decodes)]
         entries += [(result.decode_slots + j, s, s.samples) for j, s in enumerate(sched.prefills)]
         now = time.monotonic()
+        for seq, pos, row, count in result.prompt_rows:
+            self._record_prompt_logprobs(seq, pos, row, count, result.prompt)
         for slot, sch, samples in entries:
             seq = sch.seq
             seq.num_computed_tokens += sch.num_tokens
@@ -372,6 +374,16 @@ class Engine:
                 self._append_token(seq, slot, result, now)
                 outputs.append(seq.to_output(self._with_text(seq)))
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, pos: int, row: int, count: int, prompt) -> None:
+        lp, rank, top_ids, top_lp = prompt
+        k = seq.params.prompt_logprobs
+        for j in range(count):
+            r = row + j
+            seq.prompt_logprobs[pos + j] = Logprob(seq.prompt_token_ids[pos + j], float(lp[r]),
+                                                   {int(t): float(v) for t, v in zip(top_ids[r][:k], top_lp[r][:k])},
+                                                   int(rank[r]))
 
     def _with_text(self, seq: Sequence) -> bool:
         return self.tokenizer is not None and seq.params.detokenize

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 
 from jaxserve import compile_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.model import AttentionMetadata, CausalLM
+from jaxserve.model import AttentionMetadata, CausalLM, head_logits
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
@@ -78,6 +78,8 @@ class StepInputs:
     penalties: PenaltyArrays  # [S] (+ the step's bad-word bans)
     bitmask: jax.Array  # [S, ceil(V / 32)] int32: allowed tokens of constrained rows (structured outputs)
     mask_active: jax.Array  # [S] bool: the row's bitmask applies
+    prompt_targets: jax.Array  # [T] int32: the next prompt token of a row wanting prompt logprobs (else -1)
+    want_prompt_logprobs: jax.Array  # [] bool
 
 
 @dataclasses.dataclass
@@ -87,6 +89,10 @@ class StepResult:
     top_ids: np.ndarray | None  # [S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None
     decode_slots: int  # index of the first prefill sequence slot
+    # Prompt logprobs: (seq, first position, first row, count) of the rows that have them, and per row
+    # (logprob of the next prompt token, its rank, top ids, top logprobs).
+    prompt_rows: list = dataclasses.field(default_factory=list)
+    prompt: tuple | None = None
 
 
 class ModelRunner:
@@ -154,11 +160,30 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform)
-        logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
-                                    inputs.meta, inputs.logits_indices)
+                         self.platform, return_hidden=True)
+        logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
+                                            inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
-        return cache, tokens, logprob, top_ids, top_lp, penalty_state
+        return cache, tokens, logprob, top_ids, top_lp, penalty_state, self._prompt_logprobs(params, hidden, inputs)
+
+    def _prompt_logprobs(self, params, hidden, inputs: StepInputs):
+        """Per token row: logprob and rank of the next prompt token, and the top MAX_LOGPROBS, from the
+        logits of every row (the LM head over all rows runs only when some row wants them)."""
+        t = hidden.shape[0]
+
+        def compute():
+            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, hidden, self.dtype), axis=-1)
+            target = jnp.clip(inputs.prompt_targets, 0, lp.shape[-1] - 1)
+            tok = jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
+            rank = 1 + jnp.sum(lp > tok[:, None], axis=-1).astype(jnp.int32)
+            top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+            return tok, rank, top_ids.astype(jnp.int32), top_lp
+
+        def skip():
+            return (jnp.zeros((t,), jnp.float32), jnp.zeros((t,), jnp.int32),
+                    jnp.zeros((t, MAX_LOGPROBS), jnp.int32), jnp.zeros((t, MAX_LOGPROBS), jnp.float32))
+
+        return jax.lax.cond(inputs.want_prompt_logprobs, compute, skip)
 
     @staticmethod
     def _sample(logits, inputs: StepInputs, penalty_state: PenaltyState):
@@ -176,6 +201,7 @@ class ModelRunner:
         s = num_decode + self.prefill_slots
         return dict(
             input_ids=np.zeros(t, np.int32),
+            prompt_targets=np.full(t, -1, np.int32),
             positions=np.zeros(t, np.int32),
             slot_mapping=np.full(t, self.num_pages * self.page_size, np.int32),  # out of range: dropped
             query_start_loc=np.zeros(s + 1, np.int32),
@@ -265,6 +291,7 @@ class ModelRunner:
         any_penalty = False
         busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
         constrained: list[tuple[int, Any]] = []  # (slot, matcher) of rows sampling under a grammar
+        self._prompt_rows = []
         num_bans = 0
         # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
         slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
@@ -293,6 +320,11 @@ class ModelRunner:
             a["seed"][i] = (seq.seed & 0xFFFFFFFF, seq.seed >> 32)
             a["step"][i] = len(seq.output_token_ids)
             want_logprobs |= p.logprobs is not None
+            if p.prompt_logprobs is not None:
+                count = min(start + n, len(seq.prompt_token_ids) - 1) - start  # rows whose next token is prompt
+                if count > 0:
+                    a["prompt_targets"][row:row + count] = seq.prompt_token_ids[start + 1:start + 1 + count]
+                    self._prompt_rows.append((seq, start + 1, row, count))
             matcher = getattr(seq, "matcher", None)
             if matcher is not None and sch.samples and not matcher.is_terminated():
                 constrained.append((i, matcher))
@@ -317,6 +349,7 @@ class ModelRunner:
         a["query_start_loc"][d + n_pre + 1:] = a["query_start_loc"][d + n_pre]
         a["num_seqs"] = np.int32(d + n_pre)
         a["any_penalty"] = np.bool_(any_penalty)
+        a["want_prompt"] = np.bool_(bool(self._prompt_rows))
         if constrained:
             t0 = time.perf_counter()
             s = d + self.prefill_slots
@@ -356,7 +389,8 @@ class ModelRunner:
                                     min_tokens=a["min_tokens"], ban_slot=a["ban_slot"], ban_token=a["ban_token"],
                                     any=a.get("any_penalty", np.bool_(False))),
             bitmask=a["bitmask"] if "bitmask" in a else self._no_mask(len(a["seq_lens"]))[0],
-            mask_active=a["mask_active"] if "mask_active" in a else self._no_mask(len(a["seq_lens"]))[1])
+            mask_active=a["mask_active"] if "mask_active" in a else self._no_mask(len(a["seq_lens"]))[1],
+            prompt_targets=a["prompt_targets"], want_prompt_logprobs=np.bool_(a.get("want_prompt", False)))
 
     # -- compiling and running -----------------------------------------------------------------
 
@@ -375,7 +409,7 @@ class ModelRunner:
         rep = sharding.replicated(mesh)
         return jax.jit(functools.partial(self._step, num_decode_rows=num_decode_rows), donate_argnums=(1, 3),
                        in_shardings=(params_s, cache_s, self._input_shardings(inputs), rep),
-                       out_shardings=(cache_s, rep, rep, rep, rep, rep))
+                       out_shardings=(cache_s, rep, rep, rep, rep, rep, rep))
 
     def _place_inputs(self, inputs: StepInputs) -> StepInputs:
         """Host inputs as they go to the step.  One process: the numpy arrays themselves (the
@@ -419,7 +453,7 @@ class ModelRunner:
         for init in self._row_inits:  # rows of requests penalized for the first time
             self.penalty_state = init_penalty_row(self.penalty_state, *init)
         self._row_inits = []
-        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state = exe(
+        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state, prompt = exe(
             self.params, self.cache, self._place_inputs(inputs), self.penalty_state)
         to_host = _local_copy if self._multi_process else np.asarray
         tokens = to_host(tokens)
@@ -427,11 +461,13 @@ class ModelRunner:
             logprob, top_ids, top_lp = (to_host(x) for x in (logprob, top_ids, top_lp))
         else:
             logprob = top_ids = top_lp = None
+        prompt_rows, self._prompt_rows = self._prompt_rows, []
+        prompt = tuple(to_host(x) for x in prompt) if prompt_rows else None
         t2 = time.perf_counter()
         self.stats["steps"] += 1
         self.stats["prepare_s"] += t1 - t0
         self.stats["device_s"] += t2 - t1
-        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots)
+        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt)
 
     @property
     def programs_compiled(self) -> int:

@@ -3,7 +3,7 @@
 Strict mode: ``"max_tokens": "5"`` or ``true`` is an error, not a coercion; ints are accepted
 where a float is expected.  Unknown fields are ignored (as vLLM does) and named in the
 ``X-Ignored-Fields`` response header; fields that the engine cannot honour (``suffix``
-without fill-in-the-middle tokens, ``prompt_logprobs``, ``echo`` with ``logprobs``)
+without fill-in-the-middle tokens, ``echo`` with ``logprobs``, ``prompt_logprobs`` with ``stream``)
 are rejected with a 400 naming them rather than silently ignored.
 """
 
@@ -73,7 +73,7 @@ class _Sampling(BaseModel):
     bad_words: Annotated[list[StrictStr], Field(max_length=128)] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
-    prompt_logprobs: StrictInt | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -106,8 +106,8 @@ class _Sampling(BaseModel):
         return bool((self.stream_options or {}).get("include_usage", False))
 
     def check_supported(self) -> None:
-        if self.prompt_logprobs is not None:
-            raise RequestError("prompt_logprobs", "prompt_logprobs: is not supported by this server")
+        if self.prompt_logprobs is not None and self.stream:
+            raise RequestError("prompt_logprobs", "prompt_logprobs: is not supported with stream")
         if self.best_of is not None:
             if self.best_of < self.n:
                 raise RequestError("best_of", f"best_of: must be >= n ({self.n}), got {self.best_of}")
@@ -187,6 +187,7 @@ class _Sampling(BaseModel):
                 top_k=-1 if self.top_k is None else self.top_k,
                 min_p=0.0 if self.min_p is None else float(self.min_p),
                 seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                prompt_logprobs=self.prompt_logprobs,
                 ignore_eos=self.ignore_eos, logprobs=logprobs,
                 presence_penalty=float(self.presence_penalty or 0.0),
                 frequency_penalty=float(self.frequency_penalty or 0.0),

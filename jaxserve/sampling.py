@@ -49,6 +49,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (and the prompt token's own)
     detokenize: bool = True
     presence_penalty: float = 0.0  # logits -= presence * (count > 0), over generated tokens
     frequency_penalty: float = 0.0  # logits -= frequency * count, over generated tokens
@@ -97,6 +98,10 @@ class SamplingParams:
                              f"got {self.stop_token_ids!r}")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
+                             f"got {self.prompt_logprobs!r}")
         for name in ("include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a boolean, got {getattr(self, name)!r}")

@@ -455,9 +455,31 @@ class OpenAIServer:
             if req.return_token_ids:
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.prompt_token_ids
+            if req.prompt_logprobs is not None and not chat:
+                choice["prompt_logprobs"] = self._prompt_logprobs(out)
             choices.append(choice)
         usage = _usage(prompt_tokens, completion_tokens)
-        return JSONResponse({**header, "choices": choices, "usage": usage}, headers=_extra_headers(req))
+        body = {**header, "choices": choices, "usage": usage}
+        if req.prompt_logprobs is not None and chat:  # vLLM: at the top of a chat response, of the prompt
+            body["prompt_logprobs"] = self._prompt_logprobs(outs[0])
+        return JSONResponse(body, headers=_extra_headers(req))
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None] | None:
+        """vLLM's format: per prompt token, None for the first, else {token id: {logprob, rank,
+        decoded_token}} of the prompt token and the top ones."""
+        if out.prompt_logprobs is None:
+            return None
+        entries = []
+        for lp in out.prompt_logprobs:
+            if lp is None:
+                entries.append(None)
+                continue
+            ranked = {lp.token_id: (lp.logprob, lp.rank)}
+            for i, (t, v) in enumerate(lp.top.items()):
+                ranked.setdefault(t, (v, i + 1))
+            entries.append({str(t): {"logprob": _finite(v), "rank": r, "decoded_token": self._token_str(t)}
+                            for t, (v, r) in ranked.items()})
+        return entries
 
     def _stream(self, submission: Submission, header: dict, req, chat: bool) -> StreamingResponse:
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
