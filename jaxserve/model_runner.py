@@ -46,6 +46,8 @@ from kernels_pallas import resolve_impl, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
+PROMPT_LOGPROBS_BLOCK = 128  # rows whose prompt logprobs are computed at once (temporaries [block, vocab])
+
 
 def power_of_two_buckets(lo: int, hi: int) -> list[int]:
     """Powers of two from ``lo`` (rounded up) up to and including ``hi``."""
@@ -168,16 +170,26 @@ class ModelRunner:
 
     def _prompt_logprobs(self, params, hidden, inputs: StepInputs):
         """Per token row: logprob and rank of the next prompt token, and the top MAX_LOGPROBS, from the
-        logits of every row (the LM head over all rows runs only when some row wants them)."""
+        logits of every row (the LM head over all rows runs only when some row wants them), in blocks of
+        PROMPT_LOGPROBS_BLOCK rows so that the temporaries stay [block, vocab], not [rows, vocab]."""
         t = hidden.shape[0]
+        block = min(t, PROMPT_LOGPROBS_BLOCK)
+        blocks = -(-t // block)
 
-        def compute():
-            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, hidden, self.dtype), axis=-1)
-            target = jnp.clip(inputs.prompt_targets, 0, lp.shape[-1] - 1)
+        def rows(h, target):
+            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype), axis=-1)
+            target = jnp.clip(target, 0, lp.shape[-1] - 1)
             tok = jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
             rank = 1 + jnp.sum(lp > tok[:, None], axis=-1).astype(jnp.int32)
             top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
             return tok, rank, top_ids.astype(jnp.int32), top_lp
+
+        def compute():
+            pad = blocks * block - t
+            h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(blocks, block, hidden.shape[-1])
+            tg = jnp.pad(inputs.prompt_targets, (0, pad)).reshape(blocks, block)
+            out = jax.lax.map(lambda x: rows(*x), (h, tg))
+            return tuple(o.reshape((blocks * block,) + o.shape[2:])[:t] for o in out)
 
         def skip():
             return (jnp.zeros((t,), jnp.float32), jnp.zeros((t,), jnp.int32),

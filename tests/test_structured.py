@@ -124,6 +124,7 @@ def test_mixed_batch_free_requests_get_their_solo_tokens(smol):
     free_q = [ask(smol, "Write a haiku about the sea."), ask(smol, "Name three fruits.")]
     free = [SamplingParams(temperature=0, max_tokens=24), SamplingParams(temperature=0.8, seed=11, max_tokens=24)]
     alone = smol.generate(free_q, free)
+    compiled = smol.compile_count
     schema = SCHEMAS[0]
     cons = ask(smol, "Describe a person as JSON.")
     mixed = smol.generate([cons, free_q[0], cons, free_q[1]], [
@@ -132,6 +133,7 @@ def test_mixed_batch_free_requests_get_their_solo_tokens(smol):
     assert mixed[1].token_ids == alone[0].token_ids
     assert mixed[3].token_ids == alone[1].token_ids
     assert smol.runner.mask_stats["rows"] > 0
+    assert smol.compile_count == compiled  # the bitmask is an input of every bucket's program: nothing new
 
 
 def test_bad_constraints_name_the_field(smol):
