@@ -305,8 +305,8 @@ def cmd_serve(args) -> int:
     return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
                  _served_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
                  drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
-                 log_level="info" if args.verbose else "warning", warmup=not args.no_warmup, progress=progress,
-                 model_label=args.model, full_warmup=args.full_warmup)
+                 tool_call_parser=args.tool_call_parser, log_level="info" if args.verbose else "warning",
+                 warmup=not args.no_warmup, progress=progress, model_label=args.model, full_warmup=args.full_warmup)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: dir name)")
     p.add_argument("--enable-force-include-usage", action="store_true",
                    help="end every stream with a usage chunk, whatever the request's stream_options.include_usage")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="how tool calls are read from the model's replies (default: from the chat template)")
     p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
     p.add_argument("--full-warmup", action="store_true",
                    help="compile every bucket before /health answers 200 (default: the decode-only buckets and the "

@@ -289,7 +289,25 @@ class Engine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
         seq = Sequence(request_id, token_ids, params, seed, prompt=text)
         seq.bad_word_ids = bad_word_ids
+        if params.structured_outputs is not None:
+            seq.matcher = self.grammar_backend(params.structured_outputs.field).matcher(params.structured_outputs)
         return seq
+
+    def grammar_backend(self, field: str = "structured_outputs"):
+        """The engine's structured-output backend (xgrammar over its tokenizer), built on first use."""
+        if self.runner.grammar is None:
+            if self.tokenizer is None:
+                raise ValueError(f"{field}: structured outputs need a tokenizer; this model has none")
+            try:
+                from jaxserve.structured import GrammarBackend
+            except ImportError as e:  # pragma: no cover - the "structured" extra is not installed
+                raise ValueError(f"{field}: structured outputs need xgrammar (pip install 'jaxserve[structured]'): "
+                                 f"{e}") from None
+            t0 = time.perf_counter()
+            self.runner.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
+                                                 sorted(self.eos_token_ids))
+            logger.info("structured outputs: xgrammar tokenizer info built in %.2fs", time.perf_counter() - t0)
+        return self.runner.grammar
 
     def _bad_word_ids(self, words: list) -> list[list[int]]:
         """Token sequences of ``bad_words``, as vLLM tokenizes them: each word as written and, where it
@@ -358,6 +376,8 @@ class Engine:
         entries = [(i, s, s.samples) for i, s in enumerate(sched.decodes)]
         entries += [(result.decode_slots + j, s, s.samples) for j, s in enumerate(sched.prefills)]
         now = time.monotonic()
+        for seq, pos, row, count in result.prompt_rows:
+            self._record_prompt_logprobs(seq, pos, row, count, result.prompt)
         for slot, sch, samples in entries:
             seq = sch.seq
             seq.num_computed_tokens += sch.num_tokens
@@ -367,6 +387,16 @@ class Engine:
                 self._append_token(seq, slot, result, now)
                 outputs.append(seq.to_output(self._with_text(seq)))
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, pos: int, row: int, count: int, prompt) -> None:
+        lp, rank, top_ids, top_lp = prompt
+        k = seq.params.prompt_logprobs
+        for j in range(count):
+            r = row + j
+            seq.prompt_logprobs[pos + j] = Logprob(seq.prompt_token_ids[pos + j], float(lp[r]),
+                                                   {int(t): float(v) for t, v in zip(top_ids[r][:k], top_lp[r][:k])},
+                                                   int(rank[r]))
 
     def _with_text(self, seq: Sequence) -> bool:
         return self.tokenizer is not None and seq.params.detokenize
@@ -382,9 +412,15 @@ class Engine:
                    zip(result.top_ids[slot][:p.logprobs], result.top_logprobs[slot][:p.logprobs])}
             seq.logprobs.append(Logprob(token, float(result.logprob[slot]), top))
         reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if seq.matcher is not None and not seq.matcher.is_terminated():
+            if not seq.matcher.accept_token(token):  # cannot happen: the step masked every other token
+                logger.error("request %s: token %d does not follow its %s constraint; stopping it",
+                             seq.request_id, token, p.structured_outputs.kind)
+                reason = "abort"
+        if reason is None and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+                               or (seq.matcher is not None and seq.matcher.is_terminated())):
             reason = "stop"
-        elif self._with_text(seq):
+        if reason not in ("stop", "abort") and self._with_text(seq):
             delta = detokenize_incrementally(self.tokenizer, seq)
             if (delta and p.stop and len(seq.output_token_ids) >= p.min_tokens
                     and self._truncate_at_stop(seq, len(delta))):

@@ -290,7 +290,7 @@ class EngineLoop:
             sink = self._sinks.get(out.request_id)
             if sink is None:  # aborted by its client: nobody listens
                 continue
-            if out.logprobs:
+            if out.logprobs or (out.finished and out.prompt_logprobs):
                 self._learn_token_strings(out)
             if out.finished:
                 del self._sinks[out.request_id]
@@ -298,7 +298,10 @@ class EngineLoop:
 
     def _learn_token_strings(self, out: RequestOutput) -> None:
         tokenizer = self.engine.tokenizer
-        for lp in out.logprobs[-max(1, len(out.new_token_ids)):]:
+        entries = out.logprobs[-max(1, len(out.new_token_ids)):] if out.logprobs else []
+        if out.finished and out.prompt_logprobs:
+            entries = entries + [lp for lp in out.prompt_logprobs if lp is not None]
+        for lp in entries:
             for token_id in (lp.token_id, *lp.top):
                 if token_id not in self.token_strings:
                     self.token_strings[token_id] = (tokenizer.decode([token_id]) if tokenizer is not None

@@ -228,6 +228,7 @@ class CausalLM(nn.Module):
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
     backend: str | None = None  # platform compiled for (default: jax.default_backend())
     layer_loop: str = "scan"  # "scan" (params["layers"] stacked) or "switch" (params["layers_{i}"])
+    return_hidden: bool = False  # also return every row's last hidden state [T, hidden] (prompt logprobs)
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
@@ -259,6 +260,7 @@ class CausalLM(nn.Module):
                 return (x, cache), None
 
             (x, cache), _ = jax.lax.scan(body, (x, cache), steps)
+        hidden = x
         x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
         if cfg.tie_word_embeddings:
@@ -270,4 +272,18 @@ class CausalLM(nn.Module):
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)
         logits = constrain(logits.astype(jnp.float32), self.mesh, None, None)
+        if self.return_hidden:
+            return logits, cache, hidden
         return logits, cache
+
+
+def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any) -> jax.Array:
+    """``CausalLM``'s final norm and LM head on hidden states of any rows ([N, hidden] -> float32 [N, V]):
+    the logits of every prompt position, for prompt logprobs."""
+    scale = params["final_norm"]["scale"]
+    xf = hidden.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    x = scale * xf.astype(dtype)
+    if cfg.tie_word_embeddings:
+        return _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
+    return _dot_f32_out(x, params["lm_head"]["kernel"], (((1,), (0,)), ((), ())))

@@ -36,14 +36,17 @@ from jax.sharding import Mesh
 
 from jaxserve import compile_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.model import AttentionMetadata, CausalLM, resolve_layer_loop, unstack_layers
+from jaxserve.model import AttentionMetadata, CausalLM, head_logits, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
 from jaxserve.scheduler import SchedulerOutput
+from jaxserve.structured import apply_token_bitmask
 from kernels_pallas import resolve_impl, unsupported_reason
 
 logger = logging.getLogger(__name__)
+
+PROMPT_LOGPROBS_BLOCK = 128  # rows whose prompt logprobs are computed at once (temporaries [block, vocab])
 
 
 def power_of_two_buckets(lo: int, hi: int) -> list[int]:
@@ -75,6 +78,10 @@ class StepInputs:
     sampling: SamplingArrays  # [S]
     want_logprobs: jax.Array  # [] bool
     penalties: PenaltyArrays  # [S] (+ the step's bad-word bans)
+    bitmask: jax.Array  # [S, ceil(V / 32)] int32: allowed tokens of constrained rows (structured outputs)
+    mask_active: jax.Array  # [S] bool: the row's bitmask applies
+    prompt_targets: jax.Array  # [T] int32: the next prompt token of a row wanting prompt logprobs (else -1)
+    want_prompt_logprobs: jax.Array  # [] bool
 
 
 @dataclasses.dataclass
@@ -84,6 +91,10 @@ class StepResult:
     top_ids: np.ndarray | None  # [S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None
     decode_slots: int  # index of the first prefill sequence slot
+    # Prompt logprobs: (seq, first position, first row, count) of the rows that have them, and per row
+    # (logprob of the next prompt token, its rank, top ids, top logprobs).
+    prompt_rows: list = dataclasses.field(default_factory=list)
+    prompt: tuple | None = None
 
 
 class ModelRunner:
@@ -147,6 +158,10 @@ class ModelRunner:
         self._row_owner: dict[int, Any] = {}
         self._row_inits: list[tuple] = []
         self.eos_token_ids: set[int] = set(model_cfg.eos_token_ids)  # the engine adds the tokenizer's
+        self.grammar = None  # structured.GrammarBackend, set by the engine on the first constrained request
+        self.mask_words = -(-self.vocab_size // 32)
+        self._plain_masks: dict[int, tuple] = {}  # rows -> device (bitmask, mask_active) of a batch with no constraint
+        self.mask_stats = {"steps": 0, "rows": 0, "seconds": 0.0}  # host time filling bitmasks
 
     @property
     def num_buckets(self) -> int:
@@ -154,17 +169,47 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform, self.layer_loop)
-        logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
-                                    inputs.meta, inputs.logits_indices)
+                         self.platform, self.layer_loop, return_hidden=True)
+        logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
+                                            inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
-        return cache, tokens, logprob, top_ids, top_lp, penalty_state
+        return cache, tokens, logprob, top_ids, top_lp, penalty_state, self._prompt_logprobs(params, hidden, inputs)
+
+    def _prompt_logprobs(self, params, hidden, inputs: StepInputs):
+        """Per token row: logprob and rank of the next prompt token, and the top MAX_LOGPROBS, from the
+        logits of every row (the LM head over all rows runs only when some row wants them), in blocks of
+        PROMPT_LOGPROBS_BLOCK rows so that the temporaries stay [block, vocab], not [rows, vocab]."""
+        t = hidden.shape[0]
+        block = min(t, PROMPT_LOGPROBS_BLOCK)
+        blocks = -(-t // block)
+
+        def rows(h, target):
+            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype), axis=-1)
+            target = jnp.clip(target, 0, lp.shape[-1] - 1)
+            tok = jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
+            rank = 1 + jnp.sum(lp > tok[:, None], axis=-1).astype(jnp.int32)
+            top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+            return tok, rank, top_ids.astype(jnp.int32), top_lp
+
+        def compute():
+            pad = blocks * block - t
+            h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(blocks, block, hidden.shape[-1])
+            tg = jnp.pad(inputs.prompt_targets, (0, pad)).reshape(blocks, block)
+            out = jax.lax.map(lambda x: rows(*x), (h, tg))
+            return tuple(o.reshape((blocks * block,) + o.shape[2:])[:t] for o in out)
+
+        def skip():
+            return (jnp.zeros((t,), jnp.float32), jnp.zeros((t,), jnp.int32),
+                    jnp.zeros((t, MAX_LOGPROBS), jnp.int32), jnp.zeros((t, MAX_LOGPROBS), jnp.float32))
+
+        return jax.lax.cond(inputs.want_prompt_logprobs, compute, skip)
 
     @staticmethod
     def _sample(logits, inputs: StepInputs, penalty_state: PenaltyState):
         """Penalties (behind a per-step flag), sampling, logprobs (of the raw logits), count update."""
         p = inputs.penalties
-        tokens = sample(apply_penalties(logits, penalty_state, p, inputs.sampling.step), inputs.sampling)
+        x = apply_penalties(logits, penalty_state, p, inputs.sampling.step)
+        tokens = sample(apply_token_bitmask(x, inputs.bitmask, inputs.mask_active), inputs.sampling)
         logprob, top_ids, top_lp = compute_logprobs(logits, tokens, inputs.want_logprobs)
         return tokens, logprob, top_ids, top_lp, update_penalty_counts(penalty_state, p, tokens)
 
@@ -175,6 +220,7 @@ class ModelRunner:
         s = num_decode + self.prefill_slots
         return dict(
             input_ids=np.zeros(t, np.int32),
+            prompt_targets=np.full(t, -1, np.int32),
             positions=np.zeros(t, np.int32),
             slot_mapping=np.full(t, self.num_pages * self.page_size, np.int32),  # out of range: dropped
             query_start_loc=np.zeros(s + 1, np.int32),
@@ -265,6 +311,8 @@ class ModelRunner:
         want_logprobs = False
         any_penalty = False
         busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
+        constrained: list[tuple[int, Any]] = []  # (slot, matcher) of rows sampling under a grammar
+        self._prompt_rows = []
         num_bans = 0
         # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
         slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
@@ -293,6 +341,14 @@ class ModelRunner:
             a["seed"][i] = (seq.seed & 0xFFFFFFFF, seq.seed >> 32)
             a["step"][i] = len(seq.output_token_ids)
             want_logprobs |= p.logprobs is not None
+            if p.prompt_logprobs is not None:
+                count = min(start + n, len(seq.prompt_token_ids) - 1) - start  # rows whose next token is prompt
+                if count > 0:
+                    a["prompt_targets"][row:row + count] = seq.prompt_token_ids[start + 1:start + 1 + count]
+                    self._prompt_rows.append((seq, start + 1, row, count))
+            matcher = getattr(seq, "matcher", None)
+            if matcher is not None and sch.samples and not matcher.is_terminated():
+                constrained.append((i, matcher))
             if p.penalized:
                 any_penalty = True
                 a["pen_row"][i] = self._penalty_row(seq, busy)
@@ -314,7 +370,30 @@ class ModelRunner:
         a["query_start_loc"][d + n_pre + 1:] = a["query_start_loc"][d + n_pre]
         a["num_seqs"] = np.int32(d + n_pre)
         a["any_penalty"] = np.bool_(any_penalty)
+        a["want_prompt"] = np.bool_(bool(self._prompt_rows))
+        if constrained:
+            t0 = time.perf_counter()
+            s = d + self.prefill_slots
+            a["bitmask"] = np.full((s, self.mask_words), -1, np.int32)
+            a["mask_active"] = np.zeros(s, bool)
+            slots_c = [i for i, _ in constrained]
+            self.grammar.fill([m for _, m in constrained], a["bitmask"], slots_c)
+            a["mask_active"][slots_c] = True
+            self.mask_stats["steps"] += 1
+            self.mask_stats["rows"] += len(constrained)
+            self.mask_stats["seconds"] += time.perf_counter() - t0
         return (d, tp), a, d, want_logprobs
+
+    def _no_mask(self, rows: int) -> tuple:
+        """The bitmask inputs of a batch without constraints: kept on the device once per bucket size
+        (nothing is written or sent per step); numpy under a mesh (the executable places them)."""
+        masks = self._plain_masks.get(rows)
+        if masks is None:
+            masks = (np.zeros((rows, self.mask_words), np.int32), np.zeros(rows, bool))
+            if self.mesh is None and not isinstance(self.cache, jax.ShapeDtypeStruct):
+                masks = tuple(jax.device_put(x) for x in masks)
+            self._plain_masks[rows] = masks
+        return masks
 
     def _to_inputs(self, a: dict[str, np.ndarray], want_logprobs: bool) -> StepInputs:
         return StepInputs(
@@ -329,7 +408,10 @@ class ModelRunner:
             penalties=PenaltyArrays(row=a["pen_row"], active=a["pen_active"], samples=a["pen_samples"],
                                     repetition=a["repetition"], presence=a["presence"], frequency=a["frequency"],
                                     min_tokens=a["min_tokens"], ban_slot=a["ban_slot"], ban_token=a["ban_token"],
-                                    any=a.get("any_penalty", np.bool_(False))))
+                                    any=a.get("any_penalty", np.bool_(False))),
+            bitmask=a["bitmask"] if "bitmask" in a else self._no_mask(len(a["seq_lens"]))[0],
+            mask_active=a["mask_active"] if "mask_active" in a else self._no_mask(len(a["seq_lens"]))[1],
+            prompt_targets=a["prompt_targets"], want_prompt_logprobs=np.bool_(a.get("want_prompt", False)))
 
     # -- compiling and running -----------------------------------------------------------------
 
@@ -348,7 +430,7 @@ class ModelRunner:
         rep = sharding.replicated(mesh)
         return jax.jit(functools.partial(self._step, num_decode_rows=num_decode_rows), donate_argnums=(1, 3),
                        in_shardings=(params_s, cache_s, self._input_shardings(inputs), rep),
-                       out_shardings=(cache_s, rep, rep, rep, rep, rep))
+                       out_shardings=(cache_s, rep, rep, rep, rep, rep, rep))
 
     def _place_inputs(self, inputs: StepInputs) -> StepInputs:
         """Host inputs as they go to the step.  One process: the numpy arrays themselves (the
@@ -392,7 +474,7 @@ class ModelRunner:
         for init in self._row_inits:  # rows of requests penalized for the first time
             self.penalty_state = init_penalty_row(self.penalty_state, *init)
         self._row_inits = []
-        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state = exe(
+        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state, prompt = exe(
             self.params, self.cache, self._place_inputs(inputs), self.penalty_state)
         to_host = _local_copy if self._multi_process else np.asarray
         tokens = to_host(tokens)
@@ -400,11 +482,13 @@ class ModelRunner:
             logprob, top_ids, top_lp = (to_host(x) for x in (logprob, top_ids, top_lp))
         else:
             logprob = top_ids = top_lp = None
+        prompt_rows, self._prompt_rows = self._prompt_rows, []
+        prompt = tuple(to_host(x) for x in prompt) if prompt_rows else None
         t2 = time.perf_counter()
         self.stats["steps"] += 1
         self.stats["prepare_s"] += t1 - t0
         self.stats["device_s"] += t2 - t1
-        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots)
+        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt)
 
     @property
     def programs_compiled(self) -> int:

@@ -3,17 +3,19 @@
 Strict mode: ``"max_tokens": "5"`` or ``true`` is an error, not a coercion; ints are accepted
 where a float is expected.  Unknown fields are ignored (as vLLM does) and named in the
 ``X-Ignored-Fields`` response header; fields that the engine cannot honour (``suffix``
-without fill-in-the-middle tokens, ``prompt_logprobs``, ``echo`` with ``logprobs``, tools)
+without fill-in-the-middle tokens, ``echo`` with ``logprobs``, ``prompt_logprobs`` with ``stream``)
 are rejected with a 400 naming them rather than silently ignored.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, model_validator
 
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
+from jaxserve.structured import StructuredOutputsParams
 
 MAX_CHOICES = 256  # prompts x n in one HTTP request
 INT32_MAX = 2**31 - 1
@@ -71,7 +73,14 @@ class _Sampling(BaseModel):
     bad_words: Annotated[list[StrictStr], Field(max_length=128)] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
-    prompt_logprobs: StrictInt | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
     # vLLM extension: return prompt_token_ids and token_ids with the choices.
     return_token_ids: StrictBool = False
     # Top-level fields of the body that no field here takes (ignored; named in a response header).
@@ -97,14 +106,50 @@ class _Sampling(BaseModel):
         return bool((self.stream_options or {}).get("include_usage", False))
 
     def check_supported(self) -> None:
-        if self.prompt_logprobs is not None:
-            raise RequestError("prompt_logprobs", "prompt_logprobs: is not supported by this server")
+        if self.prompt_logprobs is not None and self.stream:
+            raise RequestError("prompt_logprobs", "prompt_logprobs: is not supported with stream")
         if self.best_of is not None:
             if self.best_of < self.n:
                 raise RequestError("best_of", f"best_of: must be >= n ({self.n}), got {self.best_of}")
             if self.stream and self.best_of > self.n:
                 raise RequestError("best_of", "best_of: streaming needs best_of == n")
         self.logit_bias_ids()
+        self.structured()
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever one field gives it (400 naming the field)."""
+        given: list[tuple[str, dict]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
+                if not isinstance(schema, dict):
+                    raise RequestError("response_format", "response_format: json_schema.schema must be a JSON "
+                                       "schema object")
+                given.append(("response_format", {"json": schema}))
+            elif kind != "text":
+                raise RequestError("response_format", f"response_format: type must be 'text', 'json_object' or "
+                                   f"'json_schema', got {str(kind)[:40]!r}")
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given.append((name, {key: getattr(self, name)}))
+        if not given:
+            return None
+        if len(given) > 1:
+            raise RequestError(given[1][0], f"{given[1][0]}: only one output constraint per request "
+                               f"({', '.join(n for n, _ in given)} were given)")
+        field, value = given[0]
+        try:
+            return StructuredOutputsParams.from_dict(value, field)
+        except ValueError as e:
+            raise RequestError(field, str(e)) from None
 
     @property
     def num_candidates(self) -> int:
@@ -142,13 +187,14 @@ class _Sampling(BaseModel):
                 top_k=-1 if self.top_k is None else self.top_k,
                 min_p=0.0 if self.min_p is None else float(self.min_p),
                 seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                prompt_logprobs=self.prompt_logprobs,
                 ignore_eos=self.ignore_eos, logprobs=logprobs,
                 presence_penalty=float(self.presence_penalty or 0.0),
                 frequency_penalty=float(self.frequency_penalty or 0.0),
                 repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
                 logit_bias=self.logit_bias_ids(), min_tokens=self.min_tokens,
                 bad_words=self.bad_words, include_stop_str_in_output=self.include_stop_str_in_output,
-                skip_special_tokens=self.skip_special_tokens)
+                skip_special_tokens=self.skip_special_tokens, structured_outputs=self.structured())
         except ValueError as e:
             raise RequestError(str(e).split(":", 1)[0], str(e)) from None
 
@@ -198,6 +244,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -213,17 +261,73 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool = True
     add_generation_prompt: StrictBool = True
 
-    def rendered_messages(self) -> list[dict[str, str]]:
+    def rendered_messages(self) -> list[dict[str, Any]]:
         out = []
         for i, m in enumerate(self.messages):
-            msg = {"role": m.role, "content": _check_text(m.text(), f"messages.{i}.content")}
+            msg: dict[str, Any] = {"role": m.role, "content": _check_text(m.text(), f"messages.{i}.content")}
             if m.name is not None:
                 msg["name"] = m.name
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                calls = []
+                for j, c in enumerate(m.tool_calls):
+                    fn = c.get("function") if isinstance(c, dict) else None
+                    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                        raise RequestError(f"messages.{i}.tool_calls", f"messages.{i}.tool_calls.{j}: needs "
+                                           "function.name")
+                    args = fn.get("arguments", {})
+                    if isinstance(args, str):  # templates write the arguments as a mapping (as vLLM passes them)
+                        try:
+                            args = json.loads(args) if args.strip() else {}
+                        except ValueError:
+                            raise RequestError(f"messages.{i}.tool_calls", f"messages.{i}.tool_calls.{j}: "
+                                               "function.arguments is not JSON") from None
+                    calls.append({"id": c.get("id"), "type": "function",
+                                  "function": {"name": fn["name"], "arguments": args}})
+                msg["tool_calls"] = calls
             out.append(msg)
         return out
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """(``none`` | ``auto`` | ``required`` | ``named``, the named function)."""
+        tc = self.tool_choice
+        if not self.tools:
+            if tc not in (None, "none"):
+                raise RequestError("tool_choice", "tool_choice: needs tools")
+            return "none", None
+        if tc is None or tc == "auto":
+            return "auto", None
+        if tc in ("none", "required"):
+            return tc, None
+        if isinstance(tc, dict) and tc.get("type") == "function" and isinstance(tc.get("function"), dict) \
+                and isinstance(tc["function"].get("name"), str):
+            name = tc["function"]["name"]
+            if name not in {t["function"]["name"] for t in self.tools}:
+                raise RequestError("tool_choice", f"tool_choice: function {name[:64]!r} is not in tools")
+            return "named", name
+        raise RequestError("tool_choice", "tool_choice: must be 'none', 'auto', 'required' or "
+                           "{'type': 'function', 'function': {'name': ...}}")
+
+    def check_tools(self) -> None:
+        for i, t in enumerate(self.tools or []):
+            fn = t.get("function")
+            if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or not fn["name"]:
+                raise RequestError(f"tools.{i}", f"tools.{i}: must be {{'type': 'function', 'function': "
+                                   "{'name': ..., 'parameters': {...}}}")
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                raise RequestError(f"tools.{i}", f"tools.{i}.function.parameters: must be a JSON schema object")
+        mode, _ = self.tool_mode()
+        if mode in ("required", "named") and self.structured() is not None:
+            raise RequestError("tool_choice", f"tool_choice: {mode} cannot be combined with response_format or "
+                               "another output constraint")
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -235,5 +339,4 @@ class ChatCompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise RequestError("tools", "tools: tool calling is not supported by this server")
+        self.check_tools()

@@ -27,6 +27,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxserve.structured import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # top-n logprobs a request may ask for (vLLM's default max_logprobs)
 MAX_BAD_WORDS = 128  # bad-word token sequences per request
 MAX_BAD_WORD_BANS = 256  # tokens banned by multi-token bad words in one step (all rows together)
@@ -47,6 +49,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (and the prompt token's own)
     detokenize: bool = True
     presence_penalty: float = 0.0  # logits -= presence * (count > 0), over generated tokens
     frequency_penalty: float = 0.0  # logits -= frequency * count, over generated tokens
@@ -58,6 +61,9 @@ class SamplingParams:
     bad_words: Sequence[str | Sequence[int]] | None = None
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # A JSON schema, regex, choice or grammar the output must follow (jaxserve/structured.py); a dict of
+    # vLLM's names ({"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar": ...}) is accepted.
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,6 +98,10 @@ class SamplingParams:
                              f"got {self.stop_token_ids!r}")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
+                             f"got {self.prompt_logprobs!r}")
         for name in ("include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a boolean, got {getattr(self, name)!r}")
@@ -132,6 +142,9 @@ class SamplingParams:
             if len(words) > MAX_BAD_WORDS:
                 raise ValueError(f"bad_words: at most {MAX_BAD_WORDS} entries, got {len(words)}")
             self.bad_words = words or None
+        if self.structured_outputs is not None:
+            field = getattr(self.structured_outputs, "field", "structured_outputs")
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs, field)
 
     @property
     def penalized(self) -> bool:

@@ -124,6 +124,8 @@ class Scheduler:
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Start a sequence on the cached pages of its longest cached prefix (prefix caching)."""
+        if seq.params.prompt_logprobs is not None:  # every prompt position is computed, for its logprobs
+            return
         pages, keys = self.allocator.match_prefix(seq.all_token_ids)
         seq.page_ids, seq.page_keys = pages, keys
         seq.num_computed_tokens = len(pages) * self.allocator.page_size

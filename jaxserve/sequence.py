@@ -22,6 +22,7 @@ class Logprob:
     token_id: int
     logprob: float
     top: dict[int, float]
+    rank: int | None = None  # 1 + the number of tokens more likely (prompt logprobs)
 
 
 @dataclasses.dataclass
@@ -41,6 +42,9 @@ class RequestOutput:
     new_token_ids: list[int] = dataclasses.field(default_factory=list)  # since the previous output
     text_delta: str = ""  # since the previous output
     prompt: str | None = None
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first (as vLLM), else its Logprob
+    # (None too for tokens not computed yet).
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 class Sequence:
@@ -57,12 +61,14 @@ class Sequence:
         self.status = Status.WAITING
         self.penalty_row: int | None = None  # its row of the runner's PenaltyState, if it has one
         self.bad_word_ids: list[list[int]] = []  # params.bad_words as token sequences
+        self.matcher = None  # xgrammar GrammarMatcher of params.structured_outputs (jaxserve/structured.py)
         self.page_ids: list[int] = []
         self.page_keys: list = []  # prefix-cache keys of its full pages (PageAllocator.register_full_pages)
         self.counted_prefix = False  # its prefix-cache lookup is in the scheduler's statistics
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.finish_reason: str | None = None
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: dict[int, Logprob] | None = {} if params.prompt_logprobs is not None else None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -115,4 +121,6 @@ class Sequence:
             new_token_ids=new_ids,
             text_delta=delta if with_text else "",
             prompt=self.prompt,
+            prompt_logprobs=(None if self.prompt_logprobs is None else
+                             [None] + [self.prompt_logprobs.get(p) for p in range(1, len(self.prompt_token_ids))]),
         )

@@ -42,7 +42,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxserve.engine import Engine
 from jaxserve.engine_loop import EngineFailure, EngineLoop, PromptSpec, Submission
 from jaxserve.metrics import ServerMetrics
+from jaxserve import tool_parsers
 from jaxserve.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, RequestError
+from jaxserve.structured import StructuredOutputsParams
 from jaxserve.sequence import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class ServerConfig:
     max_queue: int | None = None  # engine requests beyond max_num_seqs; None: unbounded
     drain_timeout_s: float = 30.0
     force_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not
+    tool_call_parser: str | None = None  # tool_parsers.PARSERS; None: picked from the chat template
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -201,6 +204,8 @@ class OpenAIServer:
         self.max_in_flight = (engine.config.max_num_seqs + config.max_queue
                               if config.max_queue is not None else None)
         self.app = self._build_app()
+        self.tool_parser = tool_parsers.pick_parser(getattr(engine.tokenizer, "chat_template", None),
+                                                    config.tool_call_parser)
 
     # -- token strings for logprobs ----------------------------------------------------------
 
@@ -319,7 +324,7 @@ class OpenAIServer:
             raise RequestError("messages", "messages: this model has no chat template; use /v1/completions "
                                "or serve a model whose tokenizer_config.json has a chat_template")
         try:
-            text = tok.apply_chat_template(req.rendered_messages(), tokenize=False,
+            text = tok.apply_chat_template(req.rendered_messages(), tools=req.tools or None, tokenize=False,
                                            add_generation_prompt=req.add_generation_prompt)
         except RequestError:
             raise
@@ -329,10 +334,19 @@ class OpenAIServer:
         logprobs = self._engine_logprobs(req, req.num_logprobs())
         if req.num_candidates > MAX_CHOICES:
             raise RequestError("best_of", f"best_of: exceeds {MAX_CHOICES} choices")
+        mode, name = req.tool_mode()
+        forced = None  # tool_choice required / named: the call's JSON schema constrains the output
+        if mode == "required":
+            forced = StructuredOutputsParams(json=tool_parsers.required_schema(req.tools, req.parallel_tool_calls),
+                                             field="tool_choice")
+        elif mode == "named":
+            forced = StructuredOutputsParams(json=tool_parsers.named_schema(req.tools, name), field="tool_choice")
         specs = []
         for seed in req.seeds(req.num_candidates):
             params = req.sampling_params(limit or 1, logprobs, auto=limit is None)
             params.seed = seed
+            if forced is not None:
+                params.structured_outputs = forced
             specs.append(PromptSpec(text, params, add_special_tokens=False, max_tokens_auto=limit is None))
         return specs
 
@@ -358,6 +372,25 @@ class OpenAIServer:
         if req.stream:
             return self._stream(submission, header, req, chat=True)
         return await self._complete(request, submission, header, req, chat=True)
+
+    def _tool_calls(self, req: ChatCompletionRequest, out: RequestOutput):
+        """(content, tool calls, finish_reason) of a finished chat reply: calls forced by tool_choice
+        are read as their JSON schema wrote them, others with the model family's parser."""
+        text = out.text or ""
+        mode, name = req.tool_mode()
+        calls = []
+        if mode == "required":
+            calls = tool_parsers.parse_required(text)
+        elif mode == "named":
+            calls = tool_parsers.parse_named(text, name)
+        elif mode == "auto":
+            content, calls = tool_parsers.parse_tool_calls(text, self.tool_parser)
+            if calls:
+                return content, calls, "tool_calls"
+        if not calls:
+            return text, [], out.finish_reason
+        # OpenAI: "tool_calls" when the model chose to call; a named tool_choice finishes with "stop".
+        return None, calls, "stop" if mode == "named" else "tool_calls"
 
     def _echo_texts(self, req) -> list[str] | None:
         """Per prompt, the text an ``echo`` completion starts with (token-id prompts decoded)."""
@@ -409,8 +442,12 @@ class OpenAIServer:
         choices = []
         for index, out in enumerate(outs):
             if chat:
-                choice = {"index": index, "message": {"role": "assistant", "content": out.text or ""},
-                          "logprobs": self._chat_logprobs(out, 0), "finish_reason": out.finish_reason}
+                content, calls, finish = self._tool_calls(req, out)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = [c.to_openai() for c in calls]
+                choice = {"index": index, "message": message, "logprobs": self._chat_logprobs(out, 0),
+                          "finish_reason": finish}
             else:
                 text = (echo[index // req.n] if echo else "") + (out.text or "")
                 choice = {"index": index, "text": text,
@@ -418,9 +455,31 @@ class OpenAIServer:
             if req.return_token_ids:
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.prompt_token_ids
+            if req.prompt_logprobs is not None and not chat:
+                choice["prompt_logprobs"] = self._prompt_logprobs(out)
             choices.append(choice)
         usage = _usage(prompt_tokens, completion_tokens)
-        return JSONResponse({**header, "choices": choices, "usage": usage}, headers=_extra_headers(req))
+        body = {**header, "choices": choices, "usage": usage}
+        if req.prompt_logprobs is not None and chat:  # vLLM: at the top of a chat response, of the prompt
+            body["prompt_logprobs"] = self._prompt_logprobs(outs[0])
+        return JSONResponse(body, headers=_extra_headers(req))
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None] | None:
+        """vLLM's format: per prompt token, None for the first, else {token id: {logprob, rank,
+        decoded_token}} of the prompt token and the top ones."""
+        if out.prompt_logprobs is None:
+            return None
+        entries = []
+        for lp in out.prompt_logprobs:
+            if lp is None:
+                entries.append(None)
+                continue
+            ranked = {lp.token_id: (lp.logprob, lp.rank)}
+            for i, (t, v) in enumerate(lp.top.items()):
+                ranked.setdefault(t, (v, i + 1))
+            entries.append({str(t): {"logprob": _finite(v), "rank": r, "decoded_token": self._token_str(t)}
+                            for t, (v, r) in ranked.items()})
+        return entries
 
     def _stream(self, submission: Submission, header: dict, req, chat: bool) -> StreamingResponse:
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
@@ -430,6 +489,7 @@ class OpenAIServer:
         if include_usage:  # as OpenAI: the other chunks carry "usage": null
             chunk_header["usage"] = None
         echo = None if chat else self._echo_texts(req)
+        tools = chat and req.tool_mode()[0] != "none"
 
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -447,11 +507,20 @@ class OpenAIServer:
                 async for index, out in submission.outputs():
                     prompt_tokens[index] = len(out.prompt_token_ids)
                     state = states[index]
+                    if tools and not out.finished:  # a reply that may hold tool calls is sent when complete
+                        continue
                     delta, new_ids, start = state.advance(out)
                     if not delta and not out.finished and not (req.return_token_ids and new_ids) \
                             and out.logprobs is None and not (echo and index not in echoed):
                         continue
-                    if chat:
+                    if chat and tools:
+                        content, calls, finish = self._tool_calls(req, out)
+                        d: dict[str, Any] = {"content": content} if content else {}
+                        if calls:
+                            d["tool_calls"] = [c.to_openai(k) for k, c in enumerate(calls)]
+                        choice = {"index": index, "delta": d, "logprobs": self._chat_logprobs(out, start),
+                                  "finish_reason": finish}
+                    elif chat:
                         choice = {"index": index, "delta": {"content": delta} if delta else {},
                                   "logprobs": self._chat_logprobs(out, start), "finish_reason": out.finish_reason}
                     else:
@@ -644,8 +713,8 @@ def _make_uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, max_queue: int | None = None, drain_timeout_s: float = 30.0,
-          force_include_usage: bool = False, log_level: str = "warning", warmup: bool = True,
-          progress: bool = False, model_label: str | None = None, full_warmup: bool = False) -> int:
+          force_include_usage: bool = False, tool_call_parser: str | None = None, log_level: str = "warning",
+          warmup: bool = True, progress: bool = False, model_label: str | None = None, full_warmup: bool = False) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful shutdown).
 
     The port is bound first; with ``warmup`` the step programs are then compiled (or loaded from
@@ -675,7 +744,7 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
         print(line, file=sys.stderr, flush=True)
 
     server = OpenAIServer(engine, ServerConfig(model_name or "jaxserve", api_key, max_queue, drain_timeout_s,
-                                               force_include_usage), warmup=warm)
+                                               force_include_usage, tool_call_parser), warmup=warm)
     uv = _make_uvicorn_server(server, host, port, log_level)
     logger.info("serving %s on %s (%s)", server.config.model_name, address,
                 ("warming up all step programs ahead of time" if full_warmup else

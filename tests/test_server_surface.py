@@ -49,7 +49,8 @@ def test_bad_values_get_400_naming_the_field(server):
              (dict(logit_bias={"abc": 1}), "logit_bias"), (dict(logit_bias={"99999": 1}), "logit_bias"),
              (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
              (dict(extra_body={"min_tokens": 9}), "min_tokens"), (dict(suffix="tail"), "suffix"),
-             (dict(n=2, best_of=1), "best_of"), (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
+             (dict(n=2, best_of=1), "best_of"), (dict(extra_body={"prompt_logprobs": 21}), "prompt_logprobs"),
+             (dict(stream=True, extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
              (dict(echo=True, logprobs=1), "echo"), (dict(extra_body={"bad_words": "x"}), "bad_words")]
     for kw, field in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -143,3 +144,20 @@ def test_bad_words_text(server, engine):
                                extra_body=dict(IDS, bad_words=[word])).choices[0]
     assert out.token_ids[:k] == base.token_ids[:k] and out.token_ids[k] != base.token_ids[k]
     assert all([t] not in engine._bad_word_ids([word]) for t in out.token_ids)
+
+
+def test_prompt_logprobs_completions_and_chat(server):
+    c = client(server)
+    r = c.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=0,
+                             extra_body={"prompt_logprobs": 2, **IDS})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(PROMPT) and plp[0] is None
+    for pos, entry in enumerate(plp[1:], 1):
+        assert str(PROMPT[pos]) in entry and 2 <= len(entry) <= 3
+        assert all(v["logprob"] <= 0 and v["rank"] >= 1 and isinstance(v["decoded_token"], str)
+                   for v in entry.values())
+    r = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                  extra_body={"prompt_logprobs": 0, "return_token_ids": True})
+    plp = r.model_extra["prompt_logprobs"]
+    assert len(plp) == len(r.choices[0].model_extra["prompt_token_ids"]) and plp[0] is None
+    assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in plp[1:])
