@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as a Flax Linen module.
+"""The decoder (Llama, Mistral, Qwen2, Qwen3; Gemma 2/3; Qwen3-MoE, Mixtral) as a Flax Linen module.
 
 Linen rather than NNX: the engine's step is a pure function ``(params, cache,
 batch) -> (cache, tokens)`` that is jit-compiled once per bucket with the cache
@@ -27,6 +27,14 @@ mesh axis on one dimension for any number of shards dividing it:
   ``kv*G + g`` uses KV head ``kv``, the usual GQA order;
 * ``gate_up_proj`` kernel ``[H, 2, I]``: gate then up.
 
+Gemma adds norms around the attention output and the MLP (``sandwich_norms``),
+``(1 + weight)`` RMSNorms, scaled embeddings, GeGLU, soft caps, and layers that
+differ in their sliding window and RoPE base.  Those per-layer facts are small
+constant tables indexed by the ``layer`` argument inside the layer body (a traced
+scalar under the scan, or a Python int when layers are called one by one), so the
+scan still compiles one body.  Mixture-of-experts layers replace the MLP with
+routed experts (``jaxserve/moe.py``).
+
 Both are contracted with ``dot_general`` on the n-d kernel, which on one device
 is the same single matmul as a 2-d ``[H, N]`` kernel.  With a ``mesh``, the
 cache write and the attention run under ``jax.shard_map`` over the ``model``
@@ -46,10 +54,13 @@ import jax.numpy as jnp
 
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxserve import kv_cache
+import numpy as np
+
+from jaxserve import kv_cache, moe
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import CACHE_SPEC, DATA, MODEL, constrain
 from kernels_pallas import ragged_paged_attention
+from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
 
 @jax.tree_util.register_dataclass
@@ -89,13 +100,62 @@ def _dot_f32_out(lhs, rhs, dimension_numbers, precision=None, **_):
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any
+    offset: float = 0.0  # Gemma: the weight is stored as (scale - 1); multiplied as (1 + weight) in float32
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.dtype)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
         return scale * xf.astype(self.dtype)
+
+
+def per_layer(values, layer, fill=None):
+    """``values[layer]`` of a per-layer table: a Python value when ``layer`` is a Python int (a layer
+    called on its own), else an int32 scalar gathered from a constant table (the traced layer index
+    of the scan), with ``fill`` for None entries."""
+    if isinstance(layer, (int, np.integer)):
+        return values[int(layer)]
+    return jnp.asarray([fill if v is None else v for v in values], jnp.int32)[layer]
+
+
+class MoEBlock(nn.Module):
+    """Routed experts in place of the MLP (see ``jaxserve/moe.py``)."""
+
+    cfg: ModelConfig
+    dtype: Any
+    mesh: Mesh | None = None
+    impl: str = "grouped"  # or "dense": every expert on every token (the reference)
+
+    @nn.compact
+    def __call__(self, h):
+        cfg, dt = self.cfg, self.dtype
+        e, hid, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        logits = nn.Dense(e, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
+                          dot_general=_dot_f32_out, name="router")(h)  # [T, E] float32
+        weights, experts = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        gate_up = self.param("gate_up", _init(), (e, hid, 2, inter), dt)  # [E, H, 2, I]
+        down = self.param("down", _init(), (e, inter, hid), dt)  # [E, I, H]
+        if self.impl == "dense":
+            ffn = functools.partial(moe.expert_ffn_dense, act=cfg.hidden_act)
+            return ffn(h, weights, experts, gate_up, down).astype(dt)
+        mesh = self.mesh
+        if mesh is None or mesh.shape[MODEL] == 1:
+            return moe.expert_ffn_grouped(h, weights, experts, gate_up, down, cfg.hidden_act).astype(dt)
+
+        def local_experts(x, w, ids, gu, dn):
+            # This device's E/M experts (expert parallel): their copies of the tokens, summed over devices.
+            offset = jax.lax.axis_index(MODEL) * gu.shape[0]
+            out = moe.expert_ffn_grouped(x, w, ids, gu, dn, cfg.hidden_act, expert_offset=offset)
+            return jax.lax.psum(out, MODEL)
+
+        experts_spec = P(MODEL)
+        out = jax.shard_map(local_experts, mesh=mesh, in_specs=(P(), P(), P(), experts_spec, experts_spec),
+                            out_specs=P(), check_vma=False)(h, weights, experts, gate_up, down)
+        return out.astype(dt)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -107,17 +167,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array, layer: jax.Array,
-                     meta: AttentionMetadata, *, sm_scale: float, num_decode_rows: int,
-                     sliding_window: int | None, impl: str, backend: str | None):
+                     meta: AttentionMetadata, window: jax.Array | None = None, *, sm_scale: float,
+                     num_decode_rows: int, sliding_window: int | None, soft_cap: float | None, impl: str,
+                     backend: str | None):
     """Write the new tokens' K/V of ``layer`` into the cache at ``meta.slot_mapping``, then ragged paged
     attention over that layer's pages.
 
     q [T, Hq, D], k/v [T, Hkv, D], cache [L, Hkv, pages, page_size, 2D] (a device's local heads under
-    shard_map).  Returns (attention output [T, Hq, D], cache)."""
+    shard_map).  ``window`` (an int32 scalar, may be traced: this layer's window when layers differ)
+    overrides the static ``sliding_window``.  Returns (attention output [T, Hq, D], cache)."""
     cache = kv_cache.write_kv(cache, layer, k, v, meta.slot_mapping)
     attn = ragged_paged_attention(
         q, cache, layer, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
-        sm_scale=sm_scale, num_decode_rows=num_decode_rows, sliding_window=sliding_window, impl=impl,
+        sm_scale=sm_scale, num_decode_rows=num_decode_rows,
+        sliding_window=sliding_window if window is None else window, soft_cap=soft_cap, impl=impl,
         backend=backend)
     return attn, cache
 
@@ -129,49 +192,76 @@ class DecoderLayer(nn.Module):
     num_decode_rows: int
     mesh: Mesh | None = None
     backend: str | None = None
+    moe_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
         """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
-        ``layer`` this layer's index (scanned), the rest broadcast to every layer."""
+        ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
+        ``cos``/``sin`` are ``[T, D]``, or ``[2, T, D]`` (global, local) when the sliding layers have
+        their own RoPE (Gemma 3)."""
         x, cache = carry
         cfg, dt, mesh = self.cfg, self.dtype, self.mesh
         t = x.shape[0]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = hq // hkv
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dt, cfg.norm_offset)
+        local_rope = cfg.layer_local_rope()
+        if local_rope is not None:  # this layer's RoPE: the local one on sliding layers
+            which = per_layer([int(v) for v in local_rope], layer)
+            cos, sin = cos[which], sin[which]
+        h = norm(name="input_norm")(x)
         # qkv: [T, Hkv, G+2, D]
         qkv = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt,
                               kernel_init=_init(), dot_general=_dot_f32_accumulate, name="qkv_proj")(h)
         q = qkv[:, :, :g].reshape(t, hq, d)
         k, v = qkv[:, :, g], qkv[:, :, g + 1]
         if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
+            q = norm(name="q_norm")(q)
+            k = norm(name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        attend = functools.partial(write_and_attend, sm_scale=d ** -0.5, num_decode_rows=self.num_decode_rows,
-                                   sliding_window=cfg.sliding_window, impl=self.attention_impl,
-                                   backend=self.backend)
+        # The window: one for every layer (static), or this layer's (a scalar of the scan's data).
+        windows = cfg.layer_windows()
+        static_window, window = windows[0], None
+        if cfg.mixed_windows:
+            w = per_layer(windows, layer, fill=NO_WINDOW)
+            if isinstance(w, jax.Array):
+                static_window, window = None, w
+            else:  # a Python layer index: this layer's window is static
+                static_window = w
+        attend = functools.partial(write_and_attend, sm_scale=cfg.attn_scale, num_decode_rows=self.num_decode_rows,
+                                   sliding_window=static_window, soft_cap=cfg.attn_logit_softcap,
+                                   impl=self.attention_impl, backend=self.backend)
+        args = (q, k, v, cache, layer, meta) + (() if window is None else (window,))
         if mesh is not None:
             # Each device writes and attends with its own KV heads (and their query groups); the token
             # rows are gathered from the data groups, as attention needs every row of a sequence.
             heads = P(None, MODEL, None)
-            attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, CACHE_SPEC, P(), P()),
-                                   out_specs=(heads, CACHE_SPEC), check_vma=False)
-        attn, cache = attend(q, k, v, cache, layer, meta)
+            specs = (heads, heads, heads, CACHE_SPEC, P(), P()) + (() if window is None else (P(),))
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, CACHE_SPEC),
+                                   check_vma=False)
+        attn, cache = attend(*args)
         attn = constrain(attn.reshape(t, hq * d), mesh, DATA, MODEL)
-        x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                         dot_general=_dot_f32_accumulate, name="o_proj")(attn)
-        x = constrain(x, mesh, DATA, None)
+        attn = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
+                        dot_general=_dot_f32_accumulate, name="o_proj")(attn)
+        if cfg.sandwich_norms:  # Gemma: the attention output is normed before the residual add
+            attn = norm(name="post_attention_norm")(attn)
+        x = constrain(x + attn, mesh, DATA, None)
 
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_norm")(x)
-        gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,  # [T, 2, I]
-                                  kernel_init=_init(), dot_general=_dot_f32_accumulate, name="gate_up_proj")(h)
-        gate, up = gate_up[:, 0], gate_up[:, 1]
-        x = x + nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                         dot_general=_dot_f32_accumulate, name="down_proj")(jax.nn.silu(gate) * up)
-        x = constrain(x, mesh, DATA, None)
+        h = norm(name="pre_feedforward_norm" if cfg.sandwich_norms else "post_attention_norm")(x)
+        if cfg.is_moe:
+            mlp = MoEBlock(cfg, dt, mesh, self.moe_impl, name="moe")(h)
+        else:
+            gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,
+                                      kernel_init=_init(), dot_general=_dot_f32_accumulate,
+                                      name="gate_up_proj")(h)  # [T, 2, I]
+            gate, up = gate_up[:, 0], gate_up[:, 1]
+            mlp = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
+                           dot_general=_dot_f32_accumulate, name="down_proj")(moe.activation(cfg.hidden_act)(gate) * up)
+        if cfg.sandwich_norms:
+            mlp = norm(name="post_feedforward_norm")(mlp)
+        x = constrain(x + mlp, mesh, DATA, None)
         return (x, cache), None
 
 
@@ -184,24 +274,25 @@ class CausalLM(nn.Module):
     num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
     backend: str | None = None  # platform compiled for (default: jax.default_backend())
+    moe_impl: str = "grouped"  # mixture-of-experts FFN: grouped matmul, or "dense" (the reference)
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
         cfg, dt = self.cfg, self.dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
                          embedding_init=_init(), name="embed")
-        x = constrain(embed(input_ids), self.mesh, DATA, None)
-        inv_freq = jnp.asarray(cfg.inv_freq())
-        angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-        angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        x = embed(input_ids)
+        if cfg.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the weights' dtype as HF does
+            x = x * jnp.asarray(cfg.embed_scale, dt)
+        x = constrain(x, self.mesh, DATA, None)
+        cos, sin = rope_tables(cfg, positions)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
         (x, cache), _ = layers(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend,
-                               name="layers")(
+                               self.moe_impl, name="layers")(
             (x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), cos, sin, meta)
         x = x[logits_indices]
-        x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
+        x = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="final_norm")(x)
         if cfg.tie_word_embeddings:
             logits = _dot_f32_out(x, embed.embedding, (((1,), (1,)), ((), ())))
         else:
@@ -210,5 +301,23 @@ class CausalLM(nn.Module):
         # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)
+        if cfg.final_logit_softcap is not None:
+            cap = cfg.final_logit_softcap
+            logits = cap * jnp.tanh(logits.astype(jnp.float32) / cap)
         logits = constrain(logits.astype(jnp.float32), self.mesh, None, None)
         return logits, cache
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[T, D]`` of the positions, or ``[2, T, D]`` (global, local) when the sliding layers
+    have a RoPE of their own (each layer picks its table by index)."""
+    def tables(inv_freq):
+        angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        return jnp.cos(angles), jnp.sin(angles)
+
+    cos, sin = tables(cfg.inv_freq())
+    if cfg.layer_local_rope() is not None:
+        cos_l, sin_l = tables(cfg.inv_freq(local=True))
+        cos, sin = jnp.stack([cos, cos_l]), jnp.stack([sin, sin_l])
+    return cos, sin
