@@ -55,13 +55,15 @@ ENGINE_KW = dict(max_num_seqs=4, page_size=8, max_model_len=256, max_num_batched
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    """HF's own incremental greedy decode (its KV cache, sliding-window layers included); the full
+    recompute of test_hf_parity.py costs minutes on these MoE models' per-expert loops."""
     out = []
     with torch.no_grad():
+        res = model(torch.tensor([prompt]), use_cache=True)
         for _ in range(n):
-            t = int(model(ids).logits[0, -1].argmax())
+            t = int(res.logits[0, -1].argmax())
             out.append(t)
-            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+            res = model(torch.tensor([[t]]), past_key_values=res.past_key_values, use_cache=True)
     return out
 
 
