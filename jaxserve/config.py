@@ -330,6 +330,9 @@ class EngineConfig:
     # auto: the backend's Pallas kernel on TPU/GPU, the reference on CPU (kernels_pallas); or reference |
     # pallas | pallas_tpu | pallas_gpu
     attention_impl: str = "auto"
+    # mixture-of-experts FFN (jaxserve/moe.py): auto (ragged_dot on TPU/GPU, tiled loops on CPU) |
+    # ragged_dot | tiled | dense (every expert on every token: the reference)
+    moe_impl: str = "auto"
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
@@ -362,6 +365,10 @@ class EngineConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        from jaxserve.moe import MOE_IMPLS
+
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl: must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")
         if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)
                                                    or not self.compile_cache_dir):
             raise ValueError(f"compile_cache_dir: must be 'auto', a directory or None, got {self.compile_cache_dir!r}")

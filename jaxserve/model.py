@@ -128,7 +128,8 @@ class MoEBlock(nn.Module):
     cfg: ModelConfig
     dtype: Any
     mesh: Mesh | None = None
-    impl: str = "grouped"  # or "dense": every expert on every token (the reference)
+    impl: str = "auto"  # jaxserve.moe.MOE_IMPLS ("dense": every expert on every token, the reference)
+    backend: str | None = None
 
     @nn.compact
     def __call__(self, h):
@@ -139,17 +140,15 @@ class MoEBlock(nn.Module):
         weights, experts = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         gate_up = self.param("gate_up", _init(), (e, hid, 2, inter), dt)  # [E, H, 2, I]
         down = self.param("down", _init(), (e, inter, hid), dt)  # [E, I, H]
-        if self.impl == "dense":
-            ffn = functools.partial(moe.expert_ffn_dense, act=cfg.hidden_act)
-            return ffn(h, weights, experts, gate_up, down).astype(dt)
+        ffn = moe.expert_ffn(self.impl, self.backend)
         mesh = self.mesh
-        if mesh is None or mesh.shape[MODEL] == 1:
-            return moe.expert_ffn_grouped(h, weights, experts, gate_up, down, cfg.hidden_act).astype(dt)
+        if self.impl == "dense" or mesh is None or mesh.shape[MODEL] == 1:
+            return ffn(h, weights, experts, gate_up, down, cfg.hidden_act).astype(dt)
 
         def local_experts(x, w, ids, gu, dn):
             # This device's E/M experts (expert parallel): their copies of the tokens, summed over devices.
             offset = jax.lax.axis_index(MODEL) * gu.shape[0]
-            out = moe.expert_ffn_grouped(x, w, ids, gu, dn, cfg.hidden_act, expert_offset=offset)
+            out = ffn(x, w, ids, gu, dn, cfg.hidden_act, expert_offset=offset)
             return jax.lax.psum(out, MODEL)
 
         experts_spec = P(MODEL)
@@ -192,7 +191,7 @@ class DecoderLayer(nn.Module):
     num_decode_rows: int
     mesh: Mesh | None = None
     backend: str | None = None
-    moe_impl: str = "grouped"
+    moe_impl: str = "auto"
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
@@ -251,7 +250,7 @@ class DecoderLayer(nn.Module):
 
         h = norm(name="pre_feedforward_norm" if cfg.sandwich_norms else "post_attention_norm")(x)
         if cfg.is_moe:
-            mlp = MoEBlock(cfg, dt, mesh, self.moe_impl, name="moe")(h)
+            mlp = MoEBlock(cfg, dt, mesh, self.moe_impl, self.backend, name="moe")(h)
         else:
             gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,
                                       kernel_init=_init(), dot_general=_dot_f32_accumulate,
@@ -274,7 +273,7 @@ class CausalLM(nn.Module):
     num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
     backend: str | None = None  # platform compiled for (default: jax.default_backend())
-    moe_impl: str = "grouped"  # mixture-of-experts FFN: grouped matmul, or "dense" (the reference)
+    moe_impl: str = "auto"  # mixture-of-experts FFN (jaxserve.moe.MOE_IMPLS); "dense" is the reference
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):

@@ -147,7 +147,7 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform)
+                         self.platform, self.cfg.moe_impl)
         logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                     inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)

@@ -73,6 +73,50 @@ def expert_ffn_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, gat
     return jnp.zeros((t, h), jnp.float32).at[token].add(y)
 
 
+def expert_ffn_tiled(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array,
+                     down: jax.Array, act: str = "silu", expert_offset: jax.Array | int = 0,
+                     tile: int = 16) -> jax.Array:
+    """The same grouped matmul as ``expert_ffn_grouped``, as loops: over the experts, and for each over
+    ``tile``-row blocks of its sorted rows (``ceil(rows / tile)`` of them, a dynamic trip count).
+
+    This is the CPU path: XLA CPU lowers ``ragged_dot`` to one dense matmul of every row against every
+    expert, masked (``E`` times the work of the grouped matmul, more than the dense reference), while
+    here the work is the routed rows plus at most one partial tile per expert.  A tile that runs past
+    its expert's rows writes rows of the next experts, which overwrite them afterwards (experts run in
+    order); rows past the last local expert are zeroed."""
+    t, k = experts.shape
+    num_local, h, _, inter = gate_up.shape
+    n = t * k
+    local = experts.reshape(-1) - expert_offset
+    is_local = (local >= 0) & (local < num_local)
+    key = jnp.where(is_local, local, num_local)
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    token = order // k
+    rows = jnp.pad(x[token], ((0, tile), (0, 0)))  # [N + tile, H]: the last tile stays in bounds
+    f = activation(act)
+
+    def expert(e, out):
+        gu = gate_up[e].reshape(h, 2 * inter)
+        dn = down[e]
+
+        def block(j, out):
+            pos = starts[e] + j * tile
+            r = jax.lax.dynamic_slice_in_dim(rows, pos, tile)
+            a = jnp.dot(r, gu, preferred_element_type=jnp.float32)
+            hidden = (f(a[:, :inter]) * a[:, inter:]).astype(x.dtype)
+            y = jnp.dot(hidden, dn, preferred_element_type=jnp.float32)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, pos, axis=0)
+
+        return jax.lax.fori_loop(0, (group_sizes[e] + tile - 1) // tile, block, out)
+
+    y = jax.lax.fori_loop(0, num_local, expert, jnp.zeros((n + tile, h), jnp.float32))[:n]
+    valid = jnp.arange(n) < group_sizes.sum()
+    y = jnp.where(valid[:, None], y * weights.reshape(-1)[order].astype(jnp.float32)[:, None], 0.0)
+    return jnp.zeros((t, h), jnp.float32).at[token].add(y)
+
+
 def expert_ffn_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array,
                      down: jax.Array, act: str = "silu") -> jax.Array:
     """Reference: every expert on every token, combined with a [T, E] mask of the routing weights
@@ -87,4 +131,13 @@ def expert_ffn_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_
     return jnp.einsum("te,eth->th", combine, y)
 
 
-MOE_IMPLS = ("grouped", "dense")
+MOE_IMPLS = ("auto", "ragged_dot", "tiled", "dense")
+
+
+def expert_ffn(impl: str, backend: str | None = None):
+    """The FFN function of ``impl``: ``auto`` is ``ragged_dot`` on TPU/GPU and ``tiled`` on CPU."""
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl: must be one of {', '.join(MOE_IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        impl = "tiled" if (backend or jax.default_backend()) == "cpu" else "ragged_dot"
+    return {"ragged_dot": expert_ffn_grouped, "tiled": expert_ffn_tiled, "dense": expert_ffn_dense}[impl]

@@ -158,3 +158,34 @@ def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
     outs = engine.generate(prompts, [greedy(n) for n in max_tokens])
     assert [o.token_ids for o in outs] == ref
     assert_clean(engine)
+
+
+def test_alternating_windows_stay_one_layer_scan(family_checkpoint):
+    """Sliding and global layers (and the MoE layers) run under one scan over all layers: the step's
+    program holds a single scan of length num_layers, whose body looks the window up by layer index."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve import kv_cache
+    from jaxserve.model import AttentionMetadata, CausalLM
+
+    name, d, _, _, _ = family_checkpoint
+    cfg = ModelConfig.from_dir(d)
+    t, s = 8, 2
+    meta = AttentionMetadata(slot_mapping=jnp.arange(t, dtype=jnp.int32), query_start_loc=jnp.array([0, 4, 8]),
+                             seq_lens=jnp.array([4, 4]), block_tables=jnp.array([[0], [1]]), num_seqs=jnp.int32(2))
+    cache = jnp.zeros(kv_cache.cache_shape(cfg, 2, 8), jnp.float32)
+    model = CausalLM(cfg, jnp.float32)
+    ids = jnp.zeros(t, jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, cache, meta, jnp.array([3, 7])))
+    jaxpr = jax.make_jaxpr(lambda p: model.apply(p, ids, ids, cache, meta, jnp.array([3, 7])))(params)
+
+    def scans(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                yield from scans(sub)
+
+    layer_scans = [e for e in scans(jaxpr.jaxpr) if e.params["length"] == cfg.num_layers]
+    assert len(layer_scans) == 1, name

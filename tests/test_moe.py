@@ -1,5 +1,6 @@
 """The mixture-of-experts FFN: the grouped matmul (``jax.lax.ragged_dot`` over token copies sorted by
-expert) equals the dense reference (every expert on every token, masked), routing follows HF."""
+expert) and its loop form (``tiled``, the CPU default) equal the dense reference (every expert on every
+token, masked) for uneven loads and empty experts; routing follows HF."""
 
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ def uneven_routing(rng, t, k, e, empty=(1, 5)):
     return jnp.asarray(w / w.sum(1, keepdims=True)), jnp.asarray(ids)
 
 
+GROUPED = {"ragged_dot": moe.expert_ffn_grouped, "tiled": moe.expert_ffn_tiled}
+
+
+@pytest.mark.parametrize("impl", list(GROUPED))
 @pytest.mark.parametrize("t,k,e", [(64, 2, 8), (7, 3, 8), (1, 2, 4), (33, 1, 6)])
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
-def test_grouped_matches_dense(t, k, e, act):
+def test_grouped_matches_dense(impl, t, k, e, act):
     rng = np.random.default_rng(t * 100 + k)
     h, i = 32, 24
     gate_up, down = weights(rng, e, h, i)
@@ -40,7 +45,7 @@ def test_grouped_matches_dense(t, k, e, act):
     w, ids = uneven_routing(rng, t, k, e)
     loads = np.bincount(np.asarray(ids).ravel(), minlength=e)
     assert loads[1] == 0 and loads[5 % e] == 0 and loads.max() > loads.sum() / e  # empty and hot experts
-    got = jax.jit(moe.expert_ffn_grouped, static_argnames="act")(x, w, ids, gate_up, down, act=act)
+    got = jax.jit(GROUPED[impl], static_argnames="act")(x, w, ids, gate_up, down, act=act)
     want = jax.jit(moe.expert_ffn_dense, static_argnames="act")(x, w, ids, gate_up, down, act=act)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     # And the numpy definition: sum over the token's k experts of weight * FFN_expert(x).
@@ -56,7 +61,8 @@ def test_grouped_matches_dense(t, k, e, act):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_expert_shards_sum_to_the_whole():
+@pytest.mark.parametrize("impl", list(GROUPED))
+def test_expert_shards_sum_to_the_whole(impl):
     """Expert parallelism's arithmetic: each shard of E/M experts (``expert_offset``) contributes only
     its experts' copies; the shards' outputs sum to the unsharded FFN (the psum of the model)."""
     rng = np.random.default_rng(0)
@@ -64,11 +70,12 @@ def test_expert_shards_sum_to_the_whole():
     gate_up, down = weights(rng, e, h, i)
     x = jnp.asarray(rng.standard_normal((t, h)).astype(np.float32))
     w, ids = uneven_routing(rng, t, k, e)
-    whole = moe.expert_ffn_grouped(x, w, ids, gate_up, down)
+    ffn = GROUPED[impl]
+    whole = ffn(x, w, ids, gate_up, down)
     for m in (2, 4):
         n = e // m
-        parts = [moe.expert_ffn_grouped(x, w, ids, gate_up[s * n:(s + 1) * n], down[s * n:(s + 1) * n],
-                                        expert_offset=s * n) for s in range(m)]
+        parts = [ffn(x, w, ids, gate_up[s * n:(s + 1) * n], down[s * n:(s + 1) * n], expert_offset=s * n)
+                 for s in range(m)]
         np.testing.assert_allclose(np.asarray(sum(parts)), np.asarray(whole), rtol=2e-5, atol=2e-5)
 
 
@@ -85,3 +92,11 @@ def test_routing_matches_hf():
             tw = tw / tw.sum(-1, keepdim=True)
         np.testing.assert_array_equal(np.asarray(ids), ti.numpy())
         np.testing.assert_allclose(np.asarray(w), tw.numpy(), rtol=1e-6)
+
+
+def test_auto_picks_tiled_on_cpu_and_ragged_dot_elsewhere():
+    assert moe.expert_ffn("auto", "cpu") is moe.expert_ffn_tiled
+    assert moe.expert_ffn("auto", "tpu") is moe.expert_ffn_grouped
+    assert moe.expert_ffn("auto", "gpu") is moe.expert_ffn_grouped
+    with pytest.raises(ValueError, match="moe_impl"):
+        moe.expert_ffn("nope")
