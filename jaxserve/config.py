@@ -290,7 +290,7 @@ class ModelConfig:
         return self.num_params() - self.num_layers * unused * 3 * self.hidden_size * self.moe_intermediate_size
 
 
-_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu")  # see jaxserve/moe.py
 
 
 def _parse_rope(params: dict[str, Any], legacy: Any, legacy_theta: Any) -> tuple[float, tuple]:

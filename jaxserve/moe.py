@@ -29,10 +29,12 @@ import jax.numpy as jnp
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name == "silu":
+    if name in ("silu", "swish"):
         return jax.nn.silu
-    if name == "gelu_pytorch_tanh":
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
         return functools.partial(jax.nn.gelu, approximate=True)
+    if name == "gelu":  # the exact (erf) GELU
+        return functools.partial(jax.nn.gelu, approximate=False)
     raise ValueError(f"hidden_act: {name!r} is not supported")
 
 

@@ -59,3 +59,16 @@ def test_experts_sharded_give_single_device_tokens(moe_dir, single_device_tokens
     assert shard_shape(down) == (LAYERS, EXPERTS // model, MOE_I, HIDDEN)
     assert router.sharding.is_fully_replicated and router.shape == (LAYERS, HIDDEN, EXPERTS)
     assert run(engine) == single_device_tokens
+
+
+def test_orbax_checkpoint_restores_into_the_expert_sharding(moe_dir, single_device_tokens, tmp_path):
+    """``jaxserve convert`` stores the stacked experts; a restore onto a 1x4 mesh reads each device's
+    E/4 experts straight into their shards and gives the same tokens."""
+    from jaxserve.checkpoint import convert
+
+    ckpt = convert(moe_dir, str(tmp_path / "moe"), dtype="float32")
+    engine = Engine.from_pretrained(ckpt, mesh_shape={"data": 1, "model": 4}, **ENGINE_KW)
+    gate_up = engine.runner.params["layers"]["moe"]["gate_up"]
+    assert gate_up.sharding.spec == P(None, "model", None, None, None)
+    assert shard_shape(gate_up) == (LAYERS, EXPERTS // 4, HIDDEN, 2, MOE_I)
+    assert run(engine) == single_device_tokens
