@@ -100,3 +100,18 @@ def test_auto_picks_tiled_on_cpu_and_ragged_dot_elsewhere():
     assert moe.expert_ffn("auto", "gpu") is moe.expert_ffn_grouped
     with pytest.raises(ValueError, match="moe_impl"):
         moe.expert_ffn("nope")
+
+
+def test_unsupported_moe_layouts_are_clear_errors():
+    transformers = pytest.importorskip("transformers")
+    from jaxserve.config import ModelConfig
+
+    for kw in (dict(mlp_only_layers=[0]), dict(decoder_sparse_step=2)):
+        hf = transformers.AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, **kw)
+        with pytest.raises(ValueError, match="mlp_only_layers"):
+            ModelConfig.from_hf(hf)
+    hf = transformers.AutoConfig.for_model("qwen3_moe", num_experts=4, num_experts_per_tok=5)
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ModelConfig.from_hf(hf)
+    mc = ModelConfig.from_hf(transformers.AutoConfig.for_model("mixtral"))
+    assert mc.norm_topk_prob and mc.moe_intermediate_size == 14336 and mc.num_experts == 8
