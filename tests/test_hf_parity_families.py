@@ -189,3 +189,18 @@ def test_alternating_windows_stay_one_layer_scan(family_checkpoint):
 
     layer_scans = [e for e in scans(jaxpr.jaxpr) if e.params["length"] == cfg.num_layers]
     assert len(layer_scans) == 1, name
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_gemma2_with_pallas_kernels_matches_hf(family_checkpoint, impl):
+    """The Pallas kernels (interpreted on CPU) inside the layer scan, reading each layer's window as
+    the scan's data: Gemma 2's greedy tokens still equal HF's (prompts longer than the window)."""
+    name, d, _, prompts, ref = family_checkpoint
+    if name != "gemma2":
+        pytest.skip("one model is enough for the kernels' per-layer windows")
+    picks = [3, 1, 8]  # 33, 5 and 16 tokens: one crosses the 16-token window in its prompt
+    engine = Engine.from_pretrained(d, dtype="float32", attention_impl=impl, **ENGINE_KW)
+    assert engine.runner.attention_impl == impl
+    outs = engine.generate([prompts[i] for i in picks], [greedy(min(MAX_TOKENS[i], 6)) for i in picks])
+    assert [o.token_ids for o in outs] == [ref[i][:min(MAX_TOKENS[i], 6)] for i in picks]
+    assert_clean(engine)
