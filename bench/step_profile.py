@@ -33,7 +33,7 @@ def time_steps(engine: Engine, n: int) -> float:
 
 def decode_case(args, batch: int, context: int, attention: bool) -> dict:
     engine = Engine.from_pretrained(args.model, max_num_seqs=batch, max_model_len=1024,
-                                    max_num_batched_tokens=512, dtype=args.dtype)
+                                    max_num_batched_tokens=512, dtype=args.dtype, layer_loop=args.layer_loop)
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     for _ in range(batch):
@@ -44,12 +44,12 @@ def decode_case(args, batch: int, context: int, attention: bool) -> dict:
     time_steps(engine, 3)  # compile + warm
     t = time_steps(engine, args.steps)
     return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "context": context,
-            "attention": attention, "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
+            "attention": attention, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
 
 
 def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
     engine = Engine.from_pretrained(args.model, max_num_seqs=64, max_model_len=1024, max_num_batched_tokens=512,
-                                    dtype=args.dtype)
+                                    dtype=args.dtype, layer_loop=args.layer_loop)
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
@@ -64,7 +64,7 @@ def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
             engine.step()
     t = float(np.median(times[2:]))
     return {"case": "prefill", "dtype": engine.dtype_name, "prompts": prompts, "length": length,
-            "attention": attention, "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
+            "attention": attention, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
 
 
 def main() -> int:
@@ -74,9 +74,11 @@ def main() -> int:
     ap.add_argument("--batches", default="16,32,64")
     ap.add_argument("--contexts", default="128,512")
     ap.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (float32 on CPU)")
+    ap.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"])
+    ap.add_argument("--no-attention-off", action="store_true", help="skip the runs with attention replaced")
     args = ap.parse_args()
     real = model_mod.ragged_paged_attention
-    for attention in (True, False):
+    for attention in (True,) if args.no_attention_off else (True, False):
         model_mod.ragged_paged_attention = real if attention else (lambda q, *a, **k: q)
         for b in map(int, args.batches.split(",")):
             for c in map(int, args.contexts.split(",")):

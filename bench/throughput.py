@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--attention-impl", default="auto",
                     choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"])
+    ap.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"])
     ap.add_argument("--limit", type=int, default=None, help="run only the first N requests")
     ap.add_argument("--no-warmup", action="store_true", help="compile buckets lazily inside the timed run")
     ap.add_argument("--no-progress", action="store_true")
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode,
-        attention_impl=args.attention_impl, mesh_shape=mesh_shape, moe_impl=args.moe_impl)
+        attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape,
+        moe_impl=args.moe_impl)
     warmup_s = 0.0 if args.no_warmup else engine.warmup()
     run = run_workload(engine, requests, progress=not args.no_progress)
     seconds, output_tokens = run["seconds"], run["output_tokens"]
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
         "mode": args.mode,
         "attention_impl": args.attention_impl,
         "moe_impl": args.moe_impl,
+        "layer_loop": engine.runner.layer_loop,
         "max_num_seqs": args.max_num_seqs,
         "dtype": engine.dtype_name,
         "requests": len(requests),

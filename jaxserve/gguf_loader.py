@@ -231,12 +231,14 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def gguf_to_hf_tensors(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Dequantize every tensor to float32 under its Hugging Face name (q/k rows un-permuted)."""
+def gguf_to_hf_tensors(reader, cfg: ModelConfig, progress: bool = False) -> dict[str, np.ndarray]:
+    """Dequantize every tensor to float32 under its Hugging Face name (q/k rows un-permuted);
+    ``progress``: a tqdm bar over the tensors on stderr."""
     from gguf import GGMLQuantizationType
+    from tqdm.auto import tqdm
 
     tensors: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
+    for tensor in tqdm(reader.tensors, desc="dequantize", unit="tensor", disable=not progress, leave=False):
         qtype = tensor.tensor_type
         if not isinstance(qtype, GGMLQuantizationType):
             raise ValueError(f"model: tensor {tensor.name} has unknown GGUF tensor type {qtype}")
@@ -261,8 +263,9 @@ def gguf_to_hf_tensors(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_gguf(path: str, dtype: Any) -> tuple[ModelConfig, dict[str, Any], Any]:
-    """``(model_config, numpy parameter tree of dtype, tokenizer or None)`` from a GGUF file."""
+def load_gguf(path: str, dtype: Any, progress: bool = False) -> tuple[ModelConfig, dict[str, Any], Any]:
+    """``(model_config, numpy parameter tree of dtype, tokenizer or None)`` from a GGUF file
+    (``progress``: tqdm bars on stderr while dequantizing and laying out the weights)."""
     from jaxserve.weights import hf_to_params
 
     reader = open_gguf(path)
@@ -274,7 +277,7 @@ def load_gguf(path: str, dtype: Any) -> tuple[ModelConfig, dict[str, Any], Any]:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     logger.info("GGUF %s: %s, %d layers, tensor types %s", os.path.basename(path), cfg.model_type,
                 cfg.num_layers, counts)
-    params = hf_to_params(cfg, gguf_to_hf_tensors(reader, cfg), dtype)
+    params = hf_to_params(cfg, gguf_to_hf_tensors(reader, cfg, progress), dtype, progress)
     tokenizer = tokenizer_from_gguf(meta)
     return cfg, params, tokenizer
 

@@ -185,6 +185,13 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array,
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer: ``pre_attention`` (norm, fused QKV projection, q/k norms, RoPE), the paged
+    attention of ``attend`` (no weights), then ``post_attention`` (output projection, MLP or routed
+    experts, residuals, Gemma's extra norms).  The two weighted halves are separate methods so that the
+    CPU layer loop can pick each layer's weights around one shared attention (``CausalLM``,
+    ``layer_loop="switch"``).  Per-layer facts (window, RoPE table) come from the ``layer`` index: a
+    traced scalar under the scan, or a Python int."""
+
     cfg: ModelConfig
     dtype: Any
     attention_impl: str
@@ -193,34 +200,64 @@ class DecoderLayer(nn.Module):
     backend: str | None = None
     moe_impl: str = "auto"
 
-    @nn.compact
-    def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
-        """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
-        ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
-        ``cos``/``sin`` are ``[T, D]``, or ``[2, T, D]`` (global, local) when the sliding layers have
-        their own RoPE (Gemma 3)."""
-        x, cache = carry
-        cfg, dt, mesh = self.cfg, self.dtype, self.mesh
-        t = x.shape[0]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        g = hq // hkv
+    def setup(self):
+        cfg, dt = self.cfg, self.dtype
+        hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        dense = dict(dtype=dt, param_dtype=dt, kernel_init=_init(), dot_general=_dot_f32_accumulate)
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dt, cfg.norm_offset)
-        local_rope = cfg.layer_local_rope()
-        if local_rope is not None:  # this layer's RoPE: the local one on sliding layers
-            which = per_layer([int(v) for v in local_rope], layer)
-            cos, sin = cos[which], sin[which]
-        h = norm(name="input_norm")(x)
+        self.input_norm = norm()
         # qkv: [T, Hkv, G+2, D]
-        qkv = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt,
-                              kernel_init=_init(), dot_general=_dot_f32_accumulate, name="qkv_proj")(h)
+        self.qkv_proj = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, **dense)
+        if cfg.qk_norm:
+            self.q_norm = norm()
+            self.k_norm = norm()
+        self.o_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
+        # Llama: the norm before the MLP; Gemma (sandwich_norms): the norm of the attention output, with
+        # pre/post feed-forward norms around the MLP.  Both are HF's post_attention_layernorm.
+        self.post_attention_norm = norm()
+        if cfg.sandwich_norms:
+            self.pre_feedforward_norm = norm()
+            self.post_feedforward_norm = norm()
+        if cfg.is_moe:
+            self.moe = MoEBlock(cfg, dt, self.mesh, self.moe_impl, self.backend)
+        else:
+            self.gate_up_proj = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, **dense)  # [T, 2, I]
+            self.down_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
+
+    def pre_attention(self, x, cos, sin):
+        """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated with this layer's cos/sin,
+        see ``layer_rope``)."""
+        cfg = self.cfg
+        t, hq, d, g = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        qkv = self.qkv_proj(self.input_norm(x))
         q = qkv[:, :, :g].reshape(t, hq, d)
         k, v = qkv[:, :, g], qkv[:, :, g + 1]
         if cfg.qk_norm:
-            q = norm(name="q_norm")(q)
-            k = norm(name="k_norm")(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-        # The window: one for every layer (static), or this layer's (a scalar of the scan's data).
+    def post_attention(self, x, attn):
+        """Residual stream [T, H] and attention output [T, Hq, D] -> the layer's output [T, H]."""
+        cfg, mesh = self.cfg, self.mesh
+        attn = constrain(attn.reshape(x.shape[0], -1), mesh, DATA, MODEL)
+        attn = self.o_proj(attn)
+        if cfg.sandwich_norms:  # Gemma: the attention output is normed before the residual add
+            attn = self.post_attention_norm(attn)
+        x = constrain(x + attn, mesh, DATA, None)
+        h = (self.pre_feedforward_norm if cfg.sandwich_norms else self.post_attention_norm)(x)
+        if cfg.is_moe:
+            mlp = self.moe(h)
+        else:
+            gate_up = self.gate_up_proj(h)
+            mlp = self.down_proj(moe.activation(cfg.hidden_act)(gate_up[:, 0]) * gate_up[:, 1])
+        if cfg.sandwich_norms:
+            mlp = self.post_feedforward_norm(mlp)
+        return constrain(x + mlp, mesh, DATA, None)
+
+    def attend(self, q, k, v, cache, layer, meta: AttentionMetadata):
+        """Write the new K/V of ``layer`` and attend over its pages (per KV-head shard on a mesh), with
+        this layer's sliding window: one for every layer (static), or looked up by ``layer``."""
+        cfg, mesh = self.cfg, self.mesh
         windows = cfg.layer_windows()
         static_window, window = windows[0], None
         if cfg.mixed_windows:
@@ -240,28 +277,51 @@ class DecoderLayer(nn.Module):
             specs = (heads, heads, heads, CACHE_SPEC, P(), P()) + (() if window is None else (P(),))
             attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, CACHE_SPEC),
                                    check_vma=False)
-        attn, cache = attend(*args)
-        attn = constrain(attn.reshape(t, hq * d), mesh, DATA, MODEL)
-        attn = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                        dot_general=_dot_f32_accumulate, name="o_proj")(attn)
-        if cfg.sandwich_norms:  # Gemma: the attention output is normed before the residual add
-            attn = norm(name="post_attention_norm")(attn)
-        x = constrain(x + attn, mesh, DATA, None)
+        return attend(*args)
 
-        h = norm(name="pre_feedforward_norm" if cfg.sandwich_norms else "post_attention_norm")(x)
-        if cfg.is_moe:
-            mlp = MoEBlock(cfg, dt, mesh, self.moe_impl, self.backend, name="moe")(h)
-        else:
-            gate_up = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, dtype=dt, param_dtype=dt,
-                                      kernel_init=_init(), dot_general=_dot_f32_accumulate,
-                                      name="gate_up_proj")(h)  # [T, 2, I]
-            gate, up = gate_up[:, 0], gate_up[:, 1]
-            mlp = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                           dot_general=_dot_f32_accumulate, name="down_proj")(moe.activation(cfg.hidden_act)(gate) * up)
-        if cfg.sandwich_norms:
-            mlp = norm(name="post_feedforward_norm")(mlp)
-        x = constrain(x + mlp, mesh, DATA, None)
-        return (x, cache), None
+    def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
+        """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
+        ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
+        ``cos``/``sin`` as ``rope_tables`` gives them."""
+        x, cache = carry
+        q, k, v = self.pre_attention(x, *layer_rope(self.cfg, cos, sin, layer))
+        attn, cache = self.attend(q, k, v, cache, layer, meta)
+        return (self.post_attention(x, attn), cache), None
+
+
+def layer_rope(cfg: ModelConfig, cos, sin, layer):
+    """This layer's cos/sin: ``rope_tables``' ``[T, D]`` tables, or of its ``[2, T, D]`` (global, local)
+    the local one on sliding layers (Gemma 3)."""
+    local_rope = cfg.layer_local_rope()
+    if local_rope is None:
+        return cos, sin
+    which = per_layer([int(v) for v in local_rope], layer)
+    return cos[which], sin[which]
+
+
+def resolve_layer_loop(layer_loop: str, platform: str, mesh: Mesh | None = None) -> str:
+    """``auto``: ``switch`` on one CPU device, ``scan`` elsewhere (a CPU mesh of virtual devices stands in
+    for a TPU mesh, so it runs the program a TPU runs).
+
+    ``scan``: each iteration slices its layer's weights out of the stacked arrays.  XLA TPU and GPU feed the
+    slice to the matmul in place; XLA CPU copies it first, every layer of every step (11.8 MB per layer for
+    the 56m model: a 32-sequence decode step went from 16.5 to 21 ms, ``bench/step_profile.py``).
+    ``switch``: the same scan, but each layer's weights are their own buffers (``unstack_layers``), and the
+    body picks them with a ``lax.switch`` over the layers around the weighted halves of the layer, which
+    XLA CPU runs on the buffers in place.  The attention is still compiled once; an unrolled loop
+    compiled 4-8x longer for SmolLM2's 30 layers."""
+    if layer_loop == "auto":
+        return "switch" if platform == "cpu" and mesh is None else "scan"
+    return layer_loop
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """``params["layers"]`` (stacked on a leading layer axis) -> ``params["layers_0"]`` ... as separate
+    arrays: the parameter tree of ``CausalLM(layer_loop="switch")``."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda a: a[i], params["layers"])
+    return out
 
 
 class CausalLM(nn.Module):
@@ -273,6 +333,7 @@ class CausalLM(nn.Module):
     num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
     backend: str | None = None  # platform compiled for (default: jax.default_backend())
+    layer_loop: str = "scan"  # "scan" (params["layers"] stacked) or "switch" (params["layers_{i}"])
     moe_impl: str = "auto"  # mixture-of-experts FFN (jaxserve.moe.MOE_IMPLS); "dense" is the reference
 
     @nn.compact
@@ -285,11 +346,26 @@ class CausalLM(nn.Module):
             x = x * jnp.asarray(cfg.embed_scale, dt)
         x = constrain(x, self.mesh, DATA, None)
         cos, sin = rope_tables(cfg, positions)
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
-        (x, cache), _ = layers(cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend,
-                               self.moe_impl, name="layers")(
-            (x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), cos, sin, meta)
+        layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend, self.moe_impl)
+        steps = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        if self.layer_loop == "scan":
+            layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+            (x, cache), _ = layers(*layer_args, name="layers")((x, cache), steps, cos, sin, meta)
+        else:  # "switch": per-layer weight buffers params["layers_{i}"] (see resolve_layer_loop)
+            layer = DecoderLayer(*layer_args)
+            weights = [{"params": self.variables["params"][f"layers_{i}"]} for i in range(cfg.num_layers)]
+
+            def body(carry, i):
+                x, cache = carry
+                q, k, v = jax.lax.switch(i, [functools.partial(layer.apply, w, method="pre_attention")
+                                             for w in weights], x, *layer_rope(cfg, cos, sin, i))
+                attn, cache = layer.attend(q, k, v, cache, i, meta)
+                x = jax.lax.switch(i, [functools.partial(layer.apply, w, method="post_attention")
+                                       for w in weights], x, attn)
+                return (x, cache), None
+
+            (x, cache), _ = jax.lax.scan(body, (x, cache), steps)
         x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="final_norm")(x)
         if cfg.tie_word_embeddings:

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 
 from jaxserve import compile_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.model import AttentionMetadata, CausalLM
+from jaxserve.model import AttentionMetadata, CausalLM, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
@@ -99,6 +99,9 @@ class ModelRunner:
         self.platform = platform or (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
         self.attention_impl = resolve_attention(engine_cfg.attention_impl, self.platform, model_cfg,
                                                 engine_cfg.page_size, dtype)
+        self.layer_loop = resolve_layer_loop(engine_cfg.layer_loop, self.platform, mesh)
+        if self.layer_loop == "switch" and "layers" in params:
+            params = unstack_layers(params, model_cfg.num_layers)
         self.mesh = mesh
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
@@ -115,6 +118,10 @@ class ModelRunner:
             engine_cfg.max_num_batched_tokens)
         self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
         self._executables: dict[tuple[int, int], Any] = {}
+        # While buckets are compiled in the background (serve): a step whose bucket is not compiled yet runs
+        # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
+        self.use_compiled_cover = False
+        self.cover_steps = 0
         self.compile_count = 0  # programs obtained (compiled or loaded from the compile cache)
         self.cache_hits = 0  # ... of which loaded from the persistent compile cache
         self.compile_seconds = 0.0
@@ -147,7 +154,7 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform, self.cfg.moe_impl)
+                         self.platform, self.layer_loop, self.cfg.moe_impl)
         logits, cache = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                     inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
@@ -250,6 +257,8 @@ class ModelRunner:
         d = pick_bucket(n_dec, self.decode_buckets) if n_dec else 0
         n_pre_tokens = sum(s.num_tokens for s in out.prefills)
         tp = pick_bucket(n_pre_tokens, self.prefill_buckets) if n_pre_tokens else 0
+        if self.use_compiled_cover and (d, tp) not in self._executables:
+            d, tp = self._compiled_cover(n_dec, n_pre_tokens) or (d, tp)
         a = self._empty_inputs(d, tp)
         ps = self.page_size
         a["query_start_loc"][1:d + 1] = np.arange(1, d + 1)
@@ -410,6 +419,26 @@ class ModelRunner:
     def buckets(self) -> list[tuple[int, int]]:
         """Every (decode rows, prefill tokens) bucket, in compile order."""
         return [(d, t) for d in self.decode_buckets for t in self.prefill_buckets if d or t]
+
+    def serving_buckets(self) -> list[tuple[int, int]]:
+        """The buckets that hold every step between them, cheaply where it matters: every decode-only
+        bucket (most steps of a serving load), the largest prefill-only bucket and the largest bucket.
+        ``serve`` compiles these before it reports ready and the rest in the background."""
+        d_max, t_max = self.decode_buckets[-1], self.prefill_buckets[-1]
+        keys = [(d, 0) for d in self.decode_buckets if d] + [(0, t_max), (d_max, t_max)]
+        return [k for i, k in enumerate(keys) if k not in keys[:i] and k != (0, 0)]
+
+    def _compiled_cover(self, n_decode: int, n_prefill_tokens: int) -> tuple[int, int] | None:
+        """The compiled bucket with the fewest rows that holds ``n_decode`` decode rows and
+        ``n_prefill_tokens`` prefill tokens (with decode and prefill rows where the exact bucket has
+        them), or None."""
+        fits = [(kd + kt, (kd, kt)) for kd, kt in list(self._executables)
+                if kd >= n_decode and kt >= n_prefill_tokens and (kd > 0) == (n_decode > 0)
+                and (kt > 0) == (n_prefill_tokens > 0)]
+        if not fits:
+            return None
+        self.cover_steps += 1
+        return min(fits)[1]
 
     def compile_bucket(self, key: tuple[int, int]):
         """The compiled step of one bucket (compiled now unless it already is)."""

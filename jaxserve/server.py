@@ -645,12 +645,15 @@ def _make_uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, max_queue: int | None = None, drain_timeout_s: float = 30.0,
           force_include_usage: bool = False, log_level: str = "warning", warmup: bool = True,
-          progress: bool = False, model_label: str | None = None) -> int:
+          progress: bool = False, model_label: str | None = None, full_warmup: bool = False) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful shutdown).
 
-    The port is bound first; with ``warmup`` every step program is then compiled (or loaded from
+    The port is bound first; with ``warmup`` the step programs are then compiled (or loaded from
     the compile cache) in the engine thread, ``/health`` answering 503 meanwhile, and one ``ready``
-    line goes to stderr when it is done (at once without ``warmup``)."""
+    line goes to stderr when it is done (at once without ``warmup``).  Ready means: the buckets that
+    hold every step are compiled (``Engine.warmup_for_serving``), the others compile in the
+    background and steps use a larger compiled bucket until then; ``full_warmup``: every bucket
+    first."""
     if max_queue is not None and max_queue < 0:
         raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
     address = f"http://{host}:{port}"
@@ -661,15 +664,27 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
             def on_bucket(done: int, total: int) -> None:
                 loop.warmup_progress = (done, total)
 
-            engine.warmup(progress=progress, on_bucket=on_bucket)
-        print(engine.ready_line(label, address), file=sys.stderr, flush=True)
+            if full_warmup:
+                engine.warmup(progress=progress, on_bucket=on_bucket)
+            else:
+                engine.warmup_for_serving(progress=progress, on_bucket=on_bucket)
+        line = engine.ready_line(label, address)
+        if engine.background_compile_pending:
+            line += (f"; {engine.background_programs} more step programs compile in the background (until each is ready, its steps "
+                     "run padded in a larger compiled bucket)")
+        print(line, file=sys.stderr, flush=True)
 
     server = OpenAIServer(engine, ServerConfig(model_name or "jaxserve", api_key, max_queue, drain_timeout_s,
                                                force_include_usage), warmup=warm)
     uv = _make_uvicorn_server(server, host, port, log_level)
     logger.info("serving %s on %s (%s)", server.config.model_name, address,
-                "warming up all step programs ahead of time" if warmup else "step programs compiled on demand")
-    uv.run()
+                ("warming up all step programs ahead of time" if full_warmup else
+                 "warming up the step programs that hold every step, the others in the background")
+                if warmup else "step programs compiled on demand")
+    try:
+        uv.run()
+    finally:
+        engine.stop_background_compile()
     return 0 if uv.started else 1
 
 

@@ -14,6 +14,7 @@ prompts are prefilled in several chunks, with cached context).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -92,6 +93,18 @@ def test_greedy_matches_hf(hf_checkpoint, hf_engine):
         assert o.token_ids == r, f"{name}: prompt {i} (length {len(prompts[i])}) differs from HF"
 
 
+def test_scan_layer_loop_matches_hf(hf_checkpoint, hf_engine):
+    """The stacked layer scan (what TPU and GPU run) gives the same tokens as the per-layer-buffer loop
+    the CPU runs by default, and as HF: the two loops read one stacked checkpoint."""
+    name, d, _, prompts, ref = hf_checkpoint
+    assert hf_engine.runner.layer_loop == "switch"
+    engine = Engine.from_pretrained(d, dtype="float32", layer_loop="scan", **ENGINE_KW)
+    assert engine.runner.layer_loop == "scan" and "layers" in engine.runner.params
+    outs = engine.generate(prompts, [greedy(n) for n in MAX_TOKENS])
+    assert_clean(engine)
+    assert [o.token_ids for o in outs] == ref, name
+
+
 def test_config_picked_up(hf_checkpoint):
     """The engine read the variant's special config, and it agrees with what HF uses."""
     name, d, model, _, _ = hf_checkpoint
@@ -161,7 +174,7 @@ def test_bfloat16_checkpoint_loads_and_generates(bf16_checkpoint, dtype):
     assert engine.dtype_name == dtype
     # The cache of all layers; on CPU a 16-bit cache is stored as its uint16 bits (jaxserve/kv_cache.py).
     assert str(engine.runner.cache.dtype) == ("uint16" if dtype == "bfloat16" else dtype)
-    assert str(engine.runner.params["layers"]["qkv_proj"]["kernel"].dtype) == dtype
+    assert {str(w.dtype) for w in jax.tree_util.tree_leaves(engine.runner.params)} == {dtype}
     prompts = random_prompts([3, 100, 40, 1, 70], seed=11)
     max_tokens = [6, 9, 4, 12, 5]
     outs = engine.generate(prompts, [greedy(n) for n in max_tokens])

@@ -194,3 +194,50 @@ def test_cpu_default_cache_and_max_model_len(llama_dir, caplog):
         e = Engine.from_pretrained(llama_dir, max_num_seqs=2, page_size=8, compile_cache_dir=None)
     assert e.max_model_len == e.model_config.max_position_embeddings
     assert any("CPU: no device memory limit" in r.message for r in caplog.records)
+
+
+def test_serving_warmup_covers_every_step_and_compiles_the_rest_in_the_background(llama_dir):
+    """serve's warm-up: the buckets that hold every step first; a step whose bucket is not compiled
+    yet runs padded in the smallest compiled bucket that holds it (same tokens, no compile); the rest
+    compile in a background thread."""
+    from conftest import greedy, random_prompts
+    from jaxserve import Engine
+
+    kw = dict(max_num_seqs=4, page_size=8, max_model_len=128, max_num_batched_tokens=64, min_prefill_bucket=32,
+              min_decode_bucket=2, compile_cache_dir=None)
+    prompts = random_prompts([5, 40, 9, 17, 60, 3])
+    params = [greedy(n) for n in (6, 3, 8, 5, 4, 7)]
+    exact = Engine.from_pretrained(llama_dir, **kw)
+    want = [o.token_ids for o in exact.generate(prompts, params)]
+
+    engine = Engine.from_pretrained(llama_dir, **kw)
+    r = engine.runner
+    # decode buckets [0, 2, 4] x prefill buckets [0, 32, 64]: 8 programs
+    assert r.serving_buckets() == [(2, 0), (4, 0), (0, 64), (4, 64)]
+    r.warmup(r.serving_buckets())
+    r.use_compiled_cover = True
+    got = [o.token_ids for o in engine.generate(prompts, params)]
+    assert got == want
+    assert r.compile_count == 4 and r.cover_steps > 0  # nothing compiled while serving
+    assert r._compiled_cover(1, 0) == (2, 0) and r._compiled_cover(1, 20) == (4, 64)
+    assert r._compiled_cover(0, 20) == (0, 64)
+
+    engine = Engine.from_pretrained(llama_dir, **kw)
+    engine.warmup_for_serving()
+    assert engine.runner.use_compiled_cover
+    engine._background_compile.join(300)
+    assert not engine.background_compile_pending and engine.compile_count == engine.num_buckets == 8
+    assert [o.token_ids for o in engine.generate(prompts, params)] == want
+    engine.stop_background_compile()
+
+
+def test_full_warmup_flag_reaches_serve(monkeypatch):
+    from jaxserve import cli, server as server_module
+
+    seen = {}
+    monkeypatch.setattr(cli, "engine_from_args", lambda args, **kw: None)
+    monkeypatch.setattr(server_module, "serve", lambda engine, **kw: seen.update(kw) or 0)
+    assert cli.main(["serve", "--model", "m"]) == 0
+    assert seen["full_warmup"] is False and seen["model_name"] == "m"
+    assert cli.main(["serve", "--model", "org/name", "--full-warmup"]) == 0
+    assert seen["full_warmup"] is True and seen["model_name"] == "org/name"
