@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="run only the first N requests")
     ap.add_argument("--no-warmup", action="store_true", help="compile buckets lazily inside the timed run")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--moe-impl", default="auto", help="mixture-of-experts FFN: auto | ragged_dot | tiled | dense")
     ap.add_argument("--mesh-data", type=int, default=None)
     ap.add_argument("--mesh-model", type=int, default=None)
     args = ap.parse_args(argv)
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode,
-        attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape)
+        attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape,
+        moe_impl=args.moe_impl)
     warmup_s = 0.0 if args.no_warmup else engine.warmup()
     run = run_workload(engine, requests, progress=not args.no_progress)
     seconds, output_tokens = run["seconds"], run["output_tokens"]
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
         "workload": workload.get("name", os.path.basename(args.workload)),
         "mode": args.mode,
         "attention_impl": args.attention_impl,
+        "moe_impl": args.moe_impl,
         "layer_loop": engine.runner.layer_loop,
         "max_num_seqs": args.max_num_seqs,
         "dtype": engine.dtype_name,

@@ -130,7 +130,11 @@ class Roofline:
 def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
     """(parameters every token multiplies through, LM-head parameters)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    per_layer = h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * h * i
+    if cfg.is_moe:  # a token goes through the router and its top-k experts only
+        mlp = h * cfg.num_experts + 3 * h * cfg.moe_intermediate_size * cfg.num_experts_per_tok
+    else:
+        mlp = 3 * h * i
+    per_layer = h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + mlp
     return cfg.num_layers * per_layer, h * cfg.vocab_size
 
 

@@ -17,12 +17,18 @@ LAYER_LOOPS = ("auto", "scan", "switch")  # EngineConfig.layer_loop; see model.r
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "qwen3_moe",
+                         "mixtral")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+MOE_TYPES = ("qwen3_moe", "mixtral")
+SLIDING, FULL = "sliding_attention", "full_attention"  # HF's layer_types
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything the Flax decoder needs to know about a Llama-family checkpoint."""
+    """Everything the Flax decoder needs to know about a checkpoint (Llama family, Gemma 2/3,
+    mixture-of-experts Qwen3-MoE/Mixtral).  The fields after ``eos_token_ids`` have defaults that mean
+    "a Llama-family model" (the GGUF loader builds only those)."""
 
     model_type: str
     vocab_size: int
@@ -42,6 +48,25 @@ class ModelConfig:
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # -- Gemma 2 / 3 --
+    hidden_act: str = "silu"  # the gated MLP's activation: silu, or gelu_pytorch_tanh (GeGLU, Gemma)
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): 1.0 in Gemma
+    embed_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default head_dim)
+    attn_logit_softcap: float | None = None  # cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # on the LM head's logits (Gemma 2)
+    sandwich_norms: bool = False  # norms on the attention output and around the MLP (Gemma)
+    # HF's layer_types ("sliding_attention" / "full_attention" per layer); None: every layer alike,
+    # windowed iff sliding_window is set (Mistral).
+    layer_types: tuple[str, ...] | None = None
+    # RoPE of the sliding layers when it differs from the global one (Gemma 3: base 10k, no scaling).
+    local_rope_theta: float | None = None
+    local_rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    # -- mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is a routed set of experts --
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's intermediate size
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1 (Mixtral: always)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -49,31 +74,82 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Any) -> "ModelConfig":
-        """Build from a ``transformers`` PretrainedConfig (or anything with the same attributes)."""
+        """Build from a ``transformers`` PretrainedConfig (or anything with the same attributes).
+
+        A multimodal ``gemma3`` config gives its language model (``text_config``); the vision tower is
+        not served (text prompts only)."""
         model_type = getattr(hf, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type: {model_type!r} is not supported; supported model types: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        outer_eos = None
+        if model_type == "gemma3":
+            logger.warning("gemma3: serving the language model of this multimodal checkpoint only; its "
+                           "vision tower and projector are not loaded (text prompts only, no images)")
+            outer_eos = getattr(hf, "eos_token_id", None)
+            hf = hf.text_config
+            model_type = getattr(hf, "model_type", None)
+            if model_type != "gemma3_text":
+                raise ValueError(f"model_type: gemma3 text_config has model_type {model_type!r}, "
+                                 "expected 'gemma3_text'")
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
-        # transformers >= 5 keeps theta and scaling in rope_parameters; older ones in
-        # rope_theta / rope_scaling.
-        rope = dict(getattr(hf, "rope_parameters", None) or {})
-        legacy = getattr(hf, "rope_scaling", None)
-        if legacy and not rope.get("rope_type"):
-            rope.update(legacy)
-        theta = rope.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_scaling: rope type {rope_type!r} is not supported "
-                             "(supported: default, linear, llama3)")
-        rope["rope_type"] = rope_type
+        gemma = model_type in GEMMA_TYPES
+        # transformers >= 5 keeps theta and scaling in rope_parameters (Gemma 3: one dict per layer
+        # type); older ones in rope_theta / rope_scaling (Gemma 3: and rope_local_base_freq).
+        params = dict(getattr(hf, "rope_parameters", None) or {})
+        local_rope = None
+        if FULL in params or SLIDING in params:
+            local_rope = dict(params.get(SLIDING) or {})
+            params = dict(params.get(FULL) or {})
+        elif getattr(hf, "rope_local_base_freq", None) is not None:
+            local_rope = {"rope_theta": hf.rope_local_base_freq, "rope_type": "default"}
+        theta, rope = _parse_rope(params, getattr(hf, "rope_scaling", None), getattr(hf, "rope_theta", None))
+        local_theta = local_scaling = None
+        if local_rope is not None:
+            local_theta, local_scaling = _parse_rope(local_rope, None, None)
+            if (local_theta, local_scaling) == (theta, rope):
+                local_theta = local_scaling = None
+        layer_types = None
         sliding_window = None
-        if model_type == "mistral":
+        if model_type in ("mistral", "mixtral"):
             sliding_window = getattr(hf, "sliding_window", None)
-        elif model_type in ("qwen2", "qwen3") and getattr(hf, "use_sliding_window", False):
+        elif model_type in ("qwen2", "qwen3", "qwen3_moe") and getattr(hf, "use_sliding_window", False):
             raise ValueError("use_sliding_window: Qwen sliding-window layers are not supported")
-        eos = getattr(hf, "eos_token_id", None)
+        elif gemma:
+            sliding_window = getattr(hf, "sliding_window", None)
+            types = getattr(hf, "layer_types", None)
+            if types is None:  # pre-layer_types configs: Gemma 2 alternates from layer 0, Gemma 3 1 of 6 global
+                pattern = getattr(hf, "sliding_window_pattern", None) or (2 if model_type == "gemma2" else 6)
+                types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(hf.num_hidden_layers)]
+            unknown = sorted(set(types) - {SLIDING, FULL})
+            if unknown:
+                raise ValueError(f"layer_types: {unknown[0]!r} is not supported (supported: {SLIDING}, {FULL})")
+            if len(types) != hf.num_hidden_layers:
+                raise ValueError(f"layer_types: {len(types)} entries for {hf.num_hidden_layers} layers")
+            layer_types = tuple(types) if sliding_window else None
+            if getattr(hf, "use_bidirectional_attention", False):
+                raise ValueError("use_bidirectional_attention: bidirectional (embedding) Gemma models are "
+                                 "not supported")
+        act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu"
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act: {act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+        moe = {}
+        if model_type in MOE_TYPES:
+            if model_type == "qwen3_moe":
+                if getattr(hf, "mlp_only_layers", None) or getattr(hf, "decoder_sparse_step", 1) != 1:
+                    raise ValueError("mlp_only_layers / decoder_sparse_step: Qwen3-MoE models with dense "
+                                     "layers between the expert layers are not supported")
+                moe = dict(num_experts=hf.num_experts, moe_intermediate_size=hf.moe_intermediate_size,
+                           norm_topk_prob=bool(hf.norm_topk_prob))
+            else:  # Mixtral: softmax over the top-k logits, i.e. the top-k probabilities renormalized
+                moe = dict(num_experts=hf.num_local_experts, moe_intermediate_size=hf.intermediate_size,
+                           norm_topk_prob=True)
+            moe["num_experts_per_tok"] = hf.num_experts_per_tok
+            if not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
+                raise ValueError(f"num_experts_per_tok: must be in [1, {moe['num_experts']}], "
+                                 f"got {moe['num_experts_per_tok']}")
+        eos = outer_eos if outer_eos is not None else getattr(hf, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         return cls(
             model_type=model_type,
@@ -86,14 +162,25 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
             rope_theta=float(theta),
-            rope_scaling=tuple(sorted(rope.items())),
+            rope_scaling=rope,
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=sliding_window,
             bos_token_id=getattr(hf, "bos_token_id", None),
             eos_token_ids=eos_ids,
+            hidden_act=act,
+            norm_offset=1.0 if gemma else 0.0,
+            embed_scale=float(np.float32(hf.hidden_size ** 0.5)) if gemma else None,
+            query_pre_attn_scalar=float(hf.query_pre_attn_scalar) if gemma else None,
+            attn_logit_softcap=getattr(hf, "attn_logit_softcapping", None) if gemma else None,
+            final_logit_softcap=getattr(hf, "final_logit_softcapping", None) if gemma else None,
+            sandwich_norms=gemma,
+            layer_types=layer_types,
+            local_rope_theta=None if local_theta is None else float(local_theta),
+            local_rope_scaling=local_scaling,
+            **moe,
         )
 
     @classmethod
@@ -118,14 +205,60 @@ class ModelConfig:
             hf = AutoConfig.from_pretrained(model_dir)
         except Exception as e:  # noqa: BLE001 - transformers raises many types
             raise ValueError(f"model: could not parse {path}: {e}") from e
-        return cls.from_hf(hf)
+        cfg = cls.from_hf(hf)
+        # Chat models often list their end-of-turn token only in generation_config.json (Gemma's
+        # <end_of_turn>): it stops generation too.
+        gen_path = os.path.join(model_dir, "generation_config.json")
+        if os.path.isfile(gen_path):
+            try:
+                with open(gen_path) as f:
+                    eos = json.load(f).get("eos_token_id")
+            except (OSError, json.JSONDecodeError):
+                eos = None
+            extra = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            merged = tuple(dict.fromkeys(cfg.eos_token_ids + tuple(int(t) for t in extra)))
+            if merged != cfg.eos_token_ids:
+                cfg = dataclasses.replace(cfg, eos_token_ids=merged)
+        return cfg
 
-    def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies [head_dim // 2] (float32), with Llama-3 / linear scaling."""
+    # -- per-layer attention (windows, rope) ---------------------------------------------------------
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def attn_scale(self) -> float:
+        """The attention's score scale (``query_pre_attn_scalar ** -0.5``, default ``head_dim ** -0.5``)."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """The sliding window of every layer (None: global attention)."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_layers
+        return tuple(self.sliding_window if t == SLIDING else None for t in self.layer_types)
+
+    @property
+    def mixed_windows(self) -> bool:
+        """Layers differ in their window (Gemma): the window is per-layer data of the layer scan."""
+        return len(set(self.layer_windows())) > 1
+
+    def layer_local_rope(self) -> tuple[bool, ...] | None:
+        """Per layer, whether it uses the local (sliding-layer) RoPE; None when all use the global one."""
+        if self.local_rope_theta is None:
+            return None
+        return tuple(t == SLIDING for t in (self.layer_types or (FULL,) * self.num_layers))
+
+    def inv_freq(self, local: bool = False) -> np.ndarray:
+        """RoPE inverse frequencies [head_dim // 2] (float32), with Llama-3 / linear scaling
+        (``local``: those of the sliding-window layers, when they have their own)."""
         dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+        theta, scaling = self.rope_theta, self.rope_scaling
+        if local and self.local_rope_theta is not None:
+            theta, scaling = self.local_rope_theta, self.local_rope_scaling
+        inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
         inv = inv.astype(np.float32)
-        rs = self.rope_scaling_dict
+        rs = dict(scaling or ())
         kind = rs.get("rope_type", "default")
         if kind == "linear":
             inv = inv / np.float32(rs["factor"])
@@ -145,9 +278,36 @@ class ModelConfig:
     def num_params(self) -> int:
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * h * i + 2 * h
+        mlp = (self.num_experts * 3 * h * self.moe_intermediate_size + h * self.num_experts if self.is_moe
+               else 3 * h * i)
+        per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
+
+    def num_active_params(self) -> int:
+        """Parameters one token's forward pass uses (a mixture of experts runs only its top-k)."""
+        if not self.is_moe:
+            return self.num_params()
+        unused = self.num_experts - self.num_experts_per_tok
+        return self.num_params() - self.num_layers * unused * 3 * self.hidden_size * self.moe_intermediate_size
+
+
+_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu")  # see jaxserve/moe.py
+
+
+def _parse_rope(params: dict[str, Any], legacy: Any, legacy_theta: Any) -> tuple[float, tuple]:
+    """(theta, hashable scaling dict with its rope_type) from HF's rope_parameters (or the legacy
+    rope_scaling / rope_theta)."""
+    rope = dict(params)
+    if legacy and not rope.get("rope_type"):
+        rope.update(legacy)
+    theta = rope.pop("rope_theta", None) or legacy_theta or 10000.0
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope_scaling: rope type {rope_type!r} is not supported "
+                         "(supported: default, linear, llama3)")
+    rope["rope_type"] = rope_type
+    return float(theta), tuple(sorted(rope.items()))
 
 
 @dataclasses.dataclass
@@ -172,6 +332,9 @@ class EngineConfig:
     # auto: the backend's Pallas kernel on TPU/GPU, the reference on CPU (kernels_pallas); or reference |
     # pallas | pallas_tpu | pallas_gpu
     attention_impl: str = "auto"
+    # mixture-of-experts FFN (jaxserve/moe.py): auto (ragged_dot on TPU/GPU, tiled loops on CPU) |
+    # ragged_dot | tiled | dense (every expert on every token: the reference)
+    moe_impl: str = "auto"
     # how the step runs the layers: auto (switch on one CPU device, scan elsewhere) | scan | switch;
     # see jaxserve/model.py resolve_layer_loop
     layer_loop: str = "auto"
@@ -207,6 +370,10 @@ class EngineConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        from jaxserve.moe import MOE_IMPLS
+
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl: must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")
         if self.layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop: must be one of {', '.join(LAYER_LOOPS)}, got {self.layer_loop!r}")
         if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)

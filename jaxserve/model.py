@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as a Flax Linen module.
+"""The decoder (Llama, Mistral, Qwen2, Qwen3; Gemma 2/3; Qwen3-MoE, Mixtral) as a Flax Linen module.
 
 Linen rather than NNX: the engine's step is a pure function ``(params, cache,
 batch) -> (cache, tokens)`` that is jit-compiled once per bucket with the cache
@@ -27,6 +27,14 @@ mesh axis on one dimension for any number of shards dividing it:
   ``kv*G + g`` uses KV head ``kv``, the usual GQA order;
 * ``gate_up_proj`` kernel ``[H, 2, I]``: gate then up.
 
+Gemma adds norms around the attention output and the MLP (``sandwich_norms``),
+``(1 + weight)`` RMSNorms, scaled embeddings, GeGLU, soft caps, and layers that
+differ in their sliding window and RoPE base.  Those per-layer facts are small
+constant tables indexed by the ``layer`` argument inside the layer body (a traced
+scalar under the scan, or a Python int when layers are called one by one), so the
+scan still compiles one body.  Mixture-of-experts layers replace the MLP with
+routed experts (``jaxserve/moe.py``).
+
 Both are contracted with ``dot_general`` on the n-d kernel, which on one device
 is the same single matmul as a 2-d ``[H, N]`` kernel.  With a ``mesh``, the
 cache write and the attention run under ``jax.shard_map`` over the ``model``
@@ -46,10 +54,13 @@ import jax.numpy as jnp
 
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxserve import kv_cache
+import numpy as np
+
+from jaxserve import kv_cache, moe
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import CACHE_SPEC, DATA, MODEL, constrain
 from kernels_pallas import ragged_paged_attention
+from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
 
 @jax.tree_util.register_dataclass
@@ -89,13 +100,61 @@ def _dot_f32_out(lhs, rhs, dimension_numbers, precision=None, **_):
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any
+    offset: float = 0.0  # Gemma: the weight is stored as (scale - 1); multiplied as (1 + weight) in float32
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.dtype)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
         return scale * xf.astype(self.dtype)
+
+
+def per_layer(values, layer, fill=None):
+    """``values[layer]`` of a per-layer table: a Python value when ``layer`` is a Python int (a layer
+    called on its own), else an int32 scalar gathered from a constant table (the traced layer index
+    of the scan), with ``fill`` for None entries."""
+    if isinstance(layer, (int, np.integer)):
+        return values[int(layer)]
+    return jnp.asarray([fill if v is None else v for v in values], jnp.int32)[layer]
+
+
+class MoEBlock(nn.Module):
+    """Routed experts in place of the MLP (see ``jaxserve/moe.py``)."""
+
+    cfg: ModelConfig
+    dtype: Any
+    mesh: Mesh | None = None
+    impl: str = "auto"  # jaxserve.moe.MOE_IMPLS ("dense": every expert on every token, the reference)
+    backend: str | None = None
+
+    @nn.compact
+    def __call__(self, h):
+        cfg, dt = self.cfg, self.dtype
+        e, hid, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        logits = nn.Dense(e, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
+                          dot_general=_dot_f32_out, name="router")(h)  # [T, E] float32
+        weights, experts = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        gate_up = self.param("gate_up", _init(), (e, hid, 2, inter), dt)  # [E, H, 2, I]
+        down = self.param("down", _init(), (e, inter, hid), dt)  # [E, I, H]
+        ffn = moe.expert_ffn(self.impl, self.backend)
+        mesh = self.mesh
+        if self.impl == "dense" or mesh is None or mesh.shape[MODEL] == 1:
+            return ffn(h, weights, experts, gate_up, down, cfg.hidden_act).astype(dt)
+
+        def local_experts(x, w, ids, gu, dn):
+            # This device's E/M experts (expert parallel): their copies of the tokens, summed over devices.
+            offset = jax.lax.axis_index(MODEL) * gu.shape[0]
+            out = ffn(x, w, ids, gu, dn, cfg.hidden_act, expert_offset=offset)
+            return jax.lax.psum(out, MODEL)
+
+        experts_spec = P(MODEL)
+        out = jax.shard_map(local_experts, mesh=mesh, in_specs=(P(), P(), P(), experts_spec, experts_spec),
+                            out_specs=P(), check_vma=False)(h, weights, experts, gate_up, down)
+        return out.astype(dt)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -107,26 +166,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array, layer: jax.Array,
-                     meta: AttentionMetadata, *, sm_scale: float, num_decode_rows: int,
-                     sliding_window: int | None, impl: str, backend: str | None):
+                     meta: AttentionMetadata, window: jax.Array | None = None, *, sm_scale: float,
+                     num_decode_rows: int, sliding_window: int | None, soft_cap: float | None, impl: str,
+                     backend: str | None):
     """Write the new tokens' K/V of ``layer`` into the cache at ``meta.slot_mapping``, then ragged paged
     attention over that layer's pages.
 
     q [T, Hq, D], k/v [T, Hkv, D], cache [L, Hkv, pages, page_size, 2D] (a device's local heads under
-    shard_map).  Returns (attention output [T, Hq, D], cache)."""
+    shard_map).  ``window`` (an int32 scalar, may be traced: this layer's window when layers differ)
+    overrides the static ``sliding_window``.  Returns (attention output [T, Hq, D], cache)."""
     cache = kv_cache.write_kv(cache, layer, k, v, meta.slot_mapping)
     attn = ragged_paged_attention(
         q, cache, layer, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
-        sm_scale=sm_scale, num_decode_rows=num_decode_rows, sliding_window=sliding_window, impl=impl,
+        sm_scale=sm_scale, num_decode_rows=num_decode_rows,
+        sliding_window=sliding_window if window is None else window, soft_cap=soft_cap, impl=impl,
         backend=backend)
     return attn, cache
 
 
 class DecoderLayer(nn.Module):
-    """One decoder layer: ``pre_attention`` (norm, fused QKV projection, RoPE), the paged attention of
-    ``attend`` (no weights), then ``post_attention`` (output projection, MLP, residuals).  The two weighted
-    halves are separate methods so that the CPU layer loop can pick each layer's weights around one
-    shared attention (``CausalLM``, ``layer_loop="switch"``)."""
+    """One decoder layer: ``pre_attention`` (norm, fused QKV projection, q/k norms, RoPE), the paged
+    attention of ``attend`` (no weights), then ``post_attention`` (output projection, MLP or routed
+    experts, residuals, Gemma's extra norms).  The two weighted halves are separate methods so that the
+    CPU layer loop can pick each layer's weights around one shared attention (``CausalLM``,
+    ``layer_loop="switch"``).  Per-layer facts (window, RoPE table) come from the ``layer`` index: a
+    traced scalar under the scan, or a Python int."""
 
     cfg: ModelConfig
     dtype: Any
@@ -134,24 +198,35 @@ class DecoderLayer(nn.Module):
     num_decode_rows: int
     mesh: Mesh | None = None
     backend: str | None = None
+    moe_impl: str = "auto"
 
     def setup(self):
         cfg, dt = self.cfg, self.dtype
         hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         dense = dict(dtype=dt, param_dtype=dt, kernel_init=_init(), dot_general=_dot_f32_accumulate)
-        self.input_norm = RMSNorm(cfg.rms_norm_eps, dt)
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dt, cfg.norm_offset)
+        self.input_norm = norm()
         # qkv: [T, Hkv, G+2, D]
         self.qkv_proj = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, **dense)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.rms_norm_eps, dt)
-            self.k_norm = RMSNorm(cfg.rms_norm_eps, dt)
+            self.q_norm = norm()
+            self.k_norm = norm()
         self.o_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
-        self.post_attention_norm = RMSNorm(cfg.rms_norm_eps, dt)
-        self.gate_up_proj = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, **dense)  # [T, 2, I]
-        self.down_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
+        # Llama: the norm before the MLP; Gemma (sandwich_norms): the norm of the attention output, with
+        # pre/post feed-forward norms around the MLP.  Both are HF's post_attention_layernorm.
+        self.post_attention_norm = norm()
+        if cfg.sandwich_norms:
+            self.pre_feedforward_norm = norm()
+            self.post_feedforward_norm = norm()
+        if cfg.is_moe:
+            self.moe = MoEBlock(cfg, dt, self.mesh, self.moe_impl, self.backend)
+        else:
+            self.gate_up_proj = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, **dense)  # [T, 2, I]
+            self.down_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
 
     def pre_attention(self, x, cos, sin):
-        """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated)."""
+        """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated with this layer's cos/sin,
+        see ``layer_rope``)."""
         cfg = self.cfg
         t, hq, d, g = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
         qkv = self.qkv_proj(self.input_norm(x))
@@ -163,34 +238,65 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, x, attn):
         """Residual stream [T, H] and attention output [T, Hq, D] -> the layer's output [T, H]."""
-        mesh = self.mesh
+        cfg, mesh = self.cfg, self.mesh
         attn = constrain(attn.reshape(x.shape[0], -1), mesh, DATA, MODEL)
-        x = constrain(x + self.o_proj(attn), mesh, DATA, None)
-        gate_up = self.gate_up_proj(self.post_attention_norm(x))
-        x = x + self.down_proj(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1])
-        return constrain(x, mesh, DATA, None)
+        attn = self.o_proj(attn)
+        if cfg.sandwich_norms:  # Gemma: the attention output is normed before the residual add
+            attn = self.post_attention_norm(attn)
+        x = constrain(x + attn, mesh, DATA, None)
+        h = (self.pre_feedforward_norm if cfg.sandwich_norms else self.post_attention_norm)(x)
+        if cfg.is_moe:
+            mlp = self.moe(h)
+        else:
+            gate_up = self.gate_up_proj(h)
+            mlp = self.down_proj(moe.activation(cfg.hidden_act)(gate_up[:, 0]) * gate_up[:, 1])
+        if cfg.sandwich_norms:
+            mlp = self.post_feedforward_norm(mlp)
+        return constrain(x + mlp, mesh, DATA, None)
 
     def attend(self, q, k, v, cache, layer, meta: AttentionMetadata):
-        """Write the new K/V of ``layer`` and attend over its pages (per KV-head shard on a mesh)."""
+        """Write the new K/V of ``layer`` and attend over its pages (per KV-head shard on a mesh), with
+        this layer's sliding window: one for every layer (static), or looked up by ``layer``."""
         cfg, mesh = self.cfg, self.mesh
-        attend = functools.partial(write_and_attend, sm_scale=cfg.head_dim ** -0.5,
-                                   num_decode_rows=self.num_decode_rows, sliding_window=cfg.sliding_window,
+        windows = cfg.layer_windows()
+        static_window, window = windows[0], None
+        if cfg.mixed_windows:
+            w = per_layer(windows, layer, fill=NO_WINDOW)
+            if isinstance(w, jax.Array):
+                static_window, window = None, w
+            else:  # a Python layer index: this layer's window is static
+                static_window = w
+        attend = functools.partial(write_and_attend, sm_scale=cfg.attn_scale, num_decode_rows=self.num_decode_rows,
+                                   sliding_window=static_window, soft_cap=cfg.attn_logit_softcap,
                                    impl=self.attention_impl, backend=self.backend)
+        args = (q, k, v, cache, layer, meta) + (() if window is None else (window,))
         if mesh is not None:
             # Each device writes and attends with its own KV heads (and their query groups); the token
             # rows are gathered from the data groups, as attention needs every row of a sequence.
             heads = P(None, MODEL, None)
-            attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, CACHE_SPEC, P(), P()),
-                                   out_specs=(heads, CACHE_SPEC), check_vma=False)
-        return attend(q, k, v, cache, layer, meta)
+            specs = (heads, heads, heads, CACHE_SPEC, P(), P()) + (() if window is None else (P(),))
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, CACHE_SPEC),
+                                   check_vma=False)
+        return attend(*args)
 
     def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
         """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
-        ``layer`` this layer's index (scanned), the rest broadcast to every layer."""
+        ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
+        ``cos``/``sin`` as ``rope_tables`` gives them."""
         x, cache = carry
-        q, k, v = self.pre_attention(x, cos, sin)
+        q, k, v = self.pre_attention(x, *layer_rope(self.cfg, cos, sin, layer))
         attn, cache = self.attend(q, k, v, cache, layer, meta)
         return (self.post_attention(x, attn), cache), None
+
+
+def layer_rope(cfg: ModelConfig, cos, sin, layer):
+    """This layer's cos/sin: ``rope_tables``' ``[T, D]`` tables, or of its ``[2, T, D]`` (global, local)
+    the local one on sliding layers (Gemma 3)."""
+    local_rope = cfg.layer_local_rope()
+    if local_rope is None:
+        return cos, sin
+    which = per_layer([int(v) for v in local_rope], layer)
+    return cos[which], sin[which]
 
 
 def resolve_layer_loop(layer_loop: str, platform: str, mesh: Mesh | None = None) -> str:
@@ -228,6 +334,7 @@ class CausalLM(nn.Module):
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
     backend: str | None = None  # platform compiled for (default: jax.default_backend())
     layer_loop: str = "scan"  # "scan" (params["layers"] stacked) or "switch" (params["layers_{i}"])
+    moe_impl: str = "auto"  # mixture-of-experts FFN (jaxserve.moe.MOE_IMPLS); "dense" is the reference
     return_hidden: bool = False  # also return every row's last hidden state [T, hidden] (prompt logprobs)
 
     @nn.compact
@@ -235,12 +342,12 @@ class CausalLM(nn.Module):
         cfg, dt = self.cfg, self.dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
                          embedding_init=_init(), name="embed")
-        x = constrain(embed(input_ids), self.mesh, DATA, None)
-        inv_freq = jnp.asarray(cfg.inv_freq())
-        angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-        angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
-        layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend)
+        x = embed(input_ids)
+        if cfg.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the weights' dtype as HF does
+            x = x * jnp.asarray(cfg.embed_scale, dt)
+        x = constrain(x, self.mesh, DATA, None)
+        cos, sin = rope_tables(cfg, positions)
+        layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend, self.moe_impl)
         steps = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if self.layer_loop == "scan":
             layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -253,7 +360,7 @@ class CausalLM(nn.Module):
             def body(carry, i):
                 x, cache = carry
                 q, k, v = jax.lax.switch(i, [functools.partial(layer.apply, w, method="pre_attention")
-                                             for w in weights], x, cos, sin)
+                                             for w in weights], x, *layer_rope(cfg, cos, sin, i))
                 attn, cache = layer.attend(q, k, v, cache, i, meta)
                 x = jax.lax.switch(i, [functools.partial(layer.apply, w, method="post_attention")
                                        for w in weights], x, attn)
@@ -262,7 +369,7 @@ class CausalLM(nn.Module):
             (x, cache), _ = jax.lax.scan(body, (x, cache), steps)
         hidden = x
         x = x[logits_indices]
-        x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
+        x = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="final_norm")(x)
         if cfg.tie_word_embeddings:
             logits = _dot_f32_out(x, embed.embedding, (((1,), (1,)), ((), ())))
         else:
@@ -271,6 +378,9 @@ class CausalLM(nn.Module):
         # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)
+        if cfg.final_logit_softcap is not None:
+            cap = cfg.final_logit_softcap
+            logits = cap * jnp.tanh(logits.astype(jnp.float32) / cap)
         logits = constrain(logits.astype(jnp.float32), self.mesh, None, None)
         if self.return_hidden:
             return logits, cache, hidden
@@ -278,12 +388,28 @@ class CausalLM(nn.Module):
 
 
 def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any) -> jax.Array:
-    """``CausalLM``'s final norm and LM head on hidden states of any rows ([N, hidden] -> float32 [N, V]):
-    the logits of every prompt position, for prompt logprobs."""
-    scale = params["final_norm"]["scale"]
-    xf = hidden.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    x = scale * xf.astype(dtype)
+    """``CausalLM``'s final norm, LM head and final soft cap on hidden states of any rows ([N, hidden] ->
+    float32 [N, V]): the logits of every prompt position, for prompt logprobs."""
+    x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset).apply({"params": params["final_norm"]}, hidden)
     if cfg.tie_word_embeddings:
-        return _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
-    return _dot_f32_out(x, params["lm_head"]["kernel"], (((1,), (0,)), ((), ())))
+        logits = _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
+    else:
+        logits = _dot_f32_out(x, params["lm_head"]["kernel"], (((1,), (0,)), ((), ())))
+    if cfg.final_logit_softcap is not None:
+        logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+    return logits
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[T, D]`` of the positions, or ``[2, T, D]`` (global, local) when the sliding layers
+    have a RoPE of their own (each layer picks its table by index)."""
+    def tables(inv_freq):
+        angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        return jnp.cos(angles), jnp.sin(angles)
+
+    cos, sin = tables(cfg.inv_freq())
+    if cfg.layer_local_rope() is not None:
+        cos_l, sin_l = tables(cfg.inv_freq(local=True))
+        cos, sin = jnp.stack([cos, cos_l]), jnp.stack([sin, sin_l])
+    return cos, sin

@@ -169,7 +169,7 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform, self.layer_loop, return_hidden=True)
+                         self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)

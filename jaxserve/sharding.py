@@ -25,6 +25,9 @@ The mesh has two axes:
       largest matmul of a decode step for small models and splitting it on ``V``
       needs no reduction before the gather.  If ``V`` does not divide by ``M``
       they are split on the hidden axis instead (replicated if neither divides);
+    * a mixture of experts' ``gate_up [E, H, 2, I]`` and ``down [E, I, H]`` are split on the
+      **expert** axis (expert parallelism: each device holds ``E / M`` whole experts and runs them on
+      the token copies routed to them, ``jaxserve/moe.py``); the router is replicated;
     * norms (and q/k norms) are replicated;
     * every layer weight has a leading layer axis (the model scans over the
       layers), never split;
@@ -109,7 +112,11 @@ def kv_replication(cfg: ModelConfig, model_axis: int) -> int:
     if hq % m:
         raise ValueError(f"mesh_shape: num_attention_heads ({hq}) must be divisible by the 'model' "
                          f"axis ({m})")
-    if cfg.intermediate_size % m:
+    if cfg.is_moe:
+        if cfg.num_experts % m:
+            raise ValueError(f"mesh_shape: num_experts ({cfg.num_experts}) must be divisible by the 'model' "
+                             f"axis ({m}): the experts are split over it")
+    elif cfg.intermediate_size % m:
         raise ValueError(f"mesh_shape: intermediate_size ({cfg.intermediate_size}) must be divisible "
                          f"by the 'model' axis ({m})")
     if hkv % m == 0:
@@ -180,9 +187,17 @@ def param_specs(cfg: ModelConfig, model_axis: int) -> dict[str, Any]:
         "qkv_proj": {"kernel": P(None, None, MODEL, None, None)},
         "o_proj": {"kernel": P(None, MODEL, None)},
         "post_attention_norm": {"scale": P(None)},
-        "gate_up_proj": {"kernel": P(None, None, None, MODEL)},
-        "down_proj": {"kernel": P(None, MODEL, None)},
     }
+    if cfg.is_moe:  # expert parallel: whole experts on each device, the router replicated
+        layer["moe"] = {"router": {"kernel": P(None, None, None)},
+                        "gate_up": P(None, MODEL, None, None, None),  # [L, E, H, 2, I]
+                        "down": P(None, MODEL, None, None)}  # [L, E, I, H]
+    else:
+        layer["gate_up_proj"] = {"kernel": P(None, None, None, MODEL)}
+        layer["down_proj"] = {"kernel": P(None, MODEL, None)}
+    if cfg.sandwich_norms:
+        layer["pre_feedforward_norm"] = {"scale": P(None)}
+        layer["post_feedforward_norm"] = {"scale": P(None)}
     if cfg.attention_bias:
         layer["qkv_proj"]["bias"] = P(None, MODEL, None, None)
     if cfg.qk_norm:

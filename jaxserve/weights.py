@@ -81,8 +81,15 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any,
     ``[H, 2, I]``, the other kernels ``[in, out]``; every layer weight is stacked on a leading layer
     axis under ``params["layers"]`` (the model scans over it)."""
 
+    # "language_model.model." / "model.language_model.": the language model inside a multimodal Gemma 3
+    # checkpoint (the vision tower's tensors are never read).
+    prefixes = ("", "model.", "language_model.model.", "model.language_model.", "language_model.")
+
+    def has(name: str) -> bool:
+        return any(prefix + name in tensors for prefix in prefixes)
+
     def get(name: str) -> np.ndarray:
-        for prefix in ("", "model."):
+        for prefix in prefixes:
             if prefix + name in tensors:
                 return np.asarray(tensors[prefix + name])
         raise ValueError(f"model: tensor {name!r} missing from the checkpoint")
@@ -109,15 +116,21 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any,
     for i in tqdm(range(cfg.num_layers), desc="weights", unit="layer", disable=not progress, leave=False):
         p = f"layers.{i}."
         qkv = grouped_qkv(*(get(p + f"self_attn.{n}_proj.weight") for n in "qkv"))  # [H, Hkv, G+2, D]
-        gate_up = np.stack([get(p + "mlp.gate_proj.weight").T, get(p + "mlp.up_proj.weight").T], axis=1)
         layer = {
             "input_norm": {"scale": cast(get(p + "input_layernorm.weight"))},
             "qkv_proj": {"kernel": cast(qkv)},
             "o_proj": {"kernel": cast(get(p + "self_attn.o_proj.weight").T)},
             "post_attention_norm": {"scale": cast(get(p + "post_attention_layernorm.weight"))},
-            "gate_up_proj": {"kernel": cast(gate_up)},  # [H, 2, I]
-            "down_proj": {"kernel": cast(get(p + "mlp.down_proj.weight").T)},
         }
+        if cfg.sandwich_norms:
+            layer["pre_feedforward_norm"] = {"scale": cast(get(p + "pre_feedforward_layernorm.weight"))}
+            layer["post_feedforward_norm"] = {"scale": cast(get(p + "post_feedforward_layernorm.weight"))}
+        if cfg.is_moe:
+            layer["moe"] = moe_params(cfg, p, get, has, cast, dtype)
+        else:
+            gate_up = np.stack([get(p + "mlp.gate_proj.weight").T, get(p + "mlp.up_proj.weight").T], axis=1)
+            layer["gate_up_proj"] = {"kernel": cast(gate_up)}  # [H, 2, I]
+            layer["down_proj"] = {"kernel": cast(get(p + "mlp.down_proj.weight").T)}
         if cfg.attention_bias:
             layer["qkv_proj"]["bias"] = cast(grouped_qkv(
                 *(get(p + f"self_attn.{n}_proj.bias") for n in "qkv")))  # [Hkv, G+2, D]
@@ -130,6 +143,31 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any,
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": cast(get("lm_head.weight").T)}
     return params
+
+
+def moe_params(cfg: ModelConfig, p: str, get, has, cast, dtype) -> dict[str, Any]:
+    """One layer's router and experts, the per-expert HF tensors stacked on an expert axis:
+    ``router.kernel [H, E]``, ``gate_up [E, H, 2, I]``, ``down [E, I, H]``.
+
+    Names: Qwen3-MoE ``mlp.gate`` / ``mlp.experts.{e}.{gate,up,down}_proj``; Mixtral
+    ``block_sparse_moe.gate`` / ``block_sparse_moe.experts.{e}.{w1,w3,w2}`` (gate, up, down); or the
+    fused ``experts.gate_up_proj [E, 2I, H]`` / ``experts.down_proj [E, H, I]`` of transformers 5."""
+    e, h, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    block = p + ("block_sparse_moe." if has(p + "block_sparse_moe.gate.weight") else "mlp.")
+    names = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    gate_up = np.empty((e, h, 2, inter), dtype)
+    down = np.empty((e, inter, h), dtype)
+    if has(block + "experts.gate_up_proj"):
+        fused = get(block + "experts.gate_up_proj")  # [E, 2I, H]
+        gate_up[...] = cast(np.moveaxis(fused.reshape(e, 2, inter, h), 3, 1))
+        down[...] = cast(np.swapaxes(get(block + "experts.down_proj"), 1, 2))
+    else:
+        for x in range(e):
+            q = f"{block}experts.{x}."
+            gate_up[x, :, 0] = cast(get(q + names[0] + ".weight").T)
+            gate_up[x, :, 1] = cast(get(q + names[1] + ".weight").T)
+            down[x] = cast(get(q + names[2] + ".weight").T)
+    return {"router": {"kernel": cast(get(block + "gate.weight").T)}, "gate_up": gate_up, "down": down}
 
 
 def stack_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:

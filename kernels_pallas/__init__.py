@@ -75,6 +75,10 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
                            backend: str | None = None) -> jax.Array:
     """Ragged paged attention with the implementation chosen by ``impl`` (see the module docstring).
 
+    ``sliding_window``: ``None``, a Python int, or an int32 scalar that may be traced (a model whose
+    layers differ in their window passes its layer's from inside the layer scan; ``NO_WINDOW`` for a
+    layer without one).  ``soft_cap`` is static.
+
     ``backend``: the platform the program is compiled for (default ``jax.default_backend()``; a
     deviceless compile for TPU or GPU passes it, since the default backend is then the CPU)."""
     kernel, interpret = resolve_impl(impl, backend)

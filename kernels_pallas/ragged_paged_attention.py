@@ -47,6 +47,9 @@ import numpy as np
 
 
 _NEG_INF = -1e30  # finite, so fully masked rows give exp(0)*0 = 0, not NaN.
+# A traced per-layer window for a layer that has none: longer than any context, small enough that
+# ``position - NO_WINDOW`` never overflows int32.
+NO_WINDOW = 1 << 30
 
 
 def as_values(block: jax.Array, dtype) -> jax.Array:
@@ -91,6 +94,12 @@ def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, car
     page_size = kv_cache.shape[3]
     block = block_pages * page_size
     num_blocks = (jnp.max(row_ctx_len, initial=0) + block - 1) // block
+    first_block = 0
+    if sliding_window is not None:
+        # No row sees a key before its window: start at the first block any row's window reaches.
+        first_key = jnp.where(row_ctx_len > 0, row_pos - sliding_window + 1, jnp.iinfo(jnp.int32).max)
+        first_block = jnp.minimum(jnp.clip(jnp.min(first_key, initial=jnp.iinfo(jnp.int32).max), 0) // block,
+                                  num_blocks)
     r, k, g, d = q.shape
 
     def body(i, carry):
@@ -106,7 +115,7 @@ def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, car
         return _online_update(carry, scores, mask, vb.reshape(r, block_pages, k, page_size, d),
                               pv_spec=("rkgb,rpksd->rkgd", block_pages, page_size))
 
-    return jax.lax.fori_loop(0, num_blocks, body, carry)
+    return jax.lax.fori_loop(first_block, num_blocks, body, carry)
 
 
 def _paged_context(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, *,
@@ -217,8 +226,7 @@ def _finish(carry):
     return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "sliding_window",
-                                             "soft_cap", "kv_block_pages"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "soft_cap", "kv_block_pages"))
 def ragged_paged_attention_ref(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -235,6 +243,11 @@ def ragged_paged_attention_ref(
     kv_block_pages: int | None = None,
 ) -> jax.Array:
     """Reference ragged paged attention (see the module docstring for the contract).
+
+    ``sliding_window``: ``None`` (no window), or the window as a Python int or an int32 scalar that
+    may be traced (a model whose layers alternate windows passes its layer's window from inside the
+    layer scan; a layer without a window then passes a window longer than any context, e.g.
+    ``NO_WINDOW``).
 
     ``kv_block_pages``: pages per step of the context loop; default: 64 tokens' worth
     (measured fastest on XLA CPU among 16-256 token blocks).

@@ -245,7 +245,7 @@ def _kernel(seq_ref, row_start_ref, row_end_ref, kv_lens_ref, cu_ref, table_ref,
             q_ref, kv_ref, _o_in_ref,  # [T * Hq, D], [L, Hkv, P, S, 2D], (the aliased output)
             o_ref,  # [T * Hq, D]
             *, block_q: int, group: int, group_pad: int, block_kv: int, num_q_heads: int,
-            table_width: int, sm_scale: float, sliding_window: int | None, soft_cap: float | None):
+            table_width: int, sm_scale: float, sliding_window: bool, soft_cap: float | None):
     item = pl.program_id(0)
     kv_head = pl.program_id(1)
     num_pages, page_size = kv_ref.shape[2], kv_ref.shape[3]
@@ -256,6 +256,7 @@ def _kernel(seq_ref, row_start_ref, row_end_ref, kv_lens_ref, cu_ref, table_ref,
     row_start = row_start_ref[item]
     row_end = row_end_ref[item]
     layer = layer_ref[0]
+    window = layer_ref[1] if sliding_window else None  # [layer, window]: the window may be per layer
     kv_len = kv_lens_ref[seq]
     seq_start = cu_ref[seq]
     ctx_len = kv_len - (cu_ref[seq + 1] - seq_start)  # positions before this step's tokens
@@ -271,7 +272,7 @@ def _kernel(seq_ref, row_start_ref, row_end_ref, kv_lens_ref, cu_ref, table_ref,
 
     first_pos = ctx_len + row_start - seq_start
     key_end = jnp.where(row_end > row_start, jnp.clip(ctx_len + row_end - seq_start, 0, kv_len), 0)
-    key_start = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+    key_start = 0 if window is None else jnp.maximum(first_pos - window + 1, 0)
     block_lo = key_start // block_kv
     block_hi = jnp.maximum((key_end + block_kv - 1) // block_kv, block_lo)
 
@@ -297,8 +298,8 @@ def _kernel(seq_ref, row_start_ref, row_end_ref, kv_lens_ref, cu_ref, table_ref,
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         mask = (key_pos[None, :] <= pos[:, None]) & key_valid[None, :] & row_valid[:, None]
-        if sliding_window is not None:
-            mask &= key_pos[None, :] > pos[:, None] - sliding_window
+        if window is not None:
+            mask &= key_pos[None, :] > pos[:, None] - window
         scores = jnp.where(mask, scores, _NEG_INF)
         m_new = jnp.maximum(m, scores.max(axis=1))
         p = jnp.where(mask, jnp.exp(scores - m_new[:, None]), 0.0)
@@ -345,7 +346,7 @@ def _launch(out, q2, kv_cache, layer, kv_lens, table, cu, items, *, cfg: BlockCo
     )(seq, row_start, row_end, kv_lens, cu, table, layer, q2, kv_cache, out)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "num_decode_rows",
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "num_decode_rows",
                                              "block_q", "pages_per_block", "block_kv", "interpret",
                                              "num_warps", "num_stages"))
 def ragged_paged_attention_gpu(
@@ -395,9 +396,10 @@ def ragged_paged_attention_gpu(
     kv_lens = kv_lens.astype(jnp.int32)
     cu = cu_q_lens.astype(jnp.int32)
     num_seqs = jnp.asarray(num_seqs, jnp.int32)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    window = 0 if sliding_window is None else sliding_window  # may be traced (a per-layer window)
+    layer = jnp.stack([jnp.asarray(layer, jnp.int32).reshape(()), jnp.asarray(window, jnp.int32).reshape(())])
     out = jnp.zeros((t * hq, d), q.dtype)
-    opts = dict(group=group, num_q_heads=hq, sm_scale=sm_scale, sliding_window=sliding_window,
+    opts = dict(group=group, num_q_heads=hq, sm_scale=sm_scale, sliding_window=sliding_window is not None,
                 soft_cap=soft_cap, interpret=interpret)
     overrides = dict(block_q=block_q, block_kv=block_kv, num_warps=num_warps, num_stages=num_stages)
 

@@ -282,9 +282,9 @@ def block_sequence_ranges(cu_q_lens: jax.Array, num_seqs: jax.Array, num_blocks:
 
 
 def _kernel(*refs, row_start: int, row_end: int, block_q: int, group: int, pages_per_block: int,
-            table_width: int, table_in_smem: bool, sm_scale: float, sliding_window: int | None,
+            table_width: int, table_in_smem: bool, sm_scale: float, sliding_window: bool,
             soft_cap: float | None, split_kv: bool):
-    # Refs.  Scalar prefetch (SMEM): layer, kv lengths, query offsets, per-query-block sequence
+    # Refs.  Scalar prefetch (SMEM): [layer, sliding window], kv lengths, query offsets, per-query-block sequence
     # ranges and, when it fits, the flattened page table.  Then q (VMEM block), the cache (HBM) and,
     # when it does not fit in SMEM, the flattened page table (HBM); the output; scratch.
     if table_in_smem:
@@ -307,6 +307,9 @@ def _kernel(*refs, row_start: int, row_end: int, block_q: int, group: int, pages
     head = pl.program_id(0)
     qblock = pl.program_id(1)
     layer = layer_ref[0]
+    # ``sliding_window`` (static) says whether there is a window; its size is a scalar (may differ per
+    # layer of a model, as the layer scan's data).
+    sw = layer_ref[1] if sliding_window else None
     page_size = kv_hbm.shape[3]
     d2 = kv_hbm.shape[4]
     d = d2 // 2
@@ -340,10 +343,10 @@ def _kernel(*refs, row_start: int, row_end: int, block_q: int, group: int, pages
         row_hi = jnp.minimum(seq_end, block_end)
         first_pos = ctx_len + row_lo - seq_start
         key_end = jnp.where(row_hi > row_lo, jnp.clip(ctx_len + row_hi - seq_start, 0, kv_len), 0)
-        if sliding_window is None:
+        if sw is None:
             key_start = 0
         else:
-            key_start = jnp.clip(first_pos - sliding_window + 1, 0, key_end)
+            key_start = jnp.clip(first_pos - sw + 1, 0, key_end)
         kv_lo = key_start // block_kv
         kv_hi = jnp.maximum((key_end + block_kv - 1) // block_kv, kv_lo)
         num_pages = (kv_len + page_size - 1) // page_size
@@ -464,8 +467,8 @@ def _kernel(*refs, row_start: int, row_end: int, block_q: int, group: int, pages
                 scores = soft_cap * jnp.tanh(scores / soft_cap)
             key_pos = kv_block * block_kv + key_iota  # [1, block_kv]
             mask = row_valid & (key_pos <= pos)
-            if sliding_window is not None:
-                mask &= key_pos > pos - sliding_window
+            if sw is not None:
+                mask &= key_pos > pos - sw
             scores = jnp.where(mask, scores, _NEG_INF)
             m_prev = m_ref[...]
             m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
@@ -522,7 +525,7 @@ def _attention_part(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_se
         pltpu.VMEM((rows, 1), jnp.float32),
         pltpu.VMEM((rows, dq), jnp.float32),
     ]
-    scalars = [layer, kv_lens, cu_q_lens, seq_lo, seq_hi]
+    scalars = [layer, kv_lens, cu_q_lens, seq_lo, seq_hi]  # layer: [layer, sliding window]
     if table_in_smem:
         scalars.append(table)
         inputs, in_specs = [qt, kv_cache], [tile, hbm]
@@ -551,7 +554,7 @@ def _attention_part(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_se
     return out.reshape(hkv, t_pad, group, dq)[:, :n].transpose(1, 0, 2, 3).reshape(n, hq, dq)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "num_decode_rows",
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "num_decode_rows",
                                              "block_q", "pages_per_block", "page_table_in_smem",
                                              "interpret"))
 def ragged_paged_attention_tpu(
@@ -576,7 +579,8 @@ def ragged_paged_attention_tpu(
     mode), and ``interpret`` may also be a ``pltpu.InterpretParams`` (e.g. ``detect_races=True``).
 
     ``kv_cache`` is the cache of all layers ``[L, Hkv, num_pages, page_size, 2D]`` and ``layer`` an
-    int32 scalar (may be traced).  ``num_decode_rows`` (static): rows ``[0, num_decode_rows)`` run
+    int32 scalar (may be traced); so may ``sliding_window`` be (``None``: no window), which is
+    scalar-prefetched with the layer.  ``num_decode_rows`` (static): rows ``[0, num_decode_rows)`` run
     with decode block sizes, the others with prefill block sizes (see the module docstring).
     ``block_q`` (tokens per query block, a multiple of ``query_alignment(G, dtype)``) and
     ``pages_per_block`` (pages per kv step) override the table's choice for every part.
@@ -604,7 +608,8 @@ def ragged_paged_attention_tpu(
     if not split_kv:  # zero-extend q to 2D lanes: q_ext @ [K | V]^T == q @ K^T exactly
         q = jnp.concatenate([q, jnp.zeros_like(q)], axis=-1)
     num_slots, width = page_indices.shape
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    window = 0 if sliding_window is None else sliding_window
+    layer = jnp.stack([jnp.asarray(layer, jnp.int32).reshape(()), jnp.asarray(window, jnp.int32).reshape(())])
     kv_lens = kv_lens.astype(jnp.int32)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     num_seqs = jnp.asarray(num_seqs, jnp.int32)
@@ -636,7 +641,7 @@ def ragged_paged_attention_tpu(
         outs.append(_attention_part(
             q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, row_start=row_start,
             row_end=row_end, block_q=bq, pages_per_block=ppb, table_in_smem=in_smem, generation=generation,
-            interpret=interpret, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap))
+            interpret=interpret, sm_scale=sm_scale, sliding_window=sliding_window is not None, soft_cap=soft_cap))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
     if not split_kv:
         out = out[..., d:]

@@ -198,6 +198,39 @@ def test_public_entry_point():
         ragged_paged_attention(q, k, v, kv, pages, cu, ns, sm_scale=0.25, impl="nope")
 
 
+@pytest.mark.parametrize("impl", ["reference", "pallas_tpu", "pallas_gpu"])
+def test_traced_per_layer_window(impl):
+    """A model whose layers alternate windows (Gemma) passes each layer's window from inside its layer
+    scan: a traced int32 scalar, with ``NO_WINDOW`` for a global layer.  One compiled scan over the
+    layers of a two-layer cache gives, per layer, the dense attention with that layer's window."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels_pallas.ragged_paged_attention import NO_WINDOW
+
+    rng = np.random.default_rng(7)
+    q, kv_cache, _, kv, pages, cu, ns = mix_batch("mixed", page_size=8, gqa=2, head_dim=HEAD_DIM, seed=3)
+    kv_cache = np.concatenate([kv_cache, rng.standard_normal(kv_cache.shape).astype(np.float32)], axis=0)
+    windows = [5, NO_WINDOW, 13]
+    layers = [0, 1, 1]
+
+    @jax.jit
+    def run(layer_ids, window_ids):
+        def body(_, xs):
+            layer, window = xs
+            return None, ragged_paged_attention(q, kv_cache, layer, kv, pages, cu, ns, sm_scale=0.25,
+                                                num_decode_rows=NUM_DECODE, sliding_window=window, impl=impl)
+        return jax.lax.scan(body, None, (layer_ids, window_ids))[1]
+
+    got = np.asarray(run(jnp.asarray(layers, jnp.int32), jnp.asarray(windows, jnp.int32)))
+    for i, (layer, window) in enumerate(zip(layers, windows)):
+        want = ragged_paged_attention_dense(q, kv_cache, layer, kv, pages, cu, ns, sm_scale=0.25,
+                                            sliding_window=None if window == NO_WINDOW else window)
+        np.testing.assert_allclose(got[i], want, atol=2e-5, rtol=1e-5, err_msg=f"layer {layer} window {window}")
+    # The windows really differ in effect (otherwise the test would prove nothing).
+    assert np.abs(got[0] - got[2]).max() > 1e-3 and np.abs(got[1] - got[2]).max() > 1e-3
+
+
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 

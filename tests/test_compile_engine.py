@@ -43,6 +43,11 @@ CASES = (
     + [("llama-3.1-70b", "tpu-v6e", "2x4", {"data": 1, "model": 8})]
     + [(m, "h100", None, None) for m in ["smollm2-135m"] + SEVEN_EIGHT_B]
     + [("llama-3.1-8b", "h200", None, None)]
+    # Gemma 2 2B on one v5e: head_dim 256, the attention soft cap, sliding and global layers alternating
+    # (each layer's window is data of the one layer scan, scalar-prefetched by the kernel).
+    + [("gemma-2-2b", "tpu-v5e", None, None)]
+    # Qwen3-30B-A3B on 8 v6e chips: 128 experts, 16 per chip (expert parallel), top 8 of 128.
+    + [("qwen3-30b-a3b", "tpu-v6e", "2x4", {"data": 1, "model": 8})]
 )
 IDS = [f"{m}-{t}-{topo or '1'}" for m, t, topo, _ in CASES]
 
