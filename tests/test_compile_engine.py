@@ -35,11 +35,13 @@ SEVEN_EIGHT_B = ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "qwen3-8b"]
 # test_default_settings_of_a_long_context_model_compile; Mistral-7B's shapes are Llama-3.1-8B's but the
 # vocabulary), 4-way tensor parallel on a v5e 2x2 (16 GiB chips: an 8B model does not fit one), 70B on
 # 8 v6e chips; and one H100 / H200.  TPU compiles of one-chip 7-8B programs take 70-100 s each here,
-# hence the pruning of the one-chip TPU cases.
+# hence the pruning of the TPU cases (Qwen3-8B one-chip and Mistral-7B TP4 are in the slow set: their
+# shapes are those of cases kept, but for the q/k norms and the vocabulary).
+SLOW_TPU = [("qwen3-8b", "tpu-v6e", None, None), ("mistral-7b", "tpu-v5e", "2x2", {"data": 1, "model": 4})]
 CASES = (
     [("smollm2-135m", "tpu-v5e", None, None)]
-    + [(m, "tpu-v6e", None, None) for m in ["qwen2.5-7b", "qwen3-8b"]]
-    + [(m, "tpu-v5e", "2x2", {"data": 1, "model": 4}) for m in SEVEN_EIGHT_B]
+    + [("qwen2.5-7b", "tpu-v6e", None, None)]
+    + [(m, "tpu-v5e", "2x2", {"data": 1, "model": 4}) for m in SEVEN_EIGHT_B if m != "mistral-7b"]
     + [("llama-3.1-70b", "tpu-v6e", "2x4", {"data": 1, "model": 8})]
     + [(m, "h100", None, None) for m in ["smollm2-135m"] + SEVEN_EIGHT_B]
     + [("llama-3.1-8b", "h200", None, None)]
@@ -75,7 +77,13 @@ def test_engine_step_compiles_and_fits(model, target, topology, mesh):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,target,topology,mesh", CASES, ids=IDS)
+@pytest.mark.parametrize("model,target,topology,mesh", SLOW_TPU, ids=[f"{m}-{t}-{topo or '1'}" for m, t, topo, _ in SLOW_TPU])
+def test_engine_step_compiles_more_models(model, target, topology, mesh):
+    test_engine_step_compiles_and_fits(model, target, topology, mesh)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,target,topology,mesh", CASES + SLOW_TPU, ids=IDS + [f"{m}-{t}-{topo or '1'}" for m, t, topo, _ in SLOW_TPU])
 def test_engine_step_compiles_every_bucket(model, target, topology, mesh):
     plan = make_plan(os.path.join(CONFIGS, f"{model}.json"), target, topology=topology, mesh_shape=mesh,
                      engine_config=EngineConfig(**ENGINE), progress=False)
