@@ -354,6 +354,9 @@ class CausalLM(nn.Module):
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
             (x, cache), _ = layers(*layer_args, name="layers")((x, cache), steps, cos, sin, meta)
         else:  # "switch": per-layer weight buffers params["layers_{i}"] (see resolve_layer_loop)
+            if self.is_initializing():
+                raise ValueError("layer_loop: 'switch' applies existing per-layer weights; initialize with "
+                                 "'scan' and split them with unstack_layers")
             layer = DecoderLayer(*layer_args)
             weights = [{"params": self.variables["params"][f"layers_{i}"]} for i in range(cfg.num_layers)]
 
