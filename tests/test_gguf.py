@@ -23,7 +23,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from conftest import ROOT, assert_clean, greedy  # noqa: E402
+from conftest import ROOT, assert_clean, greedy, hf_greedy_cached  # noqa: E402
 from jaxserve import Engine, SamplingParams  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.gguf_loader import (SMOLLM2_INSTALL_HINT, load_gguf, resolve_model_path,  # noqa: E402
@@ -71,26 +71,6 @@ def hf_model(smol_path):
     return model.eval()
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Plain greedy loop with transformers' KV cache: argmax of the last logits, n times."""
-    import inspect
-
-    import torch
-
-    # transformers 5.x renames past_key_values to cache.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out_ids = []
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        for i in range(n):
-            token = int(out.logits[0, -1].argmax())
-            out_ids.append(token)
-            if i + 1 < n:
-                cache = out.cache if hasattr(out, "cache") else out.past_key_values
-                out = model(torch.tensor([[token]]), use_cache=True, **{cache_arg: cache})
-    return out_ids
-
-
 # -- SmolLM2: model ------------------------------------------------------------------------------------
 
 
@@ -125,7 +105,7 @@ def test_greedy_matches_transformers_gguf(smol_engine, hf_model):
     assert_clean(engine)
     for i, (o, p, n) in enumerate(zip(outs, prompts, max_tokens)):
         assert o.prompt_token_ids == p
-        assert o.token_ids == hf_greedy(hf_model, p, n), f"prompt {i} ({len(p)} tokens) differs from transformers"
+        assert o.token_ids == hf_greedy_cached(hf_model, p, n), f"prompt {i} ({len(p)} tokens) differs from transformers"
 
 
 def test_chat_answers_paris(smol_engine):

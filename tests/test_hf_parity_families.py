@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import assert_clean, greedy, random_prompts  # noqa: E402
+from conftest import assert_clean, greedy, hf_greedy_cached, random_prompts  # noqa: E402
 from jaxserve import Engine  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 
@@ -54,19 +54,6 @@ ENGINE_KW = dict(max_num_seqs=4, page_size=8, max_model_len=256, max_num_batched
                  min_prefill_bucket=64)
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """HF's own incremental greedy decode (its KV cache, sliding-window layers included); the full
-    recompute of test_hf_parity.py costs minutes on these MoE models' per-expert loops."""
-    out = []
-    with torch.no_grad():
-        res = model(torch.tensor([prompt]), use_cache=True)
-        for _ in range(n):
-            t = int(res.logits[0, -1].argmax())
-            out.append(t)
-            res = model(torch.tensor([[t]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
-
-
 def randomize_norms(model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -92,7 +79,7 @@ def family_checkpoint(request, tmp_path_factory):
     d = str(tmp_path_factory.mktemp(f"hf_{name}"))
     model.save_pretrained(d)
     prompts = random_prompts(PROMPT_LENGTHS, seed=len(name), vocab=TINY["vocab_size"])
-    ref = [hf_greedy(model, p, n) for p, n in zip(prompts, MAX_TOKENS)]
+    ref = [hf_greedy_cached(model, p, n) for p, n in zip(prompts, MAX_TOKENS)]
     return name, d, model, prompts, ref
 
 
@@ -153,7 +140,7 @@ def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
     assert mc.model_type == "gemma3_text" and mc.mixed_windows
     prompts = random_prompts([40, 3, 70], seed=9, vocab=TINY["vocab_size"])
     max_tokens = [6, 9, 4]
-    ref = [hf_greedy(model, p, n) for p, n in zip(prompts, max_tokens)]
+    ref = [hf_greedy_cached(model, p, n) for p, n in zip(prompts, max_tokens)]
     engine = Engine.from_pretrained(str(tmp_path), dtype="float32", **ENGINE_KW)
     outs = engine.generate(prompts, [greedy(n) for n in max_tokens])
     assert [o.token_ids for o in outs] == ref

@@ -100,12 +100,16 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def chat_model_dir(llama_dir, tmp_path_factory) -> str:
     """The shared tiny Llama (same weights and tokenizer) with a chat template."""
-    path = str(tmp_path_factory.mktemp("llama_chat") / "model")
-    shutil.copytree(llama_dir, path)
+    return with_chat_template(llama_dir, str(tmp_path_factory.mktemp("llama_chat") / "model"), CHAT_TEMPLATE)
+
+
+def with_chat_template(model_dir: str, path: str, template: str) -> str:
+    """A copy of ``model_dir`` at ``path`` whose tokenizer config has ``template`` as its chat template."""
+    shutil.copytree(model_dir, path)
     cfg_path = os.path.join(path, "tokenizer_config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["chat_template"] = template
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
     return path

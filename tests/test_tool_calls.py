@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
@@ -17,7 +16,7 @@ pytest.importorskip("xgrammar")
 
 from jaxserve import tool_parsers  # noqa: E402
 from jaxserve.gguf_loader import SMOLLM2_INSTALL_HINT, smollm2_path  # noqa: E402
-from test_server import MODEL_NAME, ServerProcess, client  # noqa: E402,F401
+from test_server import MODEL_NAME, ServerProcess, client, with_chat_template  # noqa: E402,F401
 
 # Qwen2.5-Instruct's chat template (tools in the system prompt, calls as <tool_call> JSON), abridged.
 QWEN25_TEMPLATE = """{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}\
@@ -59,15 +58,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def qwen_dir(llama_dir, tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("llama_qwen_template") / "model")
-    shutil.copytree(llama_dir, path)
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["chat_template"] = QWEN25_TEMPLATE
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)
-    return path
+    return with_chat_template(llama_dir, str(tmp_path_factory.mktemp("llama_qwen_template") / "model"),
+                              QWEN25_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
