@@ -348,6 +348,9 @@ class EngineConfig:
     # $XDG_CACHE_HOME/jaxserve/xla or ~/.cache/jaxserve/xla), a directory, or None (off); see
     # jaxserve/compile_cache.py.
     compile_cache_dir: str | None = "auto"
+    # Speculative decoding (jaxserve/spec_decode.py), vLLM's names: {"method": "ngram",
+    # "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}; None: off.
+    speculative_config: Any = None
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_num_prefill_seqs", "page_size",
@@ -379,6 +382,9 @@ class EngineConfig:
         if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)
                                                    or not self.compile_cache_dir):
             raise ValueError(f"compile_cache_dir: must be 'auto', a directory or None, got {self.compile_cache_dir!r}")
+        from jaxserve.spec_decode import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
         if self.mesh_shape is not None:
             from jaxserve.sharding import normalize_mesh_shape
 

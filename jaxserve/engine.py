@@ -35,6 +35,7 @@ from jaxserve.model_runner import ModelRunner
 from jaxserve.sampling import SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.sequence import Logprob, RequestOutput, Sequence, Status
+from jaxserve.spec_decode import accepted_prefix, make_proposer
 from jaxserve.tokenizer import detokenize_incrementally, load_tokenizer
 from jaxserve.weights import NP_DTYPES, load_params
 
@@ -169,6 +170,9 @@ class Engine:
                              f"max_model_len ({self.max_model_len}), got {config.max_num_batched_tokens}")
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
+        if config.speculative_config is not None:
+            self.scheduler.proposer = make_proposer(config.speculative_config)
+            self.scheduler.num_speculative_tokens = config.speculative_config.num_speculative_tokens
         self.runner = ModelRunner(self.run_config, config, device_params, cache, dtype, self.max_model_len,
                                   num_pages, mesh=self.mesh, platform=self.platform)
         self.eos_token_ids = set(model_config.eos_token_ids)
@@ -380,6 +384,10 @@ class Engine:
             self._record_prompt_logprobs(seq, pos, row, count, result.prompt)
         for slot, sch, samples in entries:
             seq = sch.seq
+            if sch.draft:
+                if self._finish_verification(seq, slot, sch.draft, result, now):
+                    outputs.append(seq.to_output(self._with_text(seq)))
+                continue
             seq.num_computed_tokens += sch.num_tokens
             self.allocator.register_full_pages(seq.page_ids, seq.page_keys, seq.token_ids,
                                                seq.num_computed_tokens)
@@ -387,6 +395,36 @@ class Engine:
                 self._append_token(seq, slot, result, now)
                 outputs.append(seq.to_output(self._with_text(seq)))
         return outputs
+
+    def _finish_verification(self, seq: Sequence, slot: int, draft: list[int], result, now: float) -> bool:
+        """A verified chunk (spec_decode.py): keep the accepted proposals and the target's next token, move
+        ``num_computed_tokens`` past the accepted rows and return the pages past them.  Returns whether
+        tokens were appended."""
+        first = result.spec_first[slot]
+        a = accepted_prefix(result.spec_accept, first, len(draft))
+        seq.num_computed_tokens += 1 + a  # the rejected rows' K/V are overwritten later
+        keep = pages_needed(seq.num_computed_tokens + 1, self.config.page_size)
+        if len(seq.page_ids) > keep:
+            self.allocator.release(seq.page_ids[keep:])
+            del seq.page_ids[keep:]
+        known = seq.all_token_ids + draft[:a]  # the accepted tokens are computed before they are appended
+        self.allocator.register_full_pages(seq.page_ids, seq.page_keys, lambda i, j: known[i:j],
+                                           seq.num_computed_tokens)
+        seq.spec_steps += 1
+        seq.spec_proposed += len(draft)
+        seq.spec_accepted += a
+        self.scheduler.spec_accepted_tokens += a
+        spec = self.config.speculative_config
+        if (spec.min_acceptance_rate > 0 and seq.spec_proposed >= spec.min_acceptance_window
+                and seq.spec_accepted < spec.min_acceptance_rate * seq.spec_proposed):
+            seq.spec_disabled = True  # low acceptance: decode it plainly from now on
+        if seq.status != Status.RUNNING:
+            return False
+        for token in draft[:a] + [int(result.spec_tokens[first + a])]:
+            self._append_token(seq, slot, result, now, token)
+            if seq.finish_reason is not None:
+                break
+        return True
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, pos: int, row: int, count: int, prompt) -> None:
@@ -401,8 +439,8 @@ class Engine:
     def _with_text(self, seq: Sequence) -> bool:
         return self.tokenizer is not None and seq.params.detokenize
 
-    def _append_token(self, seq: Sequence, slot: int, result, now: float) -> None:
-        token = int(result.tokens[slot])
+    def _append_token(self, seq: Sequence, slot: int, result, now: float, token: int | None = None) -> None:
+        token = int(result.tokens[slot]) if token is None else token
         seq.output_token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now

@@ -41,6 +41,7 @@ from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, P
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
 from jaxserve.scheduler import SchedulerOutput
+from jaxserve.spec_decode import SpecInputs, verify
 from jaxserve.structured import apply_token_bitmask
 from kernels_pallas import resolve_impl, unsupported_reason
 
@@ -82,6 +83,7 @@ class StepInputs:
     mask_active: jax.Array  # [S] bool: the row's bitmask applies
     prompt_targets: jax.Array  # [T] int32: the next prompt token of a row wanting prompt logprobs (else -1)
     want_prompt_logprobs: jax.Array  # [] bool
+    spec: SpecInputs | None = None  # rows verified by speculative decoding (engines with a speculative_config)
 
 
 @dataclasses.dataclass
@@ -95,6 +97,11 @@ class StepResult:
     # (logprob of the next prompt token, its rank, top ids, top logprobs).
     prompt_rows: list = dataclasses.field(default_factory=list)
     prompt: tuple | None = None
+    # Speculative decoding: per verified row, the token to emit if the chain stops there and whether the
+    # next proposal was accepted; spec_first[slot]: the index of the slot's first verified row.
+    spec_tokens: np.ndarray | None = None
+    spec_accept: np.ndarray | None = None
+    spec_first: dict = dataclasses.field(default_factory=dict)
 
 
 class ModelRunner:
@@ -128,6 +135,8 @@ class ModelRunner:
             min(engine_cfg.min_prefill_bucket, engine_cfg.max_num_batched_tokens),
             engine_cfg.max_num_batched_tokens)
         self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
+        spec = engine_cfg.speculative_config
+        self.spec_k = spec.num_speculative_tokens if spec is not None else 0
         self._executables: dict[tuple[int, int], Any] = {}
         # While buckets are compiled in the background (serve): a step whose bucket is not compiled yet runs
         # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
@@ -173,7 +182,12 @@ class ModelRunner:
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
-        return cache, tokens, logprob, top_ids, top_lp, penalty_state, self._prompt_logprobs(params, hidden, inputs)
+        spec = None
+        if inputs.spec is not None:
+            spec = verify(lambda h: head_logits(self.model_cfg, params, h, self.dtype), hidden, inputs.spec,
+                          inputs.sampling)
+        return (cache, tokens, logprob, top_ids, top_lp, penalty_state, self._prompt_logprobs(params, hidden, inputs),
+                spec)
 
     def _prompt_logprobs(self, params, hidden, inputs: StepInputs):
         """Per token row: logprob and rank of the next prompt token, and the top MAX_LOGPROBS, from the
@@ -215,10 +229,17 @@ class ModelRunner:
 
     # -- packing -----------------------------------------------------------------------------
 
+    def spec_rows(self, num_prefill_tokens: int) -> int:
+        """Rows a bucket can verify (fixed per bucket): every prefill row, at most every prefill slot's k + 1."""
+        return min(num_prefill_tokens, self.prefill_slots * (self.spec_k + 1)) if self.spec_k else 0
+
     def _empty_inputs(self, num_decode: int, num_prefill_tokens: int) -> dict[str, np.ndarray]:
         t = num_decode + num_prefill_tokens
         s = num_decode + self.prefill_slots
-        return dict(
+        r = self.spec_rows(num_prefill_tokens)
+        spec = {} if not r else dict(spec_rows=np.zeros(r, np.int32), spec_slot=np.full(r, -1, np.int32),
+                                     spec_offset=np.zeros(r, np.int32), spec_next=np.full(r, -1, np.int32))
+        return dict(**spec,
             input_ids=np.zeros(t, np.int32),
             prompt_targets=np.full(t, -1, np.int32),
             positions=np.zeros(t, np.int32),
@@ -313,6 +334,8 @@ class ModelRunner:
         busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
         constrained: list[tuple[int, Any]] = []  # (slot, matcher) of rows sampling under a grammar
         self._prompt_rows = []
+        self._spec_first = {}
+        num_spec = 0
         num_bans = 0
         # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
         slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
@@ -325,7 +348,14 @@ class ModelRunner:
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
             pages = np.asarray(seq.page_ids, np.int32)
-            a["input_ids"][row:row + n] = seq.token_ids(start, start + n)
+            a["input_ids"][row:row + n] = seq.token_ids(start, start + n - len(sch.draft)) + sch.draft
+            if sch.draft:  # verified rows: this slot's last token and its proposals
+                self._spec_first[i] = num_spec
+                a["spec_rows"][num_spec:num_spec + n] = np.arange(row, row + n)
+                a["spec_slot"][num_spec:num_spec + n] = i
+                a["spec_offset"][num_spec:num_spec + n] = np.arange(n)
+                a["spec_next"][num_spec:num_spec + n - 1] = sch.draft
+                num_spec += n
             a["positions"][row:row + n] = pos
             a["slot_mapping"][row:row + n] = pages[pos // ps] * ps + pos % ps
             a["seq_lens"][i] = start + n
@@ -371,6 +401,7 @@ class ModelRunner:
         a["num_seqs"] = np.int32(d + n_pre)
         a["any_penalty"] = np.bool_(any_penalty)
         a["want_prompt"] = np.bool_(bool(self._prompt_rows))
+        a["spec_any"] = np.bool_(num_spec > 0)
         if constrained:
             t0 = time.perf_counter()
             s = d + self.prefill_slots
@@ -411,7 +442,10 @@ class ModelRunner:
                                     any=a.get("any_penalty", np.bool_(False))),
             bitmask=a["bitmask"] if "bitmask" in a else self._no_mask(len(a["seq_lens"]))[0],
             mask_active=a["mask_active"] if "mask_active" in a else self._no_mask(len(a["seq_lens"]))[1],
-            prompt_targets=a["prompt_targets"], want_prompt_logprobs=np.bool_(a.get("want_prompt", False)))
+            prompt_targets=a["prompt_targets"], want_prompt_logprobs=np.bool_(a.get("want_prompt", False)),
+            spec=None if "spec_rows" not in a else SpecInputs(
+                rows=a["spec_rows"], slot=a["spec_slot"], offset=a["spec_offset"], next_token=a["spec_next"],
+                any=a.get("spec_any", np.bool_(False))))
 
     # -- compiling and running -----------------------------------------------------------------
 
@@ -430,7 +464,7 @@ class ModelRunner:
         rep = sharding.replicated(mesh)
         return jax.jit(functools.partial(self._step, num_decode_rows=num_decode_rows), donate_argnums=(1, 3),
                        in_shardings=(params_s, cache_s, self._input_shardings(inputs), rep),
-                       out_shardings=(cache_s, rep, rep, rep, rep, rep, rep))
+                       out_shardings=(cache_s, rep, rep, rep, rep, rep, rep, rep))
 
     def _place_inputs(self, inputs: StepInputs) -> StepInputs:
         """Host inputs as they go to the step.  One process: the numpy arrays themselves (the
@@ -474,10 +508,12 @@ class ModelRunner:
         for init in self._row_inits:  # rows of requests penalized for the first time
             self.penalty_state = init_penalty_row(self.penalty_state, *init)
         self._row_inits = []
-        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state, prompt = exe(
+        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state, prompt, spec = exe(
             self.params, self.cache, self._place_inputs(inputs), self.penalty_state)
         to_host = _local_copy if self._multi_process else np.asarray
         tokens = to_host(tokens)
+        spec_first, self._spec_first = self._spec_first, {}
+        spec_tokens, spec_accept = (to_host(spec[0]), to_host(spec[1])) if spec_first else (None, None)
         if want_logprobs:
             logprob, top_ids, top_lp = (to_host(x) for x in (logprob, top_ids, top_lp))
         else:
@@ -488,7 +524,8 @@ class ModelRunner:
         self.stats["steps"] += 1
         self.stats["prepare_s"] += t1 - t0
         self.stats["device_s"] += t2 - t1
-        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt)
+        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt, spec_tokens,
+                          spec_accept, spec_first)
 
     @property
     def programs_compiled(self) -> int:

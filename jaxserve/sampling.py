@@ -64,6 +64,8 @@ class SamplingParams:
     # A JSON schema, regex, choice or grammar the output must follow (jaxserve/structured.py); a dict of
     # vLLM's names ({"json": schema}, {"regex": ...}, {"choice": [...]}, {"grammar": ...}) is accepted.
     structured_outputs: StructuredOutputsParams | dict | None = None
+    # False: never speculate this request (when the engine has a speculative_config).
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,7 +104,7 @@ class SamplingParams:
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             raise ValueError(f"prompt_logprobs: must be an integer in [0, {MAX_LOGPROBS}], "
                              f"got {self.prompt_logprobs!r}")
-        for name in ("include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "detokenize"):
+        for name in ("include_stop_str_in_output", "skip_special_tokens", "ignore_eos", "detokenize", "speculative"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a boolean, got {getattr(self, name)!r}")
         for name in ("presence_penalty", "frequency_penalty"):

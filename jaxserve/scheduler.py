@@ -30,12 +30,13 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # new tokens computed for it this step
+    num_tokens: int  # new tokens computed for it this step (its last token + the proposals, if any)
+    draft: list[int] = dataclasses.field(default_factory=list)  # proposed tokens to verify (spec_decode.py)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the sequence's known tokens (so a token is sampled)."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_tokens - len(self.draft) == self.seq.num_tokens
 
 
 @dataclasses.dataclass
@@ -65,6 +66,12 @@ class Scheduler:
         self.prefix_cache_query_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_cache_hit_tokens = 0  # ... of which were found cached (not computed)
         self._static_batch = 0
+        # Speculative decoding (jaxserve/spec_decode.py), set by the engine: the proposer, k, and counters.
+        self.proposer = None
+        self.num_speculative_tokens = 0
+        self.spec_verifications = 0  # chunks verified
+        self.spec_proposed_tokens = 0
+        self.spec_accepted_tokens = 0  # (counted by the engine, which sees the step's result)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -88,10 +95,11 @@ class Scheduler:
                 continue
             if remaining > budget and not cfg.enable_chunked_prefill:
                 continue
-            n = min(remaining, budget)
+            draft = self._propose(seq, budget) if remaining == 1 and len(prefills) < cfg.max_num_prefill_seqs else []
+            n = min(remaining, budget) + len(draft)
             if not self._grow_or_preempt(seq, seq.num_computed_tokens + n, decodes + prefills):
                 continue
-            self._schedule(ScheduledSeq(seq, n), decodes if n == 1 and remaining == 1 else prefills)
+            self._schedule(ScheduledSeq(seq, n, draft), decodes if n == 1 and remaining == 1 else prefills)
             budget -= n
         # Admission from the waiting queue.
         if cfg.scheduling == "static":
@@ -122,6 +130,20 @@ class Scheduler:
         min_slots = self._static_batch if cfg.scheduling == "static" else 0
         return SchedulerOutput(decodes, prefills, min_slots)
 
+    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Up to k proposed tokens for a decode (none that would run past max_tokens or the budget);
+        [] when the sequence is not speculated or its pages for them are not free (no preemption
+        for proposals)."""
+        if self.proposer is None:
+            return []
+        k = min(self.num_speculative_tokens, budget - 1, seq.params.max_tokens - len(seq.output_token_ids) - 1)
+        if k < 1:
+            return []
+        draft = self.proposer.propose(seq, k)[:k]
+        if draft and not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + 1 + len(draft)):
+            return []
+        return draft
+
     def _match_prefix(self, seq: Sequence) -> None:
         """Start a sequence on the cached pages of its longest cached prefix (prefix caching)."""
         if seq.params.prompt_logprobs is not None:  # every prompt position is computed, for its logprobs
@@ -133,7 +155,11 @@ class Scheduler:
     def _schedule(self, sch: ScheduledSeq, group: list[ScheduledSeq]) -> None:
         group.append(sch)
         seq = sch.seq
-        if sch.num_tokens > 1 or seq.num_computed_tokens < len(seq.prompt_token_ids):
+        if sch.draft:
+            self.num_decode_tokens += 1
+            self.spec_verifications += 1
+            self.spec_proposed_tokens += len(sch.draft)
+        elif sch.num_tokens > 1 or seq.num_computed_tokens < len(seq.prompt_token_ids):
             self.num_prefill_tokens += sch.num_tokens
         else:
             self.num_decode_tokens += 1

@@ -45,6 +45,19 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: per prompt token, None for the first (as vLLM), else its Logprob
     # (None too for tokens not computed yet).
     prompt_logprobs: list[Logprob | None] | None = None
+    # Speculative decoding: verification steps, proposed and accepted tokens of this request.
+    spec_steps: int = 0
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted_tokens / self.spec_proposed_tokens if self.spec_proposed_tokens else None
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verification step (accepted proposals + the target's own token)."""
+        return (self.spec_accepted_tokens + self.spec_steps) / self.spec_steps if self.spec_steps else None
 
 
 class Sequence:
@@ -65,6 +78,10 @@ class Sequence:
         self.page_ids: list[int] = []
         self.page_keys: list = []  # prefix-cache keys of its full pages (PageAllocator.register_full_pages)
         self.counted_prefix = False  # its prefix-cache lookup is in the scheduler's statistics
+        self.spec_steps = 0  # speculative decoding: verification steps, proposed / accepted tokens
+        self.spec_proposed = 0
+        self.spec_accepted = 0
+        self.spec_disabled = False  # its acceptance fell below speculative_config.min_acceptance_rate
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.finish_reason: str | None = None
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
@@ -123,4 +140,7 @@ class Sequence:
             prompt=self.prompt,
             prompt_logprobs=(None if self.prompt_logprobs is None else
                              [None] + [self.prompt_logprobs.get(p) for p in range(1, len(self.prompt_token_ids))]),
+            spec_steps=self.spec_steps,
+            spec_proposed_tokens=self.spec_proposed,
+            spec_accepted_tokens=self.spec_accepted,
         )

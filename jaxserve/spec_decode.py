@@ -1,0 +1,211 @@
+"""Speculative decoding: a proposer guesses up to ``k`` tokens, the target verifies them in one step.
+
+A running sequence with one token left to compute (a decode) and ``m <= k`` proposed tokens is
+scheduled as a chunk of ``1 + m`` rows: its last token, then the proposals.  In shape that is a
+short prefill chunk, so it rides in the prefill part of the ragged step (the proposals count in
+the token budget and in ``max_num_prefill_seqs``) and the bucket set does not change: no new step
+program.  The step computes the target's logits for the chunk's rows (``SpecInputs.rows``, a fixed
+number per bucket) and decides on device, per row, whether the proposal that follows the row is
+accepted, and which token to emit if the chain stops there:
+
+* greedy rows: accept iff the proposal is the argmax; emit the argmax;
+* temperature > 0: the standard rule (Leviathan et al. 2023, Chen et al. 2023) with the proposer's
+  distribution q a point mass on the proposal (n-gram lookup): accept with probability
+  min(1, p(d)/q(d)) = p(d), else sample from the normalized residual max(0, p - q), which is p with
+  the proposal's mass removed.  p is the distribution ``sampling.sample`` draws from (temperature,
+  top-k, top-p, min-p), so the output distribution equals the non-speculative one.
+
+The host keeps the leading accepted proposals plus the emitted token of the first rejecting row
+(or of the last row: the bonus token), sets ``num_computed_tokens`` past the accepted rows (the
+rejected rows' K/V are simply overwritten later) and returns the pages past the accepted end.
+
+Proposers: ``ngram`` (prompt lookup on the host: the last n tokens, n from ``prompt_lookup_max``
+down to ``prompt_lookup_min``, matched against the sequence's own earlier tokens; the tokens after
+the latest match are proposed).  A request opts out with ``SamplingParams(speculative=False)``;
+requests with penalties, logprobs or structured outputs are not speculated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.sampling import SamplingArrays, _row_key
+
+METHODS = ("ngram",)
+UNIFORM_SALT = 0x5BD1E995  # folded into a row's key for its acceptance draw (the Gumbel noise uses the key)
+
+
+@dataclasses.dataclass
+class SpeculativeConfig:
+    """``EngineConfig.speculative_config`` (vLLM's names)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    # Per sequence: stop proposing when, after at least ``min_acceptance_window`` proposed tokens,
+    # fewer than this fraction were accepted (0: never stop).
+    min_acceptance_rate: float = 0.1
+    min_acceptance_window: int = 24
+
+    @classmethod
+    def from_value(cls, value: Any) -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: expected a dict, got {type(value).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        cfg = cls(**value)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "min_acceptance_window"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"speculative_config.{name}: must be a positive integer, got {v!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} exceeds "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if not isinstance(self.min_acceptance_rate, (int, float)) or not 0 <= self.min_acceptance_rate <= 1:
+            raise ValueError(f"speculative_config.min_acceptance_rate: must be in [0, 1], "
+                             f"got {self.min_acceptance_rate!r}")
+
+
+def ngram_propose(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup: for n from ``n_max`` down to ``n_min``, find the latest earlier occurrence of
+    the last n tokens and return (up to) the k tokens that followed it; [] when nothing matches."""
+    size = len(tokens)
+    for n in range(min(n_max, size - 1), n_min - 1, -1):
+        suffix = tokens[size - n:]
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:size - 1], n)  # starts 0..size-1-n
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start:start + k].tolist()
+    return []
+
+
+class NgramProposer:
+    def __init__(self, cfg: SpeculativeConfig):
+        self.cfg = cfg
+
+    def propose(self, seq, k: int) -> list[int]:
+        """Up to k tokens to verify after ``seq``'s last token ([] if it is not speculated)."""
+        if not eligible(seq):
+            return []
+        tokens = np.asarray(seq.all_token_ids, np.int64)
+        return ngram_propose(tokens, k, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
+
+
+def make_proposer(cfg: SpeculativeConfig):
+    return NgramProposer(cfg)
+
+
+def eligible(seq) -> bool:
+    """Whether a request may be speculated: it did not opt out, and nothing per-token (penalty
+    counts, logprobs, a grammar) depends on the tokens being sampled one step at a time."""
+    p = seq.params
+    return (p.speculative and not p.penalized and p.logprobs is None and seq.matcher is None
+            and not getattr(seq, "spec_disabled", False))
+
+
+# -- on device --------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecInputs:
+    """The verified rows of one step, a fixed number ``R`` per bucket (padding: ``slot`` = -1)."""
+
+    rows: jax.Array  # int32 [R]: the token row (index into the step's rows)
+    slot: jax.Array  # int32 [R]: its sequence slot (-1: padding)
+    offset: jax.Array  # int32 [R]: its index j in the chunk (the token it emits is the sequence's step + j)
+    next_token: jax.Array  # int32 [R]: the proposal that follows the row (-1: the chunk's last row)
+    any: jax.Array  # bool []: some row is verified this step
+
+
+def residual_logits(z: jax.Array, draft: jax.Array) -> jax.Array:
+    """Logits of the residual max(0, p - q) for q a point mass on ``draft``: p without the draft."""
+    v = z.shape[-1]
+    return jnp.where(jnp.arange(v)[None, :] == draft[:, None], -jnp.inf, z)
+
+
+def filtered_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
+    """Logits of the distribution ``sampling.sample`` draws from: scaled by the temperature, with the
+    tokens top-k / top-p / min-p remove at -inf (in token order)."""
+    temp = jnp.where(p.temperature > 0, p.temperature, 1.0)
+    z = logits / temp[:, None]
+    needs_sort = jnp.any((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0))
+
+    def filtered():
+        v = z.shape[-1]
+        order = jnp.argsort(-z, axis=-1)
+        sorted_z = jnp.take_along_axis(z, order, axis=-1)
+        probs = jax.nn.softmax(sorted_z, axis=-1)
+        rank = jnp.arange(v)[None, :]
+        keep = jnp.where(p.top_k[:, None] > 0, rank < p.top_k[:, None], True)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep &= (mass_before < p.top_p[:, None]) | (p.top_p[:, None] >= 1)
+        keep &= probs >= p.min_p[:, None] * probs[:, :1]
+        keep_tok = jnp.take_along_axis(keep, jnp.argsort(order, axis=-1), axis=-1)
+        return jnp.where(keep_tok, z, -jnp.inf)
+
+    return jax.lax.cond(needs_sort, filtered, lambda: z)
+
+
+def verify_rows(logits: jax.Array, next_token: jax.Array, offset: jax.Array, p: SamplingArrays
+                ) -> tuple[jax.Array, jax.Array]:
+    """Per verified row (``p`` already gathered per row): (token to emit if the chain stops here,
+    whether the following proposal is accepted).  See the module docstring for the rule."""
+    v = logits.shape[-1]
+    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    is_greedy = (p.temperature <= 0) | (p.top_k == 1)
+    has_next = next_token >= 0
+    draft = jnp.clip(next_token, 0, v - 1)
+    greedy_accept = has_next & (greedy_tok == next_token)
+
+    def random_rows():
+        z = filtered_logits(logits, p)
+        keys = jax.vmap(_row_key)(p.seed, p.step + offset)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, UNIFORM_SALT)))(keys)
+        prob_draft = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), draft[:, None], axis=-1)[:, 0]
+        accept = has_next & (u < prob_draft)
+        zr = jnp.where(has_next[:, None], residual_logits(z, draft), z)
+        return jnp.argmax(zr + gumbel, axis=-1).astype(jnp.int32), accept
+
+    tok, accept = jax.lax.cond(jnp.all(is_greedy), lambda: (greedy_tok, greedy_accept), random_rows)
+    return jnp.where(is_greedy, greedy_tok, tok), jnp.where(is_greedy, greedy_accept, accept)
+
+
+def verify(logits_fn, hidden: jax.Array, spec: SpecInputs, sampling: SamplingArrays):
+    """The step's verification: ``logits_fn`` (hidden rows -> float32 logits) on the verified rows,
+    then ``verify_rows``; skipped (zeros) when no row is verified."""
+    r = spec.rows.shape[0]
+
+    def compute():
+        logits = logits_fn(hidden[spec.rows])
+        slot = jnp.clip(spec.slot, 0, sampling.temperature.shape[0] - 1)
+        p = jax.tree_util.tree_map(lambda x: x[slot], sampling)
+        return verify_rows(logits, spec.next_token, spec.offset, p)
+
+    return jax.lax.cond(spec.any, compute, lambda: (jnp.zeros((r,), jnp.int32), jnp.zeros((r,), bool)))
+
+
+def accepted_prefix(accept: np.ndarray, first: int, num_draft: int) -> int:
+    """Proposals accepted in a chunk: the leading run of accepted rows ``first .. first + num_draft - 1``."""
+    a = 0
+    while a < num_draft and accept[first + a]:
+        a += 1
+    return a
