@@ -1,0 +1,163 @@
+"""Speculative decoding (jaxserve/spec_decode.py): greedy output equals plain greedy decoding token for token
+(batches with slots refilled, chunked prefill, preemption), the rejection rule samples the target's
+distribution exactly (chi-square over 20,000 seeded samples; a broken rule fails the same check), pages
+and bucket programs as without it, and bad configurations are refused."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
+from jaxserve import Engine, SamplingParams
+from jaxserve import spec_decode
+from jaxserve.sampling import SamplingArrays
+from jaxserve.spec_decode import ngram_propose
+
+K_MAX = 5
+
+
+def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Upper tail of Pearson's chi-square (Wilson-Hilferty approximation), cells with expected count >= 5."""
+    n = counts.sum()
+    expected = n * probs
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    df = int(keep.sum()) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def copy_prompts() -> list[list[int]]:
+    """Prompts that repeat themselves (so prompt lookup finds matches), of several lengths: one longer
+    than the 64-token budget (chunked prefill), six for four slots (slots refilled)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for seg_len, reps in ((6, 3), (11, 7), (4, 2), (9, 4), (20, 2), (5, 5)):
+        seg = rng.integers(3, 1024, size=seg_len).tolist()
+        out.append((seg * reps)[:-2])
+    return out
+
+
+def test_ngram_propose_latest_match_longest_first():
+    t = np.array([1, 2, 3, 9, 1, 2, 4, 7, 1, 2])
+    assert ngram_propose(t, 3, 1, 4) == [4, 7, 1]  # "1 2" last seen at 4: the latest match wins
+    assert ngram_propose(np.array([5, 6, 7, 5, 6]), 5, 1, 3) == [7, 5, 6]
+    assert ngram_propose(np.array([1, 2, 3]), 2, 1, 2) == []
+    assert ngram_propose(np.array([4, 8, 4, 8, 4]), 2, 2, 2) == [8, 4]
+
+
+@pytest.fixture(scope="module")
+def spec_engine(llama_dir):
+    """ngram speculation with k up to 5 and a small cache (20 pages of 8 tokens): the prompts below
+    preempt each other."""
+    return Engine.from_pretrained(llama_dir, **dict(ENGINE_KW, num_pages=20),
+                                  speculative_config={"method": "ngram", "num_speculative_tokens": K_MAX})
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_equals_plain_greedy(spec_engine, reference_outputs, k):
+    prompts = copy_prompts()
+    max_tokens = [40, 30, 60, 25, 20, 45]
+    ref = reference_outputs(prompts, max_tokens)
+    e = spec_engine
+    e.scheduler.num_speculative_tokens = k  # proposals per step (the programs hold up to K_MAX)
+    before = (e.scheduler.num_preemptions, e.scheduler.spec_accepted_tokens, e.compile_count)
+    outs = e.generate(prompts, [greedy(n) for n in max_tokens])
+    assert [o.token_ids for o in outs] == ref
+    assert e.scheduler.num_preemptions > before[0]  # the small cache preempted
+    assert e.scheduler.spec_accepted_tokens > before[1]  # proposals were accepted
+    assert max(o.spec_proposed_tokens / o.spec_steps for o in outs if o.spec_steps) <= k
+    assert sum(o.spec_accepted_tokens for o in outs) > 0
+    assert e.compile_count <= e.num_buckets  # the bucket set, no new program
+    assert_clean(e)
+
+
+def test_opt_out_and_ineligible_requests_are_not_speculated(spec_engine, reference_outputs):
+    prompts = copy_prompts()[:3]
+    ref = reference_outputs(prompts, [30] * 3)
+    e = spec_engine
+    e.scheduler.num_speculative_tokens = 3
+    params = [greedy(30, speculative=False), greedy(30, logprobs=2), greedy(30)]
+    outs = e.generate(prompts, params)
+    assert [o.token_ids for o in outs] == ref
+    assert outs[0].spec_steps == 0 and outs[1].spec_steps == 0
+    assert outs[2].spec_steps > 0 and outs[2].spec_mean_accepted_length >= 1
+    assert_clean(e)
+
+
+def test_bad_speculative_config_names_the_field(llama_dir):
+    for bad, field in (({"method": "eagle"}, "speculative_config.method"),
+                       ({"method": "ngram", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
+                       ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2},
+                        "speculative_config.prompt_lookup_min"),
+                       ({"method": "ngram", "k": 3}, "speculative_config: unknown key 'k'"),
+                       ("ngram", "speculative_config")):
+        with pytest.raises(ValueError, match=field):
+            Engine.from_pretrained(llama_dir, **ENGINE_KW, speculative_config=bad)
+    with pytest.raises(ValueError, match="speculative"):
+        SamplingParams(speculative="no")
+
+
+# -- exact sampling -----------------------------------------------------------------------------------------
+
+
+def _target_probs(model_dir: str, prefix: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prefix])).logits[0, -1].double()
+    return torch.softmax(logits, -1).numpy()
+
+
+def _sample_first_rows(logits: np.ndarray, draft: int, n: int, broken: bool = False) -> np.ndarray:
+    """``verify_rows`` on n seeded copies of one verified row whose proposal is ``draft``: the token the
+    chain emits there (the proposal if accepted, else the residual sample)."""
+    rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, logits.shape[-1]))
+    p = SamplingArrays(temperature=jnp.ones(n), top_k=jnp.full(n, -1, jnp.int32), top_p=jnp.ones(n),
+                       min_p=jnp.zeros(n), seed=jnp.stack([jnp.arange(n, dtype=jnp.uint32),
+                                                          jnp.full(n, 12345, jnp.uint32)], axis=1),
+                       step=jnp.zeros(n, jnp.int32))
+    def run():  # traced afresh on each call (a new function), so that the patch below takes effect
+        return jax.jit(lambda *a: spec_decode.verify_rows(*a))(rows, jnp.full(n, draft, jnp.int32),
+                                                             jnp.zeros(n, jnp.int32), p)
+
+    if broken:  # resample from p itself on rejection (no residual): biased towards the proposal
+        orig = spec_decode.residual_logits
+        spec_decode.residual_logits = lambda z, d: z
+        try:
+            tok, accept = run()
+        finally:
+            spec_decode.residual_logits = orig
+    else:
+        tok, accept = run()
+    return np.where(np.asarray(accept), draft, np.asarray(tok))
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_dir(model_factory):
+    return model_factory("llama_v32", tokenizer=False, vocab_size=32)
+
+
+N_SAMPLES = 20_000
+
+
+def test_rejection_sampling_matches_target_softmax(tiny_vocab_dir):
+    prefix = [5, 9, 17, 3, 5]
+    probs = _target_probs(tiny_vocab_dir, prefix)
+    draft = int(np.argsort(probs)[len(probs) // 2])  # a proposal of middling probability
+    logits = np.log(probs)  # the target's logits up to a constant (same softmax)
+    good = _sample_first_rows(logits, draft, N_SAMPLES)
+    counts = np.bincount(good, minlength=len(probs))
+    assert chi_square_pvalue(counts, probs) > 1e-3
+    bad = _sample_first_rows(logits, draft, N_SAMPLES, broken=True)
+    assert chi_square_pvalue(np.bincount(bad, minlength=len(probs)), probs) < 1e-6
