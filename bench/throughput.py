@@ -53,6 +53,11 @@ def main(argv=None) -> int:
     ap.add_argument("--moe-impl", default="auto", help="mixture-of-experts FFN: auto | ragged_dot | tiled | dense")
     ap.add_argument("--mesh-data", type=int, default=None)
     ap.add_argument("--mesh-model", type=int, default=None)
+    ap.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
+    ap.add_argument("--max-num-prefill-seqs", type=int, default=8,
+                    help="sequences prefilled (or, with speculation, verified) in one step at most")
+    ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
+                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'')
     args = ap.parse_args(argv)
     mesh_shape = None
     if args.mesh_data is not None or args.mesh_model is not None:
@@ -65,7 +70,8 @@ def main(argv=None) -> int:
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode,
         attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape,
-        moe_impl=args.moe_impl)
+        moe_impl=args.moe_impl, min_prefill_bucket=args.min_prefill_bucket,
+        max_num_prefill_seqs=args.max_num_prefill_seqs, speculative_config=args.speculative_config)
     warmup_s = 0.0 if args.no_warmup else engine.warmup()
     run = run_workload(engine, requests, progress=not args.no_progress)
     seconds, output_tokens = run["seconds"], run["output_tokens"]
@@ -96,6 +102,7 @@ def main(argv=None) -> int:
         "device": jax.devices()[0].device_kind,
         "mesh": mesh_shape,
         "devices_visible": jax.device_count(),
+        "speculative": engine.spec_metrics(),
     }
     print(json.dumps(result))
     return 0

@@ -55,8 +55,21 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                         "reads each layer's own weight buffers, as XLA CPU copies the stacked weights' slices; "
                         "scan elsewhere)")
     p.add_argument("--min-prefill-bucket", type=int, default=32, help="smallest prefill-token bucket")
+    p.add_argument("--speculative-config", type=_json_dict, default=None, metavar="JSON",
+                   help='speculative decoding (vLLM\'s names), e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 3}\' (see jaxserve/spec_decode.py)')
     add_compile_cache_args(p)
     add_mesh_args(p)
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def add_hub_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +125,8 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
                           dtype=args.dtype, scheduling=args.scheduling,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
                           min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
-                          memory_utilization=args.memory_utilization)
+                          memory_utilization=args.memory_utilization,
+                          speculative_config=getattr(args, "speculative_config", None))
     config.validate()  # before the (slow) load
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
     t0 = time.perf_counter()

@@ -171,7 +171,7 @@ class Engine:
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         if config.speculative_config is not None:
-            self.scheduler.proposer = make_proposer(config.speculative_config)
+            self.scheduler.proposer = make_proposer(config.speculative_config, self)
             self.scheduler.num_speculative_tokens = config.speculative_config.num_speculative_tokens
         self.runner = ModelRunner(self.run_config, config, device_params, cache, dtype, self.max_model_len,
                                   num_pages, mesh=self.mesh, platform=self.platform)
@@ -369,6 +369,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and model step; return the outputs of requests that changed."""
         outputs, self._pending = self._pending, []
+        proposer = self.scheduler.proposer
+        if hasattr(proposer, "prepare"):  # a draft model proposes for every decoding sequence at once
+            proposer.prepare(self.scheduler.running, self.scheduler.num_speculative_tokens)
         sched = self.scheduler.schedule()
         if sched.empty:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -623,6 +626,9 @@ class Engine:
         returns the seconds it took.  ``progress``: a tqdm bar on stderr."""
         logger.info("warm-up: compiling or loading all %d step programs ahead of time", self.num_buckets)
         seconds = self.runner.warmup(progress=progress, on_bucket=on_bucket)
+        draft = getattr(self.scheduler.proposer, "engine", None)  # speculative decoding's draft model
+        if draft is not None:
+            seconds += draft.warmup(progress=progress)
         self.warmup_seconds += seconds
         logger.info("warm-up: %s", self.runner.compile_summary())
         return seconds
@@ -682,6 +688,21 @@ class Engine:
         self._stop_background.set()
         if self._background_compile is not None:
             self._background_compile.join(timeout)
+
+    def spec_metrics(self) -> dict[str, Any] | None:
+        """Speculative decoding so far (None without a speculative_config): verified chunks, proposed and
+        accepted tokens, acceptance rate, mean accepted length (tokens emitted per verification: accepted
+        proposals + 1) and proposed tokens per engine step."""
+        if self.config.speculative_config is None:
+            return None
+        s, steps = self.scheduler, self.runner.stats["steps"]
+        n, proposed, accepted = s.spec_verifications, s.spec_proposed_tokens, s.spec_accepted_tokens
+        return {"method": self.config.speculative_config.method,
+                "num_speculative_tokens": self.config.speculative_config.num_speculative_tokens,
+                "verifications": n, "proposed_tokens": proposed, "accepted_tokens": accepted,
+                "acceptance_rate": accepted / proposed if proposed else None,
+                "mean_accepted_length": (accepted + n) / n if n else None,
+                "proposals_per_step": proposed / steps if steps else None}
 
     @property
     def kv_cache_tokens(self) -> int:

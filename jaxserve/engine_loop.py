@@ -330,4 +330,4 @@ class EngineLoop:
         self.metrics.set_engine_state(
             running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting),
             pages_used=engine.num_pages - engine.num_free_pages, pages_total=engine.num_pages,
-            steps=self.num_steps, at=time.monotonic())
+            steps=self.num_steps, at=time.monotonic(), spec=engine.spec_metrics())

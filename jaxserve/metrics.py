@@ -46,7 +46,7 @@ class Histogram:
 class ServerMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.engine_state = dict(running=0, waiting=0, pages_used=0, pages_total=0, steps=0, at=0.0)
+        self.engine_state = dict(running=0, waiting=0, pages_used=0, pages_total=0, steps=0, at=0.0, spec=None)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.requests_admitted = 0
@@ -122,6 +122,21 @@ class ServerMetrics:
                    [("", self.generation_tokens)])
             metric("jaxserve_http_responses_total", "counter", "HTTP responses, by status code.",
                    [(f'{{code="{k}"}}', v) for k, v in sorted(self.responses.items())])
+            spec = s.get("spec")
+            if spec is not None:  # speculative decoding (Engine.spec_metrics)
+                metric("jaxserve_spec_verifications_total", "counter", "Speculated sequences verified (one per "
+                       "sequence and step).", [("", spec["verifications"])])
+                metric("jaxserve_spec_proposed_tokens_total", "counter", "Proposed tokens verified.",
+                       [("", spec["proposed_tokens"])])
+                metric("jaxserve_spec_accepted_tokens_total", "counter", "Proposed tokens accepted.",
+                       [("", spec["accepted_tokens"])])
+                for name, key, help_text in (
+                        ("jaxserve_spec_acceptance_rate", "acceptance_rate", "Accepted / proposed tokens."),
+                        ("jaxserve_spec_mean_accepted_length", "mean_accepted_length",
+                         "Tokens emitted per verification (accepted proposals + 1)."),
+                        ("jaxserve_spec_proposals_per_step", "proposals_per_step",
+                         "Proposed tokens per engine step.")):
+                    metric(name, "gauge", help_text, [("", spec[key] or 0.0)])
             for h in (self.ttft, self.tpot, self.e2e):
                 lines.extend(h.render())
         return "\n".join(lines) + "\n"

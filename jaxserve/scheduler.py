@@ -170,6 +170,8 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.allocator.release(seq.page_ids)
+        if hasattr(self.proposer, "release"):  # a draft model's pages of this sequence
+            self.proposer.release(seq)
         seq.page_keys = []
         seq.num_computed_tokens = 0
         seq.counted_prefix = False

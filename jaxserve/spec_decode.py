@@ -21,7 +21,8 @@ rejected rows' K/V are simply overwritten later) and returns the pages past the 
 
 Proposers: ``ngram`` (prompt lookup on the host: the last n tokens, n from ``prompt_lookup_max``
 down to ``prompt_lookup_min``, matched against the sequence's own earlier tokens; the tokens after
-the latest match are proposed).  A request opts out with ``SamplingParams(speculative=False)``;
+the latest match are proposed) and ``draft`` (a small model of the same vocabulary, run greedily by
+an inner engine with its own paged cache and bucketed steps; see ``DraftProposer``).  A request opts out with ``SamplingParams(speculative=False)``;
 requests with penalties, logprobs or structured outputs are not speculated.
 """
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from jaxserve.sampling import SamplingArrays, _row_key
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 UNIFORM_SALT = 0x5BD1E995  # folded into a row's key for its acceptance draw (the Gumbel noise uses the key)
 
 
@@ -46,6 +47,7 @@ class SpeculativeConfig:
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
+    model: str | None = None  # method "draft": the draft model (anything Engine.from_pretrained loads)
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     # Per sequence: stop proposing when, after at least ``min_acceptance_window`` proposed tokens,
@@ -74,6 +76,8 @@ class SpeculativeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"speculative_config.{name}: must be a positive integer, got {v!r}")
+        if self.method == "draft" and not (isinstance(self.model, str) and self.model):
+            raise ValueError("speculative_config.model: method 'draft' needs the draft model's path or id")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} exceeds "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
@@ -108,8 +112,131 @@ class NgramProposer:
         return ngram_propose(tokens, k, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
 
 
-def make_proposer(cfg: SpeculativeConfig):
-    return NgramProposer(cfg)
+class DraftProposer:
+    """A small model of the same tokenizer proposes k tokens greedily (so its distribution q is a point
+    mass, as the n-gram proposer's, and the verification rule is the same).  It runs on an inner
+    ``Engine`` of its own (its own ModelRunner, bucket set and paged KV cache of as many pages as the
+    target's): before each target step, ``prepare`` brings every decoding sequence's draft cache up to
+    the sequence's tokens (the first time its whole prompt, in chunks; afterwards the one or few tokens
+    the target accepted, from the first one the draft had wrong) and then runs k - 1 batched decode
+    steps.  A draft sequence's computed tokens are rolled back like the target's: its cache past the
+    common prefix is overwritten later."""
+
+    def __init__(self, cfg: SpeculativeConfig, target):
+        from jaxserve.engine import Engine, load_model
+
+        model_config, params, _ = load_model(cfg.model, target.config.dtype)
+        vocab = target.model_config.vocab_size
+        if model_config.vocab_size != vocab:
+            raise ValueError(f"speculative_config.model: the draft model's vocabulary ({model_config.vocab_size} "
+                             f"tokens) differs from the target's ({vocab}); the draft must share the tokenizer")
+        config = dataclasses.replace(target.config, speculative_config=None, max_model_len=target.max_model_len,
+                                     num_pages=target.num_pages, kv_cache_bytes=None, memory_utilization=None)
+        self.engine = Engine(model_config, params, None, config)
+        self.cfg = cfg
+        self._state: dict[str, Any] = {}  # request id -> its draft Sequence
+        self._drafts: dict[str, list[int]] = {}  # request id -> this step's proposals
+        self.draft_steps = 0
+
+    def propose(self, seq, k: int) -> list[int]:
+        return self._drafts.get(seq.request_id, [])[:k]
+
+    def _drop(self, rid: str) -> None:
+        d = self._state.pop(rid)
+        self.engine.allocator.release(d.page_ids)
+
+    def release(self, seq) -> None:
+        """The request finished or was preempted: free its draft pages."""
+        if seq.request_id in self._state:
+            self._drop(seq.request_id)
+
+    def _sync(self, seq):
+        """The request's draft sequence with the request's tokens, its computed tokens rolled back to the
+        prefix it shares with them (at least the last token is left to compute)."""
+        from jaxserve.sampling import SamplingParams
+        from jaxserve.sequence import Sequence
+
+        new = seq.all_token_ids
+        d = self._state.get(seq.request_id)
+        if d is None:
+            d = Sequence(seq.request_id, new, SamplingParams(temperature=0, max_tokens=1), 0)
+            d.base = 0
+            self._state[seq.request_id] = d
+        else:
+            old, c = d.all_token_ids, d.num_computed_tokens
+            m = d.base  # tokens before the previous sync's end are the request's own: equal
+            while m < min(c, len(new)) and old[m] == new[m]:
+                m += 1
+            d.prompt_token_ids, d.output_token_ids = new, []
+            d.num_computed_tokens = min(m, len(new) - 1)
+        d.base = len(new)
+        return d
+
+    def prepare(self, running: list, num_speculative_tokens: int) -> None:
+        """Proposals of up to ``num_speculative_tokens`` for every running sequence that decodes next."""
+        from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
+
+        live = {s.request_id for s in running}
+        for rid in [r for r in self._state if r not in live]:
+            self._drop(rid)
+        self._drafts = {}
+        want = {}
+        for s in running:
+            k = min(num_speculative_tokens, s.params.max_tokens - len(s.output_token_ids) - 1)
+            if k >= 1 and s.num_tokens - s.num_computed_tokens == 1 and eligible(s):
+                want[s.request_id] = (self._sync(s), k)
+        ecfg, alloc, runner = self.engine.config, self.engine.allocator, self.engine.runner
+        pending = [d for d, _ in want.values()]
+        while pending:  # catch up: every draft sequence computes its tokens, the last chunk samples d_1
+            budget, decodes, prefills, later = ecfg.max_num_batched_tokens, [], [], []
+            for d in pending:
+                rem = d.num_tokens - d.num_computed_tokens
+                n = min(rem, budget)
+                group = decodes if rem == 1 else prefills
+                if n < 1 or (group is prefills and len(prefills) >= runner.prefill_slots):
+                    later.append(d)
+                elif not alloc.grow(d.page_ids, d.num_computed_tokens + n):
+                    self._drop(d.request_id)
+                    del want[d.request_id]
+                else:
+                    group.append(ScheduledSeq(d, n))
+                    budget -= n
+            if not decodes and not prefills:
+                break
+            later += self._run(SchedulerOutput(decodes, prefills))
+            pending = later
+        for _ in range(num_speculative_tokens - 1):  # k - 1 decode steps of the draft
+            decodes = []
+            for rid, (d, k) in want.items():
+                if rid in self._drafts and len(self._drafts[rid]) < k:
+                    if alloc.grow(d.page_ids, d.num_tokens):
+                        decodes.append(ScheduledSeq(d, 1))
+            if not decodes:
+                break
+            self._run(SchedulerOutput(decodes, []))
+
+    def _run(self, out) -> list:
+        """One draft step; appends each sampled token to its draft sequence and proposals; returns the
+        sequences whose chunk did not reach their end (still catching up)."""
+        result = self.engine.runner.execute(out)
+        self.draft_steps += 1
+        entries = [(i, sch) for i, sch in enumerate(out.decodes)]
+        entries += [(result.decode_slots + j, sch) for j, sch in enumerate(out.prefills)]
+        unfinished = []
+        for slot, sch in entries:
+            d, samples = sch.seq, sch.samples
+            d.num_computed_tokens += sch.num_tokens
+            if samples:
+                token = int(result.tokens[slot])
+                d.output_token_ids.append(token)
+                self._drafts.setdefault(d.request_id, []).append(token)
+            else:
+                unfinished.append(d)
+        return unfinished
+
+
+def make_proposer(cfg: SpeculativeConfig, target):
+    return DraftProposer(cfg, target) if cfg.method == "draft" else NgramProposer(cfg)
 
 
 def eligible(seq) -> bool:

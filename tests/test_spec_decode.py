@@ -161,3 +161,62 @@ def test_rejection_sampling_matches_target_softmax(tiny_vocab_dir):
     assert chi_square_pvalue(counts, probs) > 1e-3
     bad = _sample_first_rows(logits, draft, N_SAMPLES, broken=True)
     assert chi_square_pvalue(np.bincount(bad, minlength=len(probs)), probs) < 1e-6
+
+
+# -- draft model --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def draft_dir(llama_dir, tmp_path_factory):
+    """The tiny Llama's first layer alone (same embeddings, LM head and vocabulary): a smaller model that
+    agrees with the target on some tokens, not all."""
+    import json
+    import os
+
+    from safetensors.numpy import load_file, save_file
+
+    out = str(tmp_path_factory.mktemp("llama_draft"))
+    tensors = {k: v for k, v in load_file(os.path.join(llama_dir, "model.safetensors")).items()
+               if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(llama_dir, "config.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = 1
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def draft_engine(llama_dir, draft_dir):
+    return Engine.from_pretrained(llama_dir, **dict(ENGINE_KW, num_pages=20),
+                                  speculative_config={"method": "draft", "model": draft_dir,
+                                                      "num_speculative_tokens": K_MAX})
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_draft_greedy_equals_plain_greedy(draft_engine, reference_outputs, k):
+    prompts = copy_prompts()
+    max_tokens = [40, 30, 60, 25, 20, 45]
+    ref = reference_outputs(prompts, max_tokens)
+    e = draft_engine
+    draft = e.scheduler.proposer.engine
+    e.scheduler.num_speculative_tokens = k
+    before = (e.scheduler.num_preemptions, e.scheduler.spec_accepted_tokens, e.scheduler.spec_proposed_tokens)
+    outs = e.generate(prompts, [greedy(n) for n in max_tokens])
+    assert [o.token_ids for o in outs] == ref
+    assert e.scheduler.num_preemptions > before[0]
+    accepted = e.scheduler.spec_accepted_tokens - before[1]
+    assert 0 < accepted < e.scheduler.spec_proposed_tokens - before[2]  # some proposals accepted, some not
+    assert e.compile_count <= e.num_buckets and draft.compile_count <= draft.num_buckets
+    assert_clean(e)
+    assert draft.num_free_pages == draft.num_pages  # the draft's pages went back with the requests
+
+
+def test_draft_with_another_vocabulary_is_refused(llama_dir, tiny_vocab_dir):
+    with pytest.raises(ValueError, match=r"speculative_config.model: the draft model's vocabulary \(32 tokens\) "
+                                         r"differs from the target's \(1024\)"):
+        Engine.from_pretrained(llama_dir, **ENGINE_KW,
+                               speculative_config={"method": "draft", "model": tiny_vocab_dir})
+    with pytest.raises(ValueError, match="speculative_config.model"):
+        Engine.from_pretrained(llama_dir, **ENGINE_KW, speculative_config={"method": "draft"})
