@@ -117,7 +117,8 @@ class Scheduler:
                 seq = self.waiting[0]
                 self._match_prefix(seq)
                 remaining = seq.num_tokens - seq.num_computed_tokens
-                n = min(remaining, budget)
+                draft = self._propose(seq, budget) if remaining == 1 else []  # the rest of it was cached
+                n = min(remaining, budget) + len(draft)
                 if (remaining > budget and not cfg.enable_chunked_prefill) or \
                         not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + n):
                     self._release(seq)  # a waiting sequence holds no pages
@@ -125,7 +126,7 @@ class Scheduler:
                 self.waiting.popleft()
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-                self._schedule(ScheduledSeq(seq, n), prefills)
+                self._schedule(ScheduledSeq(seq, n, draft), prefills)
                 budget -= n
         min_slots = self._static_batch if cfg.scheduling == "static" else 0
         return SchedulerOutput(decodes, prefills, min_slots)

@@ -220,3 +220,23 @@ def test_draft_with_another_vocabulary_is_refused(llama_dir, tiny_vocab_dir):
                                speculative_config={"method": "draft", "model": tiny_vocab_dir})
     with pytest.raises(ValueError, match="speculative_config.model"):
         Engine.from_pretrained(llama_dir, **ENGINE_KW, speculative_config={"method": "draft"})
+
+
+@pytest.mark.slow  # 3,000 requests; the rule itself is checked above at 20,000 samples in CI
+def test_engine_samples_target_distribution_through_verification(tiny_vocab_dir):
+    """Temperature 1 through the engine: the prompt's first two pages are prefix-cached after the first
+    requests, so every later request's first token is verified against an n-gram proposal (accepted, or
+    replaced by a residual sample); those tokens follow the target's softmax."""
+    prefix = [5, 9, 17, 3, 11, 4, 8, 20, 6, 13, 27, 2, 30, 12, 7, 25, 9]  # 17 tokens; "9" proposes "17"
+    probs = _target_probs(tiny_vocab_dir, prefix)
+    e = Engine.from_pretrained(tiny_vocab_dir, max_num_seqs=32, max_num_prefill_seqs=32, page_size=8,
+                               max_model_len=64, max_num_batched_tokens=64, min_prefill_bucket=64,
+                               min_decode_bucket=32,
+                               speculative_config={"method": "ngram", "num_speculative_tokens": 1})
+    outs = e.generate([prefix] * 3000, SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True))
+    verified = [o.token_ids[0] for o in outs if o.spec_steps == 1]
+    assert len(verified) > 2500
+    assert 0 < sum(o.spec_accepted_tokens for o in outs) < len(verified)
+    assert chi_square_pvalue(np.bincount(verified, minlength=len(probs)), probs) > 1e-3
+    assert e.compile_count <= e.num_buckets == 3
+    assert_clean(e)
