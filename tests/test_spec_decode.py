@@ -93,6 +93,26 @@ def test_opt_out_and_ineligible_requests_are_not_speculated(spec_engine, referen
     assert_clean(e)
 
 
+def test_spec_metrics_in_prometheus(spec_engine):
+    from jaxserve.metrics import ServerMetrics, parse_prometheus
+
+    e = spec_engine
+    e.scheduler.num_speculative_tokens = 3
+    e.generate(copy_prompts()[:2], greedy(20))
+    m = e.spec_metrics()
+    assert m["accepted_tokens"] == e.scheduler.spec_accepted_tokens > 0
+    assert m["mean_accepted_length"] == pytest.approx((m["accepted_tokens"] + m["verifications"]) / m["verifications"])
+    metrics = ServerMetrics()
+    metrics.set_engine_state(spec=m)
+    samples = parse_prometheus(metrics.render())
+    assert samples["jaxserve_spec_accepted_tokens_total"] == m["accepted_tokens"]
+    assert samples["jaxserve_spec_proposed_tokens_total"] == m["proposed_tokens"]
+    assert samples["jaxserve_spec_acceptance_rate"] == pytest.approx(m["acceptance_rate"])
+    assert samples["jaxserve_spec_proposals_per_step"] == pytest.approx(m["proposals_per_step"])
+    assert "jaxserve_spec_accepted_tokens_total" not in ServerMetrics().render()  # no speculation: no series
+    assert_clean(e)
+
+
 def test_bad_speculative_config_names_the_field(llama_dir):
     for bad, field in (({"method": "eagle"}, "speculative_config.method"),
                        ({"method": "ngram", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens"),
