@@ -119,15 +119,31 @@ def smollm2_path(package: str = SMOLLM2_PACKAGE) -> str:
 
 
 def open_gguf(path: str):
-    """A ``gguf.GGUFReader`` over the file (memory-mapped), with readable errors."""
+    """A ``gguf.GGUFReader`` over the file (memory-mapped), with readable errors.
+
+    The reader's arrays are plain ``ndarray`` views of the map rather than ``np.memmap`` slices: the
+    reader slices the file once per metadata string (SmolLM2's vocabulary and merges are 98k strings),
+    and every ``memmap`` slice runs Python-level ``__array_finalize__``/``__getitem__``.  On plain views
+    opening SmolLM2's file takes 0.76 s instead of 2.78 s (same metadata, same tensor bytes; measured
+    with both readers over ``smollm2_path()`` on this 2-core machine)."""
     try:
         import gguf
     except ImportError as e:
         raise ImportError("model: loading GGUF files needs the `gguf` package (pip install gguf)") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model: GGUF file {path!r} does not exist")
+
+    class _Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._map
+
+        @data.setter
+        def data(self, value):
+            self._map = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
     try:
-        return gguf.GGUFReader(path, "r")
+        return _Reader(path, "r")
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError, struct errors, ...
         raise ValueError(f"model: could not read GGUF file {path}: {e}") from e
 
