@@ -197,7 +197,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
         device = SingleDeviceSharding(tg.devices[0])
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                         abstract_params(cfg, dtype))
-        cache_sharding = device
+        leaf_sharding = lambda ndim: device  # noqa: E731
     else:
         mesh = sharding.make_mesh(ec.mesh_shape, devices=tg.devices)
         model_axis = ec.mesh_shape["model"]
@@ -205,10 +205,11 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
         shardings = sharding.param_shardings(mesh, run_cfg)
         params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                         abstract_params(run_cfg, dtype), shardings)
-        cache_sharding = sharding.cache_sharding(mesh)
+        leaf_sharding = sharding.leaf_cache_sharding(mesh)
+    kv_dtype = kv_cache.kv_dtype(ec.kv_cache_dtype, dtype)
     weight_bytes = kv_cache.per_device_bytes(params)
     max_model_len = ec.max_model_len or cfg.max_position_embeddings
-    page_bytes = kv_cache.device_page_bytes(run_cfg, ec.page_size, dtype, model_axis)  # per chip
+    page_bytes = kv_cache.device_page_bytes(run_cfg, ec.page_size, kv_dtype, model_axis)  # per chip
     if ec.num_pages is not None:
         num_pages = ec.num_pages
     else:
@@ -222,8 +223,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
             raise ValueError(f"memory_utilization: the weights ({weight_bytes / 2**30:.2f} GiB per chip) leave no "
                              f"room for a KV cache in {memory_utilization:.0%} of {target}'s "
                              f"{tg.hbm_bytes / 2**30:.0f} GiB; use more chips (--mesh-model) or set --num-pages")
-    cache = jax.ShapeDtypeStruct(kv_cache.cache_shape(run_cfg, num_pages, ec.page_size), dtype,
-                                 sharding=cache_sharding)
+    cache = kv_cache.cache_structs(run_cfg, num_pages, ec.page_size, kv_dtype, tg.platform, leaf_sharding)
     runner = ModelRunner(run_cfg, ec, params, cache, dtype, max_model_len, num_pages, mesh=mesh,
                          platform=tg.platform)
     keys = runner.buckets if buckets == "all" else representative_buckets(runner)

@@ -56,9 +56,17 @@ def resolve_impl(impl: str, backend: str | None = None) -> tuple[str, bool]:
     return kernel, backend != kernel
 
 
+# The kernels that read an 8-bit KV cache (int8 with scales, fp8_e4m3), and those dtypes' names.
+KV8_KERNELS: tuple[str, ...] = ()
+KV8_DTYPES = ("int8", "float8_e4m3fn")
+
+
 def unsupported_reason(kernel: str, *, head_dim: int, num_q_heads: int, num_kv_heads: int, page_size: int,
-                       dtype) -> str | None:
-    """Why the ``kernel`` ("tpu" or "gpu") cannot serve this shape, or None when it can."""
+                       dtype, kv_dtype=None) -> str | None:
+    """Why the ``kernel`` ("tpu" or "gpu") cannot serve this shape, or None when it can (``kv_dtype``: the
+    cache's value dtype when it is an 8-bit one)."""
+    if kv_dtype is not None and jnp.dtype(kv_dtype).name in KV8_DTYPES and kernel not in KV8_KERNELS:
+        return f"KV cache dtype {jnp.dtype(kv_dtype).name} (not read by the {kernel.upper()} kernel)"
     if kernel == "tpu":
         from kernels_pallas.ragged_paged_attention_tpu import tpu_unsupported_reason as reason
     elif kernel == "gpu":
