@@ -57,7 +57,7 @@ def resolve_impl(impl: str, backend: str | None = None) -> tuple[str, bool]:
 
 
 # The kernels that read an 8-bit KV cache (int8 with scales, fp8_e4m3), and those dtypes' names.
-KV8_KERNELS: tuple[str, ...] = ()
+KV8_KERNELS: tuple[str, ...] = ("gpu",)
 KV8_DTYPES = ("int8", "float8_e4m3fn")
 
 
@@ -90,9 +90,11 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
     ``backend``: the platform the program is compiled for (default ``jax.default_backend()``; a
     deviceless compile for TPU or GPU passes it, since the default backend is then the CPU)."""
     kernel, interpret = resolve_impl(impl, backend)
-    if kernel != "reference" and kv_cache.dtype == jnp.uint16:
+    if kernel != "reference" and not isinstance(kv_cache, (tuple, list)) and kv_cache.dtype == jnp.uint16:
         # A 16-bit cache stored as bits on CPU (jaxserve/kv_cache.py): the interpreted kernels read values.
         kv_cache = jax.lax.bitcast_convert_type(kv_cache, q.dtype)
+    elif kernel != "reference" and not isinstance(kv_cache, (tuple, list)) and kv_cache.dtype == jnp.uint8:
+        kv_cache = jax.lax.bitcast_convert_type(kv_cache, jnp.float8_e4m3fn)  # an fp8 cache's bits (CPU)
     args = (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if kernel == "tpu":

@@ -170,3 +170,63 @@ def test_bad_kv_cache_dtype():
         EngineConfig(kv_cache_dtype="int4").validate()
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         kv_cache.kv_dtype("fp8_e5m2", np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, pytest.param(FP8, marks=pytest.mark.slow)], ids=["int8", "fp8"])
+def test_gpu_kernel_reads_8bit_cache(dtype):
+    """The Triton kernel (interpret mode) on an int8 (kv, scales) / fp8 cache equals the reference on the
+    same cache: decode rows, prefill chunks with cached context, padding."""
+    from kernels_pallas.ragged_paged_attention_gpu import ragged_paged_attention_gpu
+
+    q, kv, layer, kv_lens, pages, cu, num_seqs = mix_batch("mixed", page_size=8, gqa=2, head_dim=HEAD_DIM, seed=5)
+    cache = _write_all(kv, dtype, platform="gpu")  # stored as on a GPU: int8 + scales, or float8_e4m3fn
+    sm = HEAD_DIM ** -0.5
+    got = np.asarray(ragged_paged_attention_gpu(q, cache, layer, kv_lens, pages, cu, num_seqs, sm_scale=sm,
+                                                num_decode_rows=4, interpret=True))
+    want = np.asarray(ragged_paged_attention_ref(q, cache, layer, kv_lens, pages, cu, num_seqs, sm_scale=sm,
+                                                 num_decode_rows=4))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def _compile_8bit(target: str, kernel: str, kv: str, step: str, head_dim: int = 128, page_size: int = 32):
+    """Lower and compile one kernel on an 8-bit cache for a compile-only ``target`` (jaxserve.targets)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from jaxserve.targets import get_target
+    from kernels_pallas import ragged_paged_attention_gpu, ragged_paged_attention_tpu
+
+    tg = get_target(target)
+    mesh = Mesh(np.array(tg.devices[:1]), ("x",))
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P()))  # noqa: E731
+    tokens, slots, nd = {"decode": (16, 16, 16), "mixed": (8 + 120, 16, 8)}[step]
+    width, hkv, group, layers = 1024 // page_size, 2, 4, 2
+    shape = (layers, hkv, slots * width, page_size, 2 * head_dim)
+    cache = sds(shape, jnp.int8 if kv == "int8" else jnp.float8_e4m3fn)
+    if kv == "int8":
+        cache = (cache, sds(shape[:-1] + (2,), jnp.float32))
+    args = (sds((tokens, hkv * group, head_dim), jnp.bfloat16), cache, sds((), jnp.int32), sds((slots,), jnp.int32),
+            sds((slots, width), jnp.int32), sds((slots + 1,), jnp.int32), sds((), jnp.int32))
+    fn = ragged_paged_attention_gpu if kernel == "gpu" else ragged_paged_attention_tpu
+    jitted = jax.jit(lambda *a: fn(*a, sm_scale=head_dim ** -0.5, num_decode_rows=nd))
+    previous = jax.config.jax_default_device
+    jax.config.update("jax_default_device", tg.devices[0])  # Pallas lowers for this chip
+    try:
+        return jitted.lower(*args).compile()
+    finally:
+        jax.config.update("jax_default_device", previous)
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_gpu_kernel_8bit_compiles_h100(kv):
+    """Deviceless: real Triton and ptxas for sm_90 on an int8 (kv, scales) / fp8 cache, mixed step."""
+    assert _compile_8bit("h100", "gpu", kv, "mixed") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("target", ["h100", "h200"])
+def test_gpu_kernel_8bit_compiles_grid(target, head_dim, kv):
+    for step in ("decode", "mixed"):
+        _compile_8bit(target, "gpu", kv, step, head_dim=head_dim, page_size=16)
