@@ -230,3 +230,36 @@ def test_gpu_kernel_8bit_compiles_h100(kv):
 def test_gpu_kernel_8bit_compiles_grid(target, head_dim, kv):
     for step in ("decode", "mixed"):
         _compile_8bit(target, "gpu", kv, step, head_dim=head_dim, page_size=16)
+
+
+def test_tpu_kernel_reads_fp8_cache():
+    """The Mosaic kernel (TPU interpret mode) on a float8_e4m3fn cache (32-row pages: the 8-bit sublane
+    tiling) equals the reference on the same cache, in bfloat16 (pages upcast in VMEM)."""
+    from kernels_pallas.ragged_paged_attention_tpu import ragged_paged_attention_tpu
+
+    q, kv, layer, kv_lens, pages, cu, num_seqs = mix_batch("mixed", page_size=32, gqa=2, head_dim=HEAD_DIM,
+                                                           seed=6, max_pages_per_seq=3)
+    cache = _write_all(kv, FP8, platform="tpu")
+    q = jnp.asarray(q, jnp.bfloat16)
+    sm = HEAD_DIM ** -0.5
+    got = np.asarray(ragged_paged_attention_tpu(q, cache, layer, kv_lens, pages, cu, num_seqs, sm_scale=sm,
+                                                num_decode_rows=4, interpret=True), np.float32)
+    want = np.asarray(ragged_paged_attention_ref(q, cache, layer, kv_lens, pages, cu, num_seqs, sm_scale=sm,
+                                                 num_decode_rows=4), np.float32)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v6e"])
+def test_tpu_kernel_fp8_compiles(target):
+    """Deviceless Mosaic + XLA TPU compile of the kernel on an fp8 cache, mixed step."""
+    assert _compile_8bit(target, "tpu", "fp8", "mixed") is not None
+
+
+def test_tpu_kernel_int8_falls_back():
+    from kernels_pallas import unsupported_reason
+
+    kw = dict(head_dim=128, num_q_heads=8, num_kv_heads=2, page_size=32, dtype=jnp.bfloat16)
+    assert "int8" in unsupported_reason("tpu", kv_dtype=np.int8, **kw)
+    assert unsupported_reason("tpu", kv_dtype=FP8, **kw) is None
+    assert "32" in unsupported_reason("tpu", kv_dtype=FP8, **dict(kw, page_size=16))  # 8-bit tiles: 32 rows
+    assert unsupported_reason("gpu", kv_dtype=np.int8, **kw) is None
