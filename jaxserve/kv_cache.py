@@ -56,8 +56,9 @@ bits the scatter is in place; readers bitcast the few pages they gather
   cache indexes the scales the same way, so a reader gathers both with the same indices
   (``read_kv``).  The scales cost 8 bytes per token and head against ``2 * D`` for K and V, so at
   equal bytes int8 holds ``4D / (2D + 8)`` times the tokens of bfloat16 (1.88x at D=64, 1.94x at
-  D=128; fp8 holds exactly 2x).  On TPU the scales' minor dimension of 2 is padded to a lane tile in
-  HBM; the TPU kernel does not read int8 yet (``tpu_unsupported_reason``).
+  D=128; fp8 holds exactly 2x).  On TPU the scales' minor dimension of 2 would be padded to a lane
+  tile in HBM, so the TPU kernel does not read int8 (``kernels_pallas.KV8_KERNELS``: the engine uses
+  the reference attention there); the GPU kernel and the reference read both 8-bit caches.
 
 The engine, the step's donation and scan carry and the sharding treat the cache as a pytree (one
 leaf or two); ``partition_spec`` gives each leaf its spec (KV heads split on axis 1 of both).

@@ -66,6 +66,7 @@ class Plan:
     kv_bytes_per_token: int  # per chip
     buckets: list[BucketResult]
     num_buckets: int  # of the engine (the plan may compile fewer)
+    kv_cache_dtype: str = "auto"  # the KV cache's values (jaxserve/kv_cache.py kv_dtype)
 
     @property
     def ok(self) -> bool:
@@ -256,7 +257,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
                 max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
                 hbm_bytes=tg.hbm_bytes, memory_utilization=memory_utilization, weight_bytes=weight_bytes,
                 kv_cache_bytes=num_pages * page_bytes, kv_bytes_per_token=page_bytes // ec.page_size,
-                buckets=results, num_buckets=runner.num_buckets)
+                buckets=results, num_buckets=runner.num_buckets, kv_cache_dtype=kv_dtype.name)
 
 
 def format_plan(plan: Plan) -> str:
@@ -274,7 +275,7 @@ def format_plan(plan: Plan) -> str:
     lines += ["", f"per chip ({plan.hbm_bytes / gib:.0f} GiB HBM):",
               f"  weights           {plan.weight_bytes / gib:8.2f} GiB",
               f"  KV cache          {plan.kv_cache_bytes / gib:8.2f} GiB  ({plan.num_pages} pages x {plan.page_size} "
-              f"tokens = {plan.num_pages * plan.page_size:,} tokens)",
+              f"tokens = {plan.num_pages * plan.page_size:,} tokens, {plan.kv_cache_dtype})",
               f"  largest temporary {plan.max_temp_bytes / gib:8.2f} GiB",
               f"  total             {plan.total_bytes / gib:8.2f} GiB  ({'fits' if plan.fits else 'DOES NOT FIT'})",
               f"KV tokens that fit at memory utilization {plan.memory_utilization:.2f}: {plan.kv_tokens_fit:,} "

@@ -130,7 +130,7 @@ def test_reference_attention_8bit(dtype, mix="mixed"):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     full = ragged_paged_attention_dense(q, kv, layer, kv_lens, pages, cu, num_seqs, sm_scale=sm)
     err = np.abs(got - full).max() / np.abs(full).max()
-    # Max error over the output's max, with sharp attention (q and K ~ N(0, 4)): int8 measured 0.6%,
+    # Max error over the output's max, with sharp attention (q and K ~ N(0, 4)): int8 measured 1.4%,
     # e4m3 (3 mantissa bits, 6% per element) 9.6%.
     assert err < (0.02 if dtype == np.int8 else 0.15), err
 
