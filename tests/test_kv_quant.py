@@ -263,3 +263,24 @@ def test_tpu_kernel_int8_falls_back():
     assert unsupported_reason("tpu", kv_dtype=FP8, **kw) is None
     assert "32" in unsupported_reason("tpu", kv_dtype=FP8, **dict(kw, page_size=16))  # 8-bit tiles: 32 rows
     assert unsupported_reason("gpu", kv_dtype=np.int8, **kw) is None
+
+
+@pytest.mark.slow  # measured 158 s (H100) and 504 s (v5e) on the shared 2-core machine
+@pytest.mark.parametrize("target,kv,page_size", [("h100", "int8", 16), ("tpu-v5e", "fp8_e4m3", 32)])
+def test_engine_step_compiles_with_8bit_cache(target, kv, page_size):
+    """The engine's real step (``jaxserve plan``: the model, the cache write and the backend's kernel) on an
+    8-bit cache compiles deviceless, with the Pallas kernel (not the fallback), and the plan sizes it."""
+    import os
+
+    from conftest import ROOT
+    from jaxserve.plan import make_plan
+
+    ec = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, page_size=page_size,
+                      min_prefill_bucket=64, kv_cache_dtype=kv, num_pages=64)
+    plan = make_plan(os.path.join(ROOT, "configs", "models", "hf", "smollm2-135m.json"), target,
+                     buckets="representative", engine_config=ec, progress=False)
+    assert plan.ok, [b.error for b in plan.buckets if not b.ok]
+    assert plan.attention_impl == ("pallas_gpu" if target == "h100" else "pallas_tpu")
+    assert plan.kv_cache_dtype == ("int8" if kv == "int8" else "float8_e4m3fn")
+    d, layers, hkv = 64, 30, 3  # SmolLM2-135M
+    assert plan.kv_bytes_per_token == layers * hkv * (2 * d + (8 if kv == "int8" else 0))
