@@ -45,6 +45,9 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="fraction of each chip's memory jaxserve may use: the KV cache gets it less the weights and "
                         "the largest step's temporaries (default 0.9; GPU/TPU only, unless --num-pages is set)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
+                   help="KV cache values: auto (= --dtype), int8 (per-token-per-head scales) or fp8_e4m3 "
+                        "(jaxserve/kv_cache.py)")
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
     p.add_argument("--attention-impl", default="auto",
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
@@ -109,7 +112,7 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-                          dtype=args.dtype, scheduling=args.scheduling,
+                          dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, scheduling=args.scheduling,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
                           min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
                           memory_utilization=args.memory_utilization)
@@ -141,7 +144,7 @@ def cmd_plan(args) -> int:
         mesh = {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-                          dtype=args.dtype, attention_impl=args.attention_impl,
+                          dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, attention_impl=args.attention_impl,
                           min_prefill_bucket=args.min_prefill_bucket)
     plan = make_plan(args.model, args.target, topology=args.topology, mesh_shape=mesh,
                      memory_utilization=args.memory_utilization or 0.9, buckets=args.buckets, engine_config=config,

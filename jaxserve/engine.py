@@ -127,7 +127,8 @@ class Engine:
                 sharding.replicate_kv_heads(params, model_config, replication), self.mesh, self.run_config)
         self.platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
 
-        per_page = page_bytes(self.run_config, config.page_size, dtype)
+        self.kv_dtype = kv_cache.kv_dtype(config.kv_cache_dtype, dtype)  # the cache's values (8-bit or dtype)
+        per_page = page_bytes(self.run_config, config.page_size, self.kv_dtype)
         if config.num_pages is not None:
             num_pages = config.num_pages
             how = "num_pages"
@@ -154,12 +155,13 @@ class Engine:
             why = "as configured"
         logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s; %s); max_model_len %d (%s)",
                     num_pages, config.page_size, num_pages * config.page_size,
-                    num_pages * per_page / 2**20, self.dtype_name, how, self.max_model_len, why)
+                    num_pages * per_page / 2**20, self.kv_dtype.name, how, self.max_model_len, why)
 
         if self.mesh is None:
-            cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype, platform=self.platform)
+            cache = allocate_kv_cache(model_config, num_pages, config.page_size, self.kv_dtype,
+                                      platform=self.platform)
         else:
-            cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, dtype,
+            cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, self.kv_dtype,
                                                        self.mesh)
             logger.info("mesh data=%d x model=%d over %s devices (%d KV heads per model shard)",
                         self.mesh.shape[sharding.DATA], self.mesh.shape[sharding.MODEL], self.mesh.devices.size,
@@ -192,13 +194,13 @@ class Engine:
             raise ValueError(f"memory_utilization: {device.platform} device {device} reports no memory limit; "
                              "set num_pages or kv_cache_bytes")
         model_axis = self.mesh.shape[sharding.MODEL] if self.mesh is not None else 1
-        page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, dtype, model_axis)
+        page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, self.kv_dtype, model_axis)
         weight_bytes = kv_cache.per_device_bytes(device_params)
         probe_pages = pages_needed(max_model_len, config.page_size) + 1
-        cache_sharding = (sharding.cache_sharding(self.mesh) if self.mesh is not None
-                          else jax.sharding.SingleDeviceSharding(device))
-        probe_cache = jax.ShapeDtypeStruct(kv_cache.cache_shape(self.run_config, probe_pages, config.page_size),
-                                           dtype, sharding=cache_sharding)
+        leaf_sharding = (sharding.leaf_cache_sharding(self.mesh) if self.mesh is not None
+                         else lambda ndim: jax.sharding.SingleDeviceSharding(device))
+        probe_cache = kv_cache.cache_structs(self.run_config, probe_pages, config.page_size, self.kv_dtype,
+                                             self.platform, leaf_sharding)
         probe = ModelRunner(self.run_config, config, device_params, probe_cache, dtype, max_model_len, probe_pages,
                             mesh=self.mesh, platform=self.platform)
         largest = max(probe.buckets, key=lambda k: (k[0] + k[1], k))

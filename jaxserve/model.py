@@ -58,7 +58,7 @@ import numpy as np
 
 from jaxserve import kv_cache, moe
 from jaxserve.config import ModelConfig
-from jaxserve.sharding import CACHE_SPEC, DATA, MODEL, constrain
+from jaxserve.sharding import DATA, MODEL, constrain
 from kernels_pallas import ragged_paged_attention
 from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
@@ -173,7 +173,7 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array,
     attention over that layer's pages.
 
     q [T, Hq, D], k/v [T, Hkv, D], cache [L, Hkv, pages, page_size, 2D] (a device's local heads under
-    shard_map).  ``window`` (an int32 scalar, may be traced: this layer's window when layers differ)
+    shard_map; int8: the (kv, scales) pair, quantized on write).  ``window`` (an int32 scalar, may be traced: this layer's window when layers differ)
     overrides the static ``sliding_window``.  Returns (attention output [T, Hq, D], cache)."""
     cache = kv_cache.write_kv(cache, layer, k, v, meta.slot_mapping)
     attn = ragged_paged_attention(
@@ -274,8 +274,9 @@ class DecoderLayer(nn.Module):
             # Each device writes and attends with its own KV heads (and their query groups); the token
             # rows are gathered from the data groups, as attention needs every row of a sequence.
             heads = P(None, MODEL, None)
-            specs = (heads, heads, heads, CACHE_SPEC, P(), P()) + (() if window is None else (P(),))
-            attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, CACHE_SPEC),
+            cache_spec = kv_cache.partition_spec(MODEL, cache)  # one spec, or the int8 (kv, scales) pair's
+            specs = (heads, heads, heads, cache_spec, P(), P()) + (() if window is None else (P(),))
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, cache_spec),
                                    check_vma=False)
         return attend(*args)
 

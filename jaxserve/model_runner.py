@@ -34,7 +34,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from jaxserve import compile_cache, sharding
+from jaxserve import compile_cache, kv_cache, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM, head_logits, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
@@ -109,7 +109,7 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.platform = platform or (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
         self.attention_impl = resolve_attention(engine_cfg.attention_impl, self.platform, model_cfg,
-                                                engine_cfg.page_size, dtype)
+                                                engine_cfg.page_size, dtype, kv_cache_dtype(cache, dtype))
         self.layer_loop = resolve_layer_loop(engine_cfg.layer_loop, self.platform, mesh)
         if self.layer_loop == "switch" and "layers" in params:
             params = unstack_layers(params, model_cfg.num_layers)
@@ -145,8 +145,8 @@ class ModelRunner:
         # preempted (rows of finished / preempted requests are reclaimed when none is free).
         self.vocab_size = model_cfg.vocab_size
         self.penalty_rows = engine_cfg.max_num_seqs
-        if isinstance(cache, jax.ShapeDtypeStruct):  # compile-only (jaxserve plan): shapes on the target
-            where = sharding.replicated(mesh) if mesh is not None else cache.sharding
+        if _abstract(cache):  # compile-only (jaxserve plan): shapes on the target
+            where = sharding.replicated(mesh) if mesh is not None else jax.tree_util.tree_leaves(cache)[0].sharding
             self.penalty_state = jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
                 jax.eval_shape(lambda: allocate_penalty_state(self.penalty_rows, self.vocab_size)))
@@ -390,7 +390,7 @@ class ModelRunner:
         masks = self._plain_masks.get(rows)
         if masks is None:
             masks = (np.zeros((rows, self.mask_words), np.int32), np.zeros(rows, bool))
-            if self.mesh is None and not isinstance(self.cache, jax.ShapeDtypeStruct):
+            if self.mesh is None and not _abstract(self.cache):
                 masks = tuple(jax.device_put(x) for x in masks)
             self._plain_masks[rows] = masks
         return masks
@@ -549,14 +549,32 @@ class ModelRunner:
         return time.perf_counter() - t0
 
 
-def resolve_attention(impl: str, platform: str, cfg: ModelConfig, page_size: int, dtype: Any) -> str:
+def _abstract(cache: Any) -> bool:
+    """Whether the cache (one array or the int8 pair) is ``ShapeDtypeStruct``s (compile-only)."""
+    return isinstance(jax.tree_util.tree_leaves(cache)[0], jax.ShapeDtypeStruct)
+
+
+def kv_cache_dtype(cache: Any, dtype: Any) -> np.dtype:
+    """The value dtype of the cache: int8 (the pair), fp8 (uint8 bits on CPU), else the model's."""
+    kv, scales = kv_cache.split_cache(cache)
+    if scales is not None:
+        return np.dtype(np.int8)
+    if np.dtype(kv.dtype) in (np.dtype(np.uint8), np.dtype(jnp.float8_e4m3fn)):
+        return np.dtype(jnp.float8_e4m3fn)
+    return np.dtype(dtype)
+
+
+def resolve_attention(impl: str, platform: str, cfg: ModelConfig, page_size: int, dtype: Any,
+                      kv_dtype: Any = None) -> str:
     """The attention implementation the steps use: ``impl`` resolved for ``platform``, or the
-    reference, with one warning naming the shape, when the platform's kernel does not serve it."""
+    reference, with one warning naming the shape, when the platform's kernel does not serve it
+    (``kv_dtype``: an 8-bit cache's value dtype, when not ``dtype``)."""
     kernel, _ = resolve_impl(impl, platform)
     if kernel == "reference":
         return "reference"
     reason = unsupported_reason(kernel, head_dim=cfg.head_dim, num_q_heads=cfg.num_heads,
-                                num_kv_heads=cfg.num_kv_heads, page_size=page_size, dtype=dtype)
+                                num_kv_heads=cfg.num_kv_heads, page_size=page_size, dtype=dtype,
+                                kv_dtype=kv_dtype)
     if reason is not None:
         logger.warning("attention: the %s kernel does not serve head_dim=%d, %d query / %d KV heads, "
                        "page_size=%d, %s (%s); using the reference attention", kernel.upper(), cfg.head_dim,

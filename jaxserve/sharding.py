@@ -218,8 +218,17 @@ def param_shardings(mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
                                   is_leaf=lambda x: isinstance(x, P))
 
 
-def cache_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, CACHE_SPEC)
+def cache_sharding(mesh: Mesh, cache: Any = None) -> Any:
+    """The cache's sharding; with a ``cache`` (arrays or structs), one for each leaf (the int8 pair)."""
+    if cache is None:
+        return NamedSharding(mesh, CACHE_SPEC)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), kv_cache.partition_spec(MODEL, cache),
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def leaf_cache_sharding(mesh: Mesh):
+    """The sharding of a cache leaf of a given rank (KV heads on ``model``): for ``allocate_kv_cache``."""
+    return lambda ndim: NamedSharding(mesh, P(*[MODEL if i == kv_cache.KV_HEAD_AXIS else None for i in range(ndim)]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -241,7 +250,7 @@ def put_params(params: dict[str, Any], mesh: Mesh, cfg: ModelConfig) -> dict[str
 
 def allocate_sharded_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, mesh: Mesh):
     """The zeroed cache, created directly in its KV-head sharding."""
-    return kv_cache.allocate_kv_cache(cfg, num_pages, page_size, dtype, cache_sharding(mesh))
+    return kv_cache.allocate_kv_cache(cfg, num_pages, page_size, dtype, leaf_cache_sharding(mesh))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, *spec: Any) -> jax.Array:
