@@ -46,6 +46,9 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                         "the largest step's temporaries (default 0.9; GPU/TPU only, unless --num-pages is set)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8: weight-only int8 with per-output-channel scales, quantized at load (default: the "
+                        "weights in --dtype; a checkpoint converted with --quantization int8 is int8 anyway)")
     p.add_argument("--attention-impl", default="auto",
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
@@ -109,7 +112,7 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-                          dtype=args.dtype, scheduling=args.scheduling,
+                          dtype=args.dtype, scheduling=args.scheduling, quantization=args.quantization,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
                           min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
                           memory_utilization=args.memory_utilization)
@@ -156,8 +159,10 @@ def cmd_plan(args) -> int:
 def cmd_convert(args) -> int:
     from jaxserve.checkpoint import convert
 
-    out = convert(args.model, args.out, dtype=args.dtype, progress=not args.no_progress, revision=args.revision)
-    print(f"wrote an Orbax checkpoint ({args.dtype}) of {args.model} to {out}")
+    out = convert(args.model, args.out, dtype=args.dtype, progress=not args.no_progress, revision=args.revision,
+                  quantization=args.quantization)
+    what = args.dtype + (f", {args.quantization} weights" if args.quantization else "")
+    print(f"wrote an Orbax checkpoint ({what}) of {args.model} to {out}")
     return 0
 
 
@@ -393,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default=None, help="Hub ids only: branch, tag or commit (default: main)")
     p.add_argument("--out", required=True, help="directory to write (params/ + config + tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8: store the linear layers and the embedding as int8 with per-output-channel scales")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while reading and writing")
     p.set_defaults(func=cmd_convert)
 

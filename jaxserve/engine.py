@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve import checkpoint, compile_cache, hub, kv_cache, sharding
+from jaxserve import checkpoint, compile_cache, hub, kv_cache, quant, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.gguf_loader import is_gguf_path, load_gguf
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
@@ -117,6 +117,13 @@ class Engine:
         max_model_len = config.max_model_len or context  # provisional, until the cache is sized
 
         on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
+        if config.quantization == "int8" and not quant.is_quantized(params):
+            # Quantized at load, on the host (a restored float checkpoint comes back from the devices first).
+            params = quant.quantize_params(model_config, jax.device_get(params) if on_device else params)
+            on_device = False
+        self.quantization = "int8" if quant.is_quantized(params) else None
+        if self.quantization:
+            logger.info("weights: int8 (per-output-channel scales), %.1f MiB", quant.param_bytes(params) / 2**20)
         if self.mesh is None:
             device_params = params if on_device else jax.tree_util.tree_map(jnp.asarray, params)
         elif on_device:

@@ -263,9 +263,12 @@ def gguf_to_hf_tensors(reader, cfg: ModelConfig, progress: bool = False) -> dict
     return tensors
 
 
-def load_gguf(path: str, dtype: Any, progress: bool = False) -> tuple[ModelConfig, dict[str, Any], Any]:
+def load_gguf(path: str, dtype: Any, progress: bool = False,
+              quantization: str | None = None) -> tuple[ModelConfig, dict[str, Any], Any]:
     """``(model_config, numpy parameter tree of dtype, tokenizer or None)`` from a GGUF file
-    (``progress``: tqdm bars on stderr while dequantizing and laying out the weights)."""
+    (``progress``: tqdm bars on stderr while dequantizing and laying out the weights).
+    ``quantization="int8"``: the linear layers and the embedding come back as int8 with per-output-channel
+    scales (``jaxserve/quant.py``), re-quantized per channel from the dequantized tensors."""
     from jaxserve.weights import hf_to_params
 
     reader = open_gguf(path)
@@ -278,6 +281,10 @@ def load_gguf(path: str, dtype: Any, progress: bool = False) -> tuple[ModelConfi
     logger.info("GGUF %s: %s, %d layers, tensor types %s", os.path.basename(path), cfg.model_type,
                 cfg.num_layers, counts)
     params = hf_to_params(cfg, gguf_to_hf_tensors(reader, cfg, progress), dtype, progress)
+    if quantization:
+        from jaxserve.quant import quantize_params
+
+        params = quantize_params(cfg, params)
     tokenizer = tokenizer_from_gguf(meta)
     return cfg, params, tokenizer
 

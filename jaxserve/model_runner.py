@@ -34,7 +34,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from jaxserve import compile_cache, sharding
+from jaxserve import compile_cache, quant, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM, head_logits, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
@@ -117,6 +117,7 @@ class ModelRunner:
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
         self.params = params
+        self.quantization = "int8" if quant.is_quantized(params) else None  # the weights say (jaxserve/quant.py)
         self.cache = cache
         self.dtype = dtype
         self.page_size = engine_cfg.page_size
@@ -169,7 +170,8 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True)
+                         self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
+                         quantization=self.quantization)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
