@@ -111,9 +111,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", progress: bool =
         raise ValueError(f"out: {params_dir} already exists (choose a new directory)")
     hf_dir = resolve_model(hf_dir, revision, progress=progress)
     cfg = ModelConfig.from_dir(hf_dir)
-    params = load_params(hf_dir, cfg, NP_DTYPES[dtype], progress)
-    if quantization:
-        params = quant.quantize_params(cfg, params)
+    params = load_params(hf_dir, cfg, NP_DTYPES[dtype], progress, quantization)
     os.makedirs(out_dir, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     with elapsed_bar("write (Orbax)", _tree_bytes(params), progress):

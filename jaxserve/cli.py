@@ -120,7 +120,8 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
     t0 = time.perf_counter()
     model_config, params, tokenizer = load_model(args.model, args.dtype, mesh, progress=progress,
-                                                 revision=args.revision, gguf_file=args.gguf_file)
+                                                 revision=args.revision, gguf_file=args.gguf_file,
+                                                 quantization=config.quantization)
     import jax
 
     if config.max_model_len is None and jax.default_backend() == "cpu":

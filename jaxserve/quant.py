@@ -62,26 +62,37 @@ def is_quantized(params: dict[str, Any]) -> bool:
     return any(getattr(x, "dtype", None) == np.int8 for x in jax.tree_util.tree_leaves(params))
 
 
-def quantize_params(cfg: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """The host (numpy) tree of ``weights.hf_to_params`` (layers stacked under ``"layers"``) with every
-    linear kernel and the embedding replaced by int8 + per-output-channel float32 scales."""
-    if is_quantized(params):
-        return params
-    out = dict(params)
-    layers = dict(params["layers"])
+def quantize_layer(layer: dict[str, Any], stacked: bool = True) -> dict[str, Any]:
+    """One decoder layer's (or, ``stacked``, all layers') numpy weights with the linear kernels in int8
+    and per-output-channel scales (the input axis of a kernel is its first, after the layer axis)."""
+    out = dict(layer)
     for name in LAYER_LINEARS:
-        if name not in layers:  # MoE layers have no dense MLP
-            continue
-        layer = dict(layers[name])
-        kernel = layer["kernel"]  # [L, in, *out]
-        layer["kernel"], layer["scale"] = quantize_int8(kernel, in_axes=(1,))
-        layers[name] = layer
-    out["layers"] = layers
-    q, s = quantize_int8(params["embed"]["embedding"], in_axes=(1,))  # [V, H]: one scale per row
-    out["embed"] = {"embedding": q, "scale": s}
-    if "lm_head" in params:
+        if name in out and "scale" not in out[name]:  # MoE layers have no dense MLP
+            q, s = quantize_int8(out[name]["kernel"], in_axes=(1 if stacked else 0,))
+            out[name] = {**out[name], "kernel": q, "scale": s}
+    return out
+
+
+def quantize_globals(params: dict[str, Any]) -> dict[str, Any]:
+    """The embedding (one scale per vocabulary row) and the untied LM head (one per vocabulary column)."""
+    out = dict(params)
+    if "scale" not in params["embed"]:
+        q, s = quantize_int8(params["embed"]["embedding"], in_axes=(1,))  # [V, H]
+        out["embed"] = {"embedding": q, "scale": s}
+    if "lm_head" in params and "scale" not in params["lm_head"]:
         q, s = quantize_int8(params["lm_head"]["kernel"], in_axes=(0,))  # [H, V]
         out["lm_head"] = {"kernel": q, "scale": s}
+    return out
+
+
+def quantize_params(cfg: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The host (numpy) tree of ``weights.hf_to_params`` (layers stacked under ``"layers"``) with every
+    linear kernel and the embedding replaced by int8 + per-output-channel float32 scales.  (Loading
+    with ``quantization="int8"`` does this layer by layer, never holding the float tree.)"""
+    if is_quantized(params):
+        return params
+    out = quantize_globals(params)
+    out["layers"] = quantize_layer(params["layers"], stacked=True)
     return out
 
 
@@ -205,5 +216,5 @@ def param_bytes(params: Any) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params))
 
 
-__all__ = ["QUANTIZATIONS", "quantize_int8", "dequantize", "is_quantized", "quantize_params",
+__all__ = ["QUANTIZATIONS", "quantize_int8", "dequantize", "is_quantized", "quantize_layer", "quantize_globals", "quantize_params",
            "dequantize_params", "quantized_matmul", "embed_logits", "QuantDense", "QuantEmbed", "param_specs", "stored_dtypes", "param_bytes"]
