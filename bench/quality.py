@@ -3,7 +3,7 @@
     python bench/quality.py                       # SmolLM2-135M-Instruct (Q4_1 GGUF), every setting
     python bench/quality.py --model /work/models/56m --settings f32,int8
 
-For each setting (``SETTINGS``: f32, int8 weights; int8 KV cache and both, once ``EngineConfig`` has
+For each setting (``SETTINGS``: f32, int8 weights, int8 weights and activations; int8 KV cache and both, once ``EngineConfig`` has
 ``kv_cache_dtype``) it loads the model, then
 
 * ``ppl``: perplexity of ``jaxserve/data/corpus.txt`` (ships with the package), from the engine's prompt
@@ -38,6 +38,7 @@ from jaxserve.quant import param_bytes  # noqa: E402
 SETTINGS = {
     "f32": {},
     "int8": {"quantization": "int8"},
+    "w8a8": {"quantization": "w8a8"},
 }
 if "kv_cache_dtype" in {f.name for f in dataclasses.fields(EngineConfig)}:  # the 8-bit KV cache (issue 18 part 3)
     SETTINGS["int8_kv"] = {"kv_cache_dtype": "int8"}

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default=None, choices=["int8"], help="int8: weight-only int8 (jaxserve/quant.py)")
+    ap.add_argument("--quantization", default=None, choices=["int8", "w8a8"], help="int8: weight-only int8 (jaxserve/quant.py)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--attention-impl", default="auto",
                     choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"])

@@ -46,9 +46,10 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                         "the largest step's temporaries (default 0.9; GPU/TPU only, unless --num-pages is set)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
-    p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="int8: weight-only int8 with per-output-channel scales, quantized at load (default: the "
-                        "weights in --dtype; a checkpoint converted with --quantization int8 is int8 anyway)")
+    p.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+                   help="int8: weight-only int8 (W8A16) with per-output-channel scales, quantized at load; w8a8: the "
+                        "same weights with each token row of a layer's input quantized to int8 too (default: the "
+                        "weights in --dtype; a checkpoint converted with --quantization int8 is served as int8)")
     p.add_argument("--attention-impl", default="auto",
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default=None, help="Hub ids only: branch, tag or commit (default: main)")
     p.add_argument("--out", required=True, help="directory to write (params/ + config + tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", default=None, choices=["int8"],
+    p.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
                    help="int8: store the linear layers and the embedding as int8 with per-output-channel scales")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while reading and writing")
     p.set_defaults(func=cmd_convert)

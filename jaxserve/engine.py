@@ -119,13 +119,14 @@ class Engine:
         max_model_len = config.max_model_len or context  # provisional, until the cache is sized
 
         on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
-        if config.quantization == "int8" and not quant.is_quantized(params):
-            # Quantized at load, on the host (a restored float checkpoint comes back from the devices first).
+        if config.quantization and not quant.is_quantized(params):
+            # Quantized at start-up, on the host (a restored float checkpoint comes back from the devices first).
             params = quant.quantize_params(model_config, jax.device_get(params) if on_device else params)
             on_device = False
-        self.quantization = "int8" if quant.is_quantized(params) else None
+        self.quantization = (config.quantization or "int8") if quant.is_quantized(params) else None
         if self.quantization:
-            logger.info("weights: int8 (per-output-channel scales), %.1f MiB", quant.param_bytes(params) / 2**20)
+            logger.info("weights: int8 (per-output-channel scales, %s), %.1f MiB", self.quantization,
+                        quant.param_bytes(params) / 2**20)
         if self.mesh is None:
             device_params = params if on_device else jax.tree_util.tree_map(jnp.asarray, params)
         elif on_device:

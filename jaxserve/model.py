@@ -100,11 +100,11 @@ def _dot_f32_out(lhs, rhs, dimension_numbers, precision=None, **_):
 def linear(features, quantization: str | None, dtype, use_bias: bool = False, dot_general=_dot_f32_accumulate,
            name: str | None = None) -> nn.Module:
     """A linear layer over the last axis: Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``),
-    or with ``quantization="int8"`` the same kernel in int8 with per-output-channel scales
+    or with ``quantization`` ("int8", "w8a8") the same kernel in int8 with per-output-channel scales
     (``jaxserve/quant.py``)."""
     if quantization:
-        return quant.QuantDense(features, use_bias=use_bias, dtype=dtype,
-                                out_f32=dot_general is _dot_f32_out, name=name)
+        return quant.QuantDense(features, use_bias=use_bias, dtype=dtype, out_f32=dot_general is _dot_f32_out,
+                                w8a8=quantization == "w8a8", name=name)
     cls = nn.Dense if isinstance(features, int) else nn.DenseGeneral
     return cls(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, kernel_init=_init(),
                dot_general=dot_general, name=name)
@@ -212,7 +212,7 @@ class DecoderLayer(nn.Module):
     mesh: Mesh | None = None
     backend: str | None = None
     moe_impl: str = "auto"
-    quantization: str | None = None  # "int8": int8 linear layers (jaxserve/quant.py)
+    quantization: str | None = None  # "int8" / "w8a8": int8 linear layers (jaxserve/quant.py)
 
     def setup(self):
         cfg, dt, qz = self.cfg, self.dtype, self.quantization
@@ -349,13 +349,13 @@ class CausalLM(nn.Module):
     layer_loop: str = "scan"  # "scan" (params["layers"] stacked) or "switch" (params["layers_{i}"])
     moe_impl: str = "auto"  # mixture-of-experts FFN (jaxserve.moe.MOE_IMPLS); "dense" is the reference
     return_hidden: bool = False  # also return every row's last hidden state [T, hidden] (prompt logprobs)
-    quantization: str | None = None  # "int8": int8 weights + per-output-channel scales (jaxserve/quant.py)
+    quantization: str | None = None  # "int8" / "w8a8": int8 weights + per-channel scales (jaxserve/quant.py)
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
         cfg, dt = self.cfg, self.dtype
         if self.quantization:
-            embed = quant.QuantEmbed(cfg.vocab_size, cfg.hidden_size, dt, name="embed")
+            embed = quant.QuantEmbed(cfg.vocab_size, cfg.hidden_size, dt, self.quantization == "w8a8", name="embed")
         else:
             embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
                              embedding_init=_init(), name="embed")
@@ -409,14 +409,16 @@ class CausalLM(nn.Module):
         return logits, cache
 
 
-def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any) -> jax.Array:
+def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any,
+                quantization: str | None = None) -> jax.Array:
     """``CausalLM``'s final norm, LM head and final soft cap on hidden states of any rows ([N, hidden] ->
     float32 [N, V]): the logits of every prompt position, for prompt logprobs."""
     x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset).apply({"params": params["final_norm"]}, hidden)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     if "scale" in head:  # int8 weights (jaxserve/quant.py)
-        logits = (quant.embed_logits(x, head["embedding"], head["scale"]) if cfg.tie_word_embeddings
-                  else quant.quantized_matmul(x, head["kernel"], head["scale"], jnp.float32))
+        w8a8 = quantization == "w8a8"
+        logits = (quant.embed_logits(x, head["embedding"], head["scale"], w8a8) if cfg.tie_word_embeddings
+                  else quant.quantized_matmul(x, head["kernel"], head["scale"], jnp.float32, w8a8))
     elif cfg.tie_word_embeddings:
         logits = _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
     else:

@@ -117,7 +117,8 @@ class ModelRunner:
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
         self.params = params
-        self.quantization = "int8" if quant.is_quantized(params) else None  # the weights say (jaxserve/quant.py)
+        # int8 weights (jaxserve/quant.py): W8A16 ("int8") unless the engine asks for "w8a8"
+        self.quantization = (engine_cfg.quantization or "int8") if quant.is_quantized(params) else None
         self.cache = cache
         self.dtype = dtype
         self.page_size = engine_cfg.page_size
@@ -186,7 +187,7 @@ class ModelRunner:
         blocks = -(-t // block)
 
         def rows(h, target):
-            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype), axis=-1)
+            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype, self.quantization), axis=-1)
             target = jnp.clip(target, 0, lp.shape[-1] - 1)
             tok = jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
             rank = 1 + jnp.sum(lp > tok[:, None], axis=-1).astype(jnp.int32)

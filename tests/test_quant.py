@@ -68,6 +68,30 @@ def test_int8_linear_matches_dequantized_reference(name):
     np.testing.assert_allclose(y, full, atol=float(np.abs(np.asarray(x)).sum(1).max() * scale.max() / 2))
 
 
+@pytest.mark.parametrize("name", ["qkv_proj", "lm_head"])
+def test_w8a8_linear_matches_integer_reference(name):
+    """quantization="w8a8": each input row quantized to int8 (scale max|row| / 127), an exact integer
+    matmul, then the row and channel scales: as numpy computes it in int64."""
+    features, bias = LAYERS[name]
+    rng = np.random.default_rng(3)
+    out_shape = (features,) if isinstance(features, int) else features
+    w = rng.standard_normal((64, *out_shape)).astype(np.float32) * 0.02
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    x[2] = 0.0  # a zero row
+    q, scale = quantize_int8(w, in_axes=(0,))
+    params = {"kernel": q, "scale": scale}
+    if bias:
+        params["bias"] = rng.standard_normal(out_shape).astype(np.float32)
+    y = linear(features, "w8a8", jnp.float32, use_bias=bias).apply({"params": params}, jnp.asarray(x))
+    xs = np.abs(x).max(1, keepdims=True) / 127
+    xs[xs == 0] = 1
+    xq = np.clip(np.rint(x / xs), -127, 127).astype(np.int64)
+    acc = np.tensordot(xq, q.astype(np.int64), axes=1)  # exact
+    ref = acc * xs.reshape(5, *([1] * len(out_shape))) * scale + (params["bias"] if bias else 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    assert not np.asarray(y[2] - (params["bias"] if bias else 0)).any()
+
+
 def test_int8_embedding_and_tied_head_match_dequantized_reference():
     rng = np.random.default_rng(2)
     table = rng.standard_normal((1024, 64)).astype(np.float32)
@@ -136,7 +160,7 @@ def test_quantized_orbax_checkpoint_restores_int8(llama_dir, f32_params, tmp_pat
 
 
 def test_bad_quantization_is_named():
-    with pytest.raises(ValueError, match="quantization: must be None or one of int8"):
+    with pytest.raises(ValueError, match="quantization: must be None or one of int8, w8a8, got 'int4'"):
         EngineConfig(quantization="int4").validate()
 
 
