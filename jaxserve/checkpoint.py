@@ -151,7 +151,7 @@ def _restore_specs(cfg: ModelConfig, mesh: Mesh, quantized: bool = False) -> dic
     replication = sharding.kv_replication(cfg, m)
     specs = sharding.param_specs(cfg, m)
     if quantized:
-        specs = quant.param_specs(specs, sharding.MODEL)
+        specs = quant.param_specs(specs)
     if replication > 1:
         hidden_split = sharding.MODEL if cfg.hidden_size % m == 0 else None
         qkv = specs["layers"]["qkv_proj"]

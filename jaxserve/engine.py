@@ -120,7 +120,10 @@ class Engine:
 
         on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
         if config.quantization and not quant.is_quantized(params):
-            # Quantized at start-up, on the host (a restored float checkpoint comes back from the devices first).
+            if on_device and self.mesh is not None:
+                raise ValueError("quantization: a float Orbax checkpoint restored onto a mesh is not re-quantized; "
+                                 "write an int8 one with `jaxserve convert --quantization int8`")
+            # Quantized at start-up, on the host (a restored float checkpoint comes back from the device first).
             params = quant.quantize_params(model_config, jax.device_get(params) if on_device else params)
             on_device = False
         self.quantization = (config.quantization or "int8") if quant.is_quantized(params) else None

@@ -10,8 +10,8 @@ per output channel, no zero point).  The layer computes ``(x @ kernel.astype(x.d
 int8 weight is what lives in device memory; XLA TPU/GPU fuse the convert into the dot.  XLA CPU does
 not (it converts the whole weight to f32 in a loop fusion, then calls its matmul), and tiling the
 matmul over output or input chunks so that only a chunk is converted was slower still on this
-2-core CPU (``/tmp`` micro-benchmark, 8-32 rows x [512, 2816]): on CPU int8 weights save memory,
-not time.
+2-core CPU (a jitted micro-benchmark of 8-32 rows x [512, 2816], numbers in the README, "Int8 weights"):
+on CPU W8A16 saves memory, not time; ``quantization="w8a8"`` (int8 activations too) is the fast one.
 
 Quantized: the fused ``qkv_proj`` (scale ``[Hkv, G+2, D]``, laid out like its bias, so it splits and
 replicates with the KV heads), ``o_proj``, ``gate_up_proj`` (scale ``[2, I]``), ``down_proj``, the LM
@@ -198,7 +198,7 @@ def embed_logits(x: jax.Array, embedding: jax.Array, scale: jax.Array, w8a8: boo
     return int8_dot(x, embedding, w8a8, contract=1) * scale.astype(jnp.float32)
 
 
-def param_specs(specs: dict[str, Any], model_axis_name: str) -> dict[str, Any]:
+def param_specs(specs: dict[str, Any]) -> dict[str, Any]:
     """``sharding.param_specs`` of the unquantized model -> those of the quantized one: each scale is
     split like its kernel's output axes (qkv's like its bias: on the KV heads; gate_up's on I; the
     embedding's and LM head's on the vocabulary when the kernel is), others replicated."""

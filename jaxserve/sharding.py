@@ -219,7 +219,7 @@ def param_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool = False) -> di
     if quantized:
         from jaxserve import quant
 
-        specs = quant.param_specs(specs, MODEL)
+        specs = quant.param_specs(specs)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, P))
 
