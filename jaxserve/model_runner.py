@@ -34,7 +34,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from jaxserve import compile_cache, kv_cache, sharding
+from jaxserve import compile_cache, kv_cache, quant, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM, head_logits, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
@@ -117,6 +117,8 @@ class ModelRunner:
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
         self.params = params
+        # int8 weights (jaxserve/quant.py): W8A16 ("int8") unless the engine asks for "w8a8"
+        self.quantization = (engine_cfg.quantization or "int8") if quant.is_quantized(params) else None
         self.cache = cache
         self.dtype = dtype
         self.page_size = engine_cfg.page_size
@@ -169,7 +171,8 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True)
+                         self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
+                         quantization=self.quantization)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
@@ -184,7 +187,7 @@ class ModelRunner:
         blocks = -(-t // block)
 
         def rows(h, target):
-            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype), axis=-1)
+            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype, self.quantization), axis=-1)
             target = jnp.clip(target, 0, lp.shape[-1] - 1)
             tok = jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
             rank = 1 + jnp.sum(lp > tok[:, None], axis=-1).astype(jnp.int32)
