@@ -32,6 +32,7 @@ import jax  # noqa: E402
 
 from jaxserve import Engine  # noqa: E402
 from jaxserve.benchmark import load_workload, run_workload  # noqa: E402
+from jaxserve.quant import param_bytes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"])
+    ap.add_argument("--quantization", default=None, choices=["int8", "w8a8"], help="int8: weight-only int8 (jaxserve/quant.py)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--attention-impl", default="auto",
                     choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"])
@@ -69,8 +72,9 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode,
+        kv_cache_dtype=args.kv_cache_dtype,
         attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape,
-        moe_impl=args.moe_impl, min_prefill_bucket=args.min_prefill_bucket,
+        moe_impl=args.moe_impl, quantization=args.quantization, min_prefill_bucket=args.min_prefill_bucket,
         max_num_prefill_seqs=args.max_num_prefill_seqs, speculative_config=args.speculative_config)
     warmup_s = 0.0 if args.no_warmup else engine.warmup()
     run = run_workload(engine, requests, progress=not args.no_progress)
@@ -85,6 +89,9 @@ def main(argv=None) -> int:
         "layer_loop": engine.runner.layer_loop,
         "max_num_seqs": args.max_num_seqs,
         "dtype": engine.dtype_name,
+        "kv_cache_dtype": engine.kv_dtype.name,
+        "quantization": engine.quantization,
+        "weight_mib": round(param_bytes(engine.runner.params) / 2**20, 1),
         "requests": len(requests),
         "output_tokens": output_tokens,
         "seconds": round(seconds, 3),

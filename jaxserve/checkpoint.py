@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from jaxserve import sharding
+from jaxserve import quant, sharding
 from jaxserve.config import ModelConfig
 from jaxserve.weights import NP_DTYPES, load_params
 
@@ -91,22 +91,27 @@ def _tree_bytes(tree: Any) -> int:
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", progress: bool = False,
-            revision: str | None = None) -> str:
+            revision: str | None = None, quantization: str | None = None) -> str:
     """Convert a Hugging Face checkpoint (a directory, or a Hub id at ``revision``) into an Orbax
-    checkpoint at ``out_dir`` (``progress``: tqdm bars over the layers read and while Orbax writes)."""
+    checkpoint at ``out_dir`` (``progress``: tqdm bars over the layers read and while Orbax writes).
+    ``quantization="int8"``: the linear layers and the embedding are stored as int8 with float32
+    per-output-channel scales (``jaxserve/quant.py``), the rest in ``dtype``."""
     import orbax.checkpoint as ocp
 
     from jaxserve.hub import resolve_model
 
     if dtype not in NP_DTYPES:
         raise ValueError(f"dtype: must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
+    if quantization is not None and quantization not in quant.QUANTIZATIONS:
+        raise ValueError(f"quantization: must be None or one of {', '.join(quant.QUANTIZATIONS)}, "
+                         f"got {quantization!r}")
     out_dir = os.path.abspath(out_dir)
     params_dir = os.path.join(out_dir, PARAMS_SUBDIR)
     if os.path.exists(params_dir):
         raise ValueError(f"out: {params_dir} already exists (choose a new directory)")
     hf_dir = resolve_model(hf_dir, revision, progress=progress)
     cfg = ModelConfig.from_dir(hf_dir)
-    params = load_params(hf_dir, cfg, NP_DTYPES[dtype], progress)
+    params = load_params(hf_dir, cfg, NP_DTYPES[dtype], progress, quantization)
     os.makedirs(out_dir, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     with elapsed_bar("write (Orbax)", _tree_bytes(params), progress):
@@ -119,7 +124,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", progress: bool =
             shutil.copy2(src, os.path.join(out_dir, name))
             copied.append(name)
     with open(os.path.join(out_dir, MARKER), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "source": os.path.abspath(hf_dir),
+        json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "quantization": quantization,
+                   "source": os.path.abspath(hf_dir),
                    "layout": {"qkv_proj": "[L, H, Hkv, G+2, D]", "gate_up_proj": "[L, H, 2, I]"}}, f, indent=2)
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logger.info("converted %s (%.1fM parameters, %s) to %s; copied %s", hf_dir, n / 1e6, dtype, out_dir,
@@ -137,19 +143,22 @@ def stored_shapes(ckpt_dir: str) -> dict[str, Any]:
                                   is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
-def _restore_specs(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+def _restore_specs(cfg: ModelConfig, mesh: Mesh, quantized: bool = False) -> dict[str, Any]:
     """Shardings to restore the stored (unreplicated) tree into.  With KV-head replication the stored
     ``qkv_proj`` cannot be split on its KV heads, so it is restored split on its input (hidden)
     axis and re-laid out on the mesh afterwards."""
     m = mesh.shape[sharding.MODEL]
     replication = sharding.kv_replication(cfg, m)
     specs = sharding.param_specs(cfg, m)
+    if quantized:
+        specs = quant.param_specs(specs)
     if replication > 1:
         hidden_split = sharding.MODEL if cfg.hidden_size % m == 0 else None
         qkv = specs["layers"]["qkv_proj"]
         qkv["kernel"] = P(None, hidden_split, None, None, None)
-        if "bias" in qkv:
-            qkv["bias"] = P()
+        for name in ("bias", "scale"):
+            if name in qkv:
+                qkv[name] = P()
     return specs
 
 
@@ -157,14 +166,18 @@ def restore_targets(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | No
     """The Orbax restore target: a ``jax.ShapeDtypeStruct`` per parameter carrying the sharding it is
     restored into (``NamedSharding`` on ``mesh``; the default device without one)."""
     shapes = stored_shapes(ckpt_dir)
+    # int8 weights and their scales keep their stored dtypes (jaxserve/quant.py); the rest is cast to dtype
+    dtypes = quant.stored_dtypes(shapes, dtype)
+    is_shape = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], np.dtype)  # noqa: E731
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
-        return jax.tree_util.tree_map(lambda sd: jax.ShapeDtypeStruct(sd[0], dtype, sharding=device), shapes,
-                                      is_leaf=lambda x: isinstance(x, tuple))
-    specs = _restore_specs(cfg, mesh)
+        return jax.tree_util.tree_map(lambda sd, dt: jax.ShapeDtypeStruct(sd[0], dt, sharding=device), shapes,
+                                      dtypes, is_leaf=is_shape)
+    quantized = any(dt == np.int8 for dt in jax.tree_util.tree_leaves(dtypes))
+    specs = _restore_specs(cfg, mesh, quantized)
     return jax.tree_util.tree_map(
-        lambda spec, sd: jax.ShapeDtypeStruct(sd[0], dtype, sharding=NamedSharding(mesh, spec)),
-        specs, shapes, is_leaf=lambda x: isinstance(x, P))
+        lambda spec, sd, dt: jax.ShapeDtypeStruct(sd[0], dt, sharding=NamedSharding(mesh, spec)),
+        specs, shapes, dtypes, is_leaf=lambda x: isinstance(x, P))
 
 
 def restore_params(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | None = None,
@@ -184,7 +197,7 @@ def restore_params(ckpt_dir: str, cfg: ModelConfig, dtype: Any, mesh: Mesh | Non
         if replication > 1:
             run_cfg = sharding.sharded_model_config(cfg, mesh.shape[sharding.MODEL])
             relayout = jax.jit(lambda p: sharding.replicate_kv_heads(p, cfg, replication),
-                               out_shardings=sharding.param_shardings(mesh, run_cfg))
+                               out_shardings=sharding.param_shardings(mesh, run_cfg, quant.is_quantized(params)))
             params = relayout(params)
     return params
 

@@ -45,7 +45,14 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="fraction of each chip's memory jaxserve may use: the KV cache gets it less the weights and "
                         "the largest step's temporaries (default 0.9; GPU/TPU only, unless --num-pages is set)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
+                   help="KV cache values: auto (= --dtype), int8 (per-token-per-head scales) or fp8_e4m3 "
+                        "(jaxserve/kv_cache.py)")
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
+    p.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+                   help="int8: weight-only int8 (W8A16) with per-output-channel scales, quantized at load; w8a8: the "
+                        "same weights with each token row of a layer's input quantized to int8 too (default: the "
+                        "weights in --dtype; a checkpoint converted with --quantization int8 is served as int8)")
     p.add_argument("--attention-impl", default="auto",
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
@@ -122,7 +129,8 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-                          dtype=args.dtype, scheduling=args.scheduling,
+                          dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, scheduling=args.scheduling,
+                          quantization=args.quantization,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
                           min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
                           memory_utilization=args.memory_utilization,
@@ -131,7 +139,8 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
     mesh = make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
     t0 = time.perf_counter()
     model_config, params, tokenizer = load_model(args.model, args.dtype, mesh, progress=progress,
-                                                 revision=args.revision, gguf_file=args.gguf_file)
+                                                 revision=args.revision, gguf_file=args.gguf_file,
+                                                 quantization=config.quantization)
     import jax
 
     if config.max_model_len is None and jax.default_backend() == "cpu":
@@ -155,7 +164,7 @@ def cmd_plan(args) -> int:
         mesh = {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
-                          dtype=args.dtype, attention_impl=args.attention_impl,
+                          dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, attention_impl=args.attention_impl,
                           min_prefill_bucket=args.min_prefill_bucket)
     plan = make_plan(args.model, args.target, topology=args.topology, mesh_shape=mesh,
                      memory_utilization=args.memory_utilization or 0.9, buckets=args.buckets, engine_config=config,
@@ -170,8 +179,10 @@ def cmd_plan(args) -> int:
 def cmd_convert(args) -> int:
     from jaxserve.checkpoint import convert
 
-    out = convert(args.model, args.out, dtype=args.dtype, progress=not args.no_progress, revision=args.revision)
-    print(f"wrote an Orbax checkpoint ({args.dtype}) of {args.model} to {out}")
+    out = convert(args.model, args.out, dtype=args.dtype, progress=not args.no_progress, revision=args.revision,
+                  quantization=args.quantization)
+    what = args.dtype + (f", {args.quantization} weights" if args.quantization else "")
+    print(f"wrote an Orbax checkpoint ({what}) of {args.model} to {out}")
     return 0
 
 
@@ -407,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default=None, help="Hub ids only: branch, tag or commit (default: main)")
     p.add_argument("--out", required=True, help="directory to write (params/ + config + tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+                   help="int8: store the linear layers and the embedding as int8 with per-output-channel scales")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while reading and writing")
     p.set_defaults(func=cmd_convert)
 

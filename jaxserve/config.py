@@ -326,6 +326,12 @@ class EngineConfig:
     # less the weights and the largest step's temporaries (None: 0.9).  Unused on CPU.
     memory_utilization: float | None = None
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
+    # the KV cache's values: auto (= dtype) | int8 (per-token-per-head scales) | fp8_e4m3; layout and
+    # quantization: jaxserve/kv_cache.py
+    kv_cache_dtype: str = "auto"
+    # None: the weights in ``dtype``; "int8": weight-only int8 (W8A16) with per-output-channel scales,
+    # quantized at load (a quantized checkpoint is served as int8 whatever this says); jaxserve/quant.py
+    quantization: str | None = None
     scheduling: str = "continuous"  # or "static"
     enable_prefix_caching: bool = True  # share the KV pages of identical prompt prefixes
     enable_chunked_prefill: bool = True  # else a prompt is prefilled in one step (budget >= max_model_len)
@@ -370,6 +376,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be at least 2, got {self.max_model_len!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "int8", "fp8_e4m3"):  # jaxserve.kv_cache.KV_CACHE_DTYPES
+            raise ValueError(f"kv_cache_dtype: must be auto, int8 or fp8_e4m3, got {self.kv_cache_dtype!r}")
+        from jaxserve.quant import QUANTIZATIONS
+
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: must be None or one of {', '.join(QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")

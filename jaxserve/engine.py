@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve import checkpoint, compile_cache, hub, kv_cache, sharding
+from jaxserve import checkpoint, compile_cache, hub, kv_cache, quant, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.gguf_loader import is_gguf_path, load_gguf
 from jaxserve.kv_cache import PageAllocator, allocate_kv_cache, page_bytes, pages_needed
@@ -56,27 +56,29 @@ def resolve_dtype(name: str) -> str:
 
 
 def load_model(model: str, dtype: str = "auto", mesh: Any = None, progress: bool | None = None,
-               revision: str | None = None, gguf_file: str | None = None) -> tuple[ModelConfig, dict[str, Any], Any]:
+               revision: str | None = None, gguf_file: str | None = None,
+               quantization: str | None = None) -> tuple[ModelConfig, dict[str, Any], Any]:
     """``(model_config, parameter tree, tokenizer or None)`` of a Hugging Face directory, a Hugging Face
     Hub id (``ORG/NAME`` at ``revision``; ``gguf_file``: one GGUF file of the repo; see ``jaxserve/hub.py``),
     an Orbax checkpoint of ``jaxserve convert``, a ``.gguf`` file or ``"smollm2"``, with the weights in
     ``dtype`` (``"auto"``: as the engine's).  The tree is numpy on the host, except for an Orbax
     checkpoint, which is restored straight onto the devices (of ``mesh``, sharded, when given).
     ``progress``: tqdm bars on stderr while downloading, reading, dequantizing or restoring weights
-    (None: only the Hub download's, as huggingface_hub shows them by default)."""
+    (None: only the Hub download's, as huggingface_hub shows them by default).  ``quantization="int8"``:
+    a Hugging Face or GGUF model is quantized layer by layer as it loads (``jaxserve/quant.py``)."""
     path = hub.resolve_model(model, revision, gguf_file, progress=progress is not False)
     progress = bool(progress)
     np_dtype = NP_DTYPES[resolve_dtype(dtype)]
     t0 = time.perf_counter()
     if is_gguf_path(path):
-        model_config, params, tokenizer = load_gguf(path, np_dtype, progress)
+        model_config, params, tokenizer = load_gguf(path, np_dtype, progress, quantization)
     elif checkpoint.is_checkpoint(path):
         model_config = ModelConfig.from_dir(path)
         params = checkpoint.restore_params(path, model_config, np_dtype, mesh, progress)
         tokenizer = load_tokenizer(path)
     else:
         model_config = ModelConfig.from_dir(path)
-        params = load_params(path, model_config, np_dtype, progress)
+        params = load_params(path, model_config, np_dtype, progress, quantization)
         tokenizer = load_tokenizer(path)
     logger.info("loaded %s (%s, %.1fM parameters) in %.1fs", path, model_config.model_type,
                 model_config.num_params() / 1e6, time.perf_counter() - t0)
@@ -118,6 +120,17 @@ class Engine:
         max_model_len = config.max_model_len or context  # provisional, until the cache is sized
 
         on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
+        if config.quantization and not quant.is_quantized(params):
+            if on_device and self.mesh is not None:
+                raise ValueError("quantization: a float Orbax checkpoint restored onto a mesh is not re-quantized; "
+                                 "write an int8 one with `jaxserve convert --quantization int8`")
+            # Quantized at start-up, on the host (a restored float checkpoint comes back from the device first).
+            params = quant.quantize_params(model_config, jax.device_get(params) if on_device else params)
+            on_device = False
+        self.quantization = (config.quantization or "int8") if quant.is_quantized(params) else None
+        if self.quantization:
+            logger.info("weights: int8 (per-output-channel scales, %s), %.1f MiB", self.quantization,
+                        quant.param_bytes(params) / 2**20)
         if self.mesh is None:
             device_params = params if on_device else jax.tree_util.tree_map(jnp.asarray, params)
         elif on_device:
@@ -128,7 +141,8 @@ class Engine:
                 sharding.replicate_kv_heads(params, model_config, replication), self.mesh, self.run_config)
         self.platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
 
-        per_page = page_bytes(self.run_config, config.page_size, dtype)
+        self.kv_dtype = kv_cache.kv_dtype(config.kv_cache_dtype, dtype)  # the cache's values (8-bit or dtype)
+        per_page = page_bytes(self.run_config, config.page_size, self.kv_dtype)
         if config.num_pages is not None:
             num_pages = config.num_pages
             how = "num_pages"
@@ -155,12 +169,13 @@ class Engine:
             why = "as configured"
         logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s; %s); max_model_len %d (%s)",
                     num_pages, config.page_size, num_pages * config.page_size,
-                    num_pages * per_page / 2**20, self.dtype_name, how, self.max_model_len, why)
+                    num_pages * per_page / 2**20, self.kv_dtype.name, how, self.max_model_len, why)
 
         if self.mesh is None:
-            cache = allocate_kv_cache(model_config, num_pages, config.page_size, dtype, platform=self.platform)
+            cache = allocate_kv_cache(model_config, num_pages, config.page_size, self.kv_dtype,
+                                      platform=self.platform)
         else:
-            cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, dtype,
+            cache = sharding.allocate_sharded_kv_cache(self.run_config, num_pages, config.page_size, self.kv_dtype,
                                                        self.mesh)
             logger.info("mesh data=%d x model=%d over %s devices (%d KV heads per model shard)",
                         self.mesh.shape[sharding.DATA], self.mesh.shape[sharding.MODEL], self.mesh.devices.size,
@@ -196,13 +211,13 @@ class Engine:
             raise ValueError(f"memory_utilization: {device.platform} device {device} reports no memory limit; "
                              "set num_pages or kv_cache_bytes")
         model_axis = self.mesh.shape[sharding.MODEL] if self.mesh is not None else 1
-        page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, dtype, model_axis)
+        page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, self.kv_dtype, model_axis)
         weight_bytes = kv_cache.per_device_bytes(device_params)
         probe_pages = pages_needed(max_model_len, config.page_size) + 1
-        cache_sharding = (sharding.cache_sharding(self.mesh) if self.mesh is not None
-                          else jax.sharding.SingleDeviceSharding(device))
-        probe_cache = jax.ShapeDtypeStruct(kv_cache.cache_shape(self.run_config, probe_pages, config.page_size),
-                                           dtype, sharding=cache_sharding)
+        leaf_sharding = (sharding.leaf_cache_sharding(self.mesh) if self.mesh is not None
+                         else lambda ndim: jax.sharding.SingleDeviceSharding(device))
+        probe_cache = kv_cache.cache_structs(self.run_config, probe_pages, config.page_size, self.kv_dtype,
+                                             self.platform, leaf_sharding)
         probe = ModelRunner(self.run_config, config, device_params, probe_cache, dtype, max_model_len, probe_pages,
                             mesh=self.mesh, platform=self.platform)
         largest = max(probe.buckets, key=lambda k: (k[0] + k[1], k))
@@ -240,7 +255,8 @@ class Engine:
         config.validate()
         mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape is not None else None
         t0 = time.perf_counter()
-        model_config, params, tokenizer = load_model(model, dtype, mesh, progress, revision, gguf_file)
+        model_config, params, tokenizer = load_model(model, dtype, mesh, progress, revision, gguf_file,
+                                                     config.quantization)
         load_seconds = time.perf_counter() - t0
         engine = cls(model_config, params, tokenizer, config)
         engine.load_seconds = load_seconds

@@ -39,6 +39,29 @@ is the whole cache of every layer, for every layer (a jitted 8-layer write of 64
 tokens into a 4M-token bf16 cache: 1,060 ms, against 0.3 ms in float32).  On the
 bits the scatter is in place; readers bitcast the few pages they gather
 (``as_values``).
+
+**8-bit caches** (``EngineConfig.kv_cache_dtype``, ``kv_dtype`` below):
+
+* ``"fp8_e4m3"``: the same one array in ``float8_e4m3fn`` (values cast on write, clipped to the
+  format's +-448; no scales), so exactly half the bytes of bfloat16.  Stored natively on every device
+  (on XLA CPU as its uint8 bits, like the 16-bit caches); readers upcast to the query dtype before the
+  dot (the dots themselves never run in fp8, so devices without fp8 arithmetic read it too).
+* ``"int8"``: the cache is a pair ``(kv, scales)``: ``kv`` the array above in int8, and ``scales`` a
+  float32 companion with the *same page indexing*::
+
+      scales: [num_layers, num_kv_heads, num_pages, page_size, 2]   (K scale, V scale) of each slot
+
+  one symmetric scale per token per KV head for K and one for V (``absmax / 127``; the value of
+  lane ``j`` is ``kv[..., j] * scales[..., j // D]``).  Any index ``[l, h, page, slot]`` into the
+  cache indexes the scales the same way, so a reader gathers both with the same indices
+  (``read_kv``).  The scales cost 8 bytes per token and head against ``2 * D`` for K and V, so at
+  equal bytes int8 holds ``4D / (2D + 8)`` times the tokens of bfloat16 (1.88x at D=64, 1.94x at
+  D=128; fp8 holds exactly 2x).  On TPU the scales' minor dimension of 2 would be padded to a lane
+  tile in HBM, so the TPU kernel does not read int8 (``kernels_pallas.KV8_KERNELS``: the engine uses
+  the reference attention there); the GPU kernel and the reference read both 8-bit caches.
+
+The engine, the step's donation and scan carry and the sharding treat the cache as a pytree (one
+leaf or two); ``partition_spec`` gives each leaf its spec (KV heads split on axis 1 of both).
 """
 
 from __future__ import annotations
@@ -53,7 +76,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxserve.config import ModelConfig
-from kernels_pallas.ragged_paged_attention import as_values  # noqa: F401  (the reader of the storage dtype)
+from kernels_pallas.ragged_paged_attention import as_values, read_kv, split_cache  # noqa: F401  (the readers)
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +189,26 @@ class PageAllocator:
 
 # -- the device layout ----------------------------------------------------------------------------
 
-KV_HEAD_AXIS = 1  # the axis that tensor parallelism splits
+KV_HEAD_AXIS = 1  # the axis that tensor parallelism splits (of the cache and of its int8 scales)
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def kv_dtype(kv_cache_dtype: str, model_dtype: Any) -> np.dtype:
+    """The cache's value dtype for ``EngineConfig.kv_cache_dtype``: ``auto`` is the model's dtype."""
+    if kv_cache_dtype == "auto":
+        return np.dtype(model_dtype)
+    if kv_cache_dtype == "int8":
+        return np.dtype(np.int8)
+    if kv_cache_dtype == "fp8_e4m3":
+        return np.dtype(jnp.float8_e4m3fn)
+    raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+
+
+def has_scales(dtype: Any) -> bool:
+    """Whether a cache of ``dtype`` carries per-token scales (int8: the ``(kv, scales)`` pair)."""
+    return np.dtype(dtype) == np.int8
 
 
 def kv_cache_shape(num_layers: int, num_kv_heads: int, num_pages: int, page_size: int,
@@ -179,51 +221,114 @@ def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, 
     return kv_cache_shape(cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
 
 
-def partition_spec(model_axis: str | None) -> P:
-    """How the cache is split on a mesh: KV heads on ``model_axis``, everything else whole."""
-    spec = [None] * 5
-    spec[KV_HEAD_AXIS] = model_axis
-    return P(*spec)
+def scale_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int, int]:
+    """Shape of the int8 cache's scales: the cache's, with (K scale, V scale) in place of the lanes."""
+    return cache_shape(cfg, num_pages, page_size)[:-1] + (2,)
+
+
+def partition_spec(model_axis: str | None, cache: Any = None) -> Any:
+    """How the cache is split on a mesh: KV heads on ``model_axis``, everything else whole.  With a
+    ``cache`` (arrays or ``ShapeDtypeStruct``s): a spec for each of its leaves (the int8 pair)."""
+    def spec(ndim):
+        axes = [None] * ndim
+        axes[KV_HEAD_AXIS] = model_axis
+        return P(*axes)
+    if cache is None:
+        return spec(5)
+    return jax.tree_util.tree_map(lambda x: spec(len(x.shape)), cache)
 
 
 def page_bytes(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
-    """Bytes one page takes over all layers and KV heads, K and V."""
-    return int(np.prod(cache_shape(cfg, 1, page_size))) * np.dtype(dtype).itemsize
+    """Bytes one page takes over all layers and KV heads, K and V (and their scales, for int8)."""
+    n = int(np.prod(cache_shape(cfg, 1, page_size))) * np.dtype(dtype).itemsize
+    if has_scales(dtype):
+        n += int(np.prod(scale_shape(cfg, 1, page_size))) * 4
+    return n
 
 
 def storage_dtype(dtype: Any, platform: str) -> np.dtype:
-    """The dtype the cache is stored in: ``dtype``, except 16-bit floats on CPU, kept as uint16 bits."""
+    """The dtype the cache is stored in: ``dtype``, except 16-bit and 8-bit floats on CPU, kept as their
+    uint16 / uint8 bits."""
     dtype = np.dtype(dtype)
-    return np.dtype(np.uint16) if platform == "cpu" and dtype.itemsize == 2 else dtype
+    if platform == "cpu" and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return np.dtype(np.uint16) if dtype.itemsize == 2 else np.dtype(np.uint8)
+    return dtype
+
+
+def cache_structs(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, platform: str,
+                  sharding_for: Any = None) -> Any:
+    """The cache as ``ShapeDtypeStruct``s in their storage dtypes: one, or the int8 ``(kv, scales)``
+    pair.  ``sharding_for(spec_leaf_ndim)``: optional, the sharding of a leaf of that rank."""
+    def struct(shape, dt):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding_for(len(shape)) if sharding_for else None)
+    kv = struct(cache_shape(cfg, num_pages, page_size), storage_dtype(dtype, platform))
+    if has_scales(dtype):
+        return kv, struct(scale_shape(cfg, num_pages, page_size), np.float32)
+    return kv
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, sharding: Any = None,
                       platform: str | None = None):
-    """The zeroed cache (in ``storage_dtype``), created directly in ``sharding`` when one is given (no
-    host copy)."""
-    shape = cache_shape(cfg, num_pages, page_size)
-    dtype = storage_dtype(dtype, platform or jax.default_backend())
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    """The zeroed cache (in ``storage_dtype``; the int8 ``(kv, scales)`` pair), created directly in
+    ``sharding`` when one is given (a function of a leaf's rank, or one sharding for all; no host copy)."""
+    structs = cache_structs(cfg, num_pages, page_size, dtype, platform or jax.default_backend())
+    out = None
+    if sharding is not None:
+        out = jax.tree_util.tree_map(lambda s: sharding(len(s.shape)) if callable(sharding) else sharding, structs)
+    return jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), structs),
+                   out_shardings=out)()
 
 
-def write_kv(cache: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array,
-             slot_mapping: jax.Array) -> jax.Array:
+def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 of ``x [..., D]`` with one scale per row (``absmax / 127``): (int8, float32 scale)."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = amax / INT8_MAX
+    inv = jnp.where(amax > 0, INT8_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.round(x * inv[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return q, scale
+
+
+def encode_rows(k: jax.Array, v: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array | None]:
+    """New tokens' K/V (``[T, Hkv, D]`` each) as cache rows ``[T, Hkv, 2D]`` of value dtype ``dtype``,
+    and their scales ``[T, Hkv, 2]`` (int8) or None."""
+    dtype = np.dtype(dtype)
+    if has_scales(dtype):
+        (qk, sk), (qv, sv) = quantize_int8(k), quantize_int8(v)
+        return jnp.concatenate([qk, qv], axis=-1), jnp.stack([sk, sv], axis=-1)
+    rows = jnp.concatenate([k, v], axis=-1)
+    if dtype == np.dtype(jnp.float8_e4m3fn):  # saturate: a cast past the format's range gives NaN
+        rows = jnp.clip(rows.astype(jnp.float32), -FP8_MAX, FP8_MAX)
+    return rows.astype(dtype), None
+
+
+def write_kv(cache: Any, layer: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
+             dtype: Any = None) -> Any:
     """Write the new tokens' K/V (``[T, Hkv, D]`` each) of ``layer`` at their flat slots
     (``page * page_size + slot``); slots past the end of the cache (padding rows) are dropped.
+    ``dtype``: the cache's value dtype when its storage does not say it (an 8-bit float stored as uint8
+    bits on CPU); int8 caches (the ``(kv, scales)`` pair) are quantized here, on write.
 
     One scatter of ``[T, Hkv, 2D]`` rows into the cache, in place when the cache is donated (or a
     loop carry)."""
-    page_size, num_heads = cache.shape[3], cache.shape[1]
-    rows = jnp.concatenate([k, v], axis=-1)  # [T, Hkv, 2D]
-    if cache.dtype == jnp.uint16 and rows.dtype != jnp.uint16:  # a 16-bit cache stored as bits (CPU)
-        rows = jax.lax.bitcast_convert_type(rows, jnp.uint16)
-    rows = rows.astype(cache.dtype)
+    kv, scales = split_cache(cache)
+    page_size, num_heads = kv.shape[3], kv.shape[1]
+    if dtype is None:
+        dtype = {np.dtype(np.uint16): k.dtype, np.dtype(np.uint8): jnp.float8_e4m3fn}.get(np.dtype(kv.dtype),
+                                                                                          kv.dtype)
+    rows, row_scales = encode_rows(k, v, dtype)
+    if rows.dtype != kv.dtype:  # an 8/16-bit float cache stored as bits (CPU)
+        rows = jax.lax.bitcast_convert_type(rows, kv.dtype)
     page, slot = slot_mapping // page_size, slot_mapping % page_size
     heads = jnp.arange(num_heads)
     # One index per (token, head), so that the scatter's window is the minor (lane) dimension alone: a
     # window over (head, lanes) makes XLA TPU re-lay the whole cache out around the scatter (two copies
     # of the cache per step, seen in `jaxserve plan`'s temporary bytes).
-    return cache.at[layer, heads[None, :], page[:, None], slot[:, None]].set(rows, mode="drop")
+    index = (layer, heads[None, :], page[:, None], slot[:, None])
+    kv = kv.at[index].set(rows, mode="drop")
+    if scales is None:
+        return kv
+    return kv, scales.at[index].set(row_scales, mode="drop")
 
 
 # -- sizing the cache to the device's memory -------------------------------------------------------

@@ -56,9 +56,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import numpy as np
 
-from jaxserve import kv_cache, moe
+from jaxserve import kv_cache, moe, quant
 from jaxserve.config import ModelConfig
-from jaxserve.sharding import CACHE_SPEC, DATA, MODEL, constrain
+from jaxserve.sharding import DATA, MODEL, constrain
 from kernels_pallas import ragged_paged_attention
 from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
@@ -95,6 +95,19 @@ def _dot_f32_out(lhs, rhs, dimension_numbers, precision=None, **_):
     """The LM head's matmul: float32 logits straight from the f32 accumulator."""
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=jnp.float32)
+
+
+def linear(features, quantization: str | None, dtype, use_bias: bool = False, dot_general=_dot_f32_accumulate,
+           name: str | None = None) -> nn.Module:
+    """A linear layer over the last axis: Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``),
+    or with ``quantization`` ("int8", "w8a8") the same kernel in int8 with per-output-channel scales
+    (``jaxserve/quant.py``)."""
+    if quantization:
+        return quant.QuantDense(features, use_bias=use_bias, dtype=dtype, out_f32=dot_general is _dot_f32_out,
+                                w8a8=quantization == "w8a8", name=name)
+    cls = nn.Dense if isinstance(features, int) else nn.DenseGeneral
+    return cls(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, kernel_init=_init(),
+               dot_general=dot_general, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +186,7 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array,
     attention over that layer's pages.
 
     q [T, Hq, D], k/v [T, Hkv, D], cache [L, Hkv, pages, page_size, 2D] (a device's local heads under
-    shard_map).  ``window`` (an int32 scalar, may be traced: this layer's window when layers differ)
+    shard_map; int8: the (kv, scales) pair, quantized on write).  ``window`` (an int32 scalar, may be traced: this layer's window when layers differ)
     overrides the static ``sliding_window``.  Returns (attention output [T, Hq, D], cache)."""
     cache = kv_cache.write_kv(cache, layer, k, v, meta.slot_mapping)
     attn = ragged_paged_attention(
@@ -199,19 +212,19 @@ class DecoderLayer(nn.Module):
     mesh: Mesh | None = None
     backend: str | None = None
     moe_impl: str = "auto"
+    quantization: str | None = None  # "int8" / "w8a8": int8 linear layers (jaxserve/quant.py)
 
     def setup(self):
-        cfg, dt = self.cfg, self.dtype
+        cfg, dt, qz = self.cfg, self.dtype, self.quantization
         hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        dense = dict(dtype=dt, param_dtype=dt, kernel_init=_init(), dot_general=_dot_f32_accumulate)
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dt, cfg.norm_offset)
         self.input_norm = norm()
         # qkv: [T, Hkv, G+2, D]
-        self.qkv_proj = nn.DenseGeneral((hkv, g + 2, d), use_bias=cfg.attention_bias, **dense)
+        self.qkv_proj = linear((hkv, g + 2, d), qz, dt, use_bias=cfg.attention_bias)
         if cfg.qk_norm:
             self.q_norm = norm()
             self.k_norm = norm()
-        self.o_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
+        self.o_proj = linear(cfg.hidden_size, qz, dt)
         # Llama: the norm before the MLP; Gemma (sandwich_norms): the norm of the attention output, with
         # pre/post feed-forward norms around the MLP.  Both are HF's post_attention_layernorm.
         self.post_attention_norm = norm()
@@ -221,8 +234,8 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe:
             self.moe = MoEBlock(cfg, dt, self.mesh, self.moe_impl, self.backend)
         else:
-            self.gate_up_proj = nn.DenseGeneral((2, cfg.intermediate_size), use_bias=False, **dense)  # [T, 2, I]
-            self.down_proj = nn.Dense(cfg.hidden_size, use_bias=False, **dense)
+            self.gate_up_proj = linear((2, cfg.intermediate_size), qz, dt)  # [T, 2, I]
+            self.down_proj = linear(cfg.hidden_size, qz, dt)
 
     def pre_attention(self, x, cos, sin):
         """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated with this layer's cos/sin,
@@ -274,8 +287,9 @@ class DecoderLayer(nn.Module):
             # Each device writes and attends with its own KV heads (and their query groups); the token
             # rows are gathered from the data groups, as attention needs every row of a sequence.
             heads = P(None, MODEL, None)
-            specs = (heads, heads, heads, CACHE_SPEC, P(), P()) + (() if window is None else (P(),))
-            attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, CACHE_SPEC),
+            cache_spec = kv_cache.partition_spec(MODEL, cache)  # one spec, or the int8 (kv, scales) pair's
+            specs = (heads, heads, heads, cache_spec, P(), P()) + (() if window is None else (P(),))
+            attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, cache_spec),
                                    check_vma=False)
         return attend(*args)
 
@@ -336,18 +350,23 @@ class CausalLM(nn.Module):
     layer_loop: str = "scan"  # "scan" (params["layers"] stacked) or "switch" (params["layers_{i}"])
     moe_impl: str = "auto"  # mixture-of-experts FFN (jaxserve.moe.MOE_IMPLS); "dense" is the reference
     return_hidden: bool = False  # also return every row's last hidden state [T, hidden] (prompt logprobs)
+    quantization: str | None = None  # "int8" / "w8a8": int8 weights + per-channel scales (jaxserve/quant.py)
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
         cfg, dt = self.cfg, self.dtype
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
-                         embedding_init=_init(), name="embed")
+        if self.quantization:
+            embed = quant.QuantEmbed(cfg.vocab_size, cfg.hidden_size, dt, self.quantization == "w8a8", name="embed")
+        else:
+            embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
+                             embedding_init=_init(), name="embed")
         x = embed(input_ids)
         if cfg.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the weights' dtype as HF does
             x = x * jnp.asarray(cfg.embed_scale, dt)
         x = constrain(x, self.mesh, DATA, None)
         cos, sin = rope_tables(cfg, positions)
-        layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend, self.moe_impl)
+        layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend, self.moe_impl,
+                      self.quantization)
         steps = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if self.layer_loop == "scan":
             layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -373,11 +392,12 @@ class CausalLM(nn.Module):
         hidden = x
         x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="final_norm")(x)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and self.quantization:
+            logits = embed.attend(x)
+        elif cfg.tie_word_embeddings:
             logits = _dot_f32_out(x, embed.embedding, (((1,), (1,)), ((), ())))
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, kernel_init=_init(),
-                              dot_general=_dot_f32_out, name="lm_head")(x)
+            logits = linear(cfg.vocab_size, self.quantization, dt, dot_general=_dot_f32_out, name="lm_head")(x)
         # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)
@@ -390,11 +410,17 @@ class CausalLM(nn.Module):
         return logits, cache
 
 
-def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any) -> jax.Array:
+def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any,
+                quantization: str | None = None) -> jax.Array:
     """``CausalLM``'s final norm, LM head and final soft cap on hidden states of any rows ([N, hidden] ->
     float32 [N, V]): the logits of every prompt position, for prompt logprobs."""
     x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset).apply({"params": params["final_norm"]}, hidden)
-    if cfg.tie_word_embeddings:
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    if "scale" in head:  # int8 weights (jaxserve/quant.py)
+        w8a8 = quantization == "w8a8"
+        logits = (quant.embed_logits(x, head["embedding"], head["scale"], w8a8) if cfg.tie_word_embeddings
+                  else quant.quantized_matmul(x, head["kernel"], head["scale"], jnp.float32, w8a8))
+    elif cfg.tie_word_embeddings:
         logits = _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
     else:
         logits = _dot_f32_out(x, params["lm_head"]["kernel"], (((1,), (0,)), ((), ())))

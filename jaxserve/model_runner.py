@@ -34,7 +34,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from jaxserve import compile_cache, sharding
+from jaxserve import compile_cache, kv_cache, quant, sharding
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import AttentionMetadata, CausalLM, head_logits, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
@@ -116,7 +116,7 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.platform = platform or (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
         self.attention_impl = resolve_attention(engine_cfg.attention_impl, self.platform, model_cfg,
-                                                engine_cfg.page_size, dtype)
+                                                engine_cfg.page_size, dtype, kv_cache_dtype(cache, dtype))
         self.layer_loop = resolve_layer_loop(engine_cfg.layer_loop, self.platform, mesh)
         if self.layer_loop == "switch" and "layers" in params:
             params = unstack_layers(params, model_cfg.num_layers)
@@ -124,6 +124,8 @@ class ModelRunner:
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
         self.params = params
+        # int8 weights (jaxserve/quant.py): W8A16 ("int8") unless the engine asks for "w8a8"
+        self.quantization = (engine_cfg.quantization or "int8") if quant.is_quantized(params) else None
         self.cache = cache
         self.dtype = dtype
         self.page_size = engine_cfg.page_size
@@ -154,8 +156,8 @@ class ModelRunner:
         # preempted (rows of finished / preempted requests are reclaimed when none is free).
         self.vocab_size = model_cfg.vocab_size
         self.penalty_rows = engine_cfg.max_num_seqs
-        if isinstance(cache, jax.ShapeDtypeStruct):  # compile-only (jaxserve plan): shapes on the target
-            where = sharding.replicated(mesh) if mesh is not None else cache.sharding
+        if _abstract(cache):  # compile-only (jaxserve plan): shapes on the target
+            where = sharding.replicated(mesh) if mesh is not None else jax.tree_util.tree_leaves(cache)[0].sharding
             self.penalty_state = jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
                 jax.eval_shape(lambda: allocate_penalty_state(self.penalty_rows, self.vocab_size)))
@@ -178,7 +180,8 @@ class ModelRunner:
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
-                         self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True)
+                         self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
+                         quantization=self.quantization)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices)
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
@@ -198,7 +201,7 @@ class ModelRunner:
         blocks = -(-t // block)
 
         def rows(h, target):
-            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype), axis=-1)
+            lp = jax.nn.log_softmax(head_logits(self.model_cfg, params, h, self.dtype, self.quantization), axis=-1)
             target = jnp.clip(target, 0, lp.shape[-1] - 1)
             tok = jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
             rank = 1 + jnp.sum(lp > tok[:, None], axis=-1).astype(jnp.int32)
@@ -421,7 +424,7 @@ class ModelRunner:
         masks = self._plain_masks.get(rows)
         if masks is None:
             masks = (np.zeros((rows, self.mask_words), np.int32), np.zeros(rows, bool))
-            if self.mesh is None and not isinstance(self.cache, jax.ShapeDtypeStruct):
+            if self.mesh is None and not _abstract(self.cache):
                 masks = tuple(jax.device_put(x) for x in masks)
             self._plain_masks[rows] = masks
         return masks
@@ -586,14 +589,32 @@ class ModelRunner:
         return time.perf_counter() - t0
 
 
-def resolve_attention(impl: str, platform: str, cfg: ModelConfig, page_size: int, dtype: Any) -> str:
+def _abstract(cache: Any) -> bool:
+    """Whether the cache (one array or the int8 pair) is ``ShapeDtypeStruct``s (compile-only)."""
+    return isinstance(jax.tree_util.tree_leaves(cache)[0], jax.ShapeDtypeStruct)
+
+
+def kv_cache_dtype(cache: Any, dtype: Any) -> np.dtype:
+    """The value dtype of the cache: int8 (the pair), fp8 (uint8 bits on CPU), else the model's."""
+    kv, scales = kv_cache.split_cache(cache)
+    if scales is not None:
+        return np.dtype(np.int8)
+    if np.dtype(kv.dtype) in (np.dtype(np.uint8), np.dtype(jnp.float8_e4m3fn)):
+        return np.dtype(jnp.float8_e4m3fn)
+    return np.dtype(dtype)
+
+
+def resolve_attention(impl: str, platform: str, cfg: ModelConfig, page_size: int, dtype: Any,
+                      kv_dtype: Any = None) -> str:
     """The attention implementation the steps use: ``impl`` resolved for ``platform``, or the
-    reference, with one warning naming the shape, when the platform's kernel does not serve it."""
+    reference, with one warning naming the shape, when the platform's kernel does not serve it
+    (``kv_dtype``: an 8-bit cache's value dtype, when not ``dtype``)."""
     kernel, _ = resolve_impl(impl, platform)
     if kernel == "reference":
         return "reference"
     reason = unsupported_reason(kernel, head_dim=cfg.head_dim, num_q_heads=cfg.num_heads,
-                                num_kv_heads=cfg.num_kv_heads, page_size=page_size, dtype=dtype)
+                                num_kv_heads=cfg.num_kv_heads, page_size=page_size, dtype=dtype,
+                                kv_dtype=kv_dtype)
     if reason is not None:
         logger.warning("attention: the %s kernel does not serve head_dim=%d, %d query / %d KV heads, "
                        "page_size=%d, %s (%s); using the reference attention", kernel.upper(), cfg.head_dim,

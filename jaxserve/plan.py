@@ -66,6 +66,7 @@ class Plan:
     kv_bytes_per_token: int  # per chip
     buckets: list[BucketResult]
     num_buckets: int  # of the engine (the plan may compile fewer)
+    kv_cache_dtype: str = "auto"  # the KV cache's values (jaxserve/kv_cache.py kv_dtype)
 
     @property
     def ok(self) -> bool:
@@ -197,7 +198,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
         device = SingleDeviceSharding(tg.devices[0])
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                         abstract_params(cfg, dtype))
-        cache_sharding = device
+        leaf_sharding = lambda ndim: device  # noqa: E731
     else:
         mesh = sharding.make_mesh(ec.mesh_shape, devices=tg.devices)
         model_axis = ec.mesh_shape["model"]
@@ -205,10 +206,11 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
         shardings = sharding.param_shardings(mesh, run_cfg)
         params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                         abstract_params(run_cfg, dtype), shardings)
-        cache_sharding = sharding.cache_sharding(mesh)
+        leaf_sharding = sharding.leaf_cache_sharding(mesh)
+    kv_dtype = kv_cache.kv_dtype(ec.kv_cache_dtype, dtype)
     weight_bytes = kv_cache.per_device_bytes(params)
     max_model_len = ec.max_model_len or cfg.max_position_embeddings
-    page_bytes = kv_cache.device_page_bytes(run_cfg, ec.page_size, dtype, model_axis)  # per chip
+    page_bytes = kv_cache.device_page_bytes(run_cfg, ec.page_size, kv_dtype, model_axis)  # per chip
     if ec.num_pages is not None:
         num_pages = ec.num_pages
     else:
@@ -222,8 +224,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
             raise ValueError(f"memory_utilization: the weights ({weight_bytes / 2**30:.2f} GiB per chip) leave no "
                              f"room for a KV cache in {memory_utilization:.0%} of {target}'s "
                              f"{tg.hbm_bytes / 2**30:.0f} GiB; use more chips (--mesh-model) or set --num-pages")
-    cache = jax.ShapeDtypeStruct(kv_cache.cache_shape(run_cfg, num_pages, ec.page_size), dtype,
-                                 sharding=cache_sharding)
+    cache = kv_cache.cache_structs(run_cfg, num_pages, ec.page_size, kv_dtype, tg.platform, leaf_sharding)
     runner = ModelRunner(run_cfg, ec, params, cache, dtype, max_model_len, num_pages, mesh=mesh,
                          platform=tg.platform)
     keys = runner.buckets if buckets == "all" else representative_buckets(runner)
@@ -256,7 +257,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
                 max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
                 hbm_bytes=tg.hbm_bytes, memory_utilization=memory_utilization, weight_bytes=weight_bytes,
                 kv_cache_bytes=num_pages * page_bytes, kv_bytes_per_token=page_bytes // ec.page_size,
-                buckets=results, num_buckets=runner.num_buckets)
+                buckets=results, num_buckets=runner.num_buckets, kv_cache_dtype=kv_dtype.name)
 
 
 def format_plan(plan: Plan) -> str:
@@ -274,7 +275,7 @@ def format_plan(plan: Plan) -> str:
     lines += ["", f"per chip ({plan.hbm_bytes / gib:.0f} GiB HBM):",
               f"  weights           {plan.weight_bytes / gib:8.2f} GiB",
               f"  KV cache          {plan.kv_cache_bytes / gib:8.2f} GiB  ({plan.num_pages} pages x {plan.page_size} "
-              f"tokens = {plan.num_pages * plan.page_size:,} tokens)",
+              f"tokens = {plan.num_pages * plan.page_size:,} tokens, {plan.kv_cache_dtype})",
               f"  largest temporary {plan.max_temp_bytes / gib:8.2f} GiB",
               f"  total             {plan.total_bytes / gib:8.2f} GiB  ({'fits' if plan.fits else 'DOES NOT FIT'})",
               f"KV tokens that fit at memory utilization {plan.memory_utilization:.2f}: {plan.kv_tokens_fit:,} "

@@ -159,8 +159,9 @@ def replicate_kv_heads(params: dict[str, Any], cfg: ModelConfig, replication: in
     layers = dict(out["layers"])
     qkv = dict(layers["qkv_proj"])
     qkv["kernel"] = expand(qkv["kernel"], qkv["kernel"].shape[:2])  # [L, H, Hkv, G+2, D]
-    if "bias" in qkv:
-        qkv["bias"] = expand(qkv["bias"], qkv["bias"].shape[:1])  # [L, Hkv, G+2, D]
+    for name in ("bias", "scale"):  # the bias and int8 scales (jaxserve/quant.py): [L, Hkv, G+2, D]
+        if name in qkv:
+            qkv[name] = expand(qkv[name], qkv[name].shape[:1])
     layers["qkv_proj"] = qkv
     out["layers"] = layers
     return out
@@ -212,14 +213,28 @@ def param_specs(cfg: ModelConfig, model_axis: int) -> dict[str, Any]:
 CACHE_SPEC = kv_cache.partition_spec(MODEL)  # KV heads split on "model" (layout: jaxserve/kv_cache.py)
 
 
-def param_shardings(mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
+def param_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool = False) -> dict[str, Any]:
+    """NamedShardings of ``param_specs`` (``quantized``: with the int8 scales of ``jaxserve/quant.py``)."""
     specs = param_specs(cfg, mesh.shape[MODEL])
+    if quantized:
+        from jaxserve import quant
+
+        specs = quant.param_specs(specs)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, P))
 
 
-def cache_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, CACHE_SPEC)
+def cache_sharding(mesh: Mesh, cache: Any = None) -> Any:
+    """The cache's sharding; with a ``cache`` (arrays or structs), one for each leaf (the int8 pair)."""
+    if cache is None:
+        return NamedSharding(mesh, CACHE_SPEC)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), kv_cache.partition_spec(MODEL, cache),
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def leaf_cache_sharding(mesh: Mesh):
+    """The sharding of a cache leaf of a given rank (KV heads on ``model``): for ``allocate_kv_cache``."""
+    return lambda ndim: NamedSharding(mesh, P(*[MODEL if i == kv_cache.KV_HEAD_AXIS else None for i in range(ndim)]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -236,12 +251,14 @@ def rows_sharding(mesh: Mesh, num_rows: int) -> NamedSharding:
 def put_params(params: dict[str, Any], mesh: Mesh, cfg: ModelConfig) -> dict[str, Any]:
     """Place a host (numpy) parameter tree of the model as it runs (``cfg``) on the mesh: each device
     receives only its shards, no device ever holds a whole sharded weight."""
-    return jax.device_put(params, param_shardings(mesh, cfg))
+    from jaxserve import quant
+
+    return jax.device_put(params, param_shardings(mesh, cfg, quant.is_quantized(params)))
 
 
 def allocate_sharded_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, mesh: Mesh):
     """The zeroed cache, created directly in its KV-head sharding."""
-    return kv_cache.allocate_kv_cache(cfg, num_pages, page_size, dtype, cache_sharding(mesh))
+    return kv_cache.allocate_kv_cache(cfg, num_pages, page_size, dtype, leaf_cache_sharding(mesh))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, *spec: Any) -> jax.Array:

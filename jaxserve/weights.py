@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import struct
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 import ml_dtypes
@@ -73,13 +73,16 @@ def load_hf_tensors(model_dir: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any,
-                 progress: bool = False) -> dict[str, Any]:
+def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any,
+                 progress: bool = False, quantization: str | None = None) -> dict[str, Any]:
     """Map Hugging Face tensor names to our (fused, transposed) Linen parameter tree, as numpy.
 
     Layouts (see ``model.py``): ``qkv_proj`` kernel ``[H, Hkv, G+2, D]``, ``gate_up_proj`` kernel
     ``[H, 2, I]``, the other kernels ``[in, out]``; every layer weight is stacked on a leading layer
-    axis under ``params["layers"]`` (the model scans over it)."""
+    axis under ``params["layers"]`` (the model scans over it).  ``quantization="int8"``: each layer's
+    linear kernels, then the embedding and LM head, are quantized as they are laid out
+    (``jaxserve/quant.py``), so the float tree is never held whole."""
+    from jaxserve import quant
 
     # "language_model.model." / "model.language_model.": the language model inside a multimodal Gemma 3
     # checkpoint (the vision tower's tensors are never read).
@@ -137,12 +140,12 @@ def hf_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype: Any,
         if cfg.qk_norm:
             layer["q_norm"] = {"scale": cast(get(p + "self_attn.q_norm.weight"))}
             layer["k_norm"] = {"scale": cast(get(p + "self_attn.k_norm.weight"))}
-        layers.append(layer)
+        layers.append(quant.quantize_layer(layer, stacked=False) if quantization else layer)
     params["layers"] = stack_layers(layers)
     params["final_norm"] = {"scale": cast(get("norm.weight"))}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": cast(get("lm_head.weight").T)}
-    return params
+    return quant.quantize_globals(params) if quantization else params
 
 
 def moe_params(cfg: ModelConfig, p: str, get, has, cast, dtype) -> dict[str, Any]:
@@ -181,7 +184,8 @@ def stack_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return jax.tree_util.tree_map(stack, *layers)
 
 
-def load_params(model_dir: str, cfg: ModelConfig, dtype: Any, progress: bool = False) -> dict[str, Any]:
+def load_params(model_dir: str, cfg: ModelConfig, dtype: Any, progress: bool = False,
+                quantization: str | None = None) -> dict[str, Any]:
     """Read a Hugging Face checkpoint directory into a numpy parameter tree of ``dtype``
-    (``progress``: a tqdm bar over the layers on stderr)."""
-    return hf_to_params(cfg, load_hf_tensors(model_dir), dtype, progress)
+    (``progress``: a tqdm bar over the layers on stderr; ``quantization``: see ``hf_to_params``)."""
+    return hf_to_params(cfg, load_hf_tensors(model_dir), dtype, progress, quantization)

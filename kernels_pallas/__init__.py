@@ -56,11 +56,24 @@ def resolve_impl(impl: str, backend: str | None = None) -> tuple[str, bool]:
     return kernel, backend != kernel
 
 
+# The 8-bit KV caches (int8 with scales, fp8_e4m3) and the kernels that read each: the TPU kernel reads fp8
+# (upcast in VMEM), not int8 (the int8 scales' [.., page_size, 2] layout pads to whole lane tiles in TPU HBM).
+KV8_DTYPES = ("int8", "float8_e4m3fn")
+KV8_KERNELS: dict[str, tuple[str, ...]] = {"gpu": KV8_DTYPES, "tpu": ("float8_e4m3fn",)}
+
+
 def unsupported_reason(kernel: str, *, head_dim: int, num_q_heads: int, num_kv_heads: int, page_size: int,
-                       dtype) -> str | None:
-    """Why the ``kernel`` ("tpu" or "gpu") cannot serve this shape, or None when it can."""
+                       dtype, kv_dtype=None) -> str | None:
+    """Why the ``kernel`` ("tpu" or "gpu") cannot serve this shape, or None when it can (``kv_dtype``: the
+    cache's value dtype when it is an 8-bit one)."""
+    if kv_dtype is not None and jnp.dtype(kv_dtype).name in KV8_DTYPES and \
+            jnp.dtype(kv_dtype).name not in KV8_KERNELS.get(kernel, ()):
+        return f"KV cache dtype {jnp.dtype(kv_dtype).name} (not read by the {kernel.upper()} kernel)"
     if kernel == "tpu":
         from kernels_pallas.ragged_paged_attention_tpu import tpu_unsupported_reason as reason
+
+        if kv_dtype is not None and jnp.dtype(kv_dtype).name in KV8_DTYPES:
+            dtype = kv_dtype  # the cache's dtype sets the page tiling (32-row pages for 8 bits)
     elif kernel == "gpu":
         from kernels_pallas.ragged_paged_attention_gpu import gpu_unsupported_reason as reason
     else:
@@ -82,9 +95,11 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
     ``backend``: the platform the program is compiled for (default ``jax.default_backend()``; a
     deviceless compile for TPU or GPU passes it, since the default backend is then the CPU)."""
     kernel, interpret = resolve_impl(impl, backend)
-    if kernel != "reference" and kv_cache.dtype == jnp.uint16:
+    if kernel != "reference" and not isinstance(kv_cache, (tuple, list)) and kv_cache.dtype == jnp.uint16:
         # A 16-bit cache stored as bits on CPU (jaxserve/kv_cache.py): the interpreted kernels read values.
         kv_cache = jax.lax.bitcast_convert_type(kv_cache, q.dtype)
+    elif kernel != "reference" and not isinstance(kv_cache, (tuple, list)) and kv_cache.dtype == jnp.uint8:
+        kv_cache = jax.lax.bitcast_convert_type(kv_cache, jnp.float8_e4m3fn)  # an fp8 cache's bits (CPU)
     args = (q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if kernel == "tpu":

@@ -14,7 +14,8 @@ belong to no sequence (padding, ``row >= cu_q_lens[num_seqs]``) return zeros.
 Layouts: ``q`` is ``[num_tokens, num_q_heads, head_dim]``; ``kv_cache`` is the
 engine's cache of all layers, ``[num_layers, num_kv_heads, num_pages, page_size,
 2 * head_dim]`` (K in lanes ``[:D]``, V in ``[D:]``; the layout is owned by
-``jaxserve/kv_cache.py``) and ``layer`` (an int32 scalar, traced under the
+``jaxserve/kv_cache.py``; an int8 cache is the pair ``(kv, scales)``, read through
+``read_kv``) and ``layer`` (an int32 scalar, traced under the
 model's layer scan) picks the layer; ``num_q_heads`` is a multiple of
 ``num_kv_heads`` (GQA).
 
@@ -52,12 +53,36 @@ _NEG_INF = -1e30  # finite, so fully masked rows give exp(0)*0 = 0, not NaN.
 NO_WINDOW = 1 << 30
 
 
+def split_cache(kv_cache):
+    """``(kv, scales)``: an int8 cache is the pair (``jaxserve/kv_cache.py``), any other one array
+    (scales ``None``)."""
+    if isinstance(kv_cache, (tuple, list)):
+        return kv_cache[0], kv_cache[1]
+    return kv_cache, None
+
+
 def as_values(block: jax.Array, dtype) -> jax.Array:
-    """Cache contents as ``dtype`` values: a 16-bit cache on XLA CPU is stored as its uint16 bits
-    (``jaxserve/kv_cache.py``, ``storage_dtype``), bitcast here, after the gather, for the few pages read."""
+    """Cache contents as ``dtype`` values: a 16-bit cache on XLA CPU is stored as its uint16 bits, an fp8
+    one as its uint8 bits (``jaxserve/kv_cache.py``, ``storage_dtype``), bitcast here, after the gather,
+    for the few pages read."""
     if block.dtype == jnp.uint16:
         return jax.lax.bitcast_convert_type(block, dtype)
+    if block.dtype == jnp.uint8:
+        block = jax.lax.bitcast_convert_type(block, jnp.float8_e4m3fn)
     return block.astype(dtype)
+
+
+def read_kv(kv_cache, index, dtype) -> jax.Array:
+    """``kv_cache[index]`` (K and V lanes, ``[..., 2D]``) as ``dtype`` values: bitcast from the storage
+    dtype, upcast from fp8, or dequantized with the int8 cache's per-token scales (gathered with the same
+    ``index``: the scales share the cache's page indexing)."""
+    kv, scales = split_cache(kv_cache)
+    block = kv[index]
+    if scales is None:
+        return as_values(block, dtype)
+    s = scales[index]  # [..., 2]: (K scale, V scale)
+    x = block.astype(jnp.float32).reshape(*block.shape[:-1], 2, block.shape[-1] // 2) * s[..., None]
+    return x.reshape(block.shape).astype(dtype)
 
 
 def _soft_cap(scores: jax.Array, soft_cap: float | None) -> jax.Array:
@@ -91,7 +116,7 @@ def _online_update(carry, scores, mask, v, pv_spec="rkgb,rbkd->rkgd"):
 
 def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, carry, *,
                         sliding_window, soft_cap, block_pages, kv_dtype):
-    page_size = kv_cache.shape[3]
+    page_size = split_cache(kv_cache)[0].shape[3]
     block = block_pages * page_size
     num_blocks = (jnp.max(row_ctx_len, initial=0) + block - 1) // block
     first_block = 0
@@ -104,7 +129,7 @@ def _paged_context_loop(q, kv_cache, layer, row_pages, row_pos, row_ctx_len, car
 
     def body(i, carry):
         pages = jax.lax.dynamic_slice_in_dim(row_pages, i * block_pages, block_pages, axis=1)
-        kvb = as_values(kv_cache[layer, :, pages], kv_dtype).astype(q.dtype)  # [R, P, K, S, 2D]
+        kvb = read_kv(kv_cache, (layer, slice(None), pages), kv_dtype).astype(q.dtype)  # [R, P, K, S, 2D]
         kb, vb = kvb[..., :d], kvb[..., d:]
         scores = jnp.einsum("rkgd,rpksd->rkgps", q, kb).reshape(r, k, g, block)
         scores = _soft_cap(scores, soft_cap)
@@ -253,9 +278,10 @@ def ragged_paged_attention_ref(
     (measured fastest on XLA CPU among 16-256 token blocks).
     """
     t, hq, d = q.shape
+    kv = split_cache(kv_cache)[0]
     if kv_block_pages is None:
-        kv_block_pages = max(1, 64 // kv_cache.shape[3])
-    hkv = kv_cache.shape[1]
+        kv_block_pages = max(1, 64 // kv.shape[3])
+    hkv = kv.shape[1]
     g = hq // hkv
     num_slots = kv_lens.shape[0]
     out_dtype = q.dtype
@@ -293,11 +319,11 @@ def ragged_paged_attention_ref(
         # (a) cached context of each row's sequence, read from the pages.
         carry = _paged_context(qr, kv_cache, layer, row_pages, pos, ctx_len, **opts)
         # (b) the new tokens of this step (block-diagonal causal), then both merged.
-        page_size = kv_cache.shape[3]
+        page_size = kv.shape[3]
         page = jnp.take_along_axis(row_pages, (pos // page_size)[:, None], axis=1)[:, 0]
         heads = jnp.arange(hkv)[None, :]  # one index per (row, head): the gather's window is the lanes
-        kv_new = as_values(kv_cache[layer, heads, page[:, None], (pos % page_size)[:, None]],
-                           out_dtype).astype(jnp.float32)  # [R, K, 2D]
+        kv_new = read_kv(kv_cache, (layer, heads, page[:, None], (pos % page_size)[:, None]),
+                         out_dtype).astype(jnp.float32)  # [R, K, 2D]
         k_new, v_new = kv_new[..., :d], kv_new[..., d:]
         first_row = q_start - nd  # first prefill row of each row's sequence
         new = _new_token_attention(qr, k_new, v_new, seq, pos, first_row, row_valid,
@@ -313,7 +339,10 @@ def ragged_paged_attention_dense(q, kv_cache, layer, kv_lens, page_indices, cu_q
                                  *, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
     """Per-sequence dense causal attention in float64 numpy: the textbook definition."""
     q = np.asarray(q, np.float64)
-    kv = np.asarray(np.asarray(kv_cache)[int(layer)], np.float64)  # [K, pages, page_size, 2D]
+    if split_cache(kv_cache)[1] is not None:  # int8 with scales: dequantized
+        kv = np.asarray(read_kv(kv_cache, int(layer), jnp.float32), np.float64)  # [K, pages, page_size, 2D]
+    else:
+        kv = np.asarray(np.asarray(kv_cache)[int(layer)], np.float64)
     t, hq, d = q.shape
     k_pages = kv[..., :d].transpose(1, 2, 0, 3)  # [pages, page_size, K, D]
     v_pages = kv[..., d:].transpose(1, 2, 0, 3)

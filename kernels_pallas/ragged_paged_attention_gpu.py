@@ -242,10 +242,12 @@ def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, num_rows: int, block_q
 
 
 def _kernel(seq_ref, row_start_ref, row_end_ref, kv_lens_ref, cu_ref, table_ref, layer_ref,  # int32 inputs
-            q_ref, kv_ref, _o_in_ref,  # [T * Hq, D], [L, Hkv, P, S, 2D], (the aliased output)
-            o_ref,  # [T * Hq, D]
-            *, block_q: int, group: int, group_pad: int, block_kv: int, num_q_heads: int,
+            q_ref, kv_ref, *refs,  # [T * Hq, D], [L, Hkv, P, S, 2D], ([L, Hkv, P, S, 2] int8 scales),
+            # (the aliased output), o_ref [T * Hq, D]
+            block_q: int, group: int, group_pad: int, block_kv: int, num_q_heads: int,
             table_width: int, sm_scale: float, sliding_window: bool, soft_cap: float | None):
+    scales_ref = refs[0] if len(refs) == 3 else None
+    o_ref = refs[-1]
     item = pl.program_id(0)
     kv_head = pl.program_id(1)
     num_pages, page_size = kv_ref.shape[2], kv_ref.shape[3]
@@ -292,7 +294,10 @@ def _kernel(seq_ref, row_start_ref, row_end_ref, kv_lens_ref, cu_ref, table_ref,
         slot = key_read % page_size
         k = kv_ref[layer, kv_head, page, slot, pl.ds(0, head_dim)]
         v = kv_ref[layer, kv_head, page, slot, pl.ds(head_dim, head_dim)]
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if scales_ref is not None:  # int8: dequantized with each key's (K, V) scales, [block_kv, 1] each
+            k = k.astype(jnp.float32) * scales_ref[layer, kv_head, page, slot, pl.ds(0, 1)]
+            v = v.astype(jnp.float32) * scales_ref[layer, kv_head, page, slot, pl.ds(1, 1)]
+        k, v = k.astype(q.dtype), v.astype(q.dtype)  # (an fp8 cache: upcast here)
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32) * sm_scale
         if soft_cap is not None:
@@ -324,7 +329,8 @@ def _kernel(seq_ref, row_start_ref, row_end_ref, kv_lens_ref, cu_ref, table_ref,
 def _launch(out, q2, kv_cache, layer, kv_lens, table, cu, items, *, cfg: BlockConfig, group: int,
             num_q_heads: int, sm_scale, sliding_window, soft_cap, interpret, name):
     seq, row_start, row_end = items
-    num_kv_heads = kv_cache.shape[1]
+    caches = tuple(kv_cache) if isinstance(kv_cache, (tuple, list)) else (kv_cache,)  # the int8 (kv, scales)
+    num_kv_heads = caches[0].shape[1]
     table_width = table.shape[0] // (cu.shape[0] - 1)
     kernel = functools.partial(_kernel, block_q=cfg.block_q, group=group, group_pad=cfg.group_pad,
                                block_kv=cfg.block_kv, num_q_heads=num_q_heads, table_width=table_width,
@@ -336,14 +342,14 @@ def _launch(out, q2, kv_cache, layer, kv_lens, table, cu, items, *, cfg: BlockCo
     return pl.pallas_call(
         kernel,
         grid=(seq.shape[0], num_kv_heads),
-        in_specs=[whole] * 10,
+        in_specs=[whole] * (9 + len(caches)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
-        input_output_aliases={9: 0},
+        input_output_aliases={8 + len(caches): 0},
         interpret=interpret,
         compiler_params=compiler_params,
         name=name,
-    )(seq, row_start, row_end, kv_lens, cu, table, layer, q2, kv_cache, out)
+    )(seq, row_start, row_end, kv_lens, cu, table, layer, q2, *caches, out)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "num_decode_rows",
@@ -371,6 +377,9 @@ def ragged_paged_attention_gpu(
 ) -> jax.Array:
     """Pallas (Triton) ragged paged attention; ``interpret=True`` runs it on CPU.
 
+    ``kv_cache``: one array (float32/bfloat16/float16, or float8_e4m3fn, upcast to ``q``'s dtype as it is
+    read), or the int8 cache's ``(kv, scales)`` pair (``jaxserve/kv_cache.py``), dequantized as read.
+
     ``num_decode_rows``: the engine's static promise that rows ``0..N-1`` are single-token
     sequences ``0..N-1`` (decode launch); ``N >= T`` is a decode-only step.  ``block_q`` (tokens
     per work item), ``pages_per_block`` (key block of ``pages_per_block * page_size`` tokens) or
@@ -378,7 +387,8 @@ def ragged_paged_attention_gpu(
     for every launch; Triton needs ``block_q * G_pad`` and the key block to be powers of two.
     """
     t, hq, d = q.shape
-    num_layers, hkv, num_pages, page_size, d2 = kv_cache.shape
+    kv = kv_cache[0] if isinstance(kv_cache, (tuple, list)) else kv_cache  # int8: the (kv, scales) pair
+    num_layers, hkv, num_pages, page_size, d2 = kv.shape
     if d2 != 2 * d:
         raise ValueError(f"kv_cache minor dimension {d2} is not 2 * head_dim ({2 * d})")
     if hq % hkv:

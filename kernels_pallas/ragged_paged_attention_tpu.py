@@ -116,7 +116,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 _NEG_INF = -1e30  # finite: fully masked rows give p = 0, never NaN.
-_SUPPORTED_DTYPES = ("float32", "bfloat16")
+_SUPPORTED_DTYPES = ("float32", "bfloat16", "float8_e4m3fn")
+
+
+def compute_dtype(cache_dtype) -> np.dtype:
+    """The dtype of the dots: the cache's, except an fp8 cache, whose pages are upcast to bfloat16 in VMEM
+    (read natively, no fp8 arithmetic needed: the same on chips with and without fp8 units)."""
+    return np.dtype(jnp.bfloat16) if np.dtype(cache_dtype) == np.dtype(jnp.float8_e4m3fn) else np.dtype(cache_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +150,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def sublane_packing(dtype) -> int:
-    """Rows of one (sublane) tile: 8 for 32-bit dtypes, 16 for 16-bit ones."""
+    """Rows of one (sublane) tile: 8 for 32-bit dtypes, 16 for 16-bit ones, 32 for 8-bit ones."""
     return 8 * (4 // np.dtype(dtype).itemsize)
 
 
@@ -320,6 +326,7 @@ def _kernel(*refs, row_start: int, row_end: int, block_q: int, group: int, pages
     block_start = row_start + qblock * block_q
     block_end = jnp.minimum(block_start + block_q, row_end)
     precision = jax.lax.Precision.HIGHEST if buf.dtype == jnp.float32 else None
+    upcast = buf.dtype != q_ref.dtype  # an fp8 cache: pages upcast to q's bfloat16 after the DMA
 
     @pl.when(qblock == 0)
     def _():  # rows of a partial kv block that no DMA filled must hold finite values
@@ -461,6 +468,8 @@ def _kernel(*refs, row_start: int, row_end: int, block_q: int, group: int, pages
                 v = buf[slot, :, pl.ds(d, d)]
             else:  # q is zero-extended to 2D lanes; the V half of acc is the output
                 k = v = buf[slot]
+            if upcast:
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
             scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                          preferred_element_type=jnp.float32) * sm_scale
             if soft_cap is not None:
@@ -540,7 +549,8 @@ def _attention_part(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_se
         scratch_shapes=scratch,
     )
     table_cfg = BLOCK_TABLE.get(generation or _DEFAULT_GENERATION, BLOCK_TABLE[_DEFAULT_GENERATION])
-    estimate = vmem_estimate(rows=rows, q_lanes=dq, block_kv=block_kv, head_dim=d2 // 2, dtype=kv_cache.dtype)
+    estimate = vmem_estimate(rows=rows, q_lanes=dq, block_kv=block_kv, head_dim=d2 // 2,
+                             dtype=compute_dtype(kv_cache.dtype))
     vmem_limit = max(32 << 20, min(2 * estimate, 2 * table_cfg.vmem_budget))
     out = pl.pallas_call(
         kernel,
@@ -598,12 +608,13 @@ def ragged_paged_attention_tpu(
     if reason is not None:
         raise ValueError(f"ragged_paged_attention_tpu: unsupported configuration: {reason}")
     group = hq // hkv
-    align = query_alignment(group, kv_cache.dtype)
+    cdt = compute_dtype(kv_cache.dtype)  # q's tiles and the dots
+    align = query_alignment(group, cdt)
     if block_q is not None and (block_q <= 0 or block_q % align):
         raise ValueError(f"block_q={block_q} must be a positive multiple of {align} (G={group}, "
-                         f"{jnp.dtype(kv_cache.dtype).name})")
+                         f"{jnp.dtype(cdt).name})")
     out_dtype = q.dtype
-    q = q.astype(kv_cache.dtype)
+    q = q.astype(cdt)
     split_kv = d % 128 == 0
     if not split_kv:  # zero-extend q to 2D lanes: q_ext @ [K | V]^T == q @ K^T exactly
         q = jnp.concatenate([q, jnp.zeros_like(q)], axis=-1)
@@ -621,7 +632,7 @@ def ragged_paged_attention_tpu(
     outs = []
     for row_start, row_end, decode in parts:
         bq, ppb = block_sizes(decode=decode, num_tokens=row_end - row_start, group=group, head_dim=d,
-                              page_size=page_size, pages_per_seq=width, dtype=kv_cache.dtype,
+                              page_size=page_size, pages_per_seq=width, dtype=cdt,
                               generation=generation)
         bq, ppb = block_q or bq, pages_per_block or ppb
         num_query_blocks = pl.cdiv(row_end - row_start, bq)

@@ -126,3 +126,17 @@ def test_rows_split_on_data_axis(mha_dir):
     inputs = exe.input_shardings[0][2]
     assert inputs.input_ids.spec == P("data") and inputs.positions.spec == P("data")  # 68 rows / 2
     assert inputs.meta.block_tables.is_fully_replicated
+
+
+@pytest.mark.slow  # two more engines to compile: 145 s on the shared 2-core machine
+def test_int8_kv_cache_on_the_mesh(mha_dir):
+    """An int8 KV cache (the (kv, scales) pair, jaxserve/kv_cache.py) on a 2 x 4 mesh: both arrays split on
+    KV heads, and the tokens of the single-device int8 engine."""
+    one = run(Engine.from_pretrained(mha_dir, kv_cache_dtype="int8", **ENGINE_KW))
+    engine = Engine.from_pretrained(mha_dir, kv_cache_dtype="int8", mesh_shape={"data": 2, "model": 4}, **ENGINE_KW)
+    assert run(engine) == one
+    kv, scales = engine.runner.cache
+    assert kv.dtype == "int8" and scales.dtype == "float32"
+    assert kv.sharding.spec == CACHE_SPEC and scales.sharding.spec == P(None, "model", None, None, None)
+    assert shard_shape(kv) == (LAYERS, 2, engine.num_pages, 8, 2 * HEAD_DIM)
+    assert shard_shape(scales) == (LAYERS, 2, engine.num_pages, 8, 2)
