@@ -187,7 +187,8 @@ class ModelRunner:
         tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
         spec = None
         if inputs.spec is not None:
-            spec = verify(lambda h: head_logits(self.model_cfg, params, h, self.dtype), hidden, inputs.spec,
+            spec = verify(lambda h: head_logits(self.model_cfg, params, h, self.dtype, self.quantization), hidden,
+                          inputs.spec,
                           inputs.sampling)
         return (cache, tokens, logprob, top_ids, top_lp, penalty_state, self._prompt_logprobs(params, hidden, inputs),
                 spec)
