@@ -53,7 +53,14 @@ def main(argv=None) -> int:
     ap.add_argument("--moe-impl", default="auto", help="mixture-of-experts FFN: auto | ragged_dot | tiled | dense")
     ap.add_argument("--mesh-data", type=int, default=None)
     ap.add_argument("--mesh-model", type=int, default=None)
+    ap.add_argument("--distributed", action="store_true",
+                    help="join a jax.distributed group first (jaxserve launch --num-processes N -- bench/throughput.py "
+                         "...); process 0 prints the result")
     args = ap.parse_args(argv)
+    if args.distributed:
+        from jaxserve import distributed
+
+        distributed.initialize()
     mesh_shape = None
     if args.mesh_data is not None or args.mesh_model is not None:
         mesh_shape = {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
@@ -97,7 +104,10 @@ def main(argv=None) -> int:
         "mesh": mesh_shape,
         "devices_visible": jax.device_count(),
     }
-    print(json.dumps(result))
+    if jax.process_count() > 1:
+        result["processes"] = jax.process_count()
+    if jax.process_index() == 0:
+        print(json.dumps(result))
     return 0
 
 

@@ -85,16 +85,17 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh-model", type=int, default=None, metavar="M",
                    help="size of the 'model' mesh axis (tensor parallel: heads, MLP, vocabulary)")
     g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host, e.g. a TPU pod slice: run the "
-                        "same command on every host)")
+                   help="join a jax.distributed process group first: the one 'jaxserve launch' starts, else "
+                        "jax.distributed.initialize() finds it (multi-host, e.g. a TPU pod slice: run the same "
+                        "command on every host)")
 
 
 def mesh_shape_from_args(args) -> dict[str, int] | None:
     """``{"data": D, "model": M}`` from the flags, or None (one device) when neither is given."""
     if args.distributed:
-        import jax
+        from jaxserve import distributed
 
-        jax.distributed.initialize()
+        distributed.initialize()
     if args.mesh_data is None and args.mesh_model is None:
         return None
     return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
@@ -248,6 +249,14 @@ def cmd_bench(args) -> int:
         print(json.dumps({k: r[k] for k in ("device", "mode", "max_num_seqs", "dtype", "tok_s", "seconds",
                                             "roofline_fraction")}))
     return 0
+
+
+def cmd_launch(args) -> int:
+    from jaxserve.distributed import launch
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return launch(args.num_processes, rest, devices_per_process=args.devices_per_process, port=args.port,
+                  grace_s=args.grace)
 
 
 def cmd_report(args) -> int:
@@ -447,6 +456,17 @@ def main(argv: list[str] | None = None) -> int:
                         "into a larger compiled bucket)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while loading and warming up")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("launch", help="run a jaxserve subcommand (or python script) as N local processes of one "
+                                      "jax.distributed group: launch --num-processes N -- serve --model M ...")
+    p.add_argument("--num-processes", type=int, required=True)
+    p.add_argument("--devices-per-process", type=int, default=None, metavar="D",
+                   help="D virtual CPU devices per process (XLA_FLAGS); default: the real devices")
+    p.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--grace", type=float, default=90.0,
+                   help="seconds the others get to end by themselves after one process failed, then killed")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- SUBCOMMAND ARGS (--distributed is added)")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("chat", help="interactive chat, replies streamed to the terminal")
     _add_engine_args(p, max_num_seqs=4)
