@@ -97,6 +97,9 @@ def mesh_shape_from_args(args) -> dict[str, int] | None:
 
         distributed.initialize()
     if args.mesh_data is None and args.mesh_model is None:
+        if args.distributed:
+            raise ValueError("--distributed: give --mesh-data and/or --mesh-model (the mesh spans every process's "
+                             "devices)")
         return None
     return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
 
@@ -310,12 +313,22 @@ def cmd_serve(args) -> int:
         logging.getLogger("jaxserve").warning("binding %s: the server is reachable from other hosts", args.host)
     progress = not args.no_progress
     engine = engine_from_args(args, progress=progress)
+    replica = None
+    if args.distributed:  # one engine loop per process; process 0 serves HTTP (jaxserve/replica.py)
+        import jax
+
+        from jaxserve import replica as replication
+
+        if jax.process_index() != 0:
+            return replication.follow(engine, warmup=not args.no_warmup, progress=progress)
+        replica = replication.Leader(jax.process_count(), peer_timeout_s=args.peer_timeout)
     # The port is bound before the warm-up (ahead of time: every bucket), so /health answers 503 meanwhile.
     return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
                  _served_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
                  drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
                  tool_call_parser=args.tool_call_parser, log_level="info" if args.verbose else "warning",
-                 warmup=not args.no_warmup, progress=progress, model_label=args.model, full_warmup=args.full_warmup)
+                 warmup=not args.no_warmup, progress=progress, model_label=args.model, full_warmup=args.full_warmup,
+                 replica=replica)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -455,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                         "largest prefill and mixed ones first, the rest in the background, steps meanwhile padded "
                         "into a larger compiled bucket)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while loading and warming up")
+    p.add_argument("--peer-timeout", type=float, default=15.0,
+                   help="--distributed: seconds without a heartbeat after which process 0 declares another process "
+                        "dead, fails its requests in flight (503) and exits 1")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("launch", help="run a jaxserve subcommand (or python script) as N local processes of one "

@@ -110,14 +110,18 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     status = 0
     failed_at = None
+    reported: set[int] = set()
     try:
-        while any(p.poll() is None for p in procs):
+        while len(reported) < len(procs):
             for rank, p in enumerate(procs):
                 rc = p.poll()
-                if rc not in (None, 0) and status == 0:
+                if rc is None or rank in reported:
+                    continue
+                reported.add(rank)
+                print(f"jaxserve launch: process {rank} exited with status {rc}", file=sys.stderr, flush=True)
+                if rc != 0 and status == 0:
                     status = rc if rc > 0 else 128 - rc
                     failed_at = time.monotonic()
-                    print(f"jaxserve launch: process {rank} exited with status {rc}", file=sys.stderr, flush=True)
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 for p in procs:
                     if p.poll() is None:
@@ -130,8 +134,4 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
             if p.poll() is None:
                 p.kill()
             p.wait()
-    for rank, p in enumerate(procs):
-        if p.returncode != 0 and status == 0:
-            status = p.returncode if p.returncode > 0 else 128 - p.returncode
-            print(f"jaxserve launch: process {rank} exited with status {p.returncode}", file=sys.stderr, flush=True)
     return status
