@@ -12,6 +12,8 @@ at the same step, every process packs the same step.  So the only thing delivere
 * With ``check`` (``JAXSERVE_SYNC_CHECK=1``; the tests set it) message N carries the leader's hash of the
   scheduler's decisions after step N-1 (``decision_hash``), and a follower whose own hash differs stops
   with an error.
+* A step that fails on the leader (e.g. a collective whose peer died) fails its requests and ends every
+  process with exit status 1: the processes can no longer be trusted to agree.
 * Liveness: every process writes a heartbeat key each second.  A leader that sees a follower's heartbeat
   stall for ``peer_timeout_s`` fails its in-flight requests (503) and exits 1: collectives with a dead
   process would block forever.  A follower exits 1 when the leader (whose process hosts the key-value
@@ -137,11 +139,18 @@ class Leader:
         """The last message: the followers replay what is left, check the last hash and exit."""
         if self._stopped.is_set():
             return
-        self.before_step(engine, stop=True, error=error)
+        try:
+            self.before_step(engine, stop=True, error=error)
+        except Exception:  # noqa: BLE001 - the store is unreachable: the followers fail on their own
+            logger.exception("could not tell the other processes to stop")
         self._stopped.set()
         self._heartbeat.stop.set()
-        logger.info("leader: %d step messages, %.1f ms each to publish", self.stats.steps,
+        logger.info("leader: %d step messages, %.2f ms each to publish", self.stats.steps,
                     1e3 * self.stats.publish_s / max(1, self.stats.steps))
+        if error is not None:  # the group cannot go on (a peer died mid-step, or the processes may differ)
+            logger.error("process 0 exits: %s", error)
+            time.sleep(1.0)  # the requests' error events reach their clients
+            os._exit(1)
 
     def _watch(self) -> None:
         last: dict[int, tuple[str | None, float]] = {}

@@ -84,7 +84,7 @@ class LaunchedServer:
         self.err_path = tmp_path / "serve.err"
         cmd = [sys.executable, "-m", "jaxserve.cli", "launch", "--num-processes", "2", "--devices-per-process", "4",
                "--grace", str(grace), "--", "serve", "--model", model_dir, "--port", str(self.port), "--mesh-model", "8",
-               "--no-progress", "--peer-timeout", str(peer_timeout), *ENGINE_FLAGS]
+               "--served-model-name", "m", "--no-progress", "--peer-timeout", str(peer_timeout), *ENGINE_FLAGS]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(launch_env(), JAXSERVE_SYNC_CHECK="1"),
                                      stdout=subprocess.DEVNULL, stderr=open(self.err_path, "w"),
                                      start_new_session=True)
