@@ -19,12 +19,21 @@ PROMPT, MAX_TOKENS = "Hello world, the", 12
 ENGINE_FLAGS = ["--max-num-seqs", str(ENGINE_KW["max_num_seqs"]), "--page-size", str(ENGINE_KW["page_size"]),
                 "--max-model-len", str(ENGINE_KW["max_model_len"]),
                 "--max-num-batched-tokens", str(ENGINE_KW["max_num_batched_tokens"]),
-                "--min-prefill-bucket", str(ENGINE_KW["min_prefill_bucket"]), "--no-compile-cache"]
+                "--min-prefill-bucket", str(ENGINE_KW["min_prefill_bucket"])]
+COMPILE_CACHE: list[str] = []  # one persistent compile cache for this module's launches (same programs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compile_cache(tmp_path_factory):
+    COMPILE_CACHE.append(str(tmp_path_factory.mktemp("xla-cache")))
+    yield
+    COMPILE_CACHE.clear()
 
 
 def launch_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     env.pop("JAXSERVE_MULTIDEVICE", None)
+    env["JAXSERVE_COMPILE_CACHE"] = COMPILE_CACHE[0] if COMPILE_CACHE else "off"
     return env
 
 
