@@ -93,13 +93,13 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
 def mesh_shape_from_args(args) -> dict[str, int] | None:
     """``{"data": D, "model": M}`` from the flags, or None (one device) when neither is given."""
     if args.distributed:
+        if args.mesh_data is None and args.mesh_model is None:
+            raise ValueError("--distributed: give --mesh-data and/or --mesh-model (the mesh spans every process's "
+                             "devices)")
         from jaxserve import distributed
 
         distributed.initialize()
     if args.mesh_data is None and args.mesh_model is None:
-        if args.distributed:
-            raise ValueError("--distributed: give --mesh-data and/or --mesh-model (the mesh spans every process's "
-                             "devices)")
         return None
     return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
 

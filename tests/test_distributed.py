@@ -37,7 +37,7 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_launch(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_launch(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "jaxserve.cli", "launch", "--num-processes", "2", "--devices-per-process", "4",
            "--grace", "10", "--", *args]
     # start_new_session: on a timeout the whole group (launcher and its processes) is killed.
@@ -70,6 +70,18 @@ def test_generate_two_processes_equals_one_device(gqa_dir, data, model):
                        "--ignore-eos", "--mesh-data", str(data), "--mesh-model", str(model), *ENGINE_FLAGS])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert own_stdout(proc) == ref.text + "\n"  # once: process 1 writes nothing
+
+
+def test_bad_flags_are_named(capsys):
+    """--distributed without a mesh, and a launch of no process, fail with an error naming the flag."""
+    from jaxserve.cli import main
+
+    assert main(["generate", "--distributed", "--model", "unused"]) == 2
+    assert main(["launch", "--num-processes", "0", "--", "generate"]) == 2
+    assert main(["launch", "--num-processes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--distributed: give --mesh-data" in err and "--num-processes: must be >= 1" in err
+    assert "command: give the jaxserve subcommand" in err
 
 
 def test_launch_exits_nonzero_when_a_process_fails(tmp_path):
