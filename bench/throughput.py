@@ -61,7 +61,14 @@ def main(argv=None) -> int:
                     help="sequences prefilled (or, with speculation, verified) in one step at most")
     ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
                     help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'')
+    ap.add_argument("--distributed", action="store_true",
+                    help="join a jax.distributed group first (jaxserve launch --num-processes N -- bench/throughput.py "
+                         "...); process 0 prints the result")
     args = ap.parse_args(argv)
+    if args.distributed:
+        from jaxserve import distributed
+
+        distributed.initialize()
     mesh_shape = None
     if args.mesh_data is not None or args.mesh_model is not None:
         mesh_shape = {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
@@ -111,7 +118,10 @@ def main(argv=None) -> int:
         "devices_visible": jax.device_count(),
         "speculative": engine.spec_metrics(),
     }
-    print(json.dumps(result))
+    if jax.process_count() > 1:
+        result["processes"] = jax.process_count()
+    if jax.process_index() == 0:
+        print(json.dumps(result))
     return 0
 
 

@@ -105,16 +105,20 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh-model", type=int, default=None, metavar="M",
                    help="size of the 'model' mesh axis (tensor parallel: heads, MLP, vocabulary)")
     g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host, e.g. a TPU pod slice: run the "
-                        "same command on every host)")
+                   help="join a jax.distributed process group first: the one 'jaxserve launch' starts, else "
+                        "jax.distributed.initialize() finds it (multi-host, e.g. a TPU pod slice: run the same "
+                        "command on every host)")
 
 
 def mesh_shape_from_args(args) -> dict[str, int] | None:
     """``{"data": D, "model": M}`` from the flags, or None (one device) when neither is given."""
     if args.distributed:
-        import jax
+        if args.mesh_data is None and args.mesh_model is None:
+            raise ValueError("--distributed: give --mesh-data and/or --mesh-model (the mesh spans every process's "
+                             "devices)")
+        from jaxserve import distributed
 
-        jax.distributed.initialize()
+        distributed.initialize()
     if args.mesh_data is None and args.mesh_model is None:
         return None
     return {"data": args.mesh_data or 1, "model": args.mesh_model or 1}
@@ -275,6 +279,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from jaxserve.distributed import launch
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return launch(args.num_processes, rest, devices_per_process=args.devices_per_process, port=args.port,
+                  grace_s=args.grace)
+
+
 def cmd_report(args) -> int:
     from jaxserve.report import load_records, write_report
 
@@ -326,12 +338,22 @@ def cmd_serve(args) -> int:
         logging.getLogger("jaxserve").warning("binding %s: the server is reachable from other hosts", args.host)
     progress = not args.no_progress
     engine = engine_from_args(args, progress=progress)
+    replica = None
+    if args.distributed:  # one engine loop per process; process 0 serves HTTP (jaxserve/replica.py)
+        import jax
+
+        from jaxserve import replica as replication
+
+        if jax.process_index() != 0:
+            return replication.follow(engine, warmup=not args.no_warmup, progress=progress)
+        replica = replication.Leader(jax.process_count(), peer_timeout_s=args.peer_timeout)
     # The port is bound before the warm-up (ahead of time: every bucket), so /health answers 503 meanwhile.
     return serve(engine, host=args.host, port=args.port, model_name=args.served_model_name or
                  _served_name(args.model), api_key=args.api_key, max_queue=args.max_queue,
                  drain_timeout_s=args.drain_timeout, force_include_usage=args.enable_force_include_usage,
                  tool_call_parser=args.tool_call_parser, log_level="info" if args.verbose else "warning",
-                 warmup=not args.no_warmup, progress=progress, model_label=args.model, full_warmup=args.full_warmup)
+                 warmup=not args.no_warmup, progress=progress, model_label=args.model, full_warmup=args.full_warmup,
+                 replica=replica)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -473,7 +495,21 @@ def main(argv: list[str] | None = None) -> int:
                         "largest prefill and mixed ones first, the rest in the background, steps meanwhile padded "
                         "into a larger compiled bucket)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while loading and warming up")
+    p.add_argument("--peer-timeout", type=float, default=15.0,
+                   help="--distributed: seconds without a heartbeat after which process 0 declares another process "
+                        "dead, fails its requests in flight (503) and exits 1")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("launch", help="run a jaxserve subcommand (or python script) as N local processes of one "
+                                      "jax.distributed group: launch --num-processes N -- serve --model M ...")
+    p.add_argument("--num-processes", type=int, required=True)
+    p.add_argument("--devices-per-process", type=int, default=None, metavar="D",
+                   help="D virtual CPU devices per process (XLA_FLAGS); default: the real devices")
+    p.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--grace", type=float, default=90.0,
+                   help="seconds the others get to end by themselves after one process failed, then killed")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- SUBCOMMAND ARGS (--distributed is added)")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("chat", help="interactive chat, replies streamed to the terminal")
     _add_engine_args(p, max_num_seqs=4)

@@ -16,6 +16,7 @@ convert`` (Orbax), which is restored straight into the mesh's sharding.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import sys
@@ -198,6 +199,7 @@ class Engine:
         self._pending: list[RequestOutput] = []  # aborted requests' final outputs, sent at the next step
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
+        self.op_log: list[tuple] | None = None  # admissions and aborts, recorded for followers (replica.py)
 
     def _pages_for_device_memory(self, device_params: Any, dtype: Any, max_model_len: int) -> tuple[int, str]:
         """KV pages for ``memory_utilization`` of each device's memory (``memory_stats()["bytes_limit"]``)
@@ -356,6 +358,9 @@ class Engine:
 
     def _enqueue(self, seq: Sequence) -> str:
         self._seqs[seq.request_id] = seq
+        if self.op_log is not None:  # serve --distributed (jaxserve/replica.py): the request as admitted
+            params = dataclasses.replace(seq.params, seed=seq.seed)
+            self.op_log.append(("add", seq.request_id, list(seq.prompt_token_ids), params))
         self.scheduler.add(seq)
         return seq.request_id
 
@@ -370,6 +375,8 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
+        if self.op_log is not None:
+            self.op_log.append(("abort", request_id))
         self.scheduler.finish(seq)
         self.runner.release_penalty_row(seq)
         seq.finish_reason = "abort"

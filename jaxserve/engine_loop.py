@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 class EngineFailure(RuntimeError):
     """The engine raised while stepping; the requests it was running were dropped."""
 
+    status = 500
+
+
+class PeerFailure(EngineFailure):
+    """Another process of a ``serve --distributed`` group stopped; this one stops too."""
+
+    status = 503
+
 
 @dataclasses.dataclass
 class PromptSpec:
@@ -122,10 +130,17 @@ class EngineLoop:
     """Owns the engine thread.  ``start`` / ``submit`` / ``abort`` / ``stop`` are thread-safe."""
 
     def __init__(self, engine: Engine, metrics: ServerMetrics | None = None, idle_poll_s: float = 1.0,
-                 warmup: Any = None):
+                 warmup: Any = None, replica: Any = None):
         """``warmup(loop)``: run first in the engine thread (the step programs compiled or loaded ahead
-        of time); ``ready`` turns True once it returned.  Requests submitted meanwhile wait."""
+        of time); ``ready`` turns True once it returned.  Requests submitted meanwhile wait.
+        ``replica``: a ``replica.Leader`` (serve --distributed), told before and after every step."""
         self.engine = engine
+        self.replica = replica
+        if replica is not None:
+            from jaxserve.replica import record_ops
+
+            record_ops(engine)
+            replica.on_peer_failure = lambda reason: self._fail_all_from_watchdog(PeerFailure(reason))
         self._warmup = warmup
         self.ready = warmup is None
         self.warmup_progress = (0, engine.num_buckets)  # (programs done, programs) while warming up
@@ -208,8 +223,10 @@ class EngineLoop:
         if self._warmup is not None:
             try:
                 self._warmup(self)
-            except Exception:  # noqa: BLE001 - reported; the loop ends and /health says so
+            except Exception as e:  # noqa: BLE001 - reported; the loop ends and /health says so
                 logger.exception("warm-up failed; the engine loop stops")
+                if self.replica is not None:
+                    self.replica.stop(engine, error=f"warm-up failed on process 0: {e}")
                 return
             self.ready = True
         while True:
@@ -225,13 +242,22 @@ class EngineLoop:
                 if stopping:
                     self._abort_all("the server is shutting down")
                 if engine.has_unfinished() and not paused:
+                    if self.replica is not None:
+                        self.replica.before_step(engine)
                     self._dispatch(engine.step())
+                    if self.replica is not None:
+                        self.replica.after_step(engine)
                     self.num_steps += 1
             except Exception as e:  # noqa: BLE001 - the loop must survive anything the engine raises
                 logger.exception("engine step failed; failing the %d requests in flight", len(self._sinks))
                 self._fail_all(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
+                if self.replica is not None:  # the processes may have diverged: stop them all
+                    self.replica.stop(engine, error=f"engine step failed on process 0: {e}")
+                    break
             self._publish()
             if stopping and not engine.has_unfinished():
+                if self.replica is not None:
+                    self.replica.stop(engine)
                 break
         logger.info("engine loop stopped after %d steps", self.num_steps)
 
@@ -324,6 +350,13 @@ class EngineLoop:
                 self.engine.abort(seq.request_id)
             except Exception:  # noqa: BLE001
                 logger.exception("could not abort %s", seq.request_id)
+
+    def _fail_all_from_watchdog(self, error: EngineFailure) -> None:
+        """A peer process died (``replica.Leader``'s watchdog thread; the engine thread may be blocked in a
+        collective for good): send ``error`` to every request in flight, give the event loop a moment."""
+        for sink in list(self._sinks.values()):
+            _post(sink.loop, sink.queue.put_nowait, error)
+        time.sleep(1.0)
 
     def _publish(self) -> None:
         engine = self.engine

@@ -486,7 +486,8 @@ class ModelRunner:
                 lowered = self._jitted.lower(self.params, self.cache, inputs, self.penalty_state,
                                              num_decode_rows=key[0])
             else:
-                lowered = self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, inputs,
+                # Several processes: numpy inputs split on "data" are refused, global arrays are not.
+                lowered = self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, self._place_inputs(inputs),
                                                                   self.penalty_state)
             hits = compile_cache.thread_cache_hits()
             exe = lowered.compile()

@@ -192,13 +192,13 @@ class _ChoiceStream:
 
 class OpenAIServer:
     def __init__(self, engine: Engine, config: ServerConfig, metrics: ServerMetrics | None = None,
-                 warmup: Any = None):
+                 warmup: Any = None, replica: Any = None):
         """``warmup(engine_loop)``: run in the engine thread once the server is up (``/health`` answers
         503 until it returned)."""
         self.engine = engine
         self.config = config
         self.metrics = metrics or ServerMetrics()
-        self.engine_loop = EngineLoop(engine, self.metrics, warmup=warmup)
+        self.engine_loop = EngineLoop(engine, self.metrics, warmup=warmup, replica=replica)
         self.draining = False
         self.in_flight = 0  # engine requests (choices) admitted by handlers and not yet done
         self.max_in_flight = (engine.config.max_num_seqs + config.max_queue
@@ -429,7 +429,7 @@ class OpenAIServer:
                 async for _ in submission.outputs():
                     pass
         except EngineFailure as e:
-            return error_response(500, str(e), "internal_error")
+            return error_response(e.status, str(e), "internal_error")
         finally:
             self._release(submission)
         outs = [submission.finished[i] for i in sorted(submission.finished)]
@@ -543,7 +543,7 @@ class OpenAIServer:
                     yield event({**chunk_header, "choices": [], "usage": _usage(total_prompt, completion)})
                 yield "data: [DONE]\n\n"
             except EngineFailure as e:
-                yield event(error_body(str(e), "internal_error", None, 500))
+                yield event(error_body(str(e), "internal_error", None, e.status))
                 yield "data: [DONE]\n\n"
             finally:
                 if len(submission.finished) < len(submission.request_ids):
@@ -714,7 +714,8 @@ def _make_uvicorn_server(server: OpenAIServer, host: str, port: int, log_level: 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, max_queue: int | None = None, drain_timeout_s: float = 30.0,
           force_include_usage: bool = False, tool_call_parser: str | None = None, log_level: str = "warning",
-          warmup: bool = True, progress: bool = False, model_label: str | None = None, full_warmup: bool = False) -> int:
+          warmup: bool = True, progress: bool = False, model_label: str | None = None, full_warmup: bool = False,
+          replica: Any = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful shutdown).
 
     The port is bound first; with ``warmup`` the step programs are then compiled (or loaded from
@@ -722,7 +723,7 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
     line goes to stderr when it is done (at once without ``warmup``).  Ready means: the buckets that
     hold every step are compiled (``Engine.warmup_for_serving``), the others compile in the
     background and steps use a larger compiled bucket until then; ``full_warmup``: every bucket
-    first."""
+    first.  ``replica``: process 0's ``replica.Leader`` under ``serve --distributed``."""
     if max_queue is not None and max_queue < 0:
         raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
     address = f"http://{host}:{port}"
@@ -744,7 +745,7 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
         print(line, file=sys.stderr, flush=True)
 
     server = OpenAIServer(engine, ServerConfig(model_name or "jaxserve", api_key, max_queue, drain_timeout_s,
-                                               force_include_usage, tool_call_parser), warmup=warm)
+                                               force_include_usage, tool_call_parser), warmup=warm, replica=replica)
     uv = _make_uvicorn_server(server, host, port, log_level)
     logger.info("serving %s on %s (%s)", server.config.model_name, address,
                 ("warming up all step programs ahead of time" if full_warmup else
