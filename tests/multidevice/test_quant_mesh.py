@@ -39,6 +39,7 @@ def test_int8_on_mesh_gives_one_device_tokens(gqa_dir, one_device_tokens):
     assert run(engine) == one_device_tokens
 
 
+@pytest.mark.slow  # (~20 s; the quantized checkpoint restore is covered on one device by tests/test_quant.py)
 def test_quantized_checkpoint_restores_sharded(gqa_dir, one_device_tokens, tmp_path):
     from jaxserve.checkpoint import convert
 
