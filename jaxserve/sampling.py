@@ -249,19 +249,24 @@ def _row_key(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, step)
 
 
+def keep_sorted(sorted_logits: jax.Array, p: SamplingArrays) -> jax.Array:
+    """[rows, V] bool over the vocabulary sorted by descending logit: the tokens top-k / top-p / min-p
+    keep (the distribution sampling draws from; speculative verification reads the same one)."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(sorted_logits.shape[-1])[None, :]
+    keep = jnp.where(p.top_k[:, None] > 0, rank < p.top_k[:, None], True)
+    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < p.top_p[:, None]) | (p.top_p[:, None] >= 1)
+    return keep & (probs >= p.min_p[:, None] * probs[:, :1])
+
+
 def _sample_filtered(logits: jax.Array, p: SamplingArrays, keys: jax.Array) -> jax.Array:
     """Temperature, then top-k / top-p / min-p over the sorted vocabulary, then a Gumbel-max draw."""
     v = logits.shape[-1]
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    rank = jnp.arange(v)[None, :]
-    keep = jnp.where(p.top_k[:, None] > 0, rank < p.top_k[:, None], True)
-    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= (mass_before < p.top_p[:, None]) | (p.top_p[:, None] >= 1)
-    keep &= probs >= p.min_p[:, None] * probs[:, :1]
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    masked = jnp.where(keep_sorted(sorted_logits, p), sorted_logits, -jnp.inf)
     # The noise is drawn in token-id order, as in the unfiltered path, so a row's draw does not
     # depend on which path its batch took.
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.sampling import SamplingArrays, _row_key
+from jaxserve.sampling import SamplingArrays, _row_key, keep_sorted
 
 METHODS = ("ngram", "draft")
 UNIFORM_SALT = 0x5BD1E995  # folded into a row's key for its acceptance draw (the Gumbel noise uses the key)
@@ -270,21 +270,14 @@ def residual_logits(z: jax.Array, draft: jax.Array) -> jax.Array:
 
 def filtered_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     """Logits of the distribution ``sampling.sample`` draws from: scaled by the temperature, with the
-    tokens top-k / top-p / min-p remove at -inf (in token order)."""
+    tokens top-k / top-p / min-p remove (``sampling.keep_sorted``) at -inf (in token order)."""
     temp = jnp.where(p.temperature > 0, p.temperature, 1.0)
     z = logits / temp[:, None]
     needs_sort = jnp.any((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0))
 
     def filtered():
-        v = z.shape[-1]
         order = jnp.argsort(-z, axis=-1)
-        sorted_z = jnp.take_along_axis(z, order, axis=-1)
-        probs = jax.nn.softmax(sorted_z, axis=-1)
-        rank = jnp.arange(v)[None, :]
-        keep = jnp.where(p.top_k[:, None] > 0, rank < p.top_k[:, None], True)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep &= (mass_before < p.top_p[:, None]) | (p.top_p[:, None] >= 1)
-        keep &= probs >= p.min_p[:, None] * probs[:, :1]
+        keep = keep_sorted(jnp.take_along_axis(z, order, axis=-1), p)
         keep_tok = jnp.take_along_axis(keep, jnp.argsort(order, axis=-1), axis=-1)
         return jnp.where(keep_tok, z, -jnp.inf)
 
