@@ -110,6 +110,13 @@ def assert_clean(engine: Engine) -> None:
     assert engine.num_free_pages == engine.num_pages
 
 
+def greedy_tokens(engine: Engine, prompts, max_tokens) -> list[list[int]]:
+    """Greedy token ids of ``prompts`` (``max_tokens[i]`` each), checking the engine is clean afterwards."""
+    outs = engine.generate(prompts, [greedy(n) for n in max_tokens])
+    assert_clean(engine)
+    return [o.token_ids for o in outs]
+
+
 def reset(engine: Engine) -> None:
     """Abort whatever a (failed) test left behind and run the engine dry."""
     for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):

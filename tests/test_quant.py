@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
+from conftest import ENGINE_KW, greedy_tokens, random_prompts
 from jaxserve import Engine, EngineConfig, ModelConfig
 from jaxserve.model import linear
 from jaxserve.quant import (QuantEmbed, dequantize, dequantize_params, is_quantized, quantize_int8,
@@ -22,9 +22,7 @@ MAX_TOKENS = [12, 8, 16, 10, 14, 6]
 
 
 def run(engine: Engine) -> list[list[int]]:
-    outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
-    assert_clean(engine)
-    return [o.token_ids for o in outs]
+    return greedy_tokens(engine, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

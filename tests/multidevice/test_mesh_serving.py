@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
+from conftest import ENGINE_KW, greedy_tokens, random_prompts
 from jaxserve import Engine, ModelConfig
 from jaxserve.sharding import CACHE_SPEC, kv_replication, make_mesh
 
@@ -20,9 +20,7 @@ HIDDEN, INTERMEDIATE, VOCAB, HEAD_DIM, LAYERS = 64, 176, 1024, 8, 2  # the "tiny
 
 
 def run(engine: Engine) -> list[list[int]]:
-    outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
-    assert_clean(engine)
-    return [o.token_ids for o in outs]
+    return greedy_tokens(engine, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
+from conftest import ENGINE_KW, greedy_tokens, random_prompts
 from jaxserve import Engine
 
 torch = pytest.importorskip("torch")
@@ -31,10 +31,8 @@ def moe_dir(tmp_path_factory):
     return d
 
 
-def run(engine):
-    outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
-    assert_clean(engine)
-    return [o.token_ids for o in outs]
+def run(engine: Engine) -> list[list[int]]:
+    return greedy_tokens(engine, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
+from conftest import ENGINE_KW, assert_clean, greedy, greedy_tokens, random_prompts
 from jaxserve import Engine, ModelConfig
 from jaxserve.checkpoint import MARKER, convert, restore_params, restore_targets, stored_shapes
 from jaxserve.cli import main as cli_main
@@ -24,9 +24,7 @@ MAX_TOKENS = [10, 6, 12, 8, 9]
 
 
 def run(engine: Engine) -> list[list[int]]:
-    outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
-    assert_clean(engine)
-    return [o.token_ids for o in outs]
+    return greedy_tokens(engine, PROMPTS, MAX_TOKENS)
 
 
 def flat(tree) -> dict[str, np.ndarray]:

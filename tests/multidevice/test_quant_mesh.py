@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import ENGINE_KW, assert_clean, greedy, random_prompts
+from conftest import ENGINE_KW, greedy_tokens, random_prompts
 from jaxserve import Engine
 
 PROMPTS = random_prompts([5, 70, 17, 33, 9, 40], seed=7)
@@ -16,9 +16,7 @@ MAX_TOKENS = [10, 6, 12, 8, 9, 7]
 
 
 def run(engine: Engine) -> list[list[int]]:
-    outs = engine.generate(PROMPTS, [greedy(n) for n in MAX_TOKENS])
-    assert_clean(engine)
-    return [o.token_ids for o in outs]
+    return greedy_tokens(engine, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
