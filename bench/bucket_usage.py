@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             real = len(out.decodes) + sum(s.num_tokens for s in out.prefills)
             padded[key] += key[0] + key[1] - real
             clock[0] += args.step_s_base + args.step_s_per_token * (key[0] + key[1])
-            tokens = np.full(key[0] + runner.prefill_slots, 7, np.int32)
+            tokens = np.full(runner.num_slots(*key), 7, np.int32)
             return StepResult(tokens, None, None, None, decode_slots)
 
         runner.execute = fake_execute

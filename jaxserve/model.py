@@ -351,6 +351,7 @@ class CausalLM(nn.Module):
     moe_impl: str = "auto"  # mixture-of-experts FFN (jaxserve.moe.MOE_IMPLS); "dense" is the reference
     return_hidden: bool = False  # also return every row's last hidden state [T, hidden] (prompt logprobs)
     quantization: str | None = None  # "int8" / "w8a8": int8 weights + per-channel scales (jaxserve/quant.py)
+    skip_head: bool = False  # return (None, cache, hidden): the caller runs ``head_logits`` on rows of its choice
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
@@ -390,6 +391,8 @@ class CausalLM(nn.Module):
 
             (x, cache), _ = jax.lax.scan(body, (x, cache), steps)
         hidden = x
+        if self.skip_head:
+            return None, cache, hidden
         x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="final_norm")(x)
         if cfg.tie_word_embeddings and self.quantization:
@@ -411,9 +414,10 @@ class CausalLM(nn.Module):
 
 
 def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any,
-                quantization: str | None = None) -> jax.Array:
+                quantization: str | None = None, mesh: Mesh | None = None) -> jax.Array:
     """``CausalLM``'s final norm, LM head and final soft cap on hidden states of any rows ([N, hidden] ->
-    float32 [N, V]): the logits of every prompt position, for prompt logprobs."""
+    float32 [N, V]): the logits of every prompt position (prompt logprobs), of the verified rows of
+    speculative decoding.  With ``mesh``, computed vocab-parallel and gathered as ``CausalLM`` does."""
     x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset).apply({"params": params["final_norm"]}, hidden)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     if "scale" in head:  # int8 weights (jaxserve/quant.py)
@@ -424,9 +428,10 @@ def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any,
         logits = _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
     else:
         logits = _dot_f32_out(x, params["lm_head"]["kernel"], (((1,), (0,)), ((), ())))
+    logits = constrain(logits, mesh, None, MODEL)
     if cfg.final_logit_softcap is not None:
-        logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-    return logits
+        logits = cfg.final_logit_softcap * jnp.tanh(logits.astype(jnp.float32) / cfg.final_logit_softcap)
+    return constrain(logits.astype(jnp.float32), mesh, None, None)
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -133,12 +133,15 @@ class ModelRunner:
         self.pages_per_seq = -(-max_model_len // self.page_size)
         self.decode_buckets = [0] + power_of_two_buckets(
             min(engine_cfg.min_decode_bucket, engine_cfg.max_num_seqs), engine_cfg.max_num_seqs)
-        self.prefill_buckets = [0] + power_of_two_buckets(
-            min(engine_cfg.min_prefill_bucket, engine_cfg.max_num_batched_tokens),
-            engine_cfg.max_num_batched_tokens)
-        self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
         spec = engine_cfg.speculative_config
         self.spec_k = spec.num_speculative_tokens if spec is not None else 0
+        # With speculation the smallest prefill bucket holds one verified chunk (k + 1 rows, rounded up to a
+        # power of two), so a lone speculated sequence does not pay for a prompt-sized bucket.
+        lo = engine_cfg.min_prefill_bucket if not self.spec_k else min(
+            engine_cfg.min_prefill_bucket, 1 << self.spec_k.bit_length())
+        self.prefill_buckets = [0] + power_of_two_buckets(min(lo, engine_cfg.max_num_batched_tokens),
+                                                          engine_cfg.max_num_batched_tokens)
+        self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
         self._executables: dict[tuple[int, int], Any] = {}
         # While buckets are compiled in the background (serve): a step whose bucket is not compiled yet runs
         # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
@@ -181,15 +184,15 @@ class ModelRunner:
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
                          self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
-                         quantization=self.quantization)
+                         quantization=self.quantization, skip_head=inputs.spec is not None)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices)
-        tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
         spec = None
-        if inputs.spec is not None:
-            spec = verify(lambda h: head_logits(self.model_cfg, params, h, self.dtype, self.quantization), hidden,
-                          inputs.spec,
-                          inputs.sampling)
+        if inputs.spec is not None:  # one LM head over the sampled rows and the verified rows (spec_decode.py)
+            logits, spec = verify(lambda h: head_logits(self.model_cfg, params, h, self.dtype, self.quantization,
+                                                        self.mesh),
+                                  hidden, inputs.logits_indices, inputs.spec, inputs.sampling)
+        tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
         return (cache, tokens, logprob, top_ids, top_lp, penalty_state, self._prompt_logprobs(params, hidden, inputs),
                 spec)
 
@@ -237,9 +240,14 @@ class ModelRunner:
         """Rows a bucket can verify (fixed per bucket): every prefill row, at most every prefill slot's k + 1."""
         return min(num_prefill_tokens, self.prefill_slots * (self.spec_k + 1)) if self.spec_k else 0
 
+    def num_slots(self, num_decode: int, num_prefill_tokens: int) -> int:
+        """Sequence slots of a bucket (the rows sampled): its decode rows, then its prefill slots (as many
+        chunks as its prefill rows can hold, up to ``max_num_prefill_seqs``; none in a decode-only bucket)."""
+        return num_decode + min(self.prefill_slots, num_prefill_tokens)
+
     def _empty_inputs(self, num_decode: int, num_prefill_tokens: int) -> dict[str, np.ndarray]:
         t = num_decode + num_prefill_tokens
-        s = num_decode + self.prefill_slots
+        s = self.num_slots(num_decode, num_prefill_tokens)
         r = self.spec_rows(num_prefill_tokens)
         spec = {} if not r else dict(spec_rows=np.zeros(r, np.int32), spec_slot=np.full(r, -1, np.int32),
                                      spec_offset=np.zeros(r, np.int32), spec_next=np.full(r, -1, np.int32))
@@ -408,7 +416,7 @@ class ModelRunner:
         a["spec_any"] = np.bool_(num_spec > 0)
         if constrained:
             t0 = time.perf_counter()
-            s = d + self.prefill_slots
+            s = len(a["seq_lens"])
             a["bitmask"] = np.full((s, self.mask_words), -1, np.int32)
             a["mask_active"] = np.zeros(s, bool)
             slots_c = [i for i, _ in constrained]

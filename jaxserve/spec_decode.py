@@ -309,18 +309,24 @@ def verify_rows(logits: jax.Array, next_token: jax.Array, offset: jax.Array, p: 
     return jnp.where(is_greedy, greedy_tok, tok), jnp.where(is_greedy, greedy_accept, accept)
 
 
-def verify(logits_fn, hidden: jax.Array, spec: SpecInputs, sampling: SamplingArrays):
-    """The step's verification: ``logits_fn`` (hidden rows -> float32 logits) on the verified rows,
-    then ``verify_rows``; skipped (zeros) when no row is verified."""
-    r = spec.rows.shape[0]
+def verify(logits_fn, hidden: jax.Array, logits_indices: jax.Array, spec: SpecInputs, sampling: SamplingArrays
+           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The step's LM head and verification: ``logits_fn`` (hidden rows -> float32 logits) runs once, on
+    the sampled rows (``logits_indices``) and, when some row is verified, on the verified rows too (one
+    matmul reads the head's weights once); then ``verify_rows``.  Returns (the sampled rows' logits,
+    (token, accepted) per verified row: zeros when none is)."""
+    r, s = spec.rows.shape[0], logits_indices.shape[0]
 
-    def compute():
-        logits = logits_fn(hidden[spec.rows])
+    def with_spec():
+        logits = logits_fn(hidden[jnp.concatenate([logits_indices, spec.rows])])
         slot = jnp.clip(spec.slot, 0, sampling.temperature.shape[0] - 1)
         p = jax.tree_util.tree_map(lambda x: x[slot], sampling)
-        return verify_rows(logits, spec.next_token, spec.offset, p)
+        return logits[:s], verify_rows(logits[s:], spec.next_token, spec.offset, p)
 
-    return jax.lax.cond(spec.any, compute, lambda: (jnp.zeros((r,), jnp.int32), jnp.zeros((r,), bool)))
+    def without():
+        return logits_fn(hidden[logits_indices]), (jnp.zeros((r,), jnp.int32), jnp.zeros((r,), bool))
+
+    return jax.lax.cond(spec.any, with_spec, without)
 
 
 def accepted_prefix(accept: np.ndarray, first: int, num_draft: int) -> int:

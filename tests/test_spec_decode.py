@@ -80,6 +80,33 @@ def test_greedy_equals_plain_greedy(spec_engine, reference_outputs, k):
     assert_clean(e)
 
 
+def test_low_acceptance_turns_speculation_off(spec_engine, reference_outputs):
+    """min_acceptance_rate: a sequence whose acceptance falls below it (after min_acceptance_window proposed
+    tokens) is decoded plainly from then on: at rate 1 and a window below k, the first step with a
+    rejected proposal is its last speculated one, so no output has more than k rejected proposals (with
+    the switch off, some has); the tokens stay those of plain greedy decoding."""
+    prompts = copy_prompts()
+    max_tokens = [40, 30, 60, 25, 20, 45]
+    ref = reference_outputs(prompts, max_tokens)
+    e, k = spec_engine, K_MAX
+    e.scheduler.num_speculative_tokens = k
+    spec = e.config.speculative_config
+    saved = (spec.min_acceptance_rate, spec.min_acceptance_window)
+
+    def rejected(rate: float, window: int) -> list[int]:
+        spec.min_acceptance_rate, spec.min_acceptance_window = rate, window
+        try:
+            outs = e.generate(prompts, [greedy(n) for n in max_tokens])
+        finally:
+            spec.min_acceptance_rate, spec.min_acceptance_window = saved
+        assert [o.token_ids for o in outs] == ref
+        assert_clean(e)
+        return [o.spec_proposed_tokens - o.spec_accepted_tokens for o in outs]
+
+    assert max(rejected(0.0, 1)) > k  # never switched off
+    assert max(rejected(1.0, k - 1)) <= k
+
+
 def test_opt_out_and_ineligible_requests_are_not_speculated(spec_engine, reference_outputs):
     prompts = copy_prompts()[:3]
     ref = reference_outputs(prompts, [30] * 3)
