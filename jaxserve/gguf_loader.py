@@ -119,39 +119,25 @@ def smollm2_path(package: str = SMOLLM2_PACKAGE) -> str:
 
 
 def open_gguf(path: str):
-    """A ``gguf.GGUFReader`` over the file (memory-mapped), with readable errors.
-
-    The reader's arrays are plain ``ndarray`` views of the map rather than ``np.memmap`` slices: the
-    reader slices the file once per metadata string (SmolLM2's vocabulary and merges are 98k strings),
-    and every ``memmap`` slice runs Python-level ``__array_finalize__``/``__getitem__``.  On plain views
-    opening SmolLM2's file takes 0.76 s instead of 2.78 s (same metadata, same tensor bytes; measured
-    with both readers over ``smollm2_path()`` on this 2-core machine)."""
+    """The file's metadata and tensor table (``jaxserve/gguf_file.py``: read from the memory map, ~10x
+    faster than ``gguf.GGUFReader`` on a tokenizer's 100k strings), with readable errors."""
     try:
-        import gguf
+        import gguf  # noqa: F401 - the quantization types and dequantization come from the package
     except ImportError as e:
         raise ImportError("model: loading GGUF files needs the `gguf` package (pip install gguf)") from e
+    from jaxserve.gguf_file import GGUFFile
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model: GGUF file {path!r} does not exist")
-
-    class _Reader(gguf.GGUFReader):
-        @property
-        def data(self):
-            return self._map
-
-        @data.setter
-        def data(self, value):
-            self._map = value.view(np.ndarray) if isinstance(value, np.memmap) else value
-
     try:
-        return _Reader(path, "r")
-    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, struct errors, ...
+        return GGUFFile(path)
+    except Exception as e:  # noqa: BLE001 - bad magic, version, truncated file (struct.error), ...
         raise ValueError(f"model: could not read GGUF file {path}: {e}") from e
 
 
 def read_metadata(reader) -> dict[str, Any]:
     """Every metadata key of the file -> its value (scalars, strings and lists)."""
-    return {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
+    return dict(reader.metadata)
 
 
 def model_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:

@@ -325,3 +325,50 @@ def _flatten(tree, prefix: str = ""):
             yield from _flatten(v, f"{prefix}{k}/")
         else:
             yield f"{prefix}{k}", v
+
+
+def test_gguf_file_reads_what_gguf_reader_reads(tmp_path, smol_path):
+    """jaxserve/gguf_file.py against the gguf package's own reader: every metadata value (scalars of each
+    type, strings, arrays of numbers and of strings) and every tensor (type, dims, the same bytes), on a
+    file written with every value type and on SmolLM2's file; a file that is not GGUF is refused."""
+    from jaxserve.gguf_file import GGUFFile
+
+    path = str(tmp_path / "kv.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int8("t.i8", -7)
+    w.add_uint16("t.u16", 65000)
+    w.add_int16("t.i16", -300)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -5)
+    w.add_float32("t.f32", 0.25)
+    w.add_uint64("t.u64", 2 ** 40)
+    w.add_int64("t.i64", -(2 ** 40))
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo")
+    w.add_array("t.strs", ["a", "", "Ġthe", "日本"])
+    w.add_array("t.ints", [1, 2, 3])
+    w.add_array("t.floats", [0.5, -1.5])
+    rng = np.random.default_rng(0)
+    w.add_tensor("f32", rng.standard_normal((3, 64)).astype(np.float32))
+    w.add_tensor("f16", rng.standard_normal((2, 32)).astype(np.float16))
+    q8 = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("q8", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for p in (path, smol_path):
+        ours, theirs = GGUFFile(p), gguf.GGUFReader(p)
+        assert ours.metadata == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert (a.tensor_type, a.shape.tolist(), a.n_bytes) == (b.tensor_type, b.shape.tolist(), b.n_bytes)
+            assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+            assert np.array_equal(a.data, b.data, equal_nan=True), a.name
+    assert GGUFFile(path).metadata["t.str"] == "héllo"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(ValueError, match="could not read GGUF file .*magic"):
+        load_gguf(str(bad), np.float32)
