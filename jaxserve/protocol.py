@@ -73,6 +73,7 @@ class _Sampling(BaseModel):
     bad_words: Annotated[list[StrictStr], Field(max_length=128)] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    speculative: StrictBool = True  # jaxserve's: false never speculates this request (SamplingParams.speculative)
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
     response_format: dict[str, Any] | None = None
@@ -194,7 +195,8 @@ class _Sampling(BaseModel):
                 repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
                 logit_bias=self.logit_bias_ids(), min_tokens=self.min_tokens,
                 bad_words=self.bad_words, include_stop_str_in_output=self.include_stop_str_in_output,
-                skip_special_tokens=self.skip_special_tokens, structured_outputs=self.structured())
+                skip_special_tokens=self.skip_special_tokens, structured_outputs=self.structured(),
+                speculative=self.speculative)
         except ValueError as e:
             raise RequestError(str(e).split(":", 1)[0], str(e)) from None
 

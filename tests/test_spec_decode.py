@@ -287,3 +287,17 @@ def test_engine_samples_target_distribution_through_verification(tiny_vocab_dir)
     assert chi_square_pvalue(np.bincount(verified, minlength=len(probs)), probs) > 1e-3
     assert e.compile_count <= e.num_buckets == 3
     assert_clean(e)
+
+
+def test_speculative_request_field():
+    """The HTTP body's ``speculative`` (jaxserve's field) reaches SamplingParams; a non-boolean is refused
+    by name."""
+    import pydantic
+
+    from jaxserve.protocol import CompletionRequest
+
+    base = {"model": "m", "prompt": "hi"}
+    assert CompletionRequest.model_validate(base).sampling_params(4, None).speculative is True
+    assert CompletionRequest.model_validate({**base, "speculative": False}).sampling_params(4, None).speculative is False
+    with pytest.raises(pydantic.ValidationError, match="speculative"):
+        CompletionRequest.model_validate({**base, "speculative": "no"})
