@@ -288,6 +288,10 @@ def gguf_blocks(data: np.ndarray, qtype_name: str) -> dict[str, np.ndarray]:
     elif qtype_name == "Q6_K":
         scale = f16(208, 210).astype(np.float32) * blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
         zero = None
+    elif qtype_name == "Q4_0":  # codes q - 8 stored as q (0..15, packable) with a zero point of -8 d (exact)
+        codes = codes + 8
+        scale = f16(0, 2)
+        zero = scale * np.float16(-8)
     else:  # one float16 scale (and min) per block
         scale = f16(0, 2)
         zero = f16(2, 4) if qtype_name in ("Q4_1", "Q5_1") else None

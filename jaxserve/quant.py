@@ -26,8 +26,10 @@ the scale's shape (the block minimum of Q4_1/Q5_1/Q4_K/Q5_K): ``w = kernel * sca
 A linear kernel ``[in, *out]`` has ``scale [in/G, *out]``; the embedding ``[V, H]`` has ``scale [V, H/G]``
 (GGUF blocks run along each ``[out, in]`` row, i.e. along the input axis).  A scale with as many axes
 as its kernel is group-wise, one with fewer is per channel; a layer without a scale is dense (a GGUF
-tensor of a type with no int8 form).  The layers dequantize the groups inside the step, then matmul
-(W8A16; no int8 activations).
+tensor of a type with no int8 form).  A group-wise kernel whose codes all lie in 0..15 (Q4_1, Q4_K, and
+Q4_0, whose codes are stored +8 with a zero point of -8 * scale) is packed two codes per byte
+(``pack_int4``): a ``uint8`` kernel with its input axis halved, the low nibble the even input row.
+The layers unpack and dequantize the groups inside the step, then matmul (W8A16; no int8 activations).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def dequantize(q: Any, scale: Any, in_axes: Sequence[int] = (0,)) -> Any:
 
 def is_quantized(params: dict[str, Any]) -> bool:
     """Whether a parameter tree holds int8 weights (from ``quantize_params`` or a quantized checkpoint)."""
-    return any(getattr(x, "dtype", None) == np.int8 for x in jax.tree_util.tree_leaves(params))
+    return any(getattr(x, "dtype", None) in (np.int8, np.uint8) for x in jax.tree_util.tree_leaves(params))
 
 
 def quantize_layer(layer: dict[str, Any], stacked: bool = True) -> dict[str, Any]:
@@ -141,12 +143,46 @@ def dequantize_groups(kernel: Any, scale: Any, zero: Any = None, axis: int = 0) 
     scale.shape[axis]`` consecutive elements."""
     xp = np if isinstance(kernel, np.ndarray) else jnp
     axis %= kernel.ndim
+    if kernel.dtype == np.uint8:  # two 4-bit codes per byte (pack_int4)
+        kernel = unpack_int4(kernel, axis)
     n = scale.shape[axis]
     grouped = kernel.reshape(*kernel.shape[:axis], n, kernel.shape[axis] // n, *kernel.shape[axis + 1:])
     w = grouped.astype(xp.float32) * xp.expand_dims(scale, axis + 1).astype(xp.float32)
     if zero is not None:
         w = w + xp.expand_dims(zero, axis + 1).astype(xp.float32)
     return w.reshape(kernel.shape)
+
+
+def pack_int4(codes: np.ndarray, axis: int) -> np.ndarray:
+    """int8 codes in 0..15 -> ``uint8`` with ``axis`` halved: byte j holds code 2j (low nibble) and 2j+1."""
+    lo = np.take(codes, np.arange(0, codes.shape[axis], 2), axis).astype(np.uint8)
+    hi = np.take(codes, np.arange(1, codes.shape[axis], 2), axis).astype(np.uint8)
+    return lo | (hi << np.uint8(4))
+
+
+def unpack_int4(packed: Any, axis: int) -> Any:
+    """``pack_int4``'s inverse (numpy or jax): int8 codes with ``axis`` doubled."""
+    xp = np if isinstance(packed, np.ndarray) else jnp
+    codes = xp.stack([packed & 15, packed >> 4], axis=axis + 1).astype(xp.int8)
+    return codes.reshape(*packed.shape[:axis], 2 * packed.shape[axis], *packed.shape[axis + 1:])
+
+
+def pack_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Every group-wise kernel (stacked layers, embedding, LM head) whose codes lie in 0..15, packed
+    two per byte along its input axis (``pack_int4``)."""
+    def pack(layer: dict[str, Any], key: str, axis: int) -> dict[str, Any]:
+        k = layer[key]
+        if not is_grouped(layer, key) or k.dtype != np.int8 or k.shape[axis] % 2 or k.min() < 0 or k.max() > 15:
+            return layer
+        return {**layer, key: pack_int4(k, axis)}
+
+    out = dict(params)
+    out["layers"] = {name: (pack(v, "kernel", 1) if name in LAYER_LINEARS else v)
+                     for name, v in params["layers"].items()}
+    out["embed"] = pack(params["embed"], "embedding", 1)
+    if "lm_head" in params:
+        out["lm_head"] = pack(params["lm_head"], "kernel", 0)
+    return out
 
 
 def weight(kernel: Any, scale: Any, zero: Any = None, in_axis: int = 0) -> Any:
@@ -224,13 +260,14 @@ def quantized_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array, out_dtyp
     return (int8_dot(x, kernel, w8a8) * scale.astype(jnp.float32)).astype(out_dtype)
 
 
-def _stored(module: nn.Module, name: str, shape: tuple[int, ...] | None = None) -> jax.Array | None:
-    """The parameter ``name`` as the tree holds it (per-channel or group-wise, float16 or float32), or
-    created with ``shape`` (float32) at initialization; None when the tree has no such parameter."""
+def _stored(module: nn.Module, name: str, shape: tuple[int, ...] | None = None, dtype: Any = jnp.float32,
+            init: Any = nn.initializers.ones) -> jax.Array | None:
+    """The parameter ``name`` as the tree holds it (per-channel or group-wise, float16 or float32, a
+    packed kernel), or created with ``shape`` at initialization; None when the tree has no such parameter."""
     if module.has_variable("params", name):
         return module.get_variable("params", name)
     if shape is not None and module.is_initializing():
-        return module.param(name, nn.initializers.ones, shape, jnp.float32)
+        return module.param(name, init, shape, dtype)
     return None
 
 
@@ -248,7 +285,7 @@ class QuantDense(nn.Module):
     @nn.compact
     def __call__(self, x):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], *features), jnp.int8)
+        kernel = _stored(self, "kernel", (x.shape[-1], *features), jnp.int8, nn.initializers.zeros)
         scale = _stored(self, "scale", features)
         out_dtype = jnp.float32 if self.out_f32 else self.dtype
         if scale is None:  # dense
@@ -271,8 +308,8 @@ class QuantEmbed(nn.Module):
     w8a8: bool = False  # the tied LM head with int8 activations (QUANTIZATIONS)
 
     def setup(self):
-        self.embedding = self.param("embedding", nn.initializers.zeros, (self.num_embeddings, self.features),
-                                    jnp.int8)
+        self.embedding = _stored(self, "embedding", (self.num_embeddings, self.features), jnp.int8,
+                                 nn.initializers.zeros)
         self.scale = _stored(self, "scale", (self.num_embeddings,))
         self.zero = _stored(self, "zero")
 
@@ -320,6 +357,8 @@ def param_specs(specs: dict[str, Any], params: dict[str, Any] | None = None, mod
             fit = P(*(a if a is None or np.shape(layer["scale"])[i] % model_size == 0 else None
                       for i, a in enumerate(axes)))
             out.update({k: fit for k in ("scale", "zero") if k in layer})
+            out[key] = P(*(a if a is None or np.shape(layer[key])[i] % model_size == 0 else None  # packed: in/2
+                           for i, a in enumerate(axes)))
         elif "scale" in layer:
             out["scale"] = channel_spec
         return out
@@ -363,4 +402,4 @@ def param_bytes(params: Any) -> int:
 
 
 __all__ = ["QUANTIZATIONS", "quantize_int8", "dequantize", "is_quantized", "quantize_layer", "quantize_globals", "quantize_params",
-           "dequantize_params", "dequantize_groups", "weight", "is_grouped", "harmonize", "quantize_rows", "int8_dot", "quantized_matmul", "embed_logits", "QuantDense", "QuantEmbed", "param_specs", "stored_dtypes", "param_bytes"]
+           "dequantize_params", "dequantize_groups", "pack_int4", "unpack_int4", "pack_params", "weight", "is_grouped", "harmonize", "quantize_rows", "int8_dot", "quantized_matmul", "embed_logits", "QuantDense", "QuantEmbed", "param_specs", "stored_dtypes", "param_bytes"]

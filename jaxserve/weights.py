@@ -163,7 +163,9 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
     params["final_norm"] = {"scale": cast(get("norm.weight"))}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = lay(np.transpose, get("lm_head.weight"))
-    return quant.quantize_globals(params) if requantize else params
+    if requantize:
+        return quant.quantize_globals(params)
+    return quant.pack_params(params) if quantization == "gguf" else params  # 4-bit codes: two per byte
 
 
 def moe_params(cfg: ModelConfig, p: str, get, has, cast, dtype) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from jaxserve.engine import load_model  # noqa: E402
 from jaxserve.gguf_loader import KEPT_TYPES, gguf_blocks, load_gguf  # noqa: E402
 from jaxserve.make_model import hf_config, random_hf_tensors  # noqa: E402
 from jaxserve.model import linear  # noqa: E402
-from jaxserve.quant import QuantEmbed, dequantize_groups, dequantize_params, param_bytes  # noqa: E402
+from jaxserve.quant import (QuantEmbed, dequantize_groups, dequantize_params, pack_int4, param_bytes,  # noqa: E402
+                            unpack_int4)
 
 T = gguf.GGMLQuantizationType
 LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -56,7 +57,7 @@ def test_blocks_equal_gguf_dequantize(qtype):
     assert b["kernel"].dtype == np.int8 and b["kernel"].shape == (6, 512)
     assert b["scale"].shape == (6, 512 // group)
     assert b["scale"].dtype == (np.float32 if qtype.endswith("_K") else np.float16)
-    assert ("zero" in b) == (qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"))
+    assert ("zero" in b) == (qtype in ("Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K"))  # Q4_0: codes + 8, zero -8 d
     ref = gguf.quants.dequantize(data, T[qtype]).reshape(6, 512)
     np.testing.assert_array_equal(dequantize_groups(b["kernel"], b["scale"], b.get("zero"), -1), ref)
 
@@ -64,10 +65,11 @@ def test_blocks_equal_gguf_dequantize(qtype):
 def mixed(name: str):
     """A per-tensor mix as llama.cpp's _M files have, also across layers: q Q4_K, k Q8_0, v Q6_K (groups
     of 32 and 16, with and without zero points, in one fused qkv), o Q4_0 / Q6_K by layer, gate Q4_1, up
-    Q5_K, down F16 in layer 0 and Q8_0 in layer 1 (so kept dense), embedding Q8_0, LM head Q5_1."""
+    Q4_K (4-bit codes: gate_up packed), down F16 in layer 0 and Q8_0 in layer 1 (so kept dense), embedding
+    Q8_0, LM head Q5_1."""
     layer1 = ".1." in name
     for key, qtype in (("q_proj", T.Q4_K), ("k_proj", T.Q8_0), ("v_proj", T.Q6_K),
-                       ("o_proj", T.Q6_K if layer1 else T.Q4_0), ("gate_proj", T.Q4_1), ("up_proj", T.Q5_K),
+                       ("o_proj", T.Q6_K if layer1 else T.Q4_0), ("gate_proj", T.Q4_1), ("up_proj", T.Q4_K),
                        ("down_proj", T.Q8_0 if layer1 else T.F16), ("embed_tokens", T.Q8_0), ("lm_head", T.Q5_1)):
         if key in name:
             return qtype
@@ -95,15 +97,23 @@ def test_kept_weights_equal_dequantized_load(tmp_path, mixed_path, qtype):
     _, kept, _ = load_gguf(path, np.float32, quantization="gguf")
     layers = kept["layers"]
     dense = {"down_proj"} if qtype == "mixed" else set()
+    # 4-bit codes packed two per byte (uint8, input axis halved): every linear of a Q4_0/Q4_1 file, and
+    # the mix's gate_up (Q4_1 + Q4_K); 8-bit codes (Q8_0, or a fused mix with Q8_0/Q6_K) stay int8.
+    packed = set(LINEARS) if qtype in ("Q4_0", "Q4_1") else {"gate_up_proj"} if qtype == "mixed" else set()
     for name in LINEARS:
-        kernel = layers[name]["kernel"]
-        assert kernel.dtype == (np.float32 if name in dense else np.int8), name
+        kernel, full = layers[name]["kernel"], reference["layers"][name]["kernel"]
+        dtype = np.float32 if name in dense else np.uint8 if name in packed else np.int8
+        assert kernel.dtype == dtype, name
+        assert kernel.shape == (full.shape[0], full.shape[1] // 2 if name in packed else full.shape[1], *full.shape[2:])
         if name not in dense:  # scale [L, in/G, *out]: G = 32, or 16 where a Q6_K tensor is fused in
             group = 16 if qtype == "mixed" and name in ("qkv_proj", "o_proj") else 32
-            assert layers[name]["scale"].shape == (kernel.shape[0], kernel.shape[1] // group, *kernel.shape[2:])
-            assert ("zero" in layers[name]) == (qtype == "Q4_1" or qtype == "mixed" and name != "o_proj"), name
+            assert layers[name]["scale"].shape == (full.shape[0], full.shape[1] // group, *full.shape[2:])
+            assert ("zero" in layers[name]) == (qtype != "Q8_0"), name  # Q4_0: codes + 8, zero -8 d
             assert layers[name]["scale"].dtype == (np.float32 if qtype == "mixed" else np.float16)
-    assert kept["embed"]["embedding"].dtype == np.int8 and kept["embed"]["scale"].shape == (1024, 256 // 32)
+    embedding = kept["embed"]["embedding"]  # [V, H], packed along H when its codes are 4-bit
+    assert embedding.dtype == (np.uint8 if packed == set(LINEARS) else np.int8)
+    assert embedding.shape == (1024, 256 // 2 if packed == set(LINEARS) else 256)
+    assert kept["embed"]["scale"].shape == (1024, 256 // 32)
     assert ("lm_head" in kept) == (qtype == "mixed")
     deq = dequantize_params(kept)
     flat_ref, flat = dict(flatten(reference)), dict(flatten(deq))
@@ -118,11 +128,14 @@ def test_group_layers_match_dequantized_reference():
     dequantized weight."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 64)).astype(np.float32)
-    params = {"kernel": rng.integers(0, 16, (64, 2, 24)).astype(np.int8),
-              "scale": rng.random((2, 2, 24)).astype(np.float16), "zero": -rng.random((2, 2, 24)).astype(np.float16)}
+    codes = rng.integers(0, 16, (64, 2, 24)).astype(np.int8)
+    params = {"kernel": codes, "scale": rng.random((2, 2, 24)).astype(np.float16),
+              "zero": -rng.random((2, 2, 24)).astype(np.float16)}
     w = dequantize_groups(params["kernel"], params["scale"], params["zero"], 0)
-    y = linear((2, 24), "gguf", jnp.float32).apply({"params": params}, jnp.asarray(x))
-    np.testing.assert_allclose(y, np.tensordot(x, w, axes=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(codes, 0), 0), codes)
+    for kernel in (codes, pack_int4(codes, 0)):  # int8 codes, and packed two per byte
+        y = linear((2, 24), "gguf", jnp.float32).apply({"params": {**params, "kernel": kernel}}, jnp.asarray(x))
+        np.testing.assert_allclose(y, np.tensordot(x, w, axes=1), rtol=1e-5, atol=1e-5)
     table = {"embedding": rng.integers(-127, 128, (100, 64)).astype(np.int8),
              "scale": rng.random((100, 2)).astype(np.float16)}
     deq = dequantize_groups(table["embedding"], table["scale"], None, 1)
