@@ -10,6 +10,9 @@ Everything is read with the ``gguf`` package (numpy only, no torch):
   name and, for Llama, has llama.cpp's q/k row permutation undone (``convert_hf_to_gguf.py``
   interleaves the two rotary halves of every head; the model here, like transformers, rotates
   the halves), then goes through :func:`jaxserve.weights.hf_to_params`;
+* with ``quantization="gguf"``, the linear layers, embedding and LM head of a type in ``KEPT_TYPES``
+  (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are not dequantized: ``gguf_blocks`` keeps them as
+  int8 codes with their block scales and zero points (``jaxserve/quant.py``, group-wise);
 * the ``tokenizer.ggml.*`` metadata is rebuilt into a ``tokenizers`` byte-level BPE wrapped in a
   ``transformers.PreTrainedTokenizerFast``, with the file's chat template.
 
@@ -272,7 +275,7 @@ def gguf_blocks(data: np.ndarray, qtype_name: str) -> dict[str, np.ndarray]:
     from gguf import GGMLQuantizationType, quants
 
     qtype = GGMLQuantizationType[qtype_name]
-    group, unit = KEPT_TYPES[qtype_name]
+    unit = KEPT_TYPES[qtype_name][1]
     traits = quants._type_traits[qtype]  # the gguf package's per-type unpacking
     rows = data.shape[0]
     blocks = np.ascontiguousarray(data).reshape(-1, traits.type_size)
@@ -298,7 +301,6 @@ def gguf_blocks(data: np.ndarray, qtype_name: str) -> dict[str, np.ndarray]:
     out = {"kernel": codes.astype(np.int8).reshape(rows, -1), "scale": scale.reshape(rows, -1)}
     if zero is not None:
         out["zero"] = zero.reshape(rows, -1)
-    assert out["kernel"].shape[1] == out["scale"].shape[1] * group
     return out
 
 
