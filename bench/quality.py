@@ -15,7 +15,7 @@ For each setting (``SETTINGS``: f32, int8 weights, int8 weights and activations;
   and ``ppl_change``: the relative perplexity change against the baseline.
 
 SmolLM2's file is Q4_1: its float32 baseline is the Q4_1 weights dequantized; ``int8`` re-quantizes those
-per output channel (``jaxserve/quant.py``).
+per output channel (``jaxserve/quant.py``); ``gguf`` keeps the file's blocks (int8 codes, block scales).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ SETTINGS = {
     "f32": {},
     "int8": {"quantization": "int8"},
     "w8a8": {"quantization": "w8a8"},
+    "gguf": {"quantization": "gguf"},  # the GGUF file's Q4_1/Q8_0 blocks kept (int8 codes + block scales)
 }
 if "kv_cache_dtype" in {f.name for f in dataclasses.fields(EngineConfig)}:  # the 8-bit KV cache (issue 18 part 3)
     SETTINGS["int8_kv"] = {"kv_cache_dtype": "int8"}

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"])
-    ap.add_argument("--quantization", default=None, choices=["int8", "w8a8"], help="int8: weight-only int8 (jaxserve/quant.py)")
+    ap.add_argument("--quantization", default=None, choices=["int8", "w8a8", "gguf"],
+                    help="int8: weight-only int8; gguf: a GGUF file's blocks kept (jaxserve/quant.py)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--attention-impl", default="auto",
                     choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"])

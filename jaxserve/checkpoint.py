@@ -102,9 +102,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", progress: bool =
 
     if dtype not in NP_DTYPES:
         raise ValueError(f"dtype: must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
-    if quantization is not None and quantization not in quant.QUANTIZATIONS:
-        raise ValueError(f"quantization: must be None or one of {', '.join(quant.QUANTIZATIONS)}, "
-                         f"got {quantization!r}")
+    if quantization is not None and quantization not in ("int8", "w8a8"):
+        raise ValueError(f"quantization: must be None, int8 or w8a8 (a Hugging Face checkpoint is quantized per "
+                         f"channel), got {quantization!r}")
     out_dir = os.path.abspath(out_dir)
     params_dir = os.path.join(out_dir, PARAMS_SUBDIR)
     if os.path.exists(params_dir):

@@ -49,9 +49,10 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="KV cache values: auto (= --dtype), int8 (per-token-per-head scales) or fp8_e4m3 "
                         "(jaxserve/kv_cache.py)")
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
-    p.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+    p.add_argument("--quantization", default=None, choices=["int8", "w8a8", "gguf"],
                    help="int8: weight-only int8 (W8A16) with per-output-channel scales, quantized at load; w8a8: the "
-                        "same weights with each token row of a layer's input quantized to int8 too (default: the "
+                        "same weights with each token row of a layer's input quantized to int8 too; gguf: a GGUF "
+                        "file's quantized blocks kept as int8 codes with their block scales (default: the "
                         "weights in --dtype; a checkpoint converted with --quantization int8 is served as int8)")
     p.add_argument("--attention-impl", default="auto",
                    choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],

@@ -71,6 +71,9 @@ def load_model(model: str, dtype: str = "auto", mesh: Any = None, progress: bool
     progress = bool(progress)
     np_dtype = NP_DTYPES[resolve_dtype(dtype)]
     t0 = time.perf_counter()
+    if quantization == "gguf" and not is_gguf_path(path):
+        raise ValueError(f"quantization: 'gguf' keeps the quantized blocks of a GGUF file; {path} is not one "
+                         "(use int8 to quantize a float checkpoint)")
     if is_gguf_path(path):
         model_config, params, tokenizer = load_gguf(path, np_dtype, progress, quantization)
     elif checkpoint.is_checkpoint(path):
@@ -121,7 +124,7 @@ class Engine:
         max_model_len = config.max_model_len or context  # provisional, until the cache is sized
 
         on_device = all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params))
-        if config.quantization and not quant.is_quantized(params):
+        if config.quantization in ("int8", "w8a8") and not quant.is_quantized(params):
             if on_device and self.mesh is not None:
                 raise ValueError("quantization: a float Orbax checkpoint restored onto a mesh is not re-quantized; "
                                  "write an int8 one with `jaxserve convert --quantization int8`")
@@ -130,8 +133,8 @@ class Engine:
             on_device = False
         self.quantization = (config.quantization or "int8") if quant.is_quantized(params) else None
         if self.quantization:
-            logger.info("weights: int8 (per-output-channel scales, %s), %.1f MiB", self.quantization,
-                        quant.param_bytes(params) / 2**20)
+            logger.info("weights: int8 (%s), %.1f MiB", "GGUF blocks: group scales" if self.quantization == "gguf"
+                        else f"per-output-channel scales, {self.quantization}", quant.param_bytes(params) / 2**20)
         if self.mesh is None:
             device_params = params if on_device else jax.tree_util.tree_map(jnp.asarray, params)
         elif on_device:

@@ -10,6 +10,9 @@ Everything is read with the ``gguf`` package (numpy only, no torch):
   name and, for Llama, has llama.cpp's q/k row permutation undone (``convert_hf_to_gguf.py``
   interleaves the two rotary halves of every head; the model here, like transformers, rotates
   the halves), then goes through :func:`jaxserve.weights.hf_to_params`;
+* with ``quantization="gguf"``, the linear layers, embedding and LM head of a type in ``KEPT_TYPES``
+  (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are not dequantized: ``gguf_blocks`` keeps them as
+  int8 codes with their block scales and zero points (``jaxserve/quant.py``, group-wise);
 * the ``tokenizer.ggml.*`` metadata is rebuilt into a ``tokenizers`` byte-level BPE wrapped in a
   ``transformers.PreTrainedTokenizerFast``, with the file's chat template.
 
@@ -233,15 +236,76 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
+# GGUF types kept as int8 codes with group scales (``quantization="gguf"``, ``jaxserve/quant.py``) ->
+# (group size, the block fields that ``codes`` sets to make ``dequantize_blocks`` return the codes:
+# (byte offset, bytes)).  Legacy quants: an f16 scale d (and min m) per block of 32, exact in float16.
+# K-quants: 6-bit (Q4_K/Q5_K) or int8 (Q6_K) sub-block scales times an f16 d: float32.
+_Q4K_ONES = bytes([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1])  # Q4_K/Q5_K packed sub-block scales 1, mins 0
+KEPT_TYPES = {
+    "Q8_0": (32, ((0, b"\x00\x3c"),)),  # d = 1.0 (float16 0x3c00)
+    "Q4_0": (32, ((0, b"\x00\x3c"),)),
+    "Q4_1": (32, ((0, b"\x00\x3c"), (2, b"\x00\x00"))),  # d = 1, m = 0
+    "Q5_0": (32, ((0, b"\x00\x3c"),)),
+    "Q5_1": (32, ((0, b"\x00\x3c"), (2, b"\x00\x00"))),
+    "Q4_K": (32, ((0, b"\x00\x3c"), (2, b"\x00\x00"), (4, _Q4K_ONES))),
+    "Q5_K": (32, ((0, b"\x00\x3c"), (2, b"\x00\x00"), (4, _Q4K_ONES))),
+    "Q6_K": (16, ((192, bytes([1] * 16)), (208, b"\x00\x3c"))),  # int8 sub-block scales 1, d = 1
+}
+
+
+def gguf_blocks(data: np.ndarray, qtype_name: str) -> dict[str, np.ndarray]:
+    """GGUF blocks ``[rows, bytes]`` (uint8) of a type in ``KEPT_TYPES`` -> ``{"kernel": int8 codes [rows,
+    in], "scale": [rows, in/G], "zero": [rows, in/G]}`` (``zero`` only where the format has a minimum) with
+    ``kernel * scale + zero`` equal to ``gguf.quants.dequantize`` up to float rounding.  The codes come
+    from the gguf package's own unpacking, run on blocks whose scales are set to 1 and minimums to 0."""
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[qtype_name]
+    unit = KEPT_TYPES[qtype_name][1]
+    traits = quants._type_traits[qtype]  # the gguf package's per-type unpacking
+    rows = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(-1, traits.type_size)
+    ones = blocks.copy()
+    for offset, value in unit:
+        ones[:, offset:offset + len(value)] = np.frombuffer(value, np.uint8)
+    codes = traits.dequantize_blocks(ones)
+    f16 = lambda a, b: blocks[:, a:b].copy().view(np.float16)  # noqa: E731
+    if qtype_name in ("Q4_K", "Q5_K"):
+        sc, mn = quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        scale = f16(0, 2).astype(np.float32) * sc.astype(np.float32)
+        zero = -(f16(2, 4).astype(np.float32) * mn.astype(np.float32))
+    elif qtype_name == "Q6_K":
+        scale = f16(208, 210).astype(np.float32) * blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
+        zero = None
+    elif qtype_name == "Q4_0":  # codes q - 8 stored as q (0..15, packable) with a zero point of -8 d (exact)
+        codes = codes + 8
+        scale = f16(0, 2)
+        zero = scale * np.float16(-8)
+    else:  # one float16 scale (and min) per block
+        scale = f16(0, 2)
+        zero = f16(2, 4) if qtype_name in ("Q4_1", "Q5_1") else None
+    out = {"kernel": codes.astype(np.int8).reshape(rows, -1), "scale": scale.reshape(rows, -1)}
+    if zero is not None:
+        out["zero"] = zero.reshape(rows, -1)
+    return out
+
+
+# The tensors kept in blocks under quantization="gguf": the linear layers, the embedding and the LM head.
+_KEPT_TENSORS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+                 "ffn_up.weight", "ffn_down.weight", "token_embd.weight", "output.weight")
+
+
 class GGUFTensors(Mapping):
     """The file's tensors under their Hugging Face names, each dequantized to float32 (q/k rows
     un-permuted) only when it is read: the parameter layout (``hf_to_params``) takes them one layer at a
-    time, so with ``quantization="int8"`` the whole model never exists in float32."""
+    time, so with ``quantization="int8"`` the whole model never exists in float32.  ``keep_blocks``: the
+    linear weights, embedding and LM head of a type in ``KEPT_TYPES`` come as ``gguf_blocks`` instead."""
 
-    def __init__(self, reader, cfg: ModelConfig):
+    def __init__(self, reader, cfg: ModelConfig, keep_blocks: bool = False):
         from gguf import GGMLQuantizationType
 
         self.cfg = cfg
+        self.keep_blocks = keep_blocks
         self._tensors: dict[str, tuple[Any, str | None]] = {}
         for tensor in reader.tensors:
             qtype = tensor.tensor_type
@@ -262,10 +326,17 @@ class GGUFTensors(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         tensor, rest = self._tensors[name]
-        weight = dequantize_tensor(tensor)
+        qtype = tensor.tensor_type.name
+        if self.keep_blocks and qtype in KEPT_TYPES and (rest or tensor.name) in _KEPT_TENSORS:
+            weight = gguf_blocks(tensor.data, qtype)
+        else:
+            weight = dequantize_tensor(tensor)
         if self.cfg.model_type == "llama" and rest in ("attn_q.weight", "attn_k.weight", "attn_q.bias",
                                                         "attn_k.bias"):
-            weight = unpermute_qk(weight, self.cfg.num_heads if rest.startswith("attn_q") else self.cfg.num_kv_heads)
+            heads = self.cfg.num_heads if rest.startswith("attn_q") else self.cfg.num_kv_heads
+            if isinstance(weight, dict):  # the rows of the codes, scales and zero points alike
+                return {k: unpermute_qk(v, heads) for k, v in weight.items()}
+            weight = unpermute_qk(weight, heads)
         return weight
 
     def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's would)
@@ -294,7 +365,9 @@ def load_gguf(path: str, dtype: Any, progress: bool = False,
     (``progress``: tqdm bars on stderr while dequantizing and laying out the weights).
     ``quantization="int8"``: the linear layers and the embedding come back as int8 with per-output-channel
     scales (``jaxserve/quant.py``): each tensor is dequantized when its layer is laid out and re-quantized
-    per output channel at once, so the float32 model is never held whole."""
+    per output channel at once, so the float32 model is never held whole.  ``quantization="gguf"``: the
+    linear layers, embedding and LM head of a type in ``KEPT_TYPES`` keep their blocks as int8 codes with
+    group scales and zero points (``gguf_blocks``); other tensors are dequantized to ``dtype``."""
     from jaxserve.weights import hf_to_params
 
     reader = open_gguf(path)
@@ -306,8 +379,9 @@ def load_gguf(path: str, dtype: Any, progress: bool = False,
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     logger.info("GGUF %s: %s, %d layers, tensor types %s", os.path.basename(path), cfg.model_type,
                 cfg.num_layers, counts)
-    if quantization:  # tensors dequantized one layer at a time and re-quantized at once
-        params = hf_to_params(cfg, GGUFTensors(reader, cfg), dtype, progress, quantization)
+    if quantization:  # tensors read one layer at a time: kept in blocks, or dequantized and re-quantized
+        params = hf_to_params(cfg, GGUFTensors(reader, cfg, keep_blocks=quantization == "gguf"), dtype, progress,
+                              quantization)
     else:
         params = hf_to_params(cfg, gguf_to_hf_tensors(reader, cfg, progress), dtype, progress)
     tokenizer = tokenizer_from_gguf(meta)

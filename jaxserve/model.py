@@ -100,8 +100,8 @@ def _dot_f32_out(lhs, rhs, dimension_numbers, precision=None, **_):
 def linear(features, quantization: str | None, dtype, use_bias: bool = False, dot_general=_dot_f32_accumulate,
            name: str | None = None) -> nn.Module:
     """A linear layer over the last axis: Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``),
-    or with ``quantization`` ("int8", "w8a8") the same kernel in int8 with per-output-channel scales
-    (``jaxserve/quant.py``)."""
+    or with ``quantization`` ("int8", "w8a8", "gguf") the same kernel in int8 with per-output-channel or
+    group-wise scales (``jaxserve/quant.py``)."""
     if quantization:
         return quant.QuantDense(features, use_bias=use_bias, dtype=dtype, out_f32=dot_general is _dot_f32_out,
                                 w8a8=quantization == "w8a8", name=name)
@@ -420,10 +420,11 @@ def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any,
     speculative decoding.  With ``mesh``, computed vocab-parallel and gathered as ``CausalLM`` does."""
     x = RMSNorm(cfg.rms_norm_eps, dtype, cfg.norm_offset).apply({"params": params["final_norm"]}, hidden)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    if "scale" in head:  # int8 weights (jaxserve/quant.py)
+    if "scale" in head:  # int8 weights (jaxserve/quant.py; group-wise with a zero point: GGUF blocks)
         w8a8 = quantization == "w8a8"
-        logits = (quant.embed_logits(x, head["embedding"], head["scale"], w8a8) if cfg.tie_word_embeddings
-                  else quant.quantized_matmul(x, head["kernel"], head["scale"], jnp.float32, w8a8))
+        logits = (quant.embed_logits(x, head["embedding"], head["scale"], w8a8, head.get("zero"))
+                  if cfg.tie_word_embeddings
+                  else quant.quantized_matmul(x, head["kernel"], head["scale"], jnp.float32, w8a8, head.get("zero")))
     elif cfg.tie_word_embeddings:
         logits = _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
     else:

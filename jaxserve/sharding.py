@@ -159,9 +159,11 @@ def replicate_kv_heads(params: dict[str, Any], cfg: ModelConfig, replication: in
     layers = dict(out["layers"])
     qkv = dict(layers["qkv_proj"])
     qkv["kernel"] = expand(qkv["kernel"], qkv["kernel"].shape[:2])  # [L, H, Hkv, G+2, D]
-    for name in ("bias", "scale"):  # the bias and int8 scales (jaxserve/quant.py): [L, Hkv, G+2, D]
+    # the bias and int8 scales (jaxserve/quant.py): [L, Hkv, G+2, D]; group-wise scales and zero points
+    # (GGUF blocks): [L, H/G, Hkv, G+2, D]
+    for name in ("bias", "scale", "zero"):
         if name in qkv:
-            qkv[name] = expand(qkv[name], qkv[name].shape[:1])
+            qkv[name] = expand(qkv[name], qkv[name].shape[:-3])
     layers["qkv_proj"] = qkv
     out["layers"] = layers
     return out
@@ -213,13 +215,15 @@ def param_specs(cfg: ModelConfig, model_axis: int) -> dict[str, Any]:
 CACHE_SPEC = kv_cache.partition_spec(MODEL)  # KV heads split on "model" (layout: jaxserve/kv_cache.py)
 
 
-def param_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool = False) -> dict[str, Any]:
-    """NamedShardings of ``param_specs`` (``quantized``: with the int8 scales of ``jaxserve/quant.py``)."""
+def param_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool = False,
+                    params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """NamedShardings of ``param_specs`` (``quantized``: with the int8 scales of ``jaxserve/quant.py``;
+    ``params``: the tree they are for, whose group-wise GGUF scales split like their kernels)."""
     specs = param_specs(cfg, mesh.shape[MODEL])
     if quantized:
         from jaxserve import quant
 
-        specs = quant.param_specs(specs)
+        specs = quant.param_specs(specs, params, mesh.shape[MODEL])
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, P))
 
@@ -253,7 +257,7 @@ def put_params(params: dict[str, Any], mesh: Mesh, cfg: ModelConfig) -> dict[str
     receives only its shards, no device ever holds a whole sharded weight."""
     from jaxserve import quant
 
-    return jax.device_put(params, param_shardings(mesh, cfg, quant.is_quantized(params)))
+    return jax.device_put(params, param_shardings(mesh, cfg, quant.is_quantized(params), params))
 
 
 def allocate_sharded_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, mesh: Mesh):

@@ -81,7 +81,10 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
     ``[H, 2, I]``, the other kernels ``[in, out]``; every layer weight is stacked on a leading layer
     axis under ``params["layers"]`` (the model scans over it).  ``quantization="int8"``: each layer's
     linear kernels, then the embedding and LM head, are quantized as they are laid out
-    (``jaxserve/quant.py``), so the float tree is never held whole."""
+    (``jaxserve/quant.py``), so the float tree is never held whole.  A tensor may also come as GGUF
+    blocks kept quantized (``gguf_loader.gguf_blocks``: ``{"kernel": int8 [out, in], "scale": [out, in/G],
+    "zero"?}``): its codes, scales and zero points are laid out alike (the group axis is the input axis),
+    in one format per fused or stacked weight (``quant.harmonize``)."""
     from jaxserve import quant
 
     # "language_model.model." / "model.language_model.": the language model inside a multimodal Gemma 3
@@ -94,14 +97,25 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
     def get(name: str) -> np.ndarray:
         for prefix in prefixes:
             if prefix + name in tensors:
-                return np.asarray(tensors[prefix + name])
+                x = tensors[prefix + name]
+                return x if isinstance(x, dict) else np.asarray(x)
         raise ValueError(f"model: tensor {name!r} missing from the checkpoint")
 
     def cast(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x.astype(dtype, copy=False))
 
+    def lay(fn, *xs, key: str = "kernel") -> dict[str, np.ndarray]:
+        """``{key: fn(*xs)}`` in ``dtype``; for GGUF blocks, ``fn`` of their codes, scales and zero points."""
+        if not any(isinstance(x, dict) for x in xs):
+            return {key: cast(fn(*xs))}
+        parts = quant.harmonize([x if isinstance(x, dict) else {"kernel": x} for x in xs], -1, np.float32)
+        out = {k: np.ascontiguousarray(fn(*(p[k] for p in parts))) for k in parts[0]}
+        kernel = out.pop("kernel")
+        return {key: kernel if "scale" in out else cast(kernel), **out}
+
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = hq // hkv
+    requantize = quantization in ("int8", "w8a8")  # per channel; "gguf" keeps GGUF blocks as they come
 
     def grouped_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """HF q [Hq*D, ...], k/v [Hkv*D, ...] (out features first) -> [..., Hkv, G+2, D]: each KV head's
@@ -112,17 +126,16 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
         out = np.concatenate([q, k, v], axis=1)  # [Hkv, G+2, D, ...]
         return np.moveaxis(out, (0, 1, 2), (-3, -2, -1)) if rest else out
 
-    params: dict[str, Any] = {"embed": {"embedding": cast(get("embed_tokens.weight"))}}
+    params: dict[str, Any] = {"embed": lay(lambda e: e, get("embed_tokens.weight"), key="embedding")}
     layers = []
     from tqdm.auto import tqdm
 
     for i in tqdm(range(cfg.num_layers), desc="weights", unit="layer", disable=not progress, leave=False):
         p = f"layers.{i}."
-        qkv = grouped_qkv(*(get(p + f"self_attn.{n}_proj.weight") for n in "qkv"))  # [H, Hkv, G+2, D]
         layer = {
             "input_norm": {"scale": cast(get(p + "input_layernorm.weight"))},
-            "qkv_proj": {"kernel": cast(qkv)},
-            "o_proj": {"kernel": cast(get(p + "self_attn.o_proj.weight").T)},
+            "qkv_proj": lay(grouped_qkv, *(get(p + f"self_attn.{n}_proj.weight") for n in "qkv")),  # [H, Hkv, G+2, D]
+            "o_proj": lay(np.transpose, get(p + "self_attn.o_proj.weight")),
             "post_attention_norm": {"scale": cast(get(p + "post_attention_layernorm.weight"))},
         }
         if cfg.sandwich_norms:
@@ -131,21 +144,28 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
         if cfg.is_moe:
             layer["moe"] = moe_params(cfg, p, get, has, cast, dtype)
         else:
-            gate_up = np.stack([get(p + "mlp.gate_proj.weight").T, get(p + "mlp.up_proj.weight").T], axis=1)
-            layer["gate_up_proj"] = {"kernel": cast(gate_up)}  # [H, 2, I]
-            layer["down_proj"] = {"kernel": cast(get(p + "mlp.down_proj.weight").T)}
+            layer["gate_up_proj"] = lay(lambda g, u: np.stack([g.T, u.T], axis=1),  # [H, 2, I]
+                                        get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
+            layer["down_proj"] = lay(np.transpose, get(p + "mlp.down_proj.weight"))
         if cfg.attention_bias:
             layer["qkv_proj"]["bias"] = cast(grouped_qkv(
                 *(get(p + f"self_attn.{n}_proj.bias") for n in "qkv")))  # [Hkv, G+2, D]
         if cfg.qk_norm:
             layer["q_norm"] = {"scale": cast(get(p + "self_attn.q_norm.weight"))}
             layer["k_norm"] = {"scale": cast(get(p + "self_attn.k_norm.weight"))}
-        layers.append(quant.quantize_layer(layer, stacked=False) if quantization else layer)
+        layers.append(quant.quantize_layer(layer, stacked=False) if requantize else layer)
+    for name in quant.LAYER_LINEARS:  # GGUF blocks: one format for the name in every layer
+        if not requantize and name in layers[0]:
+            for layer, part in zip(layers, quant.harmonize([x[name] for x in layers], 0, dtype)):
+                layer[name] = {**{k: v for k, v in layer[name].items() if k not in ("kernel", "scale", "zero")},
+                               **part}
     params["layers"] = stack_layers(layers)
     params["final_norm"] = {"scale": cast(get("norm.weight"))}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": cast(get("lm_head.weight").T)}
-    return quant.quantize_globals(params) if quantization else params
+        params["lm_head"] = lay(np.transpose, get("lm_head.weight"))
+    if requantize:
+        return quant.quantize_globals(params)
+    return quant.pack_params(params) if quantization == "gguf" else params  # 4-bit codes: two per byte
 
 
 def moe_params(cfg: ModelConfig, p: str, get, has, cast, dtype) -> dict[str, Any]:

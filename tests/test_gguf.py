@@ -209,11 +209,13 @@ def hf_to_gguf_name(name: str) -> str:
 
 
 def write_gguf(path: str, arch: str, cfg, tensors: dict[str, np.ndarray],
-               qtype=None, gguf_arch: str | None = None) -> str:
+               qtype=None, gguf_arch: str | None = None, quantize=None) -> str:
     """A GGUF file as llama.cpp's converter writes one (metadata keys, names, q/k permutation for
-    Llama); 2-D weights quantized to ``qtype`` (default F32) where their rows split into whole
-    blocks, F32 otherwise (as llama.cpp falls back)."""
-    qtype = qtype or gguf.GGMLQuantizationType.F32
+    Llama); 2-D weights quantized to ``qtype`` (default F32; or a function of the tensor's Hugging Face
+    name) where their rows split into whole blocks, F32 otherwise (as llama.cpp falls back), by
+    ``quantize(t, qtype)`` (default ``gguf.quants.quantize``)."""
+    qtype_of = qtype if callable(qtype) else (lambda name: qtype or gguf.GGMLQuantizationType.F32)
+    quantize = quantize or gguf.quants.quantize
     arch_key = gguf_arch or arch
     w = gguf.GGUFWriter(path, arch_key)
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -233,12 +235,13 @@ def write_gguf(path: str, arch: str, cfg, tensors: dict[str, np.ndarray],
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             t = llama_cpp_permute(t, hq if ".q_proj." in name else hkv)
         t = np.ascontiguousarray(t, dtype=np.float32)
+        qtype = qtype_of(name)
         block_elems = gguf.GGML_QUANT_SIZES[qtype][0]
         if t.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32 and t.shape[-1] % block_elems == 0:
             if qtype == gguf.GGMLQuantizationType.F16:
                 w.add_tensor(hf_to_gguf_name(name), t.astype(np.float16))
             else:
-                w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+                w.add_tensor(hf_to_gguf_name(name), quantize(t, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(hf_to_gguf_name(name), t)
     w.write_header_to_file()

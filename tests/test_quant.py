@@ -158,7 +158,7 @@ def test_quantized_orbax_checkpoint_restores_int8(llama_dir, f32_params, tmp_pat
 
 
 def test_bad_quantization_is_named():
-    with pytest.raises(ValueError, match="quantization: must be None or one of int8, w8a8, got 'int4'"):
+    with pytest.raises(ValueError, match="quantization: must be None or one of int8, w8a8, gguf, got 'int4'"):
         EngineConfig(quantization="int4").validate()
 
 

@@ -46,3 +46,29 @@ def test_quantized_checkpoint_restores_sharded(gqa_dir, one_device_tokens, tmp_p
     assert engine.quantization == "int8"
     assert engine.runner.params["lm_head"]["kernel"].dtype == jnp.int8
     assert run(engine) == one_device_tokens
+
+
+@pytest.mark.slow  # (~56 s on the shared 2-core machine: two engines of a 256-wide model)
+def test_gguf_blocks_on_mesh_give_one_device_tokens(tmp_path):
+    """A GGUF file kept in blocks (quantization="gguf", tests/test_gguf_quant.py's per-tensor mix: group scales
+    of 32 and 16, zero points, a dense down_proj) on a 2x4 mesh: its scales and zero points split like their
+    kernels (o_proj's on its 16 input groups), the KV heads' replicated with them; the one-device tokens."""
+    import numpy as np
+    from test_gguf import write_gguf
+    from test_gguf_quant import SIZES, blocks, mixed
+
+    from jaxserve.make_model import hf_config, random_hf_tensors
+
+    cfg = hf_config("llama", "tiny", **SIZES)
+    path = write_gguf(str(tmp_path / "mixed.gguf"), "llama", cfg, random_hf_tensors(cfg, seed=5), qtype=mixed,
+                      quantize=blocks)
+    kw = dict(ENGINE_KW, max_num_seqs=2, max_num_batched_tokens=32, min_prefill_bucket=32)
+    prompts, max_tokens = PROMPTS[:4], [6, 4, 7, 5]
+    expected = greedy_tokens(Engine.from_pretrained(path, quantization="gguf", **kw), prompts, max_tokens)
+    engine = Engine.from_pretrained(path, quantization="gguf", mesh_shape={"data": 2, "model": 4}, **kw)
+    layers = engine.runner.params["layers"]
+    assert layers["qkv_proj"]["kernel"].dtype == jnp.int8 and layers["down_proj"]["kernel"].dtype == np.float32
+    assert layers["qkv_proj"]["scale"].sharding.spec == P(None, None, "model", None, None)
+    assert layers["qkv_proj"]["zero"].shape[2] == 4  # 2 KV heads replicated on a model axis of 4
+    assert layers["o_proj"]["scale"].sharding.spec == P(None, "model", None)
+    assert greedy_tokens(engine, prompts, max_tokens) == expected
