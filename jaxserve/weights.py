@@ -101,8 +101,14 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
                 return x if isinstance(x, dict) else np.asarray(x)
         raise ValueError(f"model: tensor {name!r} missing from the checkpoint")
 
+    requantize = quantization in ("int8", "w8a8")  # per channel; "gguf" keeps GGUF blocks as they come
+    # Float weights: each layer's (transposed, fused) weights are written once, straight into the stacked
+    # [layers, ...] arrays (no per-layer contiguous copy, then no second copy to stack them).
+    direct = not requantize and quantization != "gguf"
+
     def cast(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x.astype(dtype, copy=False))
+        x = x.astype(dtype, copy=False)
+        return x if direct else np.ascontiguousarray(x)
 
     def lay(fn, *xs, key: str = "kernel") -> dict[str, np.ndarray]:
         """``{key: fn(*xs)}`` in ``dtype``; for GGUF blocks, ``fn`` of their codes, scales and zero points."""
@@ -115,7 +121,6 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
 
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = hq // hkv
-    requantize = quantization in ("int8", "w8a8")  # per channel; "gguf" keeps GGUF blocks as they come
 
     def grouped_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """HF q [Hq*D, ...], k/v [Hkv*D, ...] (out features first) -> [..., Hkv, G+2, D]: each KV head's
@@ -128,6 +133,7 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
 
     params: dict[str, Any] = {"embed": lay(lambda e: e, get("embed_tokens.weight"), key="embedding")}
     layers = []
+    stacked = None  # direct: the [layers, ...] arrays
     from tqdm.auto import tqdm
 
     for i in tqdm(range(cfg.num_layers), desc="weights", unit="layer", disable=not progress, leave=False):
@@ -153,16 +159,23 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: Any
         if cfg.qk_norm:
             layer["q_norm"] = {"scale": cast(get(p + "self_attn.q_norm.weight"))}
             layer["k_norm"] = {"scale": cast(get(p + "self_attn.k_norm.weight"))}
+        if direct:
+            if stacked is None:
+                stacked = jax.tree_util.tree_map(lambda x: np.empty((cfg.num_layers, *x.shape), x.dtype), layer)
+            jax.tree_util.tree_map(lambda out, x: np.copyto(out[i], x), stacked, layer)
+            continue
         layers.append(quant.quantize_layer(layer, stacked=False) if requantize else layer)
     for name in quant.LAYER_LINEARS:  # GGUF blocks: one format for the name in every layer
-        if not requantize and name in layers[0]:
+        if not requantize and not direct and name in layers[0]:
             for layer, part in zip(layers, quant.harmonize([x[name] for x in layers], 0, dtype)):
                 layer[name] = {**{k: v for k, v in layer[name].items() if k not in ("kernel", "scale", "zero")},
                                **part}
-    params["layers"] = stack_layers(layers)
-    params["final_norm"] = {"scale": cast(get("norm.weight"))}
+    params["layers"] = stacked if direct else stack_layers(layers)
+    params["final_norm"] = {"scale": np.ascontiguousarray(cast(get("norm.weight")))}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = lay(np.transpose, get("lm_head.weight"))
+    if direct:  # the embedding and LM head (a transposed view) as contiguous arrays
+        params = jax.tree_util.tree_map(np.ascontiguousarray, params)
     if requantize:
         return quant.quantize_globals(params)
     return quant.pack_params(params) if quantization == "gguf" else params  # 4-bit codes: two per byte
