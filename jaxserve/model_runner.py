@@ -8,6 +8,13 @@ Layout of one step (vLLM's convention, decodes first)::
 ``D`` is padded up to a power of two (the *decode bucket*), ``T_p`` likewise
 (the *prefill bucket*), and ``P`` is fixed (``max_num_prefill_seqs``), so the
 number of compiled programs is at most ``len(decode_buckets) * len(prefill_buckets)``.
+
+Data-parallel attention (a mesh with ``data`` G > 1, ``jaxserve/sharding.py``): the step is G blocks
+of equal size, block ``g`` the layout above for data group ``g``'s sequences alone (its decodes, then
+its prefill chunks, padded to the group's bucket), so that the row split on ``data`` hands each group
+its own rows.  Buckets are G times a group's bucket; the attention metadata gets a leading group axis
+(``[G, ...]``, split on ``data``) in each group's local rows and local page ids (global page id less
+``g * num_pages / G``), and sequence slot ``g * S / G + i`` is the group's slot ``i``.
 Each program is compiled ahead of time once (``jit(...).lower(...).compile()``),
 logged, and counted in ``compile_count``; an unexpected shape could not slip
 into a silent recompile.  The KV cache is donated, so XLA updates it in place.
@@ -92,7 +99,7 @@ class StepResult:
     logprob: np.ndarray | None  # [S]
     top_ids: np.ndarray | None  # [S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None
-    decode_slots: int  # index of the first prefill sequence slot
+    decode_slots: int  # index of the first prefill sequence slot (of a data group's block)
     # Prompt logprobs: (seq, first position, first row, count) of the rows that have them, and per row
     # (logprob of the next prompt token, its rank, top ids, top logprobs).
     prompt_rows: list = dataclasses.field(default_factory=list)
@@ -102,6 +109,7 @@ class StepResult:
     spec_tokens: np.ndarray | None = None
     spec_accept: np.ndarray | None = None
     spec_first: dict = dataclasses.field(default_factory=dict)
+    slots: list = dataclasses.field(default_factory=list)  # sequence slot of each decode, then each prefill
 
 
 class ModelRunner:
@@ -130,13 +138,15 @@ class ModelRunner:
         self.dtype = dtype
         self.page_size = engine_cfg.page_size
         self.num_pages = num_pages
+        self.groups = engine_cfg.data_groups  # data-parallel attention's data groups (1: none)
+        self.group_pages = num_pages // self.groups
         self.pages_per_seq = -(-max_model_len // self.page_size)
-        self.decode_buckets = [0] + power_of_two_buckets(
-            min(engine_cfg.min_decode_bucket, engine_cfg.max_num_seqs), engine_cfg.max_num_seqs)
-        self.prefill_buckets = [0] + power_of_two_buckets(
-            min(engine_cfg.min_prefill_bucket, engine_cfg.max_num_batched_tokens),
-            engine_cfg.max_num_batched_tokens)
-        self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
+        seqs, tokens = engine_cfg.group_max_num_seqs, engine_cfg.group_max_num_batched_tokens
+        self.decode_buckets = [0] + [self.groups * b for b in power_of_two_buckets(
+            min(engine_cfg.min_decode_bucket, seqs), seqs)]
+        self.prefill_buckets = [0] + [self.groups * b for b in power_of_two_buckets(
+            min(engine_cfg.min_prefill_bucket, tokens), tokens)]
+        self.prefill_slots = engine_cfg.group_max_num_prefill_seqs  # per data group
         spec = engine_cfg.speculative_config
         self.spec_k = spec.num_speculative_tokens if spec is not None else 0
         self._executables: dict[tuple[int, int], Any] = {}
@@ -239,7 +249,8 @@ class ModelRunner:
 
     def _empty_inputs(self, num_decode: int, num_prefill_tokens: int) -> dict[str, np.ndarray]:
         t = num_decode + num_prefill_tokens
-        s = num_decode + self.prefill_slots
+        g = self.groups
+        s = num_decode + g * self.prefill_slots
         r = self.spec_rows(num_prefill_tokens)
         spec = {} if not r else dict(spec_rows=np.zeros(r, np.int32), spec_slot=np.full(r, -1, np.int32),
                                      spec_offset=np.zeros(r, np.int32), spec_next=np.full(r, -1, np.int32))
@@ -247,8 +258,9 @@ class ModelRunner:
             input_ids=np.zeros(t, np.int32),
             prompt_targets=np.full(t, -1, np.int32),
             positions=np.zeros(t, np.int32),
-            slot_mapping=np.full(t, self.num_pages * self.page_size, np.int32),  # out of range: dropped
-            query_start_loc=np.zeros(s + 1, np.int32),
+            slot_mapping=np.full(t, self.group_pages * self.page_size, np.int32),  # out of range: dropped
+            query_start_loc=np.zeros((g, s // g + 1), np.int32),  # per data group (flattened when g == 1)
+            num_seqs=np.zeros(g, np.int32),
             seq_lens=np.zeros(s, np.int32),
             block_tables=np.zeros((s, self.pages_per_seq), np.int32),
             logits_indices=np.zeros(s, np.int32),
@@ -324,15 +336,20 @@ class ModelRunner:
         return bans
 
     def prepare(self, out: SchedulerOutput) -> tuple[tuple[int, int], dict[str, np.ndarray], int, bool]:
-        n_dec = max(len(out.decodes), min(out.min_decode_slots, self.cfg.max_num_seqs))
+        g_n = self.groups
+        dec = [[s for s in out.decodes if s.seq.data_group == g] for g in range(g_n)]
+        pre = [[s for s in out.prefills if s.seq.data_group == g] for g in range(g_n)]
+        n_dec = g_n * max(max(map(len, dec)), min(out.min_decode_slots, self.cfg.group_max_num_seqs))
         d = pick_bucket(n_dec, self.decode_buckets) if n_dec else 0
-        n_pre_tokens = sum(s.num_tokens for s in out.prefills)
+        n_pre_tokens = g_n * max(sum(s.num_tokens for s in p) for p in pre)
         tp = pick_bucket(n_pre_tokens, self.prefill_buckets) if n_pre_tokens else 0
         if self.use_compiled_cover and (d, tp) not in self._executables:
             d, tp = self._compiled_cover(n_dec, n_pre_tokens) or (d, tp)
         a = self._empty_inputs(d, tp)
         ps = self.page_size
-        a["query_start_loc"][1:d + 1] = np.arange(1, d + 1)
+        d_l = d // g_n  # a data group's decode slots, rows per group, slots per group
+        rows_g, slots_g = (d + tp) // g_n, len(a["seq_lens"]) // g_n
+        a["query_start_loc"][:, 1:d_l + 1] = np.arange(1, d_l + 1)
         want_logprobs = False
         any_penalty = False
         busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
@@ -341,17 +358,22 @@ class ModelRunner:
         self._spec_first = {}
         num_spec = 0
         num_bans = 0
-        # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
-        slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
-        row = d
-        for j, sch in enumerate(out.prefills):
-            slots.append((d + j, row, sch))
-            row += sch.num_tokens
-        for i, row, sch in slots:
+        # In group g's block: decode i is sequence slot i at row i, prefill j is slot d_l + j, its rows
+        # after the decodes (one block, g = 0, without data groups).
+        placed = {}
+        for g in range(g_n):
+            placed.update({id(sch): (g * slots_g + i, g * rows_g + i, g) for i, sch in enumerate(dec[g])})
+            row = g * rows_g + d_l
+            for j, sch in enumerate(pre[g]):
+                placed[id(sch)] = (g * slots_g + d_l + j, row, g)
+                row += sch.num_tokens
+        slots = [placed[id(sch)] + (sch,) for sch in out.decodes + out.prefills]
+        self._slots = [i for i, _, _, _ in slots]
+        for i, row, g, sch in slots:
             seq, n = sch.seq, sch.num_tokens
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
-            pages = np.asarray(seq.page_ids, np.int32)
+            pages = np.asarray(seq.page_ids, np.int32) - g * self.group_pages  # the group's shard's page ids
             a["input_ids"][row:row + n] = seq.token_ids(start, start + n - len(sch.draft)) + sch.draft
             if sch.draft:  # verified rows: this slot's last token and its proposals
                 self._spec_first[i] = num_spec
@@ -365,8 +387,8 @@ class ModelRunner:
             a["seq_lens"][i] = start + n
             a["block_tables"][i, :len(pages)] = pages
             a["logits_indices"][i] = row + n - 1
-            if i >= d:
-                a["query_start_loc"][i + 1] = row + n
+            if i - g * slots_g >= d_l:
+                a["query_start_loc"][g, i - g * slots_g + 1] = row - g * rows_g + n
             p = seq.params
             a["temperature"][i] = p.temperature
             a["top_k"][i] = p.top_k
@@ -400,15 +422,16 @@ class ModelRunner:
                     a["ban_token"][num_bans:num_bans + len(bans)] = bans
                     num_bans += len(bans)
         # Prefill slots after the last real one end where the last one ended.
-        n_pre = len(out.prefills)
-        a["query_start_loc"][d + n_pre + 1:] = a["query_start_loc"][d + n_pre]
-        a["num_seqs"] = np.int32(d + n_pre)
+        for g in range(g_n):
+            n_pre = len(pre[g])
+            a["query_start_loc"][g, d_l + n_pre + 1:] = a["query_start_loc"][g, d_l + n_pre]
+            a["num_seqs"][g] = d_l + n_pre
         a["any_penalty"] = np.bool_(any_penalty)
         a["want_prompt"] = np.bool_(bool(self._prompt_rows))
         a["spec_any"] = np.bool_(num_spec > 0)
         if constrained:
             t0 = time.perf_counter()
-            s = d + self.prefill_slots
+            s = len(a["seq_lens"])
             a["bitmask"] = np.full((s, self.mask_words), -1, np.int32)
             a["mask_active"] = np.zeros(s, bool)
             slots_c = [i for i, _ in constrained]
@@ -430,12 +453,21 @@ class ModelRunner:
             self._plain_masks[rows] = masks
         return masks
 
+    def _meta(self, a: dict[str, np.ndarray]) -> AttentionMetadata:
+        """The attention metadata: flat, or with data groups a leading group axis on each per-sequence array."""
+        g = self.groups
+        if g == 1:
+            return AttentionMetadata(slot_mapping=a["slot_mapping"], query_start_loc=a["query_start_loc"][0],
+                                     seq_lens=a["seq_lens"], block_tables=a["block_tables"], num_seqs=a["num_seqs"][0])
+        return AttentionMetadata(slot_mapping=a["slot_mapping"], query_start_loc=a["query_start_loc"],
+                                 seq_lens=a["seq_lens"].reshape(g, -1),
+                                 block_tables=a["block_tables"].reshape(g, -1, self.pages_per_seq),
+                                 num_seqs=a["num_seqs"])
+
     def _to_inputs(self, a: dict[str, np.ndarray], want_logprobs: bool) -> StepInputs:
         return StepInputs(
             input_ids=a["input_ids"], positions=a["positions"],
-            meta=AttentionMetadata(slot_mapping=a["slot_mapping"], query_start_loc=a["query_start_loc"],
-                                   seq_lens=a["seq_lens"], block_tables=a["block_tables"],
-                                   num_seqs=a["num_seqs"]),
+            meta=self._meta(a),
             logits_indices=a["logits_indices"],
             sampling=SamplingArrays(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"],
                                     min_p=a["min_p"], seed=a["seed"], step=a["step"]),
@@ -454,10 +486,13 @@ class ModelRunner:
     # -- compiling and running -----------------------------------------------------------------
 
     def _input_shardings(self, inputs: StepInputs) -> StepInputs:
-        """Token ids and positions split on ``data`` (if their count divides), the rest replicated."""
+        """Token ids and positions split on ``data`` (if their count divides), the rest replicated; with
+        data groups, the attention metadata split on ``data`` too (each group its own)."""
         mesh = self.mesh
         rows = sharding.rows_sharding(mesh, inputs.input_ids.shape[0])
         shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), inputs)
+        if self.groups > 1:
+            shardings.meta = jax.tree_util.tree_map(lambda _: rows, inputs.meta)
         return dataclasses.replace(shardings, input_ids=rows, positions=rows)
 
     def _sharded_jit(self, inputs: StepInputs, num_decode_rows: int):
@@ -530,7 +565,7 @@ class ModelRunner:
         self.stats["prepare_s"] += t1 - t0
         self.stats["device_s"] += t2 - t1
         return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt, spec_tokens,
-                          spec_accept, spec_first)
+                          spec_accept, spec_first, self._slots)
 
     @property
     def programs_compiled(self) -> int:
@@ -569,7 +604,6 @@ class ModelRunner:
     def compile_bucket(self, key: tuple[int, int]):
         """The compiled step of one bucket (compiled now unless it already is)."""
         a = self._empty_inputs(*key)
-        a["num_seqs"] = np.int32(0)
         return self._executable(key, self._to_inputs(a, False))
 
     def warmup(self, buckets: list[tuple[int, int]] | None = None, progress: bool = False,

@@ -224,17 +224,26 @@ def param_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool = False) -> di
                                   is_leaf=lambda x: isinstance(x, P))
 
 
+def data_groups(mesh: Mesh | None) -> int:
+    """Data groups of data-parallel attention: the ``data`` axis (1: no mesh, or no data axis)."""
+    return 1 if mesh is None else mesh.shape[DATA]
+
+
+def cache_spec(mesh: Mesh, cache: Any = None) -> Any:
+    """The cache's PartitionSpec on ``mesh`` (one per leaf with a ``cache``): KV heads on ``model``, and
+    pages on ``data`` when there is more than one data group (data-parallel attention)."""
+    return kv_cache.partition_spec(MODEL, cache, DATA if data_groups(mesh) > 1 else None)
+
+
 def cache_sharding(mesh: Mesh, cache: Any = None) -> Any:
     """The cache's sharding; with a ``cache`` (arrays or structs), one for each leaf (the int8 pair)."""
-    if cache is None:
-        return NamedSharding(mesh, CACHE_SPEC)
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), kv_cache.partition_spec(MODEL, cache),
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), cache_spec(mesh, cache),
                                   is_leaf=lambda x: isinstance(x, P))
 
 
 def leaf_cache_sharding(mesh: Mesh):
-    """The sharding of a cache leaf of a given rank (KV heads on ``model``): for ``allocate_kv_cache``."""
-    return lambda ndim: NamedSharding(mesh, P(*[MODEL if i == kv_cache.KV_HEAD_AXIS else None for i in range(ndim)]))
+    """The sharding of a cache leaf of a given rank (``cache_spec``): for ``allocate_kv_cache``."""
+    return lambda ndim: NamedSharding(mesh, cache_spec(mesh, jax.ShapeDtypeStruct((1,) * ndim, np.float32)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -281,5 +290,5 @@ def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 __all__ = ["DATA", "MODEL", "MESH_AXES", "CACHE_SPEC", "make_mesh", "normalize_mesh_shape", "kv_replication",
            "sharded_model_config", "replicate_kv_heads", "param_specs", "param_shardings", "cache_sharding",
-           "replicated", "rows_sharding", "put_params", "allocate_sharded_kv_cache", "constrain",
+           "replicated", "rows_sharding", "data_groups", "cache_spec", "put_params", "allocate_sharded_kv_cache", "constrain",
            "global_array"]
