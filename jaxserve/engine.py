@@ -230,8 +230,7 @@ class Engine:
         temp_bytes = int(probe.compile_bucket(largest).memory_analysis().temp_size_in_bytes)
         num_pages = kv_cache.kv_pages_for_memory(bytes_limit=int(stats["bytes_limit"]), memory_utilization=util,
                                                  weight_bytes=weight_bytes, temp_bytes=temp_bytes,
-                                                 page_bytes_per_device=page_dev)
-        num_pages *= groups  # the sum is per device, and with data groups each device holds 1/groups of the pages
+                                                 page_bytes_per_device=page_dev, data_groups=groups)
         if num_pages < 1:
             raise ValueError(f"memory_utilization: {util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device "
                              f"leaves no room for a KV cache after the weights ({weight_bytes / 2**30:.2f} GiB) "

@@ -386,11 +386,13 @@ def device_page_bytes(cfg: ModelConfig, page_size: int, dtype: Any, model_axis: 
 
 
 def kv_pages_for_memory(*, bytes_limit: int, memory_utilization: float, weight_bytes: int, temp_bytes: int,
-                        page_bytes_per_device: int) -> int:
+                        page_bytes_per_device: int, data_groups: int = 1) -> int:
     """KV-cache pages that fit in ``memory_utilization`` of one device's ``bytes_limit`` after the
     weights and the largest step's temporaries; every argument is per device (with a mesh, the
-    sums are per device: each holds its shard of the weights and of every page)."""
+    sums are per device: each holds its shard of the weights and of every page of its data group).
+    With ``data_groups`` (data-parallel attention) each device holds one group's pages: the cache has
+    ``data_groups`` times the pages one device fits."""
     if not 0 < memory_utilization <= 1:
         raise ValueError(f"memory_utilization: must be in (0, 1], got {memory_utilization!r}")
     free = bytes_limit * memory_utilization - weight_bytes - temp_bytes
-    return max(0, int(free // page_bytes_per_device))
+    return max(0, int(free // page_bytes_per_device)) * data_groups

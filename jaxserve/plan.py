@@ -219,7 +219,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
         budget = tg.hbm_bytes * memory_utilization - weight_bytes
         num_pages = kv_cache.kv_pages_for_memory(bytes_limit=tg.hbm_bytes, memory_utilization=memory_utilization,
                                                  weight_bytes=weight_bytes, temp_bytes=int(0.1 * max(budget, 0)),
-                                                 page_bytes_per_device=page_bytes)
+                                                 page_bytes_per_device=page_bytes, data_groups=ec.data_groups)
         if num_pages < 1:
             raise ValueError(f"memory_utilization: the weights ({weight_bytes / 2**30:.2f} GiB per chip) leave no "
                              f"room for a KV cache in {memory_utilization:.0%} of {target}'s "

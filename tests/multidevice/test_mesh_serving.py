@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -15,7 +16,7 @@ from jaxserve.sharding import CACHE_SPEC, cache_spec, kv_replication, make_mesh
 # Six requests on four slots (some wait), one prompt chunked over two steps.
 PROMPTS = random_prompts([5, 70, 17, 33, 9, 120], seed=3)
 MAX_TOKENS = [12, 8, 16, 10, 14, 6]
-MESHES = [(1, 8), (2, 4), (8, 1)]
+MESHES = [(1, 8), (8, 1)]  # data 2 x model 4: test_data_parallel_attention_groups_own_their_pages
 HIDDEN, INTERMEDIATE, VOCAB, HEAD_DIM, LAYERS = 64, 176, 1024, 8, 2  # the "tiny" size with 8 heads
 
 
@@ -143,3 +144,32 @@ def test_int8_kv_cache_on_the_mesh(mha_dir):
     assert kv.sharding.spec == scales.sharding.spec == P(None, "model", "data", None, None)
     assert shard_shape(kv) == (LAYERS, 2, engine.num_pages // 2, 8, 2 * HEAD_DIM)
     assert shard_shape(scales) == (LAYERS, 2, engine.num_pages // 2, 8, 2)
+
+
+def test_data_parallel_attention_groups_own_their_pages(mha_dir, mha_tokens):
+    """data 2 x model 4 with data-parallel attention: each data group's devices hold only its half of the
+    pages, every sequence's pages come from its group's half, both groups serve, a group short of pages
+    preempts its own sequences, and the tokens are the single device's."""
+    engine = Engine.from_pretrained(mha_dir, mesh_shape={"data": 2, "model": 4}, **dict(ENGINE_KW, num_pages=32))
+    half = 16
+    cache = engine.runner.cache
+    assert shard_shape(cache) == (LAYERS, 2, half, 8, 2 * HEAD_DIM)  # [layers, KV heads / 4, pages / 2, ...]
+    grid = engine.mesh.devices  # [data, model]
+    for shard in cache.addressable_shards:
+        group = int(np.argwhere(grid == shard.device)[0][0])
+        assert shard.index[2] == slice(group * half, (group + 1) * half)
+    scheduled = []  # (group, pages) of every scheduled sequence, as the step saw them
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        scheduled.extend((s.seq.data_group, list(s.seq.page_ids)) for s in out.decodes + out.prefills)
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    assert run(engine) == mha_tokens
+    assert {g for g, _ in scheduled} == {0, 1}
+    assert all(p // half == g for g, pages in scheduled for p in pages)
+    assert engine.scheduler.num_preemptions > 0  # the 120-token prompt needs its group's 16 pages
+    assert engine.allocator.free_in(0) == engine.allocator.free_in(1) == half
+    assert engine.runner.compile_count <= engine.runner.num_buckets  # no program beyond the bucket set
