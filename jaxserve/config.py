@@ -347,8 +347,9 @@ class EngineConfig:
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
-    # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model", token rows
-    # of the batch on "data"; see jaxserve/sharding.py).  None: one device, no sharding at all.
+    # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model"; data-parallel
+    # attention on "data": D groups, each its own sequences and KV pages; see jaxserve/sharding.py).
+    # None: one device, no sharding at all.
     mesh_shape: dict[str, int] | None = None
     # JAX's persistent compilation cache: "auto" ($JAXSERVE_COMPILE_CACHE, else
     # $XDG_CACHE_HOME/jaxserve/xla or ~/.cache/jaxserve/xla), a directory, or None (off); see

@@ -9,7 +9,8 @@ batching: a finished request's slot is refilled at the next step), runs the
 jit-compiled model step and returns the outputs of the requests that advanced.
 
 Multi-device: ``Engine.from_pretrained(path, mesh_shape={"data": D, "model": M})``
-serves on a D x M mesh (tensor parallel on ``model``, see ``jaxserve/sharding.py``).
+serves on a D x M mesh (tensor parallel on ``model``, data-parallel attention on ``data``: each data
+group its own sequences and KV pages; see ``jaxserve/sharding.py``).
 ``path`` is a Hugging Face directory or a checkpoint written by ``jaxserve
 convert`` (Orbax), which is restored straight into the mesh's sharding.
 """

@@ -10,8 +10,9 @@ planner all read it from here)::
 
     kv_cache: [num_layers, num_kv_heads, num_pages, page_size, 2 * head_dim]
                ^ scanned   ^ split on     ^ the page table   ^ K in lanes [:D],
-                 by the      the 'model'    indexes this       V in lanes [D:]
-                 layer loop  mesh axis
+                 by the      the 'model'    indexes this;      V in lanes [D:]
+                 layer loop  mesh axis      split on 'data'
+                                            (data-parallel attention)
 
 Why this layout:
 

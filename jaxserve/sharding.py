@@ -4,8 +4,8 @@ jaxserve does not partition anything by hand: it names a ``NamedSharding`` for
 the weights, the KV cache and the step's inputs and outputs, and XLA's SPMD
 partitioner (GSPMD) inserts the collectives.  The only manual region is the
 attention (cache write + ragged paged attention), run under ``jax.shard_map``
-over the ``model`` axis so that its gathers and einsums stay local to each
-device's KV heads.
+over the ``model`` axis (and ``data``, see below) so that its gathers and
+einsums stay local to each device's KV heads (and data group's pages).
 
 The mesh has two axes:
 
@@ -41,14 +41,33 @@ The mesh has two axes:
     with ``M`` KV heads (K/V weights copied, each query group split), so the
     KV cache holds one head per device.  Anything else is a ``ValueError``.
 
-``data`` (the batch)
+``data`` (the batch; data-parallel attention)
     A step is one ragged batch of token rows (decode tokens, then prefill
-    chunks).  On ``data`` the *token rows* of the dense layers are split: the
-    embedding, q/k/v, o_proj and MLP of each data group compute only its share
-    of the rows (when the row count divides by ``D``).  Attention needs every
-    row of a sequence and the pages of the whole cache, so the rows are gathered
-    before it and the KV cache and weights are replicated across data groups:
-    ``data`` buys throughput for the matmuls of large batches, not memory.
+    chunks).  With ``D = 1`` the dense layers' rows are simply whole.  With
+    ``D > 1`` each of the D *data groups* (a row of the mesh, ``M`` devices)
+    owns a disjoint set of sequences and a disjoint ``1 / D`` of the KV pages,
+    as vLLM/SGLang's "DP attention":
+
+    * the KV cache's ``pages`` axis is split on ``data`` (``cache_spec``): the
+      devices of group ``g`` hold pages ``[g * P / D, (g + 1) * P / D)``, and the
+      page allocator gives a sequence of group ``g`` pages of that range only
+      (``kv_cache.PageAllocator(num_groups=D)``); the scheduler assigns each
+      sequence a group at admission (the least loaded) and gives every group its
+      own ``max_num_seqs / D`` slots and ``max_num_batched_tokens / D`` budget;
+    * a step's rows are D equal blocks, block ``g`` group ``g``'s own decodes and
+      prefill chunks (``model_runner``), and the attention metadata has a leading
+      group axis in group-local rows and page ids; the attention (cache write +
+      ragged paged attention) runs under the ``shard_map`` over ``(data, model)``,
+      each device calling the unchanged kernel on its group's rows, pages and
+      metadata, its KV heads;
+    * the embedding, projections, MLP (and experts) run on the rows split on
+      ``data`` by GSPMD; the LM head's logits are gathered for sampling.
+
+    So ``data`` divides the KV cache each device holds by ``D`` (the weights are
+    still replicated across groups): more sequences, or a model with fewer KV
+    heads than chips (``model`` at most ``Hkv`` without replication).
+    ``max_num_seqs``, ``max_num_batched_tokens`` and ``num_pages`` must divide by
+    ``D``; speculative decoding and static batching are refused with ``D > 1``.
 """
 
 from __future__ import annotations
