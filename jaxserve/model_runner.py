@@ -8,13 +8,6 @@ Layout of one step (vLLM's convention, decodes first)::
 ``D`` is padded up to a power of two (the *decode bucket*), ``T_p`` likewise
 (the *prefill bucket*), and ``P`` is fixed (``max_num_prefill_seqs``), so the
 number of compiled programs is at most ``len(decode_buckets) * len(prefill_buckets)``.
-
-Data-parallel attention (a mesh with ``data`` G > 1, ``jaxserve/sharding.py``): the step is G blocks
-of equal size, block ``g`` the layout above for data group ``g``'s sequences alone (its decodes, then
-its prefill chunks, padded to the group's bucket), so that the row split on ``data`` hands each group
-its own rows.  Buckets are G times a group's bucket; the attention metadata gets a leading group axis
-(``[G, ...]``, split on ``data``) in each group's local rows and local page ids (global page id less
-``g * num_pages / G``), and sequence slot ``g * S / G + i`` is the group's slot ``i``.
 Each program is compiled ahead of time once (``jit(...).lower(...).compile()``),
 logged, and counted in ``compile_count``; an unexpected shape could not slip
 into a silent recompile.  The KV cache is donated, so XLA updates it in place.
@@ -25,6 +18,13 @@ tensor-parallel shardings (``jaxserve/sharding.py``), the token ids and
 positions split on ``data`` (when the bucket's row count divides by it), the
 metadata and the sampled tokens replicated.  Without a mesh the program is the
 plain single-device one.
+
+Data-parallel attention (a mesh with ``data`` G > 1, ``jaxserve/sharding.py``): the step is G blocks
+of equal size, block ``g`` the layout above for data group ``g``'s sequences alone (its decodes, then
+its prefill chunks, padded to the group's bucket), so that the row split on ``data`` hands each group
+its own rows.  Buckets are G times a group's bucket; the attention metadata gets a leading group axis
+(``[G, ...]``, split on ``data``) in each group's local rows and local page ids (global page id less
+``g * num_pages / G``), and sequence slot ``g * S / G + i`` is the group's slot ``i``.
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ class ModelRunner:
         spec = engine_cfg.speculative_config
         self.spec_k = spec.num_speculative_tokens if spec is not None else 0
         self._executables: dict[tuple[int, int], Any] = {}
+        self._slots: list[int] = []  # the last prepared step's sequence slot of each decode, then prefill
         # While buckets are compiled in the background (serve): a step whose bucket is not compiled yet runs
         # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
         self.use_compiled_cover = False
