@@ -52,8 +52,8 @@ def main(argv=None) -> int:
             real = len(out.decodes) + sum(s.num_tokens for s in out.prefills)
             padded[key] += key[0] + key[1] - real
             clock[0] += args.step_s_base + args.step_s_per_token * (key[0] + key[1])
-            tokens = np.full(runner.num_slots(*key), 7, np.int32)
-            return StepResult(tokens, None, None, None, decode_slots)
+            tokens = np.full(len(arrays["seq_lens"]), 7, np.int32)
+            return StepResult(tokens, None, None, None, decode_slots, slots=runner._slots)
 
         runner.execute = fake_execute
         with open(path) as f:

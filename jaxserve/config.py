@@ -347,8 +347,9 @@ class EngineConfig:
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
-    # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model", token rows
-    # of the batch on "data"; see jaxserve/sharding.py).  None: one device, no sharding at all.
+    # {"data": D, "model": M}: serve on a D x M device mesh (tensor parallel on "model"; data-parallel
+    # attention on "data": D groups, each its own sequences and KV pages; see jaxserve/sharding.py).
+    # None: one device, no sharding at all.
     mesh_shape: dict[str, int] | None = None
     # JAX's persistent compilation cache: "auto" ($JAXSERVE_COMPILE_CACHE, else
     # $XDG_CACHE_HOME/jaxserve/xla or ~/.cache/jaxserve/xla), a directory, or None (off); see
@@ -402,3 +403,34 @@ class EngineConfig:
             from jaxserve.sharding import normalize_mesh_shape
 
             self.mesh_shape = normalize_mesh_shape(self.mesh_shape)
+        d = self.data_groups
+        if d > 1:  # data-parallel attention: each data group schedules its share (jaxserve/sharding.py)
+            for name in ("max_num_seqs", "max_num_batched_tokens", "num_pages"):
+                value = getattr(self, name)
+                if value is not None and value % d:
+                    raise ValueError(f"{name}: must be a multiple of the 'data' axis ({d}), got {value}: each data "
+                                     f"group owns {name} / {d}")
+            if self.scheduling == "static":
+                raise ValueError(f"scheduling: 'static' is not supported on a 'data' axis of {d} "
+                                 "(data-parallel attention)")
+            if self.speculative_config is not None:
+                raise ValueError(f"speculative_config: speculative decoding is not supported on a 'data' axis "
+                                 f"of {d} (data-parallel attention)")
+
+    # Data-parallel attention (a mesh with data D > 1): D groups, each with its own sequences, pages and
+    # share of every step; with D = 1 these are the engine's own limits.
+    @property
+    def data_groups(self) -> int:
+        return (self.mesh_shape or {}).get("data", 1)
+
+    @property
+    def group_max_num_seqs(self) -> int:
+        return self.max_num_seqs // self.data_groups
+
+    @property
+    def group_max_num_batched_tokens(self) -> int:
+        return self.max_num_batched_tokens // self.data_groups
+
+    @property
+    def group_max_num_prefill_seqs(self) -> int:
+        return min(self.max_num_prefill_seqs, self.group_max_num_seqs)

@@ -9,7 +9,8 @@ batching: a finished request's slot is refilled at the next step), runs the
 jit-compiled model step and returns the outputs of the requests that advanced.
 
 Multi-device: ``Engine.from_pretrained(path, mesh_shape={"data": D, "model": M})``
-serves on a D x M mesh (tensor parallel on ``model``, see ``jaxserve/sharding.py``).
+serves on a D x M mesh (tensor parallel on ``model``, data-parallel attention on ``data``: each data
+group its own sequences and KV pages; see ``jaxserve/sharding.py``).
 ``path`` is a Hugging Face directory or a checkpoint written by ``jaxserve
 convert`` (Orbax), which is restored straight into the mesh's sharding.
 """
@@ -163,9 +164,12 @@ class Engine:
                    f"{DEFAULT_MAX_KV_CACHE_BYTES >> 30} GiB (set num_pages or kv_cache_bytes for more)")
         else:
             num_pages, how = self._pages_for_device_memory(device_params, dtype, max_model_len)
+        groups = config.data_groups  # data-parallel attention: the pages split evenly over the data groups
+        if num_pages % groups or num_pages < groups:
+            num_pages = max(groups, num_pages - num_pages % groups)
         self.num_pages = num_pages
         if config.max_model_len is None:
-            self.max_model_len = min(context, num_pages * config.page_size)
+            self.max_model_len = min(context, num_pages // groups * config.page_size)
             why = ("the model's context" if self.max_model_len == context
                    else f"what the KV cache holds for one sequence (the model's context is {context})")
         else:
@@ -187,7 +191,7 @@ class Engine:
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens: without chunked prefill it must be at least "
                              f"max_model_len ({self.max_model_len}), got {config.max_num_batched_tokens}")
-        self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
+        self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching, config.data_groups)
         self.scheduler = Scheduler(config, self.allocator)
         if config.speculative_config is not None:
             self.scheduler.proposer = make_proposer(config.speculative_config, self)
@@ -218,7 +222,8 @@ class Engine:
         model_axis = self.mesh.shape[sharding.MODEL] if self.mesh is not None else 1
         page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, self.kv_dtype, model_axis)
         weight_bytes = kv_cache.per_device_bytes(device_params)
-        probe_pages = pages_needed(max_model_len, config.page_size) + 1
+        groups = config.data_groups
+        probe_pages = groups * (pages_needed(max_model_len, config.page_size) + 1)
         leaf_sharding = (sharding.leaf_cache_sharding(self.mesh) if self.mesh is not None
                          else lambda ndim: jax.sharding.SingleDeviceSharding(device))
         probe_cache = kv_cache.cache_structs(self.run_config, probe_pages, config.page_size, self.kv_dtype,
@@ -229,7 +234,7 @@ class Engine:
         temp_bytes = int(probe.compile_bucket(largest).memory_analysis().temp_size_in_bytes)
         num_pages = kv_cache.kv_pages_for_memory(bytes_limit=int(stats["bytes_limit"]), memory_utilization=util,
                                                  weight_bytes=weight_bytes, temp_bytes=temp_bytes,
-                                                 page_bytes_per_device=page_dev)
+                                                 page_bytes_per_device=page_dev, data_groups=groups)
         if num_pages < 1:
             raise ValueError(f"memory_utilization: {util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device "
                              f"leaves no room for a KV cache after the weights ({weight_bytes / 2**30:.2f} GiB) "
@@ -298,9 +303,10 @@ class Engine:
         if total > self.max_model_len:
             raise ValueError(f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"= {total} exceeds max_model_len ({self.max_model_len})")
-        if pages_needed(total, self.config.page_size) > self.num_pages:
+        if pages_needed(total, self.config.page_size) > self.allocator.group_pages:
             raise ValueError(f"max_tokens: the request needs {pages_needed(total, self.config.page_size)} "
-                             f"KV-cache pages for prompt + max_tokens, the cache has only {self.num_pages}")
+                             f"KV-cache pages for prompt + max_tokens, the cache has only {self.allocator.group_pages}"
+                             + (" per data group" if self.allocator.num_groups > 1 else ""))
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -404,10 +410,9 @@ class Engine:
                 raise RuntimeError("scheduler made no progress with requests waiting (cache too small?)")
             return outputs
         result = self.runner.execute(sched)
-        # Decode i sits in sequence slot i, prefill j in slot decode_slots + j.  Whether a sequence
-        # samples is decided before its progress advances.
-        entries = [(i, s, s.samples) for i, s in enumerate(sched.decodes)]
-        entries += [(result.decode_slots + j, s, s.samples) for j, s in enumerate(sched.prefills)]
+        # The runner's sequence slot of each decode, then each prefill.  Whether a sequence samples is
+        # decided before its progress advances.
+        entries = [(slot, s, s.samples) for slot, s in zip(result.slots, sched.decodes + sched.prefills)]
         now = time.monotonic()
         for seq, pos, row, count in result.prompt_rows:
             self._record_prompt_logprobs(seq, pos, row, count, result.prompt)

@@ -10,8 +10,9 @@ planner all read it from here)::
 
     kv_cache: [num_layers, num_kv_heads, num_pages, page_size, 2 * head_dim]
                ^ scanned   ^ split on     ^ the page table   ^ K in lanes [:D],
-                 by the      the 'model'    indexes this       V in lanes [D:]
-                 layer loop  mesh axis
+                 by the      the 'model'    indexes this;      V in lanes [D:]
+                 layer loop  mesh axis      split on 'data'
+                                            (data-parallel attention)
 
 Why this layout:
 
@@ -61,7 +62,8 @@ bits the scatter is in place; readers bitcast the few pages they gather
   the reference attention there); the GPU kernel and the reference read both 8-bit caches.
 
 The engine, the step's donation and scan carry and the sharding treat the cache as a pytree (one
-leaf or two); ``partition_spec`` gives each leaf its spec (KV heads split on axis 1 of both).
+leaf or two); ``partition_spec`` gives each leaf its spec (KV heads split on axis 1 of both; with
+data-parallel attention, pages split on axis 2 of both).
 """
 
 from __future__ import annotations
@@ -99,39 +101,61 @@ class PageAllocator:
     counts) instead of recomputing them.  A cached page nobody uses is
     *evictable*: it still counts as free, and allocation takes the least
     recently used one only when no never-cached page is left.
+
+    ``num_groups`` > 1 (data-parallel attention, ``jaxserve/sharding.py``): the pages are split into
+    that many equal contiguous ranges, group ``g`` owning ``[g * group_pages, (g + 1) * group_pages)``
+    (the pages of data group ``g``'s cache shard).  A sequence takes all its pages from its own group
+    (``grow``/``match_prefix`` take the group; freeing finds it from the page ids), each group with its
+    own free list and prefix cache.  Page ids stay global.
     """
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = False, num_groups: int = 1):
+        if num_pages % num_groups:
+            raise ValueError(f"num_pages: {num_pages} pages do not split into {num_groups} equal data groups")
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self.num_groups = num_groups
+        self.group_pages = num_pages // num_groups
+        gp = self.group_pages
+        # pop() hands out low ids first
+        self._free = [list(range((g + 1) * gp - 1, g * gp - 1, -1)) for g in range(num_groups)]
         self._refs = [0] * num_pages
-        self._cached: dict[PageKey, int] = {}  # key -> page
+        self._cached: list[dict[PageKey, int]] = [{} for _ in range(num_groups)]  # key -> page, per group
         self._page_key: dict[int, PageKey] = {}  # page -> key, for cached pages
-        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
+        # LRU first, per group
+        self._evictable: list[collections.OrderedDict[int, None]] = [collections.OrderedDict()
+                                                                    for _ in range(num_groups)]
 
     @property
     def num_free(self) -> int:
-        """Pages a sequence could get now (never-used plus evictable cached pages)."""
-        return len(self._free) + len(self._evictable)
+        """Pages a sequence could get now (never-used plus evictable cached pages), over all groups."""
+        return sum(self.free_in(g) for g in range(self.num_groups))
 
-    def _take(self) -> int:
-        if self._free:
-            page = self._free.pop()
+    def free_in(self, group: int) -> int:
+        """Pages a sequence of ``group`` could get now."""
+        return len(self._free[group]) + len(self._evictable[group])
+
+    def group_of(self, page: int) -> int:
+        return page // self.group_pages
+
+    def _take(self, group: int) -> int:
+        if self._free[group]:
+            page = self._free[group].pop()
         else:
-            page, _ = self._evictable.popitem(last=False)
-            del self._cached[self._page_key.pop(page)]
+            page, _ = self._evictable[group].popitem(last=False)
+            del self._cached[group][self._page_key.pop(page)]
         self._refs[page] = 1
         return page
 
-    def grow(self, page_ids: list[int], num_tokens: int) -> bool:
-        """Append pages to ``page_ids`` until they hold ``num_tokens``; False (and no change) if short."""
+    def grow(self, page_ids: list[int], num_tokens: int, group: int = 0) -> bool:
+        """Append pages (of ``group``) to ``page_ids`` until they hold ``num_tokens``; False (and no change)
+        if short."""
         extra = pages_needed(num_tokens, self.page_size) - len(page_ids)
-        if extra > self.num_free:
+        if extra > self.free_in(group):
             return False
         for _ in range(extra):
-            page_ids.append(self._take())
+            page_ids.append(self._take(group))
         return True
 
     def release(self, page_ids: list[int]) -> None:
@@ -139,26 +163,28 @@ class PageAllocator:
         for page in reversed(page_ids):
             self._refs[page] -= 1
             if self._refs[page] == 0:
+                g = page // self.group_pages
                 if page in self._page_key:
-                    self._evictable[page] = None
+                    self._evictable[g][page] = None
                 else:
-                    self._free.append(page)
+                    self._free[g].append(page)
         page_ids.clear()
 
     # -- prefix caching ---------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[PageKey]]:
-        """The longest run of cached full pages that starts ``token_ids`` (at least one token is left
-        to compute, so the model still produces logits).  Takes a reference on each page."""
+    def match_prefix(self, token_ids: list[int], group: int = 0) -> tuple[list[int], list[PageKey]]:
+        """The longest run of cached full pages (of ``group``) that starts ``token_ids`` (at least one
+        token is left to compute, so the model still produces logits).  Takes a reference on each page."""
         if not self.enable_prefix_caching:
             return [], []
         ps = self.page_size
         pages: list[int] = []
         keys: list[PageKey] = []
         parent = None
+        cached = self._cached[group]
         for i in range((len(token_ids) - 1) // ps):
             key = (parent, tuple(token_ids[i * ps:(i + 1) * ps]))
-            page = self._cached.get(key)
+            page = cached.get(key)
             if page is None:
                 break
             pages.append(page)
@@ -166,7 +192,7 @@ class PageAllocator:
             parent = hash(key)
         for page in pages:
             if self._refs[page] == 0:
-                del self._evictable[page]
+                del self._evictable[group][page]
             self._refs[page] += 1
         return pages, keys
 
@@ -182,8 +208,9 @@ class PageAllocator:
             key = (parent, tuple(token_ids(i * ps, (i + 1) * ps)))
             page_keys.append(key)
             page = page_ids[i]
-            if key not in self._cached and page not in self._page_key:
-                self._cached[key] = page
+            cached = self._cached[page // self.group_pages]
+            if key not in cached and page not in self._page_key:
+                cached[key] = page
                 self._page_key[page] = key
 
 
@@ -226,12 +253,18 @@ def scale_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, 
     return cache_shape(cfg, num_pages, page_size)[:-1] + (2,)
 
 
-def partition_spec(model_axis: str | None, cache: Any = None) -> Any:
-    """How the cache is split on a mesh: KV heads on ``model_axis``, everything else whole.  With a
-    ``cache`` (arrays or ``ShapeDtypeStruct``s): a spec for each of its leaves (the int8 pair)."""
+PAGE_AXIS = 2  # the axis that data-parallel attention splits (each data group its own pages)
+
+
+def partition_spec(model_axis: str | None, cache: Any = None, data_axis: str | None = None) -> Any:
+    """How the cache is split on a mesh: KV heads on ``model_axis``, and with data-parallel attention the
+    pages on ``data_axis`` (data group ``g`` holds pages ``[g * P / D, (g + 1) * P / D)``, the pages
+    ``PageAllocator(num_groups=D)`` gives its sequences), everything else whole.  With a ``cache``
+    (arrays or ``ShapeDtypeStruct``s): a spec for each of its leaves (the int8 pair)."""
     def spec(ndim):
         axes = [None] * ndim
         axes[KV_HEAD_AXIS] = model_axis
+        axes[PAGE_AXIS] = data_axis
         return P(*axes)
     if cache is None:
         return spec(5)
@@ -354,11 +387,13 @@ def device_page_bytes(cfg: ModelConfig, page_size: int, dtype: Any, model_axis: 
 
 
 def kv_pages_for_memory(*, bytes_limit: int, memory_utilization: float, weight_bytes: int, temp_bytes: int,
-                        page_bytes_per_device: int) -> int:
+                        page_bytes_per_device: int, data_groups: int = 1) -> int:
     """KV-cache pages that fit in ``memory_utilization`` of one device's ``bytes_limit`` after the
     weights and the largest step's temporaries; every argument is per device (with a mesh, the
-    sums are per device: each holds its shard of the weights and of every page)."""
+    sums are per device: each holds its shard of the weights and of every page of its data group).
+    With ``data_groups`` (data-parallel attention) each device holds one group's pages: the cache has
+    ``data_groups`` times the pages one device fits."""
     if not 0 < memory_utilization <= 1:
         raise ValueError(f"memory_utilization: must be in (0, 1], got {memory_utilization!r}")
     free = bytes_limit * memory_utilization - weight_bytes - temp_bytes
-    return max(0, int(free // page_bytes_per_device))
+    return max(0, int(free // page_bytes_per_device)) * data_groups

@@ -58,7 +58,7 @@ import numpy as np
 
 from jaxserve import kv_cache, moe, quant
 from jaxserve.config import ModelConfig
-from jaxserve.sharding import DATA, MODEL, constrain
+from jaxserve.sharding import DATA, MODEL, cache_spec as cache_spec_of, constrain, data_groups
 from kernels_pallas import ragged_paged_attention
 from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
@@ -197,6 +197,16 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array,
     return attn, cache
 
 
+def _group_local(attend):
+    """``attend`` on one data group's shard: its metadata's leading group axis (of size 1 there) dropped."""
+    def local(q, k, v, cache, layer, meta: AttentionMetadata, *window):
+        meta = AttentionMetadata(slot_mapping=meta.slot_mapping, query_start_loc=meta.query_start_loc[0],
+                                 seq_lens=meta.seq_lens[0], block_tables=meta.block_tables[0],
+                                 num_seqs=meta.num_seqs[0])
+        return attend(q, k, v, cache, layer, meta, *window)
+    return local
+
+
 class DecoderLayer(nn.Module):
     """One decoder layer: ``pre_attention`` (norm, fused QKV projection, q/k norms, RoPE), the paged
     attention of ``attend`` (no weights), then ``post_attention`` (output projection, MLP or routed
@@ -279,18 +289,23 @@ class DecoderLayer(nn.Module):
                 static_window, window = None, w
             else:  # a Python layer index: this layer's window is static
                 static_window = w
-        attend = functools.partial(write_and_attend, sm_scale=cfg.attn_scale, num_decode_rows=self.num_decode_rows,
+        groups = data_groups(mesh)
+        attend = functools.partial(write_and_attend, sm_scale=cfg.attn_scale,
+                                   num_decode_rows=self.num_decode_rows // groups,
                                    sliding_window=static_window, soft_cap=cfg.attn_logit_softcap,
                                    impl=self.attention_impl, backend=self.backend)
         args = (q, k, v, cache, layer, meta) + (() if window is None else (window,))
         if mesh is not None:
-            # Each device writes and attends with its own KV heads (and their query groups); the token
-            # rows are gathered from the data groups, as attention needs every row of a sequence.
-            heads = P(None, MODEL, None)
-            cache_spec = kv_cache.partition_spec(MODEL, cache)  # one spec, or the int8 (kv, scales) pair's
-            specs = (heads, heads, heads, cache_spec, P(), P()) + (() if window is None else (P(),))
-            attend = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=(heads, cache_spec),
-                                   check_vma=False)
+            # Each device writes and attends with its own KV heads (and their query groups).  One data
+            # group: the token rows are gathered from the data axis, as attention needs every row of a
+            # sequence.  Data-parallel attention (data groups): each group's devices take its block of
+            # rows, its shard of the pages and its metadata (a leading group axis, dropped inside).
+            heads = P(DATA if groups > 1 else None, MODEL, None)
+            meta_spec = P(DATA) if groups > 1 else P()
+            cache_spec = cache_spec_of(mesh, cache)  # one spec, or the int8 (kv, scales) pair's
+            specs = (heads, heads, heads, cache_spec, P(), meta_spec) + (() if window is None else (P(),))
+            attend = jax.shard_map(_group_local(attend) if groups > 1 else attend, mesh=mesh, in_specs=specs,
+                                   out_specs=(heads, cache_spec), check_vma=False)
         return attend(*args)
 
     def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
@@ -344,7 +359,7 @@ class CausalLM(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     attention_impl: str = "reference"
-    num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1
+    num_decode_rows: int = 0  # static: rows 0..D-1 are single-token sequences 0..D-1 (of each data group: D/groups)
     mesh: Mesh | None = None  # a (data, model) mesh: sharded step (see jaxserve/sharding.py)
     backend: str | None = None  # platform compiled for (default: jax.default_backend())
     layer_loop: str = "scan"  # "scan" (params["layers"] stacked) or "switch" (params["layers_{i}"])

@@ -18,6 +18,13 @@ tensor-parallel shardings (``jaxserve/sharding.py``), the token ids and
 positions split on ``data`` (when the bucket's row count divides by it), the
 metadata and the sampled tokens replicated.  Without a mesh the program is the
 plain single-device one.
+
+Data-parallel attention (a mesh with ``data`` G > 1, ``jaxserve/sharding.py``): the step is G blocks
+of equal size, block ``g`` the layout above for data group ``g``'s sequences alone (its decodes, then
+its prefill chunks, padded to the group's bucket), so that the row split on ``data`` hands each group
+its own rows.  Buckets are G times a group's bucket; the attention metadata gets a leading group axis
+(``[G, ...]``, split on ``data``) in each group's local rows and local page ids (global page id less
+``g * num_pages / G``), and sequence slot ``g * S / G + i`` is the group's slot ``i``.
 """
 
 from __future__ import annotations
@@ -92,7 +99,7 @@ class StepResult:
     logprob: np.ndarray | None  # [S]
     top_ids: np.ndarray | None  # [S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None
-    decode_slots: int  # index of the first prefill sequence slot
+    decode_slots: int  # index of the first prefill sequence slot (of a data group's block)
     # Prompt logprobs: (seq, first position, first row, count) of the rows that have them, and per row
     # (logprob of the next prompt token, its rank, top ids, top logprobs).
     prompt_rows: list = dataclasses.field(default_factory=list)
@@ -102,6 +109,7 @@ class StepResult:
     spec_tokens: np.ndarray | None = None
     spec_accept: np.ndarray | None = None
     spec_first: dict = dataclasses.field(default_factory=dict)
+    slots: list = dataclasses.field(default_factory=list)  # sequence slot of each decode, then each prefill
 
 
 class ModelRunner:
@@ -130,19 +138,22 @@ class ModelRunner:
         self.dtype = dtype
         self.page_size = engine_cfg.page_size
         self.num_pages = num_pages
+        self.groups = engine_cfg.data_groups  # data-parallel attention's data groups (1: none)
+        self.group_pages = num_pages // self.groups
         self.pages_per_seq = -(-max_model_len // self.page_size)
-        self.decode_buckets = [0] + power_of_two_buckets(
-            min(engine_cfg.min_decode_bucket, engine_cfg.max_num_seqs), engine_cfg.max_num_seqs)
+        seqs, tokens = engine_cfg.group_max_num_seqs, engine_cfg.group_max_num_batched_tokens
+        self.decode_buckets = [0] + [self.groups * b for b in power_of_two_buckets(
+            min(engine_cfg.min_decode_bucket, seqs), seqs)]
+        self.prefill_slots = engine_cfg.group_max_num_prefill_seqs  # per data group
         spec = engine_cfg.speculative_config
         self.spec_k = spec.num_speculative_tokens if spec is not None else 0
         # With speculation the smallest prefill bucket holds one verified chunk (k + 1 rows, rounded up to a
         # power of two), so a lone speculated sequence does not pay for a prompt-sized bucket.
         lo = engine_cfg.min_prefill_bucket if not self.spec_k else min(
             engine_cfg.min_prefill_bucket, 1 << self.spec_k.bit_length())
-        self.prefill_buckets = [0] + power_of_two_buckets(min(lo, engine_cfg.max_num_batched_tokens),
-                                                          engine_cfg.max_num_batched_tokens)
-        self.prefill_slots = min(engine_cfg.max_num_prefill_seqs, engine_cfg.max_num_seqs)
+        self.prefill_buckets = [0] + [self.groups * b for b in power_of_two_buckets(min(lo, tokens), tokens)]
         self._executables: dict[tuple[int, int], Any] = {}
+        self._slots: list[int] = []  # the last prepared step's sequence slot of each decode, then prefill
         # While buckets are compiled in the background (serve): a step whose bucket is not compiled yet runs
         # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
         self.use_compiled_cover = False
@@ -238,15 +249,18 @@ class ModelRunner:
 
     def spec_rows(self, num_prefill_tokens: int) -> int:
         """Rows a bucket can verify (fixed per bucket): every prefill row, at most every prefill slot's k + 1."""
-        return min(num_prefill_tokens, self.prefill_slots * (self.spec_k + 1)) if self.spec_k else 0
+        return min(num_prefill_tokens, self.groups * self.prefill_slots * (self.spec_k + 1)) if self.spec_k else 0
 
     def num_slots(self, num_decode: int, num_prefill_tokens: int) -> int:
         """Sequence slots of a bucket (the rows sampled): its decode rows, then its prefill slots (as many
-        chunks as its prefill rows can hold, up to ``max_num_prefill_seqs``; none in a decode-only bucket)."""
-        return num_decode + min(self.prefill_slots, num_prefill_tokens)
+        chunks as a data group's prefill rows can hold, up to ``max_num_prefill_seqs``, per group; none in a
+        decode-only bucket)."""
+        g = self.groups
+        return num_decode + g * min(self.prefill_slots, num_prefill_tokens // g)
 
     def _empty_inputs(self, num_decode: int, num_prefill_tokens: int) -> dict[str, np.ndarray]:
         t = num_decode + num_prefill_tokens
+        g = self.groups
         s = self.num_slots(num_decode, num_prefill_tokens)
         r = self.spec_rows(num_prefill_tokens)
         spec = {} if not r else dict(spec_rows=np.zeros(r, np.int32), spec_slot=np.full(r, -1, np.int32),
@@ -255,8 +269,9 @@ class ModelRunner:
             input_ids=np.zeros(t, np.int32),
             prompt_targets=np.full(t, -1, np.int32),
             positions=np.zeros(t, np.int32),
-            slot_mapping=np.full(t, self.num_pages * self.page_size, np.int32),  # out of range: dropped
-            query_start_loc=np.zeros(s + 1, np.int32),
+            slot_mapping=np.full(t, self.group_pages * self.page_size, np.int32),  # out of range: dropped
+            query_start_loc=np.zeros((g, s // g + 1), np.int32),  # per data group (flattened when g == 1)
+            num_seqs=np.zeros(g, np.int32),
             seq_lens=np.zeros(s, np.int32),
             block_tables=np.zeros((s, self.pages_per_seq), np.int32),
             logits_indices=np.zeros(s, np.int32),
@@ -332,15 +347,20 @@ class ModelRunner:
         return bans
 
     def prepare(self, out: SchedulerOutput) -> tuple[tuple[int, int], dict[str, np.ndarray], int, bool]:
-        n_dec = max(len(out.decodes), min(out.min_decode_slots, self.cfg.max_num_seqs))
+        g_n = self.groups
+        dec = [[s for s in out.decodes if s.seq.data_group == g] for g in range(g_n)]
+        pre = [[s for s in out.prefills if s.seq.data_group == g] for g in range(g_n)]
+        n_dec = g_n * max(max(map(len, dec)), min(out.min_decode_slots, self.cfg.group_max_num_seqs))
         d = pick_bucket(n_dec, self.decode_buckets) if n_dec else 0
-        n_pre_tokens = sum(s.num_tokens for s in out.prefills)
+        n_pre_tokens = g_n * max(sum(s.num_tokens for s in p) for p in pre)
         tp = pick_bucket(n_pre_tokens, self.prefill_buckets) if n_pre_tokens else 0
         if self.use_compiled_cover and (d, tp) not in self._executables:
             d, tp = self._compiled_cover(n_dec, n_pre_tokens) or (d, tp)
         a = self._empty_inputs(d, tp)
         ps = self.page_size
-        a["query_start_loc"][1:d + 1] = np.arange(1, d + 1)
+        d_l = d // g_n  # a data group's decode slots, rows per group, slots per group
+        rows_g, slots_g = (d + tp) // g_n, len(a["seq_lens"]) // g_n
+        a["query_start_loc"][:, 1:d_l + 1] = np.arange(1, d_l + 1)
         want_logprobs = False
         any_penalty = False
         busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
@@ -349,17 +369,22 @@ class ModelRunner:
         self._spec_first = {}
         num_spec = 0
         num_bans = 0
-        # Decode i is sequence slot i at row i; prefill j is slot d + j, its rows after the decodes.
-        slots = [(i, i, sch) for i, sch in enumerate(out.decodes)]
-        row = d
-        for j, sch in enumerate(out.prefills):
-            slots.append((d + j, row, sch))
-            row += sch.num_tokens
-        for i, row, sch in slots:
+        # In group g's block: decode i is sequence slot i at row i, prefill j is slot d_l + j, its rows
+        # after the decodes (one block, g = 0, without data groups).
+        placed = {}
+        for g in range(g_n):
+            placed.update({id(sch): (g * slots_g + i, g * rows_g + i, g) for i, sch in enumerate(dec[g])})
+            row = g * rows_g + d_l
+            for j, sch in enumerate(pre[g]):
+                placed[id(sch)] = (g * slots_g + d_l + j, row, g)
+                row += sch.num_tokens
+        slots = [placed[id(sch)] + (sch,) for sch in out.decodes + out.prefills]
+        self._slots = [i for i, _, _, _ in slots]
+        for i, row, g, sch in slots:
             seq, n = sch.seq, sch.num_tokens
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
-            pages = np.asarray(seq.page_ids, np.int32)
+            pages = np.asarray(seq.page_ids, np.int32) - g * self.group_pages  # the group's shard's page ids
             a["input_ids"][row:row + n] = seq.token_ids(start, start + n - len(sch.draft)) + sch.draft
             if sch.draft:  # verified rows: this slot's last token and its proposals
                 self._spec_first[i] = num_spec
@@ -373,8 +398,8 @@ class ModelRunner:
             a["seq_lens"][i] = start + n
             a["block_tables"][i, :len(pages)] = pages
             a["logits_indices"][i] = row + n - 1
-            if i >= d:
-                a["query_start_loc"][i + 1] = row + n
+            if i - g * slots_g >= d_l:
+                a["query_start_loc"][g, i - g * slots_g + 1] = row - g * rows_g + n
             p = seq.params
             a["temperature"][i] = p.temperature
             a["top_k"][i] = p.top_k
@@ -408,9 +433,10 @@ class ModelRunner:
                     a["ban_token"][num_bans:num_bans + len(bans)] = bans
                     num_bans += len(bans)
         # Prefill slots after the last real one end where the last one ended.
-        n_pre = len(out.prefills)
-        a["query_start_loc"][d + n_pre + 1:] = a["query_start_loc"][d + n_pre]
-        a["num_seqs"] = np.int32(d + n_pre)
+        for g in range(g_n):
+            n_pre = len(pre[g])
+            a["query_start_loc"][g, d_l + n_pre + 1:] = a["query_start_loc"][g, d_l + n_pre]
+            a["num_seqs"][g] = d_l + n_pre
         a["any_penalty"] = np.bool_(any_penalty)
         a["want_prompt"] = np.bool_(bool(self._prompt_rows))
         a["spec_any"] = np.bool_(num_spec > 0)
@@ -438,12 +464,21 @@ class ModelRunner:
             self._plain_masks[rows] = masks
         return masks
 
+    def _meta(self, a: dict[str, np.ndarray]) -> AttentionMetadata:
+        """The attention metadata: flat, or with data groups a leading group axis on each per-sequence array."""
+        g = self.groups
+        if g == 1:
+            return AttentionMetadata(slot_mapping=a["slot_mapping"], query_start_loc=a["query_start_loc"][0],
+                                     seq_lens=a["seq_lens"], block_tables=a["block_tables"], num_seqs=a["num_seqs"][0])
+        return AttentionMetadata(slot_mapping=a["slot_mapping"], query_start_loc=a["query_start_loc"],
+                                 seq_lens=a["seq_lens"].reshape(g, -1),
+                                 block_tables=a["block_tables"].reshape(g, -1, self.pages_per_seq),
+                                 num_seqs=a["num_seqs"])
+
     def _to_inputs(self, a: dict[str, np.ndarray], want_logprobs: bool) -> StepInputs:
         return StepInputs(
             input_ids=a["input_ids"], positions=a["positions"],
-            meta=AttentionMetadata(slot_mapping=a["slot_mapping"], query_start_loc=a["query_start_loc"],
-                                   seq_lens=a["seq_lens"], block_tables=a["block_tables"],
-                                   num_seqs=a["num_seqs"]),
+            meta=self._meta(a),
             logits_indices=a["logits_indices"],
             sampling=SamplingArrays(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"],
                                     min_p=a["min_p"], seed=a["seed"], step=a["step"]),
@@ -462,10 +497,13 @@ class ModelRunner:
     # -- compiling and running -----------------------------------------------------------------
 
     def _input_shardings(self, inputs: StepInputs) -> StepInputs:
-        """Token ids and positions split on ``data`` (if their count divides), the rest replicated."""
+        """Token ids and positions split on ``data`` (if their count divides), the rest replicated; with
+        data groups, the attention metadata split on ``data`` too (each group its own)."""
         mesh = self.mesh
         rows = sharding.rows_sharding(mesh, inputs.input_ids.shape[0])
         shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), inputs)
+        if self.groups > 1:
+            shardings.meta = jax.tree_util.tree_map(lambda _: rows, inputs.meta)
         return dataclasses.replace(shardings, input_ids=rows, positions=rows)
 
     def _sharded_jit(self, inputs: StepInputs, num_decode_rows: int):
@@ -538,7 +576,7 @@ class ModelRunner:
         self.stats["prepare_s"] += t1 - t0
         self.stats["device_s"] += t2 - t1
         return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt, spec_tokens,
-                          spec_accept, spec_first)
+                          spec_accept, spec_first, self._slots)
 
     @property
     def programs_compiled(self) -> int:
@@ -577,7 +615,6 @@ class ModelRunner:
     def compile_bucket(self, key: tuple[int, int]):
         """The compiled step of one bucket (compiled now unless it already is)."""
         a = self._empty_inputs(*key)
-        a["num_seqs"] = np.int32(0)
         return self._executable(key, self._to_inputs(a, False))
 
     def warmup(self, buckets: list[tuple[int, int]] | None = None, progress: bool = False,

@@ -67,6 +67,7 @@ class Plan:
     buckets: list[BucketResult]
     num_buckets: int  # of the engine (the plan may compile fewer)
     kv_cache_dtype: str = "auto"  # the KV cache's values (jaxserve/kv_cache.py kv_dtype)
+    data_groups: int = 1  # data-parallel attention: each chip holds 1 / data_groups of the pages
 
     @property
     def ok(self) -> bool:
@@ -92,7 +93,7 @@ class Plan:
 
         return kv_pages_for_memory(bytes_limit=self.hbm_bytes, memory_utilization=self.memory_utilization,
                                    weight_bytes=self.weight_bytes, temp_bytes=self.max_temp_bytes,
-                                   page_bytes_per_device=self.kv_bytes_per_token)
+                                   page_bytes_per_device=self.kv_bytes_per_token, data_groups=self.data_groups)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -219,7 +220,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
         budget = tg.hbm_bytes * memory_utilization - weight_bytes
         num_pages = kv_cache.kv_pages_for_memory(bytes_limit=tg.hbm_bytes, memory_utilization=memory_utilization,
                                                  weight_bytes=weight_bytes, temp_bytes=int(0.1 * max(budget, 0)),
-                                                 page_bytes_per_device=page_bytes)
+                                                 page_bytes_per_device=page_bytes, data_groups=ec.data_groups)
         if num_pages < 1:
             raise ValueError(f"memory_utilization: the weights ({weight_bytes / 2**30:.2f} GiB per chip) leave no "
                              f"room for a KV cache in {memory_utilization:.0%} of {target}'s "
@@ -256,8 +257,9 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
                 page_size=ec.page_size, num_pages=num_pages, max_model_len=max_model_len,
                 max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens,
                 hbm_bytes=tg.hbm_bytes, memory_utilization=memory_utilization, weight_bytes=weight_bytes,
-                kv_cache_bytes=num_pages * page_bytes, kv_bytes_per_token=page_bytes // ec.page_size,
-                buckets=results, num_buckets=runner.num_buckets, kv_cache_dtype=kv_dtype.name)
+                kv_cache_bytes=kv_cache.per_device_bytes(cache), kv_bytes_per_token=page_bytes // ec.page_size,
+                buckets=results, num_buckets=runner.num_buckets, kv_cache_dtype=kv_dtype.name,
+                data_groups=ec.data_groups)
 
 
 def format_plan(plan: Plan) -> str:

@@ -12,6 +12,12 @@ Static batching (``scheduling="static"``, for comparison): a batch of up to
 ``max_num_seqs`` is admitted together only when nothing runs, and the step keeps
 that batch's shape (finished members' slots stay idle) until its last member
 finishes.
+
+Data-parallel attention (a mesh with ``data`` D > 1): each sequence belongs to one of D data groups,
+chosen at admission (the group with the fewest running sequences, then the most free pages), and takes
+all its pages from that group's range (``PageAllocator(num_groups=D)``).  Every group has its own
+token budget (``max_num_batched_tokens / D``), sequence slots (``max_num_seqs / D``) and prefill slots,
+and a group short of pages preempts only its own sequences.  With D = 1 this is the plain scheduler.
 """
 
 from __future__ import annotations
@@ -81,26 +87,32 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
+        groups = range(cfg.data_groups)
+        budget = [cfg.group_max_num_batched_tokens for _ in groups]  # per data group (one without a data axis)
+        num_prefills = [0 for _ in groups]
+        max_prefills = cfg.group_max_num_prefill_seqs
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
         # Running sequences, oldest first; one with a single token left to compute is a decode.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
-            if seq.status != Status.RUNNING or budget == 0:
+            g = seq.data_group
+            if seq.status != Status.RUNNING or budget[g] == 0:
                 continue
             if seq.num_computed_tokens == 0 and not seq.page_ids:
                 self._match_prefix(seq)  # admitted by static batching, not yet started
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining > 1 and len(prefills) >= cfg.max_num_prefill_seqs:
+            if remaining > 1 and num_prefills[g] >= max_prefills:
                 continue
-            if remaining > budget and not cfg.enable_chunked_prefill:
+            if remaining > budget[g] and not cfg.enable_chunked_prefill:
                 continue
-            draft = self._propose(seq, budget) if remaining == 1 and len(prefills) < cfg.max_num_prefill_seqs else []
-            n = min(remaining, budget) + len(draft)
+            draft = self._propose(seq, budget[g]) if remaining == 1 and num_prefills[g] < max_prefills else []
+            n = min(remaining, budget[g]) + len(draft)
             if not self._grow_or_preempt(seq, seq.num_computed_tokens + n, decodes + prefills):
                 continue
-            self._schedule(ScheduledSeq(seq, n, draft), decodes if n == 1 and remaining == 1 else prefills)
-            budget -= n
+            is_decode = n == 1 and remaining == 1
+            self._schedule(ScheduledSeq(seq, n, draft), decodes if is_decode else prefills)
+            num_prefills[g] += not is_decode
+            budget[g] -= n
         # Admission from the waiting queue.
         if cfg.scheduling == "static":
             if not self.running:
@@ -112,22 +124,33 @@ class Scheduler:
                 if self._static_batch:
                     return self.schedule()  # schedule the new batch's first chunks
         else:
-            while (self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0
-                   and len(prefills) < cfg.max_num_prefill_seqs):
+            running = [0 for _ in groups]
+            for seq in self.running:
+                running[seq.data_group] += 1
+            while self.waiting:
+                # The least loaded group with a free slot, budget left and a free prefill slot.
+                open_groups = [g for g in groups if running[g] < cfg.group_max_num_seqs and budget[g] > 0
+                               and num_prefills[g] < max_prefills]
+                if not open_groups:
+                    break
+                g = min(open_groups, key=lambda g: (running[g], -self.allocator.free_in(g), g))
                 seq = self.waiting[0]
+                seq.data_group = g
                 self._match_prefix(seq)
                 remaining = seq.num_tokens - seq.num_computed_tokens
-                draft = self._propose(seq, budget) if remaining == 1 else []  # the rest of it was cached
-                n = min(remaining, budget) + len(draft)
-                if (remaining > budget and not cfg.enable_chunked_prefill) or \
-                        not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + n):
+                draft = self._propose(seq, budget[g]) if remaining == 1 else []  # the rest of it was cached
+                n = min(remaining, budget[g]) + len(draft)
+                if (remaining > budget[g] and not cfg.enable_chunked_prefill) or \
+                        not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + n, g):
                     self._release(seq)  # a waiting sequence holds no pages
                     break
                 self.waiting.popleft()
                 seq.status = Status.RUNNING
                 self.running.append(seq)
                 self._schedule(ScheduledSeq(seq, n, draft), prefills)
-                budget -= n
+                running[g] += 1
+                num_prefills[g] += 1
+                budget[g] -= n
         min_slots = self._static_batch if cfg.scheduling == "static" else 0
         return SchedulerOutput(decodes, prefills, min_slots)
 
@@ -141,7 +164,7 @@ class Scheduler:
         if k < 1:
             return []
         draft = self.proposer.propose(seq, k)[:k]
-        if draft and not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + 1 + len(draft)):
+        if draft and not self.allocator.grow(seq.page_ids, seq.num_computed_tokens + 1 + len(draft), seq.data_group):
             return []
         return draft
 
@@ -149,7 +172,7 @@ class Scheduler:
         """Start a sequence on the cached pages of its longest cached prefix (prefix caching)."""
         if seq.params.prompt_logprobs is not None:  # every prompt position is computed, for its logprobs
             return
-        pages, keys = self.allocator.match_prefix(seq.all_token_ids)
+        pages, keys = self.allocator.match_prefix(seq.all_token_ids, seq.data_group)
         seq.page_ids, seq.page_keys = pages, keys
         seq.num_computed_tokens = len(pages) * self.allocator.page_size
 
@@ -179,10 +202,11 @@ class Scheduler:
 
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int, scheduled: list[ScheduledSeq]) -> bool:
         """Make room for ``seq`` to hold ``num_tokens``, preempting the newest running sequences that
-        are not already scheduled in this step (``seq`` itself last: then it waits in the queue)."""
-        while not self.allocator.grow(seq.page_ids, num_tokens):
+        are not already scheduled in this step (``seq`` itself last: then it waits in the queue), of its
+        own data group (whose pages it needs)."""
+        while not self.allocator.grow(seq.page_ids, num_tokens, seq.data_group):
             busy = {id(s.seq) for s in scheduled}
-            victims = [s for s in reversed(self.running) if id(s) not in busy]
+            victims = [s for s in reversed(self.running) if id(s) not in busy and s.data_group == seq.data_group]
             if not victims:
                 return False  # everyone else is in this step; they free pages as they finish
             self.preempt(victims[0])

@@ -76,6 +76,7 @@ class Sequence:
         self.bad_word_ids: list[list[int]] = []  # params.bad_words as token sequences
         self.matcher = None  # xgrammar GrammarMatcher of params.structured_outputs (jaxserve/structured.py)
         self.page_ids: list[int] = []
+        self.data_group = 0  # data-parallel attention: the data group whose pages it holds (scheduler.py)
         self.page_keys: list = []  # prefix-cache keys of its full pages (PageAllocator.register_full_pages)
         self.counted_prefix = False  # its prefix-cache lookup is in the scheduler's statistics
         self.spec_steps = 0  # speculative decoding: verification steps, proposed / accepted tokens

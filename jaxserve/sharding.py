@@ -4,8 +4,8 @@ jaxserve does not partition anything by hand: it names a ``NamedSharding`` for
 the weights, the KV cache and the step's inputs and outputs, and XLA's SPMD
 partitioner (GSPMD) inserts the collectives.  The only manual region is the
 attention (cache write + ragged paged attention), run under ``jax.shard_map``
-over the ``model`` axis so that its gathers and einsums stay local to each
-device's KV heads.
+over the ``model`` axis (and ``data``, see below) so that its gathers and
+einsums stay local to each device's KV heads (and data group's pages).
 
 The mesh has two axes:
 
@@ -41,14 +41,33 @@ The mesh has two axes:
     with ``M`` KV heads (K/V weights copied, each query group split), so the
     KV cache holds one head per device.  Anything else is a ``ValueError``.
 
-``data`` (the batch)
+``data`` (the batch; data-parallel attention)
     A step is one ragged batch of token rows (decode tokens, then prefill
-    chunks).  On ``data`` the *token rows* of the dense layers are split: the
-    embedding, q/k/v, o_proj and MLP of each data group compute only its share
-    of the rows (when the row count divides by ``D``).  Attention needs every
-    row of a sequence and the pages of the whole cache, so the rows are gathered
-    before it and the KV cache and weights are replicated across data groups:
-    ``data`` buys throughput for the matmuls of large batches, not memory.
+    chunks).  With ``D = 1`` the dense layers' rows are simply whole.  With
+    ``D > 1`` each of the D *data groups* (a row of the mesh, ``M`` devices)
+    owns a disjoint set of sequences and a disjoint ``1 / D`` of the KV pages,
+    as vLLM/SGLang's "DP attention":
+
+    * the KV cache's ``pages`` axis is split on ``data`` (``cache_spec``): the
+      devices of group ``g`` hold pages ``[g * P / D, (g + 1) * P / D)``, and the
+      page allocator gives a sequence of group ``g`` pages of that range only
+      (``kv_cache.PageAllocator(num_groups=D)``); the scheduler assigns each
+      sequence a group at admission (the least loaded) and gives every group its
+      own ``max_num_seqs / D`` slots and ``max_num_batched_tokens / D`` budget;
+    * a step's rows are D equal blocks, block ``g`` group ``g``'s own decodes and
+      prefill chunks (``model_runner``), and the attention metadata has a leading
+      group axis in group-local rows and page ids; the attention (cache write +
+      ragged paged attention) runs under the ``shard_map`` over ``(data, model)``,
+      each device calling the unchanged kernel on its group's rows, pages and
+      metadata, its KV heads;
+    * the embedding, projections, MLP (and experts) run on the rows split on
+      ``data`` by GSPMD; the LM head's logits are gathered for sampling.
+
+    So ``data`` divides the KV cache each device holds by ``D`` (the weights are
+    still replicated across groups): more sequences, or a model with fewer KV
+    heads than chips (``model`` at most ``Hkv`` without replication).
+    ``max_num_seqs``, ``max_num_batched_tokens`` and ``num_pages`` must divide by
+    ``D``; speculative decoding and static batching are refused with ``D > 1``.
 """
 
 from __future__ import annotations
@@ -228,17 +247,26 @@ def param_shardings(mesh: Mesh, cfg: ModelConfig, quantized: bool = False,
                                   is_leaf=lambda x: isinstance(x, P))
 
 
+def data_groups(mesh: Mesh | None) -> int:
+    """Data groups of data-parallel attention: the ``data`` axis (1: no mesh, or no data axis)."""
+    return 1 if mesh is None else mesh.shape[DATA]
+
+
+def cache_spec(mesh: Mesh, cache: Any = None) -> Any:
+    """The cache's PartitionSpec on ``mesh`` (one per leaf with a ``cache``): KV heads on ``model``, and
+    pages on ``data`` when there is more than one data group (data-parallel attention)."""
+    return kv_cache.partition_spec(MODEL, cache, DATA if data_groups(mesh) > 1 else None)
+
+
 def cache_sharding(mesh: Mesh, cache: Any = None) -> Any:
     """The cache's sharding; with a ``cache`` (arrays or structs), one for each leaf (the int8 pair)."""
-    if cache is None:
-        return NamedSharding(mesh, CACHE_SPEC)
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), kv_cache.partition_spec(MODEL, cache),
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), cache_spec(mesh, cache),
                                   is_leaf=lambda x: isinstance(x, P))
 
 
 def leaf_cache_sharding(mesh: Mesh):
-    """The sharding of a cache leaf of a given rank (KV heads on ``model``): for ``allocate_kv_cache``."""
-    return lambda ndim: NamedSharding(mesh, P(*[MODEL if i == kv_cache.KV_HEAD_AXIS else None for i in range(ndim)]))
+    """The sharding of a cache leaf of a given rank (``cache_spec``): for ``allocate_kv_cache``."""
+    return lambda ndim: NamedSharding(mesh, cache_spec(mesh, jax.ShapeDtypeStruct((1,) * ndim, np.float32)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -285,5 +313,5 @@ def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 __all__ = ["DATA", "MODEL", "MESH_AXES", "CACHE_SPEC", "make_mesh", "normalize_mesh_shape", "kv_replication",
            "sharded_model_config", "replicate_kv_heads", "param_specs", "param_shardings", "cache_sharding",
-           "replicated", "rows_sharding", "put_params", "allocate_sharded_kv_cache", "constrain",
+           "replicated", "rows_sharding", "data_groups", "cache_spec", "put_params", "allocate_sharded_kv_cache", "constrain",
            "global_array"]

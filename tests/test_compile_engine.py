@@ -44,7 +44,9 @@ SEVEN_EIGHT_B = ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "qwen3-8b"]
 SLOW_TPU = [("qwen2.5-7b", "tpu-v6e", None, None), ("qwen3-8b", "tpu-v6e", None, None),
             ("mistral-7b", "tpu-v5e", "2x2", {"data": 1, "model": 4}),
             ("qwen2.5-7b", "tpu-v5e", "2x2", {"data": 1, "model": 4}),
-            ("qwen3-8b", "tpu-v5e", "2x2", {"data": 1, "model": 4}), ("mistral-7b", "h100", None, None)]
+            ("qwen3-8b", "tpu-v5e", "2x2", {"data": 1, "model": 4}), ("mistral-7b", "h100", None, None),
+            # data-parallel attention: the Pallas TPU kernel per (data group, KV-head shard), pages split on data
+            ("llama-3.1-8b", "tpu-v6e", "2x4", {"data": 2, "model": 4})]
 CASES = (
     [("smollm2-135m", "tpu-v5e", None, None)]
     + [("llama-3.1-8b", "tpu-v5e", "2x2", {"data": 1, "model": 4})]

@@ -105,14 +105,16 @@ class LaunchedServer:
     """``jaxserve launch --num-processes 2 --devices-per-process 4 -- serve ...`` on a free port, in its own
     session (killed whole on failure); the decision-hash check on (JAXSERVE_SYNC_CHECK=1)."""
 
-    def __init__(self, model_dir: str, tmp_path, peer_timeout: float = 15.0, grace: float = 10.0):
+    def __init__(self, model_dir: str, tmp_path, peer_timeout: float = 15.0, grace: float = 10.0,
+                 mesh: tuple[int, int] = (1, 8)):
         from jaxserve.distributed import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.err_path = tmp_path / "serve.err"
         cmd = [sys.executable, "-m", "jaxserve.cli", "launch", "--num-processes", "2", "--devices-per-process", "4",
-               "--grace", str(grace), "--", "serve", "--model", model_dir, "--port", str(self.port), "--mesh-model", "8",
+               "--grace", str(grace), "--", "serve", "--model", model_dir, "--port", str(self.port),
+               "--mesh-data", str(mesh[0]), "--mesh-model", str(mesh[1]),
                "--served-model-name", "m", "--no-progress", "--peer-timeout", str(peer_timeout), *ENGINE_FLAGS]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(launch_env(), JAXSERVE_SYNC_CHECK="1"),
                                      stdout=subprocess.DEVNULL, stderr=open(self.err_path, "w"),
@@ -155,7 +157,12 @@ class LaunchedServer:
             self.proc.wait()
 
 
-def test_serve_two_processes(gqa_dir, tmp_path):
+# data 2 x model 4: data-parallel attention (each data group its own sequences and KV pages) across processes.
+SERVE_MESHES = [pytest.param(2, 4, id="2x4"), pytest.param(1, 8, id="1x8", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("data,model", SERVE_MESHES)
+def test_serve_two_processes(gqa_dir, tmp_path, data, model):
     """2 processes x 4 devices serving: 32 concurrent streams from the openai client to process 0 give
     Engine.generate's text on one device; a client disconnect aborts on both processes; the scheduler's
     decisions hash the same on both every step; pages are all free on both; SIGTERM stops both with 0."""
@@ -167,7 +174,7 @@ def test_serve_two_processes(gqa_dir, tmp_path):
     max_tokens = [6 + i % 7 for i in range(32)]
     ref = Engine.from_pretrained(gqa_dir, **ENGINE_KW).generate(
         prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens])
-    server = LaunchedServer(gqa_dir, tmp_path)
+    server = LaunchedServer(gqa_dir, tmp_path, mesh=(data, model))
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)

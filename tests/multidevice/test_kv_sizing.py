@@ -27,9 +27,11 @@ def test_per_device_sums_on_the_mesh(mha_dir):
     page = kv_cache.device_page_bytes(run_cfg, 8, np.float32, 4)
     assert page * 4 == kv_cache.page_bytes(run_cfg, 8, np.float32)
     limit, temp = 64 << 20, 1 << 20
+    # data 2: data-parallel attention, each device holds its data group's half of the pages
     pages = kv_cache.kv_pages_for_memory(bytes_limit=limit, memory_utilization=0.5, weight_bytes=weights,
-                                         temp_bytes=temp, page_bytes_per_device=page)
+                                         temp_bytes=temp, page_bytes_per_device=page, data_groups=2)
     cache = sharding.allocate_sharded_kv_cache(run_cfg, pages, 8, np.float32, mesh)
     on_device = kv_cache.per_device_bytes(cache)
-    assert on_device == cache.addressable_shards[0].data.nbytes == pages * page
+    assert pages % 2 == 0
+    assert on_device == cache.addressable_shards[0].data.nbytes == pages // 2 * page
     assert weights + temp + on_device <= 0.5 * limit < weights + temp + on_device + page

@@ -1,21 +1,22 @@
 """Serving on a (data, model) mesh of 8 virtual devices gives the single-device engine's tokens,
-with the weights and the KV cache really sharded."""
+with the weights and the KV cache really sharded (with data > 1: each data group its own pages)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import ENGINE_KW, greedy_tokens, random_prompts
 from jaxserve import Engine, ModelConfig
-from jaxserve.sharding import CACHE_SPEC, kv_replication, make_mesh
+from jaxserve.sharding import CACHE_SPEC, cache_spec, kv_replication, make_mesh
 
 # Six requests on four slots (some wait), one prompt chunked over two steps.
 PROMPTS = random_prompts([5, 70, 17, 33, 9, 120], seed=3)
 MAX_TOKENS = [12, 8, 16, 10, 14, 6]
-MESHES = [(1, 8), (2, 4), (8, 1)]
+MESHES = [(1, 8), (8, 1)]  # data 2 x model 4: test_data_parallel_attention_groups_own_their_pages
 HIDDEN, INTERMEDIATE, VOCAB, HEAD_DIM, LAYERS = 64, 176, 1024, 8, 2  # the "tiny" size with 8 heads
 
 
@@ -41,7 +42,10 @@ def shard_shape(x) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("data,model", MESHES, ids=[f"{d}x{m}" for d, m in MESHES])
 def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
-    engine = Engine.from_pretrained(mha_dir, mesh_shape={"data": data, "model": model}, **ENGINE_KW)
+    kw = dict(ENGINE_KW, max_num_seqs=max(ENGINE_KW["max_num_seqs"], data))  # a slot per data group at least
+    engine = Engine.from_pretrained(mha_dir, mesh_shape={"data": data, "model": model}, **kw)
+    cspec = cache_spec(engine.mesh)  # KV heads on "model"; with data > 1, pages on "data"
+    assert cspec == (CACHE_SPEC if data == 1 else P(None, "model", "data", None, None))
     assert dict(engine.mesh.shape) == {"data": data, "model": model}
     params = engine.runner.params
     layer = params["layers"]
@@ -67,8 +71,8 @@ def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
 
     def check_cache():
         cache = engine.runner.cache  # [layers, kv heads, pages, page size, 2 * head_dim]
-        assert cache.sharding.spec == CACHE_SPEC
-        assert shard_shape(cache) == (nl, 8 // model, engine.num_pages, 8, 2 * HEAD_DIM)
+        assert cache.sharding.spec == cspec
+        assert shard_shape(cache) == (nl, 8 // model, engine.num_pages // data, 8, 2 * HEAD_DIM)
 
     check_cache()
     assert run(engine) == mha_tokens
@@ -80,9 +84,9 @@ def test_mesh_gives_single_device_tokens(mha_dir, mha_tokens, data, model):
     for exe in engine.runner._executables.values():
         params_in, cache_in = exe.input_shardings[0][:2]  # (params, cache, step inputs, penalty state)
         assert params_in["layers"]["qkv_proj"]["kernel"].spec == P(None, None, "model", None, None)
-        assert cache_in.spec == CACHE_SPEC
+        assert cache_in.spec == cspec
         cache_out, tokens_out = exe.output_shardings[:2]
-        assert cache_out.spec == CACHE_SPEC
+        assert cache_out.spec == cspec
         assert tokens_out.is_fully_replicated
 
 
@@ -93,7 +97,7 @@ def test_gqa_kv_heads_replicated_on_wide_model_axis(gqa_dir, gqa_tokens, model):
     assert engine.run_config.num_kv_heads == model  # each of the 2 KV heads copied model/2 times
     qkv = engine.runner.params["layers"]["qkv_proj"]["kernel"]
     assert shard_shape(qkv) == (LAYERS, HIDDEN, 1, 8 // model + 2, HEAD_DIM)  # one KV head and its queries
-    assert shard_shape(engine.runner.cache) == (LAYERS, 1, engine.num_pages, 8, 2 * HEAD_DIM)
+    assert shard_shape(engine.runner.cache) == (LAYERS, 1, engine.num_pages // (8 // model), 8, 2 * HEAD_DIM)
     assert run(engine) == gqa_tokens
 
 
@@ -122,8 +126,10 @@ def test_rows_split_on_data_axis(mha_dir):
     engine.runner.warmup([(4, 64)])
     exe = engine.runner._executables[(4, 64)]
     inputs = exe.input_shardings[0][2]
-    assert inputs.input_ids.spec == P("data") and inputs.positions.spec == P("data")  # 68 rows / 2
-    assert inputs.meta.block_tables.is_fully_replicated
+    assert inputs.input_ids.spec == P("data") and inputs.positions.spec == P("data")  # 2 blocks of 2 + 32 rows
+    # data-parallel attention: each group's page tables (local page ids), lengths and row offsets
+    assert inputs.meta.block_tables.spec == P("data") and inputs.meta.query_start_loc.spec == P("data")
+    assert inputs.sampling.temperature.is_fully_replicated
 
 
 @pytest.mark.slow  # two more engines to compile: 145 s on the shared 2-core machine
@@ -135,6 +141,35 @@ def test_int8_kv_cache_on_the_mesh(mha_dir):
     assert run(engine) == one
     kv, scales = engine.runner.cache
     assert kv.dtype == "int8" and scales.dtype == "float32"
-    assert kv.sharding.spec == CACHE_SPEC and scales.sharding.spec == P(None, "model", None, None, None)
-    assert shard_shape(kv) == (LAYERS, 2, engine.num_pages, 8, 2 * HEAD_DIM)
-    assert shard_shape(scales) == (LAYERS, 2, engine.num_pages, 8, 2)
+    assert kv.sharding.spec == scales.sharding.spec == P(None, "model", "data", None, None)
+    assert shard_shape(kv) == (LAYERS, 2, engine.num_pages // 2, 8, 2 * HEAD_DIM)
+    assert shard_shape(scales) == (LAYERS, 2, engine.num_pages // 2, 8, 2)
+
+
+def test_data_parallel_attention_groups_own_their_pages(mha_dir, mha_tokens):
+    """data 2 x model 4 with data-parallel attention: each data group's devices hold only its half of the
+    pages, every sequence's pages come from its group's half, both groups serve, a group short of pages
+    preempts its own sequences, and the tokens are the single device's."""
+    engine = Engine.from_pretrained(mha_dir, mesh_shape={"data": 2, "model": 4}, **dict(ENGINE_KW, num_pages=32))
+    half = 16
+    cache = engine.runner.cache
+    assert shard_shape(cache) == (LAYERS, 2, half, 8, 2 * HEAD_DIM)  # [layers, KV heads / 4, pages / 2, ...]
+    grid = engine.mesh.devices  # [data, model]
+    for shard in cache.addressable_shards:
+        group = int(np.argwhere(grid == shard.device)[0][0])
+        assert shard.index[2] == slice(group * half, (group + 1) * half)
+    scheduled = []  # (group, pages) of every scheduled sequence, as the step saw them
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        scheduled.extend((s.seq.data_group, list(s.seq.page_ids)) for s in out.decodes + out.prefills)
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    assert run(engine) == mha_tokens
+    assert {g for g, _ in scheduled} == {0, 1}
+    assert all(p // half == g for g, pages in scheduled for p in pages)
+    assert engine.scheduler.num_preemptions > 0  # the 120-token prompt needs its group's 16 pages
+    assert engine.allocator.free_in(0) == engine.allocator.free_in(1) == half
+    assert engine.runner.compile_count <= engine.runner.num_buckets  # no program beyond the bucket set
