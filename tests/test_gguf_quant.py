@@ -15,7 +15,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from conftest import greedy_tokens, random_prompts  # noqa: E402
-from test_gguf import write_gguf  # noqa: E402
+from test_gguf import _flatten as flatten, write_gguf  # noqa: E402
 
 from jaxserve import Engine  # noqa: E402
 from jaxserve.engine import load_model  # noqa: E402
@@ -163,11 +163,3 @@ def test_kept_engine_tokens_equal_dequantized_load(mixed_path):
 def test_gguf_quantization_needs_a_gguf_file(llama_dir):
     with pytest.raises(ValueError, match="quantization: 'gguf' keeps the quantized blocks of a GGUF file"):
         load_model(llama_dir, quantization="gguf")
-
-
-def flatten(tree, prefix: str = ""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from flatten(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
