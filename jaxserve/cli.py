@@ -430,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default=None,
                    help="TPU: chips as AxB (e.g. 2x2, 2x4); GPU: 1x1xN (N GPUs); default: the smallest that "
                         "holds the mesh")
-    p.add_argument("--buckets", default="all", choices=["all", "representative"],
-                   help="all buckets, or the largest decode-only, prefill-only and mixed ones")
+    p.add_argument("--buckets", default="all", choices=["all", "representative", "largest"],
+                   help="all buckets; the largest decode-only, prefill-only and mixed ones (representative); "
+                        "or the largest mixed one alone (largest)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_plan)

@@ -68,6 +68,7 @@ class Plan:
     num_buckets: int  # of the engine (the plan may compile fewer)
     kv_cache_dtype: str = "auto"  # the KV cache's values (jaxserve/kv_cache.py kv_dtype)
     data_groups: int = 1  # data-parallel attention: each chip holds 1 / data_groups of the pages
+    bucket_set: str = "all"  # which buckets were compiled (plan_buckets)
 
     @property
     def ok(self) -> bool:
@@ -159,13 +160,25 @@ def representative_buckets(runner) -> list[tuple[int, int]]:
     return [(d, 0), (0, t), (d, t)]
 
 
+BUCKET_SETS = ("all", "representative", "largest")
+
+
+def plan_buckets(runner, which: str) -> list[tuple[int, int]]:
+    """The buckets a plan compiles: ``"all"`` of the engine's, the ``"representative"`` three, or the
+    ``"largest"`` (mixed) one alone: one program that holds both the decode and the prefill rows' attention
+    and the largest temporaries."""
+    if which == "all":
+        return list(runner.buckets)
+    return representative_buckets(runner)[-1:] if which == "largest" else representative_buckets(runner)
+
+
 def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = None,
               mesh_shape: dict[str, int] | None = None, memory_utilization: float = 0.9,
               buckets: str = "all", engine_config: EngineConfig | None = None, progress: bool = True) -> Plan:
     """Compile the engine step of ``model`` for ``target`` (see the module docstring).
 
     ``mesh_shape``: ``{"data": D, "model": M}`` (default: one chip, no mesh, exactly the program the
-    engine runs with ``mesh_shape=None``); ``buckets``: ``"all"`` or ``"representative"``;
+    engine runs with ``mesh_shape=None``); ``buckets``: ``"all"``, ``"representative"`` or ``"largest"`` (``plan_buckets``);
     ``engine_config``: the engine's settings (``dtype="auto"`` means bfloat16 here; the KV cache, unless
     ``num_pages`` is set, gets what ``memory_utilization`` of the chip leaves after the weights and a
     provisional 10% for the step's temporaries)."""
@@ -178,8 +191,8 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
 
     if not 0 < memory_utilization <= 1:
         raise ValueError(f"memory_utilization: must be in (0, 1], got {memory_utilization!r}")
-    if buckets not in ("all", "representative"):
-        raise ValueError(f"buckets: must be 'all' or 'representative', got {buckets!r}")
+    if buckets not in BUCKET_SETS:
+        raise ValueError(f"buckets: must be one of {', '.join(BUCKET_SETS)}, got {buckets!r}")
     cfg = model if isinstance(model, ModelConfig) else load_model_config(model)
     ec = dataclasses.replace(engine_config or EngineConfig())
     if ec.dtype == "auto":
@@ -228,7 +241,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
     cache = kv_cache.cache_structs(run_cfg, num_pages, ec.page_size, kv_dtype, tg.platform, leaf_sharding)
     runner = ModelRunner(run_cfg, ec, params, cache, dtype, max_model_len, num_pages, mesh=mesh,
                          platform=tg.platform)
-    keys = runner.buckets if buckets == "all" else representative_buckets(runner)
+    keys = plan_buckets(runner, buckets)
     results = []
     bar = None
     if progress:
@@ -259,7 +272,7 @@ def make_plan(model: str | ModelConfig, target: str, *, topology: str | None = N
                 hbm_bytes=tg.hbm_bytes, memory_utilization=memory_utilization, weight_bytes=weight_bytes,
                 kv_cache_bytes=kv_cache.per_device_bytes(cache), kv_bytes_per_token=page_bytes // ec.page_size,
                 buckets=results, num_buckets=runner.num_buckets, kv_cache_dtype=kv_dtype.name,
-                data_groups=ec.data_groups)
+                data_groups=ec.data_groups, bucket_set=buckets)
 
 
 def format_plan(plan: Plan) -> str:
@@ -273,7 +286,7 @@ def format_plan(plan: Plan) -> str:
                      f"{b.seconds:>8.1f}{temp:>10}")
     compiled = len(plan.buckets)
     lines.append(f"{compiled} of the engine's {plan.num_buckets} buckets compiled"
-                 f"{'' if compiled == plan.num_buckets else ' (representative subset)'}")
+                 f"{'' if compiled == plan.num_buckets else f' (the {plan.bucket_set} subset)'}")
     lines += ["", f"per chip ({plan.hbm_bytes / gib:.0f} GiB HBM):",
               f"  weights           {plan.weight_bytes / gib:8.2f} GiB",
               f"  KV cache          {plan.kv_cache_bytes / gib:8.2f} GiB  ({plan.num_pages} pages x {plan.page_size} "

@@ -53,6 +53,31 @@ ENGINE_KW = dict(max_num_seqs=4, page_size=8, max_model_len=256, max_num_batched
 VOCAB = 1024  # vocabulary of the "tiny" size
 
 
+# A test that hangs must not hold CI until its hard limit: after HANG_SECONDS in one test (the slowest takes
+# about 170 s here), every thread's traceback goes to the terminal's stderr and the run exits (faulthandler's
+# watchdog, armed per test; pytest's own ``faulthandler_timeout`` only prints and lets the hang go on).
+HANG_SECONDS = float(os.environ.get("JAXSERVE_TEST_HANG_SECONDS", "1200"))
+_watchdog_file = None
+
+
+def pytest_configure(config):
+    global _watchdog_file
+    # Output capture is suspended here, so fd 2 is the terminal; during a test it is a capture file, lost at exit.
+    _watchdog_file = os.fdopen(os.dup(2), "w")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+
+    if _watchdog_file is not None and HANG_SECONDS > 0:
+        faulthandler.dump_traceback_later(HANG_SECONDS, exit=True, file=_watchdog_file)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("JAXSERVE_MULTIDEVICE") == "1":
         import jax

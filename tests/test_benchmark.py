@@ -49,15 +49,16 @@ def test_bench_and_report(llama_dir, tmp_path, capsys):
     wl_path = _tiny_workload(tmp_path)
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump({"model": llama_dir, "workload": str(wl_path), "modes": ["continuous", "static"],
-                                      "max_num_seqs": [2, 4], "dtype": ["float32"],
+                                      "max_num_seqs": [4], "dtype": ["float32"],
                                       "max_num_batched_tokens": 32, "max_model_len": 128}))
     results = tmp_path / "results"
     assert cli.main(["bench", "--config", str(config), "--out", str(results), "--no-progress"]) == 0
     files = list(results.glob("*.jsonl"))
     assert len(files) == 1
     records = [json.loads(line) for line in files[0].read_text().splitlines()]
-    assert {(r["mode"], r["max_num_seqs"]) for r in records} == {
-        ("continuous", 2), ("continuous", 4), ("static", 2), ("static", 4)}
+    # (One slot count: each run is a process of its own that compiles its buckets; the grid over slot
+    # counts is the same loop, and test_failed_run_does_not_stop_the_grid runs two of them.)
+    assert {(r["mode"], r["max_num_seqs"]) for r in records} == {("continuous", 4), ("static", 4)}
     for r in records:
         assert r["device"] == "cpu" and r["dtype"] == "float32" and r["workload"] == "tiny-6"
         assert r["output_tokens"] == 36 and r["requests"] == 6
@@ -76,9 +77,9 @@ def test_bench_and_report(llama_dir, tmp_path, capsys):
         assert (report_dir / name).stat().st_size > 1000
         assert f"]({name})" in md
     table = [line for line in md.splitlines() if line.startswith("| cpu |") or line.startswith("| TPU v5e |")]
-    assert len([t for t in table if t.count("|") == 15]) == 5  # 4 cpu runs + 1 TPU run in the throughput table
+    assert len([t for t in table if t.count("|") == 15]) == 3  # 2 cpu runs + 1 TPU run in the throughput table
     speedups = [line for line in md.splitlines() if line.startswith("| cpu |") and line.endswith("x |")]
-    assert len(speedups) == 2  # continuous vs static for max_num_seqs 2 and 4
+    assert len(speedups) == 1  # continuous vs static at max_num_seqs 4
     tpu_row = next(t for t in table if t.startswith("| TPU v5e |"))
     cost = 1.2 / 3600 / other["tok_s"] * 1e6
     assert f"{cost:.3f}" in tpu_row and "50.0%" in tpu_row
