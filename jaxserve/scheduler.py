@@ -158,7 +158,7 @@ class Scheduler:
         """Up to k proposed tokens for a decode (none that would run past max_tokens or the budget);
         [] when the sequence is not speculated or its pages for them are not free (no preemption
         for proposals)."""
-        if self.proposer is None:
+        if self.proposer is None or self.proposer.cfg.off_for_batch(len(self.running)):
             return []
         k = min(self.num_speculative_tokens, budget - 1, seq.params.max_tokens - len(seq.output_token_ids) - 1)
         if k < 1:

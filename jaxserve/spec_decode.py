@@ -54,6 +54,12 @@ class SpeculativeConfig:
     # fewer than this fraction were accepted (0: never stop).
     min_acceptance_rate: float = 0.1
     min_acceptance_window: int = 24
+    # vLLM's speculative_disable_by_batch_size: no proposals in a step while at least this many requests
+    # run (a verification step costs more than a decode step, and a large batch already fills the matmuls).
+    disable_by_batch_size: int | None = None
+
+    def off_for_batch(self, num_running: int) -> bool:
+        return self.disable_by_batch_size is not None and num_running >= self.disable_by_batch_size
 
     @classmethod
     def from_value(cls, value: Any) -> "SpeculativeConfig | None":
@@ -81,6 +87,9 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} exceeds "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
+        v = self.disable_by_batch_size
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"speculative_config.disable_by_batch_size: must be a positive integer or None, got {v!r}")
         if not isinstance(self.min_acceptance_rate, (int, float)) or not 0 <= self.min_acceptance_rate <= 1:
             raise ValueError(f"speculative_config.min_acceptance_rate: must be in [0, 1], "
                              f"got {self.min_acceptance_rate!r}")
@@ -180,6 +189,8 @@ class DraftProposer:
         for rid in [r for r in self._state if r not in live]:
             self._drop(rid)
         self._drafts = {}
+        if self.cfg.off_for_batch(len(running)):
+            return
         want = {}
         for s in running:
             k = min(num_speculative_tokens, s.params.max_tokens - len(s.output_token_ids) - 1)

@@ -107,6 +107,33 @@ def test_low_acceptance_turns_speculation_off(spec_engine, reference_outputs):
     assert max(rejected(1.0, k - 1)) <= k
 
 
+def test_disable_by_batch_size(spec_engine, reference_outputs):
+    """No proposals while at least disable_by_batch_size requests run: at 1 none at all, at 2 only once a
+    request runs alone (the tail of the batch); the tokens are plain greedy decoding's either way."""
+    prompts = copy_prompts()
+    max_tokens = [40, 30, 60, 25, 20, 45]
+    ref = reference_outputs(prompts, max_tokens)
+    e = spec_engine
+    e.scheduler.num_speculative_tokens = K_MAX
+    spec = e.config.speculative_config
+
+    def proposed(limit) -> int:
+        spec.disable_by_batch_size = limit
+        try:
+            outs = e.generate(prompts, [greedy(n) for n in max_tokens])
+        finally:
+            spec.disable_by_batch_size = None
+        assert [o.token_ids for o in outs] == ref
+        assert_clean(e)
+        return sum(o.spec_proposed_tokens for o in outs)
+
+    assert proposed(1) == 0
+    alone, unlimited = proposed(2), proposed(None)
+    assert 0 < alone < unlimited
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        spec_decode.SpeculativeConfig.from_value({"disable_by_batch_size": 0})
+
+
 def test_opt_out_and_ineligible_requests_are_not_speculated(spec_engine, reference_outputs):
     prompts = copy_prompts()[:3]
     ref = reference_outputs(prompts, [30] * 3)
