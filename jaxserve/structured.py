@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import threading
 from typing import Any
 
@@ -91,11 +92,40 @@ def choice_regex(choices: list[str]) -> str:
     return "(" + "|".join(re.escape(c) for c in choices) + ")"
 
 
+def import_xgrammar():
+    """``import xgrammar``, then put the default SIGSEGV action back.
+
+    xgrammar loads apache-tvm-ffi, whose SIGSEGV handler prints a backtrace through the C++ unwinder.  When
+    the fault is inside the unwinder itself, that handler blocks forever on the unwinder's lock, holding the
+    GIL, so the whole process hangs instead of crashing (seen in the test suite: a C++ exception thrown by
+    an XLA compile in the background-compile thread faulted while unwinding).  A crash is the better
+    failure: a server that dies is restarted, one that hangs is not."""
+    first = "xgrammar" not in sys.modules
+    import xgrammar
+
+    if first:
+        restore_default_segv()
+    return xgrammar
+
+
+def restore_default_segv() -> None:
+    """SIGSEGV back to the default action, from any thread (``signal.signal`` works only in the main one)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+        libc.signal(int(signal.SIGSEGV), None)  # SIG_DFL
+    except (OSError, AttributeError):  # not a libc platform
+        pass
+
+
 class GrammarBackend:
     """xgrammar's tokenizer info and grammar compiler for one engine (compiled grammars are cached)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
-        import xgrammar as xgr
+        xgr = import_xgrammar()
 
         self._xgr = xgr
         self.vocab_size = vocab_size

@@ -78,6 +78,20 @@ def pytest_runtest_protocol(item, nextitem):
         faulthandler.cancel_dump_traceback_later()
 
 
+def pytest_collection_finish(session):
+    # Collecting tests/test_structured.py imported xgrammar, which loads apache-tvm-ffi, whose SIGSEGV handler
+    # can hang the process instead of crashing it (jaxserve/structured.py import_xgrammar): put back the
+    # default action, under faulthandler (Python tracebacks of every thread, then the crash).
+    import faulthandler
+
+    from jaxserve.structured import restore_default_segv
+
+    faulthandler.disable()  # (enable() on an enabled faulthandler reinstalls nothing)
+    restore_default_segv()
+    if _watchdog_file is not None:
+        faulthandler.enable(file=_watchdog_file, all_threads=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("JAXSERVE_MULTIDEVICE") == "1":
         import jax
