@@ -19,8 +19,9 @@ engine's cache of all layers, ``[num_layers, num_kv_heads, num_pages, page_size,
 model's layer scan) picks the layer; ``num_q_heads`` is a multiple of
 ``num_kv_heads`` (GQA).
 
-How it is computed (this function *is* the CPU attention of the engine, so its
-formulation is chosen for speed on XLA CPU, and stays exact):
+How it is computed (this function is the CPU attention of the engine when the C++ kernel,
+``ragged_paged_attention_cpu``, is not built or not served, so its formulation is chosen for speed
+on XLA CPU, and stays exact):
 
 * The rows are split at a static ``num_decode_rows``: the engine promises that
   rows ``0..D-1`` are single-token sequences ``0..D-1`` (decode steps; padding

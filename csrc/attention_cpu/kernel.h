@@ -21,6 +21,15 @@ inline FP32Vec8 load_kv(const void* cache, int64_t offset) {
   }
 }
 
+template <CacheType C>
+constexpr int64_t kElemBytes = C == CacheType::kF32 ? 4 : 2;
+
+inline void prefetch_page(const char* p, int64_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+#endif
+}
+
 // Query heads [g0, g0 + G) of KV head item.head's group, rows [item.row_begin, item.row_end).
 template <int G, CacheType C>
 void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
@@ -59,6 +68,13 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
       const int64_t base = (head_base + page) * S * two_d;
       const int64_t j0 = std::max<int64_t>(lo - pi * S, 0), j1 = std::min<int64_t>(hi - pi * S, S);
       const int64_t n = j1 - j0;
+      // The next page is elsewhere in memory (pages are scattered): fetch it while this one is computed.
+      if ((pi + 1) * S < hi) {
+        int64_t next = pages[pi + 1];
+        next = next < 0 ? 0 : (next >= pb.P ? pb.P - 1 : next);
+        prefetch_page(static_cast<const char*>(pb.cache) + (head_base + next) * S * two_d * kElemBytes<C>,
+                      S * two_d * kElemBytes<C>);
+      }
       // scores[g, j] = q_g . k_j
       for (int64_t j = 0; j < n; ++j) {
         const int64_t row = base + (j0 + j) * two_d;
