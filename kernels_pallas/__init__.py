@@ -118,7 +118,8 @@ def ragged_paged_attention(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens,
         kernel = "reference"  # what the engine's resolve_attention picks too (and says why, once)
     if kernel == "cpu":  # reads 16-bit caches as their bits itself
         return ragged_paged_attention_cpu(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+                                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                                          num_decode_rows=num_decode_rows)
     if kernel != "reference" and not isinstance(kv_cache, (tuple, list)) and kv_cache.dtype == jnp.uint16:
         # A 16-bit cache stored as bits on CPU (jaxserve/kv_cache.py): the interpreted kernels read values.
         kv_cache = jax.lax.bitcast_convert_type(kv_cache, q.dtype)

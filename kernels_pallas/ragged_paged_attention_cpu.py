@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.ragged_paged_attention import NO_WINDOW, split_cache
+from kernels_pallas.ragged_paged_attention import NO_WINDOW, ragged_paged_attention_ref, split_cache
 
 TARGET = "jaxserve_ragged_paged_attention_cpu"
 ISAS = {"auto": 0, "portable": 1, "avx2": 2}  # the kernel's ``isa`` attribute
@@ -64,17 +64,46 @@ def cpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int
     return cpu_unavailable_reason()
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "soft_cap", "num_threads", "isa"))
+PREFILL_ROWS = ("reference", "kernel")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "soft_cap", "num_threads", "isa",
+                                             "prefill_rows"))
 def ragged_paged_attention_cpu(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                                sm_scale: float, sliding_window=None, soft_cap: float | None = None,
-                               num_decode_rows: int = 0, num_threads: int = 0, isa: str = "auto") -> jax.Array:
-    """The kernel (arguments as ``ragged_paged_attention_ref``; ``num_decode_rows`` is not needed: the
-    kernel finds every row's sequence from ``cu_q_lens``).
+                               num_decode_rows: int = 0, num_threads: int = 0, isa: str = "auto",
+                               prefill_rows: str = "reference") -> jax.Array:
+    """The attention of ``ragged_paged_attention_ref`` (same arguments) with its decode rows (the first
+    ``num_decode_rows``, the engine's static split) in the C++ kernel.
+
+    ``prefill_rows``: who computes the other rows: ``"reference"`` (the default: the reference's tiled
+    in-step attention is faster on prefill chunks than the kernel's row-at-a-time loop, measured with
+    bench/step_profile.py, README "CPU attention kernel") or ``"kernel"`` (every row in the kernel; it
+    finds every row's sequence from ``cu_q_lens``).
 
     ``sliding_window``: None, an int, or an int32 scalar that may be traced.  ``num_threads``: 0 for
     every core this process may use.  ``isa``: ``"auto"`` (AVX2 when the CPU has it), ``"portable"`` or
     ``"avx2"``: the tests check both paths."""
-    del num_decode_rows
+    if prefill_rows not in PREFILL_ROWS:
+        raise ValueError(f"prefill_rows: one of {', '.join(PREFILL_ROWS)}, got {prefill_rows!r}")
+    t, nd = q.shape[0], min(num_decode_rows, q.shape[0])
+    if prefill_rows == "reference" and t > nd:
+        rest = ragged_paged_attention_ref(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                          sm_scale=sm_scale, num_decode_rows=nd, sliding_window=sliding_window,
+                                          soft_cap=soft_cap, prefill_rows_only=True)
+        if not nd:
+            return rest
+        # q[:nd]: the kernel's rows are the decode rows alone (row i: sequence i); the others are empty
+        decode = _kernel(q[:nd], kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                         sliding_window=sliding_window, soft_cap=soft_cap, num_threads=num_threads, isa=isa)
+        return jnp.concatenate([decode, rest[nd:]], axis=0)
+    return _kernel(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                   sliding_window=sliding_window, soft_cap=soft_cap, num_threads=num_threads, isa=isa)
+
+
+def _kernel(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
+            soft_cap, num_threads, isa):
+    """The FFI call: every row of ``q`` (rows past ``q``'s end belong to no one)."""
     _, reason = _load()
     if reason is not None:
         raise RuntimeError(f"attention_impl: the CPU kernel is unavailable: {reason}")

@@ -63,7 +63,7 @@ def test_kernel_matches_dense(mix, page_size, gqa, head_dim, sliding_window, sof
     args, nd = _batch(mix, page_size, gqa, head_dim, seed=[page_size, gqa, head_dim])
     q, _, _, kv, _, cu, ns = args
     kw = dict(sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
-    got = np.asarray(ragged_paged_attention_cpu(*args, isa=isa, **kw))
+    got = np.asarray(ragged_paged_attention_cpu(*args, isa=isa, prefill_rows="kernel", **kw))
     want = ragged_paged_attention_dense(*args, **kw)
     assert got.shape == q.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
@@ -82,10 +82,13 @@ def test_kernel_matches_reference_and_threads_agree(mix):
     args, nd = _batch(mix, 16, 3, 64, seed=11)
     kw = dict(sm_scale=0.125, sliding_window=20, soft_cap=None)
     ref = np.asarray(ragged_paged_attention_ref(*args, num_decode_rows=nd, **kw))
-    got = np.asarray(ragged_paged_attention_cpu(*args, **kw))
+    got = np.asarray(ragged_paged_attention_cpu(*args, prefill_rows="kernel", **kw))
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
-    one = np.asarray(ragged_paged_attention_cpu(*args, num_threads=1, **kw))
+    one = np.asarray(ragged_paged_attention_cpu(*args, prefill_rows="kernel", num_threads=1, **kw))
     np.testing.assert_array_equal(got, one)
+    # what the engine runs: decode rows in the kernel, prefill rows in the reference
+    split = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=nd, **kw))
+    np.testing.assert_allclose(split, ref, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -98,7 +101,7 @@ def test_16bit_cache_stored_as_bits(dtype):
     rest = args[2:]
     ref = ragged_paged_attention_ref(q, bits, *rest, sm_scale=0.125, num_decode_rows=nd)
     for isa in ISAS:
-        got = ragged_paged_attention_cpu(q, bits, *rest, sm_scale=0.125, isa=isa)
+        got = ragged_paged_attention_cpu(q, bits, *rest, sm_scale=0.125, isa=isa, prefill_rows="kernel")
         assert got.dtype == q.dtype
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=1e-2, rtol=1e-2)
         # the same f32 numbers as the dense attention of the 16-bit values, up to the output rounding
@@ -112,10 +115,11 @@ def test_long_context_and_no_sequence():
     rng = np.random.default_rng(2)
     args = make_batch(rng, page_size=16, gqa=2, num_decode_rows=3, num_decode_pad=0, prefills=[(40, 900)],
                       pad_rows=2, pad_seqs=1, max_pages_per_seq=80, head_dim=64, decode_lens=[1270, 17, 640])
-    got = np.asarray(ragged_paged_attention_cpu(*args, sm_scale=0.125))
+    got = np.asarray(ragged_paged_attention_cpu(*args, sm_scale=0.125, prefill_rows="kernel"))
     np.testing.assert_allclose(got, ragged_paged_attention_dense(*args, sm_scale=0.125), atol=2e-5, rtol=1e-5)
     q, cache, layer, kv, pages, cu, _ = args
-    out = np.asarray(ragged_paged_attention_cpu(q, cache, layer, kv, pages, cu, np.int32(0), sm_scale=0.125))
+    out = np.asarray(ragged_paged_attention_cpu(q, cache, layer, kv, pages, cu, np.int32(0), sm_scale=0.125,
+                                                prefill_rows="kernel"))
     assert not out.any()
 
 
@@ -163,7 +167,7 @@ def _fallback_in_fresh_process():
     got = np.asarray(ragged_paged_attention(*args, sm_scale=0.125, num_decode_rows=nd, impl="auto"))
     np.testing.assert_allclose(got, ragged_paged_attention_dense(*args, sm_scale=0.125), atol=2e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="not built"):
-        ragged_paged_attention_cpu(*args, sm_scale=0.125)
+        ragged_paged_attention_cpu(*args, sm_scale=0.125, prefill_rows="kernel")
 
 
 def test_engine_tokens_equal_hf_and_programs_per_bucket(llama_dir, shared_engine):
