@@ -50,8 +50,9 @@ def main() -> int:
     scale = d ** -0.5
     fns = {
         "reference": lambda: ragged_paged_attention_ref(*operands, sm_scale=scale, num_decode_rows=n),
-        "cpu_1thread": lambda: ragged_paged_attention_cpu(*operands, sm_scale=scale, num_threads=1),
-        "cpu": lambda: ragged_paged_attention_cpu(*operands, sm_scale=scale),
+        "cpu_1thread": lambda: ragged_paged_attention_cpu(*operands, sm_scale=scale, num_decode_rows=n,
+                                                          num_threads=1),
+        "cpu": lambda: ragged_paged_attention_cpu(*operands, sm_scale=scale, num_decode_rows=n),
     }
     for f in fns.values():
         jax.block_until_ready(f())
