@@ -75,11 +75,11 @@ def test_kernel_matches_dense(mix, page_size, gqa, head_dim, sliding_window, sof
             assert not got[cu[s]:cu[s + 1]].any()
 
 
-@pytest.mark.parametrize("mix", list(MIXES))
-def test_kernel_matches_reference_and_threads_agree(mix):
-    """Against the JAX reference the engine ran until now; one thread or all: the same bits (each work
-    item is computed by one thread, in one order)."""
-    args, nd = _batch(mix, 16, 3, 64, seed=11)
+def test_kernel_matches_reference_and_threads_agree():
+    """Against the JAX reference the engine ran until now (a mixed step: decode rows, prefill chunks with
+    and without context, padding); one thread or all: the same bits (each work item is computed by one
+    thread, in one order)."""
+    args, nd = _batch("mixed", 16, 3, 64, seed=11)
     kw = dict(sm_scale=0.125, sliding_window=20, soft_cap=None)
     ref = np.asarray(ragged_paged_attention_ref(*args, num_decode_rows=nd, **kw))
     got = np.asarray(ragged_paged_attention_cpu(*args, prefill_rows="kernel", **kw))
@@ -99,15 +99,16 @@ def test_16bit_cache_stored_as_bits(dtype):
     q, cache = jnp.asarray(args[0], dtype), jnp.asarray(args[1], dtype)
     bits = jax.lax.bitcast_convert_type(cache, jnp.uint16)
     rest = args[2:]
-    ref = ragged_paged_attention_ref(q, bits, *rest, sm_scale=0.125, num_decode_rows=nd)
+    # the dense float64 attention of the 16-bit values, up to the output's rounding to 16 bits
+    want = ragged_paged_attention_dense(np.asarray(q, np.float32), np.asarray(cache, np.float32), *rest,
+                                        sm_scale=0.125)
     for isa in ISAS:
         got = ragged_paged_attention_cpu(q, bits, *rest, sm_scale=0.125, isa=isa, prefill_rows="kernel")
         assert got.dtype == q.dtype
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=1e-2, rtol=1e-2)
-        # the same f32 numbers as the dense attention of the 16-bit values, up to the output rounding
-        want = ragged_paged_attention_dense(np.asarray(q, np.float32), np.asarray(cache, np.float32), *rest,
-                                            sm_scale=0.125)
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-2, rtol=1e-2)
+    if dtype == "bfloat16":  # and the reference's own reading of the bits (one compile: bfloat16 only)
+        ref = ragged_paged_attention_ref(q, bits, *rest, sm_scale=0.125, num_decode_rows=nd)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=1e-2, rtol=1e-2)
 
 
 def test_long_context_and_no_sequence():
