@@ -2,7 +2,10 @@
 with the real attention and with attention replaced by a no-op (so the rest is the weights' matmuls,
 sampling and the cache writes).  Prints one JSON line per measurement.
 
-    python bench/step_profile.py --model models/56m [--dtype bfloat16]
+    python bench/step_profile.py --model models/56m [--dtype bfloat16] [--attention-impl reference,cpu]
+
+``--attention-impl`` with several implementations runs each case once per implementation, one right
+after the other (the A/B of a noisy machine).
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ def time_steps(engine: Engine, n: int) -> float:
     return float(np.median(times))
 
 
-def decode_case(args, batch: int, context: int, attention: bool) -> dict:
+def decode_case(args, batch: int, context: int, attention: bool, impl: str = "auto") -> dict:
     engine = Engine.from_pretrained(args.model, max_num_seqs=batch, max_model_len=1024,
-                                    max_num_batched_tokens=512, dtype=args.dtype, layer_loop=args.layer_loop)
+                                    max_num_batched_tokens=512, dtype=args.dtype, layer_loop=args.layer_loop,
+                                    attention_impl=impl)
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     for _ in range(batch):
@@ -44,12 +48,12 @@ def decode_case(args, batch: int, context: int, attention: bool) -> dict:
     time_steps(engine, 3)  # compile + warm
     t = time_steps(engine, args.steps)
     return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "context": context,
-            "attention": attention, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
+            "attention": attention and engine.runner.attention_impl, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
 
 
-def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
+def prefill_case(args, prompts: int, length: int, attention: bool, impl: str = "auto") -> dict:
     engine = Engine.from_pretrained(args.model, max_num_seqs=64, max_model_len=1024, max_num_batched_tokens=512,
-                                    dtype=args.dtype, layer_loop=args.layer_loop)
+                                    dtype=args.dtype, layer_loop=args.layer_loop, attention_impl=impl)
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
@@ -64,7 +68,7 @@ def prefill_case(args, prompts: int, length: int, attention: bool) -> dict:
             engine.step()
     t = float(np.median(times[2:]))
     return {"case": "prefill", "dtype": engine.dtype_name, "prompts": prompts, "length": length,
-            "attention": attention, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
+            "attention": attention and engine.runner.attention_impl, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "prompt_tok_s": round(prompts * length / t, 1)}
 
 
 def main() -> int:
@@ -76,14 +80,19 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (float32 on CPU)")
     ap.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"])
     ap.add_argument("--no-attention-off", action="store_true", help="skip the runs with attention replaced")
+    ap.add_argument("--attention-impl", default="auto",
+                    help="attention implementation(s), comma-separated: each case runs with each, in turn")
     args = ap.parse_args()
     real = model_mod.ragged_paged_attention
+    impls = args.attention_impl.split(",")
     for attention in (True,) if args.no_attention_off else (True, False):
         model_mod.ragged_paged_attention = real if attention else (lambda q, *a, **k: q)
         for b in map(int, args.batches.split(",")):
             for c in map(int, args.contexts.split(",")):
-                print(json.dumps(decode_case(args, b, c, attention)), flush=True)
-        print(json.dumps(prefill_case(args, 4, 128, attention)), flush=True)
+                for impl in impls if attention else impls[:1]:
+                    print(json.dumps(decode_case(args, b, c, attention, impl)), flush=True)
+        for impl in impls if attention else impls[:1]:
+            print(json.dumps(prefill_case(args, 4, 128, attention, impl)), flush=True)
     return 0
 
 

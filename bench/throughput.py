@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         "engine": "jaxserve",
         "workload": workload.get("name", os.path.basename(args.workload)),
         "mode": args.mode,
-        "attention_impl": args.attention_impl,
+        "attention_impl": engine.runner.attention_impl,  # as resolved (auto: the platform's kernel or the reference)
         "moe_impl": args.moe_impl,
         "layer_loop": engine.runner.layer_loop,
         "max_num_seqs": args.max_num_seqs,

@@ -55,9 +55,9 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                         "file's quantized blocks kept as int8 codes with their block scales (default: the "
                         "weights in --dtype; a checkpoint converted with --quantization int8 is served as int8)")
     p.add_argument("--attention-impl", default="auto",
-                   choices=["reference", "auto", "pallas", "pallas_tpu", "pallas_gpu"],
-                   help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the "
-                        "reference on CPU)")
+                   choices=["reference", "auto", "cpu", "pallas", "pallas_tpu", "pallas_gpu"],
+                   help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the C++ "
+                        "kernel on CPU, or the reference when it is not built)")
     p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"],
                    help="how a step runs the layers (auto, the default: switch on one CPU device, a layer scan that "
                         "reads each layer's own weight buffers, as XLA CPU copies the stacked weights' slices; "

@@ -335,8 +335,8 @@ class EngineConfig:
     scheduling: str = "continuous"  # or "static"
     enable_prefix_caching: bool = True  # share the KV pages of identical prompt prefixes
     enable_chunked_prefill: bool = True  # else a prompt is prefilled in one step (budget >= max_model_len)
-    # auto: the backend's Pallas kernel on TPU/GPU, the reference on CPU (kernels_pallas); or reference |
-    # pallas | pallas_tpu | pallas_gpu
+    # auto: the backend's Pallas kernel on TPU/GPU, the C++ kernel on CPU (the reference if it is not
+    # built; kernels_pallas); or reference | cpu | pallas | pallas_tpu | pallas_gpu
     attention_impl: str = "auto"
     # mixture-of-experts FFN (jaxserve/moe.py): auto (ragged_dot on TPU/GPU, tiled loops on CPU) |
     # ragged_dot | tiled | dense (every expert on every token: the reference)

@@ -655,7 +655,8 @@ def resolve_attention(impl: str, platform: str, cfg: ModelConfig, page_size: int
                       kv_dtype: Any = None) -> str:
     """The attention implementation the steps use: ``impl`` resolved for ``platform``, or the
     reference, with one warning naming the shape, when the platform's kernel does not serve it
-    (``kv_dtype``: an 8-bit cache's value dtype, when not ``dtype``)."""
+    (``kv_dtype``: an 8-bit cache's value dtype, when not ``dtype``; on CPU also: the C++ kernel's
+    extension is not built)."""
     kernel, _ = resolve_impl(impl, platform)
     if kernel == "reference":
         return "reference"
@@ -667,7 +668,7 @@ def resolve_attention(impl: str, platform: str, cfg: ModelConfig, page_size: int
                        "page_size=%d, %s (%s); using the reference attention", kernel.upper(), cfg.head_dim,
                        cfg.num_heads, cfg.num_kv_heads, page_size, np.dtype(dtype).name, reason)
         return "reference"
-    return "pallas_" + kernel
+    return "cpu" if kernel == "cpu" else "pallas_" + kernel
 
 
 def _local_copy(x: jax.Array) -> np.ndarray:

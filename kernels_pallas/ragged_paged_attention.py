@@ -19,8 +19,9 @@ engine's cache of all layers, ``[num_layers, num_kv_heads, num_pages, page_size,
 model's layer scan) picks the layer; ``num_q_heads`` is a multiple of
 ``num_kv_heads`` (GQA).
 
-How it is computed (this function *is* the CPU attention of the engine, so its
-formulation is chosen for speed on XLA CPU, and stays exact):
+How it is computed (this function is the CPU attention of the engine when the C++ kernel,
+``ragged_paged_attention_cpu``, is not built or not served, so its formulation is chosen for speed
+on XLA CPU, and stays exact):
 
 * The rows are split at a static ``num_decode_rows``: the engine promises that
   rows ``0..D-1`` are single-token sequences ``0..D-1`` (decode steps; padding
@@ -251,7 +252,8 @@ def _finish(carry):
     return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "soft_cap", "kv_block_pages"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "soft_cap", "kv_block_pages",
+                                             "prefill_rows_only"))
 def ragged_paged_attention_ref(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -266,6 +268,7 @@ def ragged_paged_attention_ref(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     kv_block_pages: int | None = None,
+    prefill_rows_only: bool = False,
 ) -> jax.Array:
     """Reference ragged paged attention (see the module docstring for the contract).
 
@@ -276,6 +279,9 @@ def ragged_paged_attention_ref(
 
     ``kv_block_pages``: pages per step of the context loop; default: 64 tokens' worth
     (measured fastest on XLA CPU among 16-256 token blocks).
+
+    ``prefill_rows_only``: the first ``num_decode_rows`` rows are left zero, not computed (the C++ CPU
+    kernel computes them: ``ragged_paged_attention_cpu``).
     """
     t, hq, d = q.shape
     kv = split_cache(kv_cache)[0]
@@ -291,7 +297,9 @@ def ragged_paged_attention_ref(
     outs = []
 
     nd = num_decode_rows
-    if nd:
+    if nd and prefill_rows_only:
+        outs.append(jnp.zeros((nd, hkv, g, d), jnp.float32))
+    elif nd:
         # Decode rows: row i is sequence i, one query at position kv_len-1.
         lens = kv_lens[:nd]
         carry = _paged_context(qf[:nd], kv_cache, layer, page_indices[:nd], lens - 1, lens, **opts)

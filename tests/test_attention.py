@@ -198,7 +198,7 @@ def test_public_entry_point():
         ragged_paged_attention(q, k, v, kv, pages, cu, ns, sm_scale=0.25, impl="nope")
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["reference", "cpu", "pallas_tpu", "pallas_gpu"])
 def test_traced_per_layer_window(impl):
     """A model whose layers alternate windows (Gemma) passes each layer's window from inside its layer
     scan: a traced int32 scalar, with ``NO_WINDOW`` for a global layer.  One compiled scan over the

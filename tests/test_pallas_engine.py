@@ -26,7 +26,7 @@ from test_attention import make_batch
 def test_resolve_impl_per_backend():
     assert resolve_impl("auto", "tpu") == ("tpu", False)
     assert resolve_impl("auto", "gpu") == ("gpu", False)
-    assert resolve_impl("auto", "cpu") == ("reference", False)
+    assert resolve_impl("auto", "cpu") == ("cpu", False)  # the C++ kernel (tests/test_attention_cpu.py)
     assert resolve_impl("pallas", "tpu") == ("tpu", False)
     assert resolve_impl("pallas", "gpu") == ("gpu", False)
     assert resolve_impl("pallas", "cpu") == ("gpu", True)
@@ -67,7 +67,7 @@ def _cfg(**kw) -> ModelConfig:
 @pytest.mark.parametrize("platform,kernel", [("tpu", "pallas_tpu"), ("gpu", "pallas_gpu")])
 def test_auto_picks_the_platform_kernel(platform, kernel):
     assert resolve_attention("auto", platform, _cfg(), 16, np.dtype("float32")) == kernel
-    assert resolve_attention("auto", "cpu", _cfg(), 16, np.dtype("float32")) == "reference"
+    assert resolve_attention("auto", "cpu", _cfg(), 16, np.dtype("float32")) == "cpu"
 
 
 def test_unserved_shape_falls_back_to_the_reference_with_one_warning(caplog):

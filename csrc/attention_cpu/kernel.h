@@ -1,0 +1,150 @@
+// The attention of one work item: some query rows of one sequence against one KV head, with the query
+// heads of that head's GQA group (or G of them) together, so every K/V row read from a page serves all
+// of them.  Written against FP32Vec8 (vec_portable.h or vec_avx2.h) and included once per instruction
+// set, inside that set's namespace (attention_cpu.cc).  Semantics: those of
+// kernels_pallas/ragged_paged_attention.py::ragged_paged_attention_ref.
+//
+// Per row: an online softmax over the pages the row sees, one page (a block of page_size keys, contiguous
+// [page_size, 2D] in the cache, K lanes then V lanes) at a time:
+//   scores = (q * sm_scale) . k  (f32, G accumulators held in registers over D/8 chunks),
+//   soft cap, running max m / sum l, acc = alpha * acc + p . v  (G x D/8 accumulators per chunk).
+// The pages are read in place: no gather, no copy of K or V.
+
+template <CacheType C>
+inline FP32Vec8 load_kv(const void* cache, int64_t offset) {
+  if constexpr (C == CacheType::kF32) {
+    return FP32Vec8::load(static_cast<const float*>(cache) + offset);
+  } else if constexpr (C == CacheType::kBF16) {
+    return FP32Vec8::load_bf16(static_cast<const uint16_t*>(cache) + offset);
+  } else {
+    return FP32Vec8::load_f16(static_cast<const uint16_t*>(cache) + offset);
+  }
+}
+
+template <CacheType C>
+constexpr int64_t kElemBytes = C == CacheType::kF32 ? 4 : 2;
+
+inline void prefetch_page(const char* p, int64_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+#endif
+}
+
+// Query heads [g0, g0 + G) of KV head item.head's group, rows [item.row_begin, item.row_end).
+template <int G, CacheType C>
+void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
+  const int64_t D = pb.D, S = pb.S, chunks = D / 8, two_d = 2 * D;
+  const int64_t s = item.seq;
+  const int64_t q_start = pb.cu_q_lens[s];
+  const int64_t q_len = pb.cu_q_lens[s + 1] - q_start;
+  const int64_t ctx = static_cast<int64_t>(pb.kv_lens[s]) - q_len;  // positions before this step's tokens
+  const int32_t* pages = pb.page_indices + s * pb.max_pages;
+  const int64_t head_base = (pb.layer * pb.Hkv + item.head) * pb.P;  // in pages
+  const int64_t qh0 = item.head * pb.G + g0;  // first query head of this item
+  sc.reserve(G, D, S);
+  float* qb = sc.q.data();       // [G, D] scaled queries
+  float* acc = sc.acc.data();    // [G, D]
+  float* scores = sc.scores.data();  // [G, S] one page's scores, then probabilities
+
+  for (int64_t r = item.row_begin; r < item.row_end; ++r) {
+    const int64_t pos = ctx + (r - q_start);
+    if (pos < 0) continue;  // a padding sequence's row: stays zero
+    const int64_t hi = std::min<int64_t>(pos + 1, pb.max_pages * S);
+    const int64_t lo = std::max<int64_t>(0, pos - pb.window + 1);
+    if (lo >= hi) continue;
+    for (int g = 0; g < G; ++g) {
+      const float* qr = pb.q + (r * pb.Hq + qh0 + g) * D;
+      for (int64_t d = 0; d < D; ++d) qb[g * D + d] = qr[d] * pb.sm_scale;
+    }
+    std::fill(acc, acc + G * D, 0.f);
+    float m[G], l[G];
+    for (int g = 0; g < G; ++g) {
+      m[g] = -std::numeric_limits<float>::infinity();
+      l[g] = 0.f;
+    }
+    for (int64_t pi = lo / S; pi * S < hi; ++pi) {
+      int64_t page = pages[pi];
+      page = page < 0 ? 0 : (page >= pb.P ? pb.P - 1 : page);  // XLA's gather clamps; never out of bounds
+      const int64_t base = (head_base + page) * S * two_d;
+      const int64_t j0 = std::max<int64_t>(lo - pi * S, 0), j1 = std::min<int64_t>(hi - pi * S, S);
+      const int64_t n = j1 - j0;
+      // The next page is elsewhere in memory (pages are scattered): fetch it while this one is computed.
+      if ((pi + 1) * S < hi) {
+        int64_t next = pages[pi + 1];
+        next = next < 0 ? 0 : (next >= pb.P ? pb.P - 1 : next);
+        prefetch_page(static_cast<const char*>(pb.cache) + (head_base + next) * S * two_d * kElemBytes<C>,
+                      S * two_d * kElemBytes<C>);
+      }
+      // scores[g, j] = q_g . k_j
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t row = base + (j0 + j) * two_d;
+        FP32Vec8 a[G];
+        for (int g = 0; g < G; ++g) a[g] = FP32Vec8::zero();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const FP32Vec8 k = load_kv<C>(pb.cache, row + 8 * c);
+          for (int g = 0; g < G; ++g) a[g] = a[g].fma(FP32Vec8::load(qb + g * D + 8 * c), k);
+        }
+        for (int g = 0; g < G; ++g) scores[g * S + j] = a[g].reduce_sum();
+      }
+      // online softmax update of each head
+      float alpha[G];
+      for (int g = 0; g < G; ++g) {
+        float* sg = scores + g * S;
+        if (pb.soft_cap > 0.f) {
+          for (int64_t j = 0; j < n; ++j) sg[j] = pb.soft_cap * std::tanh(sg[j] / pb.soft_cap);
+        }
+        float mx = sg[0];
+        for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sg[j]);
+        const float m_new = std::max(m[g], mx);
+        alpha[g] = std::exp(m[g] - m_new);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          sg[j] = std::exp(sg[j] - m_new);
+          sum += sg[j];
+        }
+        l[g] = alpha[g] * l[g] + sum;
+        m[g] = m_new;
+      }
+      // acc_g = alpha_g * acc_g + sum_j p[g, j] v_j, one 8-lane chunk of D at a time (G accumulators live)
+      for (int64_t c = 0; c < chunks; ++c) {
+        FP32Vec8 a[G];
+        for (int g = 0; g < G; ++g) a[g] = FP32Vec8::load(acc + g * D + 8 * c).mul(FP32Vec8::broadcast(alpha[g]));
+        for (int64_t j = 0; j < n; ++j) {
+          const FP32Vec8 v = load_kv<C>(pb.cache, base + (j0 + j) * two_d + D + 8 * c);
+          for (int g = 0; g < G; ++g) a[g] = a[g].fma(FP32Vec8::broadcast(scores[g * S + j]), v);
+        }
+        for (int g = 0; g < G; ++g) a[g].store(acc + g * D + 8 * c);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      float* o = pb.out + (r * pb.Hq + qh0 + g) * D;
+      const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
+    }
+  }
+}
+
+// The item with every query head of its group: chunks of up to 8 heads, each chunk one instantiation.
+template <CacheType C>
+void attend_group(const Problem& pb, const Item& item, Scratch& sc) {
+  for (int64_t g0 = 0; g0 < pb.G; g0 += 8) {
+    switch (std::min<int64_t>(pb.G - g0, 8)) {
+      case 1: attend_item<1, C>(pb, item, g0, sc); break;
+      case 2: attend_item<2, C>(pb, item, g0, sc); break;
+      case 3: attend_item<3, C>(pb, item, g0, sc); break;
+      case 4: attend_item<4, C>(pb, item, g0, sc); break;
+      case 5: attend_item<5, C>(pb, item, g0, sc); break;
+      case 6: attend_item<6, C>(pb, item, g0, sc); break;
+      case 7: attend_item<7, C>(pb, item, g0, sc); break;
+      default: attend_item<8, C>(pb, item, g0, sc); break;
+    }
+  }
+}
+
+inline void attend(const Problem& pb, const Item& item, Scratch& sc) {
+  switch (pb.cache_type) {
+    case CacheType::kF32: attend_group<CacheType::kF32>(pb, item, sc); break;
+    case CacheType::kBF16: attend_group<CacheType::kBF16>(pb, item, sc); break;
+    case CacheType::kF16: attend_group<CacheType::kF16>(pb, item, sc); break;
+  }
+}
