@@ -78,6 +78,22 @@ def pytest_runtest_protocol(item, nextitem):
         faulthandler.cancel_dump_traceback_later()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free each module's compiled programs when it ends.  Every XLA CPU executable holds memory mappings
+    (an engine's step programs: about 5,000; tests/test_spec_decode.py alone ends at 14,498), and one
+    process may hold at most vm.max_map_count (65,530 here) of them.  Past that limit, mmap fails inside
+    XLA's compiler and the C++ unwinder: the suite aborted, or hung, about 650 tests in, on CI and here."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_collection_finish(session):
     # Collecting tests/test_structured.py imported xgrammar, which loads apache-tvm-ffi, whose SIGSEGV handler
     # can hang the process instead of crashing it (jaxserve/structured.py import_xgrammar): put back the
