@@ -166,7 +166,7 @@ BUCKET_SETS = ("all", "representative", "largest")
 def plan_buckets(runner, which: str) -> list[tuple[int, int]]:
     """The buckets a plan compiles: ``"all"`` of the engine's, the ``"representative"`` three, or the
     ``"largest"`` (mixed) one alone: one program that holds both the decode and the prefill rows' attention
-    and the largest temporaries."""
+    and the most tokens."""
     if which == "all":
         return list(runner.buckets)
     return representative_buckets(runner)[-1:] if which == "largest" else representative_buckets(runner)
