@@ -743,11 +743,12 @@ class Engine:
         """One line: where (serve), which model, the KV cache, and the start-up time by part."""
         r = self.runner
         where = f" on {address}" if address else ""
-        compiled = r.compile_seconds - r.cache_load_seconds
+        # warm-up's wall time (its compiles overlap), else the programs compiled on demand so far
+        compile_s = self.warmup_seconds or r.compile_seconds
         return (f"ready{where}: model {model}, KV cache {self.kv_cache_tokens:,} tokens "
                 f"(max_model_len {self.max_model_len}); start-up: load {self.load_seconds:.1f}s, "
-                f"compile {compiled:.1f}s ({r.programs_compiled} programs), "
-                f"cache hits {r.cache_load_seconds:.1f}s ({r.cache_hits} programs)")
+                f"compile {compile_s:.1f}s ({r.programs_compiled} programs compiled, {r.cache_hits} loaded "
+                f"from the compile cache)")
 
 
 def _check_conversation(messages: Any) -> None:

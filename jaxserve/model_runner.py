@@ -29,9 +29,11 @@ its own rows.  Buckets are G times a group's bucket; the attention metadata gets
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any
 
@@ -528,26 +530,31 @@ class ModelRunner:
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            if self.mesh is None:
-                lowered = self._jitted.lower(self.params, self.cache, inputs, self.penalty_state,
-                                             num_decode_rows=key[0])
-            else:
-                # Several processes: numpy inputs split on "data" are refused, global arrays are not.
-                lowered = self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, self._place_inputs(inputs),
-                                                                  self.penalty_state)
-            hits = compile_cache.thread_cache_hits()
-            exe = lowered.compile()
-            hit = compile_cache.thread_cache_hits() > hits
-            dt = time.perf_counter() - t0
-            self._executables[key] = exe
-            self.compile_count += 1
-            self.compile_seconds += dt
-            if hit:
-                self.cache_hits += 1
-                self.cache_load_seconds += dt
-            logger.info("%s step for bucket (decode=%d, prefill_tokens=%d) in %.2fs [%d/%d]",
-                        "loaded (compile cache)" if hit else "compiled", key[0], key[1], dt, self.compile_count,
-                        self.num_buckets)
+            exe, seconds, hit = _compile_timed(self._lower(key, inputs))
+            exe = self._record(key, exe, time.perf_counter() - t0 - seconds, seconds, hit)
+        return exe
+
+    def _lower(self, key: tuple[int, int], inputs: StepInputs):
+        if self.mesh is None:
+            return self._jitted.lower(self.params, self.cache, inputs, self.penalty_state, num_decode_rows=key[0])
+        # Several processes: numpy inputs split on "data" are refused, global arrays are not.
+        return self._sharded_jit(inputs, key[0]).lower(self.params, self.cache, self._place_inputs(inputs),
+                                                       self.penalty_state)
+
+    def _record(self, key: tuple[int, int], exe: Any, lower_s: float, compile_s: float, hit: bool):
+        """Keep one bucket's compiled step (the first one, if two threads got it) and count it."""
+        kept = self._executables.setdefault(key, exe)
+        if kept is not exe:
+            return kept
+        dt = lower_s + compile_s
+        self.compile_count += 1
+        self.compile_seconds += dt
+        if hit:
+            self.cache_hits += 1
+            self.cache_load_seconds += dt
+        logger.info("%s step for bucket (decode=%d, prefill_tokens=%d) in %.2fs [%d/%d]",
+                    "loaded (compile cache)" if hit else "compiled", key[0], key[1], dt, self.compile_count,
+                    self.num_buckets)
         return exe
 
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -626,14 +633,45 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         keys = list(buckets or self.buckets)
-        with tqdm(total=len(keys), desc="warm-up", unit="program", disable=not progress, leave=False) as bar:
-            for i, key in enumerate(keys):
-                bar.set_postfix_str(f"bucket {key[0]}x{key[1]}, {self.cache_hits} cached", refresh=False)
-                self.compile_bucket(key)
-                bar.update(1)
-                if on_bucket is not None:
-                    on_bucket(i + 1, len(keys))
+        # Lowering (tracing) holds the GIL; XLA's compile (or the cache load) does not.  So the next bucket
+        # is lowered here while earlier ones compile on a worker thread each: about one program per core.
+        workers = max(1, min(len(keys), os.cpu_count() or 1))
+        with tqdm(total=len(keys), desc="warm-up", unit="program", disable=not progress, leave=False) as bar, \
+                concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxserve-warmup") as pool:
+            pending: list[tuple[tuple[int, int], float, concurrent.futures.Future | None]] = []
+            done = 0
+
+            def collect(n_left: int) -> None:
+                nonlocal done
+                while len(pending) > n_left:
+                    key, lower_s, fut = pending.pop(0)
+                    if fut is not None:  # None: the bucket was compiled already
+                        exe, compile_s, hit = fut.result()
+                        self._record(key, exe, lower_s, compile_s, hit)
+                    done += 1
+                    bar.set_postfix_str(f"bucket {key[0]}x{key[1]}, {self.cache_hits} cached", refresh=False)
+                    bar.update(1)
+                    if on_bucket is not None:
+                        on_bucket(done, len(keys))
+
+            for key in keys:
+                t1 = time.perf_counter()
+                lowered = None if key in self._executables else self._lower(
+                    key, self._to_inputs(self._empty_inputs(*key), False))
+                fut = pool.submit(_compile_timed, lowered) if lowered is not None else None
+                pending.append((key, time.perf_counter() - t1, fut))
+                collect(workers)  # at most one lowered program waiting per worker
+            collect(0)
         return time.perf_counter() - t0
+
+
+def _compile_timed(lowered) -> tuple[Any, float, bool]:
+    """(the compiled program, seconds, whether it came from the persistent compile cache), counted on the
+    thread that compiles."""
+    hits = compile_cache.thread_cache_hits()
+    t0 = time.perf_counter()
+    exe = lowered.compile()
+    return exe, time.perf_counter() - t0, compile_cache.thread_cache_hits() > hits
 
 
 def _abstract(cache: Any) -> bool:
