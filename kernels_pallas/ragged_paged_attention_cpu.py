@@ -64,7 +64,10 @@ def cpu_unsupported_reason(*, head_dim: int, num_q_heads: int, num_kv_heads: int
     return cpu_unavailable_reason()
 
 
-PREFILL_ROWS = ("reference", "kernel")
+PREFILL_ROWS = ("auto", "reference", "kernel")
+# "auto": a step with at most this many prefill rows (a verified speculative chunk, a prompt's last few
+# tokens) runs them in the kernel too; longer chunks go to the reference's tiled attention.
+KERNEL_PREFILL_ROWS = 16
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_decode_rows", "soft_cap", "num_threads", "isa",
@@ -72,14 +75,15 @@ PREFILL_ROWS = ("reference", "kernel")
 def ragged_paged_attention_cpu(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                                sm_scale: float, sliding_window=None, soft_cap: float | None = None,
                                num_decode_rows: int = 0, num_threads: int = 0, isa: str = "auto",
-                               prefill_rows: str = "reference") -> jax.Array:
+                               prefill_rows: str = "auto") -> jax.Array:
     """The attention of ``ragged_paged_attention_ref`` (same arguments) with its decode rows (the first
     ``num_decode_rows``, the engine's static split) in the C++ kernel.
 
-    ``prefill_rows``: who computes the other rows: ``"reference"`` (the default: the reference's tiled
-    in-step attention is faster on prefill chunks than the kernel's row-at-a-time loop, measured with
-    bench/step_profile.py, README "CPU attention kernel") or ``"kernel"`` (every row in the kernel; it
-    finds every row's sequence from ``cu_q_lens``).
+    ``prefill_rows``: who computes the other rows: ``"reference"`` (the reference's tiled in-step
+    attention is faster on prefill chunks than the kernel's row-at-a-time loop, measured with
+    bench/step_profile.py, README "CPU attention kernel"), ``"kernel"`` (every row in the kernel; it
+    finds every row's sequence from ``cu_q_lens``) or ``"auto"`` (the default: the kernel when the step
+    has at most ``KERNEL_PREFILL_ROWS`` prefill rows, a static choice per bucket, else the reference).
 
     ``sliding_window``: None, an int, or an int32 scalar that may be traced.  ``num_threads``: 0 for
     every core this process may use.  ``isa``: ``"auto"`` (AVX2 when the CPU has it), ``"portable"`` or
@@ -87,6 +91,8 @@ def ragged_paged_attention_cpu(q, kv_cache, layer, kv_lens, page_indices, cu_q_l
     if prefill_rows not in PREFILL_ROWS:
         raise ValueError(f"prefill_rows: one of {', '.join(PREFILL_ROWS)}, got {prefill_rows!r}")
     t, nd = q.shape[0], min(num_decode_rows, q.shape[0])
+    if prefill_rows == "auto":
+        prefill_rows = "kernel" if t - nd <= KERNEL_PREFILL_ROWS else "reference"
     if prefill_rows == "reference" and t > nd:
         rest = ragged_paged_attention_ref(q, kv_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                                           sm_scale=sm_scale, num_decode_rows=nd, sliding_window=sliding_window,

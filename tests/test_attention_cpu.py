@@ -86,9 +86,26 @@ def test_kernel_matches_reference_and_threads_agree():
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
     one = np.asarray(ragged_paged_attention_cpu(*args, prefill_rows="kernel", num_threads=1, **kw))
     np.testing.assert_array_equal(got, one)
-    # what the engine runs: decode rows in the kernel, prefill rows in the reference
-    split = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=nd, **kw))
+    # what the engine runs on long prefill chunks: decode rows in the kernel, prefill rows in the reference
+    split = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=nd, prefill_rows="reference", **kw))
     np.testing.assert_allclose(split, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_auto_runs_short_prefill_chunks_in_the_kernel():
+    """``prefill_rows="auto"`` (the engine's): a step with at most KERNEL_PREFILL_ROWS prefill rows (a
+    verified speculative chunk) runs every row in the kernel; a longer one sends them to the reference."""
+    from kernels_pallas.ragged_paged_attention_cpu import KERNEL_PREFILL_ROWS
+
+    rng = np.random.default_rng(3)
+    kw = dict(sm_scale=0.125, sliding_window=None, soft_cap=None)
+    for rows, who in ((4, "kernel"), (KERNEL_PREFILL_ROWS, "kernel"), (KERNEL_PREFILL_ROWS + 1, "reference")):
+        args = make_batch(rng, page_size=16, gqa=3, num_decode_rows=2, num_decode_pad=0,
+                          prefills=[(rows, 21)], pad_rows=0, pad_seqs=0, max_pages_per_seq=4, head_dim=64)
+        assert args[0].shape[0] == 2 + rows
+        auto = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=2, **kw))
+        want = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=2, prefill_rows=who, **kw))
+        np.testing.assert_array_equal(auto, want)
+        np.testing.assert_allclose(auto, ragged_paged_attention_dense(*args, **kw), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
