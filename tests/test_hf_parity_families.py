@@ -151,6 +151,7 @@ def test_alternating_windows_stay_one_layer_scan(family_checkpoint):
     """Sliding and global layers (and the MoE layers) run under one scan over all layers: the step's
     program holds a single scan of length num_layers, whose body looks the window up by layer index."""
     import jax
+    import jax.extend.core
     import jax.numpy as jnp
 
     from jaxserve import kv_cache
@@ -171,7 +172,7 @@ def test_alternating_windows_stay_one_layer_scan(family_checkpoint):
         for eqn in jx.eqns:
             if eqn.primitive.name == "scan":
                 yield eqn
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 yield from scans(sub)
 
     layer_scans = [e for e in scans(jaxpr.jaxpr) if e.params["length"] == cfg.num_layers]
