@@ -363,8 +363,6 @@ def _split_layers(a: Any, num_layers: int) -> list:
         if isinstance(sharding, jax.sharding.NamedSharding):  # drop the layer axis
             sharding = jax.sharding.NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
         return [jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sharding)] * num_layers
-    if isinstance(a, np.ndarray):
-        return [a[i] for i in range(num_layers)]
     if isinstance(a, jax.Array) and a.is_fully_addressable and len(a.devices()) == 1:
         host = np.asarray(a)
         return [jax.device_put(host[i], a.sharding) for i in range(num_layers)]

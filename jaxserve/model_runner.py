@@ -163,7 +163,6 @@ class ModelRunner:
         self.compile_count = 0  # programs obtained (compiled or loaded from the compile cache)
         self.cache_hits = 0  # ... of which loaded from the persistent compile cache
         self.compile_seconds = 0.0
-        self.cache_load_seconds = 0.0  # seconds of compile_seconds spent on cache hits
         self.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0}  # host packing vs device step (+sync)
         self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",),
                                donate_argnames=("cache", "penalty_state"))
@@ -551,7 +550,6 @@ class ModelRunner:
         self.compile_seconds += dt
         if hit:
             self.cache_hits += 1
-            self.cache_load_seconds += dt
         logger.info("%s step for bucket (decode=%d, prefill_tokens=%d) in %.2fs [%d/%d]",
                     "loaded (compile cache)" if hit else "compiled", key[0], key[1], dt, self.compile_count,
                     self.num_buckets)
@@ -621,8 +619,11 @@ class ModelRunner:
 
     def compile_bucket(self, key: tuple[int, int]):
         """The compiled step of one bucket (compiled now unless it already is)."""
-        a = self._empty_inputs(*key)
-        return self._executable(key, self._to_inputs(a, False))
+        return self._executable(key, self._bucket_inputs(key))
+
+    def _bucket_inputs(self, key: tuple[int, int]) -> StepInputs:
+        """Empty inputs of one bucket's shapes: what its step is lowered with ahead of time."""
+        return self._to_inputs(self._empty_inputs(*key), False)
 
     def warmup(self, buckets: list[tuple[int, int]] | None = None, progress: bool = False,
                on_bucket: Any = None) -> float:
@@ -656,8 +657,7 @@ class ModelRunner:
 
             for key in keys:
                 t1 = time.perf_counter()
-                lowered = None if key in self._executables else self._lower(
-                    key, self._to_inputs(self._empty_inputs(*key), False))
+                lowered = None if key in self._executables else self._lower(key, self._bucket_inputs(key))
                 fut = pool.submit(_compile_timed, lowered) if lowered is not None else None
                 pending.append((key, time.perf_counter() - t1, fut))
                 collect(workers)  # at most one lowered program waiting per worker

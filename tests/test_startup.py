@@ -116,7 +116,7 @@ def test_ready_line(shared_engine):
     assert line.startswith("ready on http://127.0.0.1:8000: model tiny, KV cache ")
     assert f"{shared_engine.num_pages * shared_engine.config.page_size:,} tokens" in line
     r = shared_engine.runner
-    assert "start-up: load " in line
+    assert "start-up: load " in line and "compile " in line
     assert f"programs compiled, {r.cache_hits} loaded from the compile cache" in line
 
 
