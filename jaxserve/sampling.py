@@ -274,9 +274,31 @@ def _sample_filtered(logits: jax.Array, p: SamplingArrays, keys: jax.Array) -> j
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
+def _argmax_block(v: int) -> int:
+    """The block width of ``argmax_rows`` for a vocabulary of ``v``: its largest divisor in 64..256 (0: none)."""
+    return next((b for b in range(256, 63, -1) if v % b == 0), 0)
+
+
+def argmax_rows(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` of [rows, V]: the same index (the first of the maxima; the first NaN, if
+    any), but for a row holding both a +inf and a later NaN.  Two passes that XLA CPU vectorises: the max
+    of each block of the row (NaN as +inf: XLA CPU's max skips NaN), then the first block holding the
+    row's max and the argmax inside it.  XLA CPU's fused (value, index)
+    argmax reduce is a scalar loop: 3.2 ms for [64, 32000], against 0.5 ms this way (jitted, 2-core CPU)."""
+    rows, v = x.shape
+    b = _argmax_block(v)
+    if not b or v // b < 2:
+        return jnp.argmax(x, axis=-1)
+    blocks = x.reshape(rows, v // b, b)
+    block_max = jnp.max(jnp.where(jnp.isnan(blocks), jnp.inf, blocks), axis=-1)  # [rows, V/b]
+    first = jnp.argmax(block_max, axis=-1)  # the first block holding the row's max (or first NaN)
+    inner = jnp.take_along_axis(blocks, first[:, None, None], axis=1)[:, 0]  # [rows, b]
+    return first * b + jnp.argmax(inner, axis=-1)
+
+
 def sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     """Sample one token per row; rows with temperature 0 take the argmax."""
-    greedy_tokens = jnp.argmax(logits, axis=-1)
+    greedy_tokens = argmax_rows(logits)
     is_greedy = (p.temperature <= 0) | (p.top_k == 1)
 
     def random_tokens():
@@ -287,7 +309,7 @@ def sample(logits: jax.Array, p: SamplingArrays) -> jax.Array:
 
         def plain():
             gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
-            return jnp.argmax(scaled + gumbel, axis=-1)
+            return argmax_rows(scaled + gumbel)
 
         return jax.lax.cond(needs_sort, lambda: _sample_filtered(scaled, p, keys), plain)
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.sampling import SamplingArrays, _row_key, keep_sorted
+from jaxserve.sampling import SamplingArrays, _row_key, argmax_rows, keep_sorted
 
 METHODS = ("ngram", "draft")
 UNIFORM_SALT = 0x5BD1E995  # folded into a row's key for its acceptance draw (the Gumbel noise uses the key)
@@ -300,7 +300,7 @@ def verify_rows(logits: jax.Array, next_token: jax.Array, offset: jax.Array, p: 
     """Per verified row (``p`` already gathered per row): (token to emit if the chain stops here,
     whether the following proposal is accepted).  See the module docstring for the rule."""
     v = logits.shape[-1]
-    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tok = argmax_rows(logits).astype(jnp.int32)
     is_greedy = (p.temperature <= 0) | (p.top_k == 1)
     has_next = next_token >= 0
     draft = jnp.clip(next_token, 0, v - 1)
@@ -314,7 +314,7 @@ def verify_rows(logits: jax.Array, next_token: jax.Array, offset: jax.Array, p: 
         prob_draft = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), draft[:, None], axis=-1)[:, 0]
         accept = has_next & (u < prob_draft)
         zr = jnp.where(has_next[:, None], residual_logits(z, draft), z)
-        return jnp.argmax(zr + gumbel, axis=-1).astype(jnp.int32), accept
+        return argmax_rows(zr + gumbel).astype(jnp.int32), accept
 
     tok, accept = jax.lax.cond(jnp.all(is_greedy), lambda: (greedy_tok, greedy_accept), random_rows)
     return jnp.where(is_greedy, greedy_tok, tok), jnp.where(is_greedy, greedy_accept, accept)

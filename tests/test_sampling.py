@@ -253,3 +253,27 @@ def test_eos_ends_generation_unless_ignored(engine):
         out = engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=20))[0]
         assert out.finish_reason == "length" and out.token_ids == ref
     assert_clean(engine)
+
+
+@pytest.mark.parametrize("vocab", [32000, 49152, 50257, 1000, 128])
+def test_argmax_rows_equals_argmax(vocab):
+    """The blocked argmax of greedy sampling picks jnp.argmax's index: ties (the first), infinities, NaN
+    (the first NaN), all -inf rows, and vocabularies without a block size (50257: the plain argmax)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxserve.sampling import argmax_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, vocab)).astype(np.float32)
+    x[1, :] = 1.0  # all tied: index 0
+    x[2, [10, vocab // 2, vocab - 1]] = 100.0  # ties across blocks: the first
+    x[3, vocab - 1] = np.inf
+    x[4, :] = -np.inf
+    x[5, 7] = np.nan
+    x[6, [vocab // 2, vocab - 1]] = np.nan  # the first NaN, in a later block
+    x[7, vocab - 1] = 50.0  # the last block
+    got = np.asarray(jax.jit(argmax_rows)(x))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(x, axis=-1)))
+    assert got[1] == 0 and got[2] == 10 and got[5] == 7 and got[6] == vocab // 2 and got[7] == vocab - 1
