@@ -18,6 +18,25 @@ struct FP32Vec8 {
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   FP32Vec8 fma(const FP32Vec8& a, const FP32Vec8& b) const { return {_mm256_fmadd_ps(a.v, b.v, v)}; }
   FP32Vec8 mul(const FP32Vec8& a) const { return {_mm256_mul_ps(v, a.v)}; }
+  FP32Vec8 sub(const FP32Vec8& a) const { return {_mm256_sub_ps(v, a.v)}; }
+  // e^v: the Cephes expf reduction and polynomial (relative error about 1e-7 over the range), inputs
+  // clamped to [-87.3, 88.4] (below: the smallest normal float instead of 0).  The softmax's argument is
+  // a score minus the running max, <= 0.
+  FP32Vec8 exp() const {
+    __m256 x = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-87.3365447504f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(y, _mm256_castsi256_ps(e))};
+  }
   float reduce_sum() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

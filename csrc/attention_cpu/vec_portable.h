@@ -44,6 +44,16 @@ struct FP32Vec8 {
     for (int i = 0; i < 8; ++i) r.v[i] = v[i] * a.v[i];
     return r;
   }
+  FP32Vec8 sub(const FP32Vec8& a) const {
+    FP32Vec8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = v[i] - a.v[i];
+    return r;
+  }
+  FP32Vec8 exp() const {
+    FP32Vec8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = std::exp(v[i]);
+    return r;
+  }
   float reduce_sum() const {
     float s = 0.f;
     for (int i = 0; i < 8; ++i) s += v[i];
