@@ -558,6 +558,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         t0 = time.perf_counter()
         key, arrays, decode_slots, want_logprobs = self.prepare(out)
+        self.last_bucket = key
         inputs = self._to_inputs(arrays, want_logprobs)
         exe = self._executable(key, inputs)
         t1 = time.perf_counter()

@@ -94,3 +94,22 @@ def test_failed_run_does_not_stop_the_grid(llama_dir, tmp_path):
     (records_file,) = results.glob("*.jsonl")
     records = [json.loads(line) for line in records_file.read_text().splitlines()]
     assert [(r["mode"], r["max_num_seqs"], r["output_tokens"]) for r in records] == [("continuous", 2, 36)]
+
+
+def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
+    """bench/roofline.py: every step timed and given its floor; the floors add up to the run's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("roofline_script", os.path.join(ROOT, "bench", "roofline.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--model", llama_dir, "--workload", _tiny_workload(tmp_path), "--max-num-seqs", "4",
+                        "--max-num-batched-tokens", "32", "--max-model-len", "128",
+                        "--peak-gflops", "100", "--read-gbs", "10"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["output_tokens"] == 36 and out["peak_gflops"] == 100 and out["read_gbs"] == 10
+    assert sum(b["steps"] for b in out["buckets"].values()) == out["steps"] > 0
+    assert out["floor_s"] == pytest.approx(out["matmuls_floor_s"] + out["attention_floor_s"], abs=2e-3)
+    assert out["floor_s"] == pytest.approx(sum(b["floor_s"] for b in out["buckets"].values()), abs=0.01)
+    assert out["efficiency"] == pytest.approx(out["floor_s"] / out["step_s"], abs=2e-3)
+    assert out["matmuls_floor_s"] > 0 and out["attention_floor_s"] > 0 and 0 < out["efficiency"]
