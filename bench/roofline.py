@@ -51,6 +51,11 @@ def step_costs(engine: Engine) -> dict[str, float]:
             "pair_flops": float(4 * cfg.head_dim * cfg.num_heads * cfg.num_layers)}
 
 
+def _sig(x: float) -> float:
+    """Four significant digits (a small model's floors are microseconds)."""
+    return float(f"{x:.4g}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -113,11 +118,11 @@ def main(argv=None) -> int:
     print(json.dumps({
         "workload": os.path.basename(args.workload), "max_num_seqs": args.max_num_seqs,
         "output_tokens": run["output_tokens"], "wall_s": round(run["seconds"], 3),
-        "step_s": round(total["seconds"], 3), "floor_s": round(floor_s, 3),
-        "matmuls_floor_s": round(total["matmuls_floor_s"], 3), "attention_floor_s": round(total["attention_floor_s"], 3),
+        "step_s": round(total["seconds"], 3), "floor_s": _sig(floor_s),
+        "matmuls_floor_s": _sig(total["matmuls_floor_s"]), "attention_floor_s": _sig(total["attention_floor_s"]),
         "efficiency": round(floor_s / total["seconds"], 3), "peak_gflops": round(peak / 1e9, 1),
         "read_gbs": round(read / 1e9, 1), "steps": len(steps),
-        "buckets": {k: {"steps": v["steps"], "seconds": round(v["seconds"], 3), "floor_s": round(v["floor_s"], 3)}
+        "buckets": {k: {"steps": v["steps"], "seconds": round(v["seconds"], 3), "floor_s": _sig(v["floor_s"])}
                     for k, v in sorted(buckets.items(), key=lambda kv: -kv[1]["seconds"])},
     }))
     return 0
