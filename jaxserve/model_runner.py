@@ -160,6 +160,7 @@ class ModelRunner:
         # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
         self.use_compiled_cover = False
         self.cover_steps = 0
+        self.last_bucket: tuple[int, int] | None = None  # the bucket the last step ran in (bench/roofline.py)
         self.compile_count = 0  # programs obtained (compiled or loaded from the compile cache)
         self.cache_hits = 0  # ... of which loaded from the persistent compile cache
         self.compile_seconds = 0.0
