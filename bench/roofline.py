@@ -15,8 +15,8 @@ Rows are the real ones (a padded bucket's extra rows count as waste, not as work
 a perfect engine would need for this schedule.  The FLOP and byte accounting is
 ``jaxserve.benchmark.roofline``'s, and the rates are ``measure_cpu_peaks``' (XLA's float32 matmul of
 1024 x 1024 and a jitted sum over 256 MiB), unless ``--peak-gflops`` and ``--read-gbs`` give them.  Dense
-models, weights as stored (no quantization).  Compare ``seconds`` of two engines against the same
-``floor_s`` (both run the same schedule of requests).
+models, weights as stored (no quantization).  Another engine's run time on the same workload compares
+against the same ``floor_s`` (it runs the same requests; jaxserve's own is ``step_s``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax.numpy as jnp  # noqa: E402
 
 from jaxserve import Engine  # noqa: E402
-from jaxserve.benchmark import load_workload, matmul_params, measure_cpu_peaks, run_workload  # noqa: E402
+from jaxserve.benchmark import attention_costs, load_workload, matmul_params, measure_cpu_peaks, run_workload  # noqa: E402
 
 
 def step_costs(engine: Engine) -> dict[str, float]:
@@ -44,11 +44,10 @@ def step_costs(engine: Engine) -> dict[str, float]:
     if cfg.is_moe:
         raise SystemExit("roofline.py: dense models only (a step reads the weights of the experts it routes to)")
     body, head = matmul_params(cfg)
-    weight_bytes = jnp.dtype(engine.dtype_name).itemsize
-    kv_bytes = jnp.dtype(engine.kv_dtype).itemsize
-    return {"row_flops": 2.0 * body, "sampled_row_flops": 2.0 * head, "weight_bytes": float((body + head) * weight_bytes),
-            "kv_bytes_per_token": float(2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes),
-            "pair_flops": float(4 * cfg.head_dim * cfg.num_heads * cfg.num_layers)}
+    pair_flops, kv_bytes_per_token = attention_costs(cfg, jnp.dtype(engine.kv_dtype).itemsize)
+    weight_bytes = (body + head) * jnp.dtype(engine.dtype_name).itemsize
+    return {"row_flops": 2.0 * body, "sampled_row_flops": 2.0 * head, "weight_bytes": float(weight_bytes),
+            "kv_bytes_per_token": float(kv_bytes_per_token), "pair_flops": float(pair_flops)}
 
 
 def _sig(x: float) -> float:
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--limit", type=int, default=None, help="run only the first N requests")
-    ap.add_argument("--peak-gflops", type=float, default=None, help="matmul peak (with --read-gbs; default: measured)")
+    ap.add_argument("--peak-gflops", type=float, default=None, help="matmul peak (default: measured)")
     ap.add_argument("--read-gbs", type=float, default=None, help="memory read rate (default: measured)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -73,8 +72,9 @@ def main(argv=None) -> int:
                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                     max_model_len=args.max_model_len, dtype="float32")
     costs = step_costs(engine)
-    peak, read = (args.peak_gflops * 1e9, args.read_gbs * 1e9) if args.peak_gflops and args.read_gbs \
-        else measure_cpu_peaks()
+    peak, read = (None, None) if args.peak_gflops and args.read_gbs else measure_cpu_peaks()
+    peak = args.peak_gflops * 1e9 if args.peak_gflops else peak  # a rate given replaces the measured one
+    read = args.read_gbs * 1e9 if args.read_gbs else read
     engine.warmup()
 
     steps = []

@@ -138,6 +138,13 @@ def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.num_layers * per_layer, h * cfg.vocab_size
 
 
+def attention_costs(cfg: ModelConfig, kv_bytes: int) -> tuple[int, int]:
+    """(FLOPs per (query row, key) pair: QK^T and PV, 4 * head_dim per query head and layer; bytes of the
+    cached K and V of one token over every layer and KV head, ``kv_bytes`` per value)."""
+    return (4 * cfg.head_dim * cfg.num_heads * cfg.num_layers,
+            2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes)
+
+
 def roofline(cfg: ModelConfig, *, prompt_tokens: int, output_tokens: int, steps: int, kv_token_reads: int,
              seconds: float, dtype_bytes: int, peaks: tuple[float, float] | None) -> Roofline:
     """FLOPs and bytes of a run, from the model's shapes.
@@ -150,9 +157,8 @@ def roofline(cfg: ModelConfig, *, prompt_tokens: int, output_tokens: int, steps:
     """
     body, head = matmul_params(cfg)
     computed = prompt_tokens + output_tokens - 1
-    attn_per_pair = 4 * cfg.head_dim * cfg.num_heads * cfg.num_layers
+    attn_per_pair, kv_bytes_per_token = attention_costs(cfg, dtype_bytes)
     flops = 2 * body * computed + 2 * head * output_tokens + attn_per_pair * kv_token_reads
-    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
     weight_bytes = (body + head) * dtype_bytes
     moved = steps * weight_bytes + kv_token_reads * kv_bytes_per_token
     peak_flop_s, peak_bytes_s = peaks if peaks else (None, None)
