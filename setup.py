@@ -1,11 +1,13 @@
-"""Builds the one compiled part of jaxserve: the CPU attention kernel ``kernels_pallas._attention_cpu``
-(``csrc/attention_cpu/``, an XLA FFI handler; the FFI headers are vendored in ``csrc/xla/``, so the
-build needs only setuptools and a C++17 compiler).  Everything else is in pyproject.toml.
+"""Builds the compiled parts of jaxserve, two CPU kernels, each an XLA FFI handler (the FFI headers are
+vendored in ``csrc/xla/``, so the build needs only setuptools and a C++17 compiler):
+``kernels_pallas._attention_cpu`` (``csrc/attention_cpu/``) and ``kernels_pallas._gemm_cpu`` (the layers'
+float32 matmul, ``csrc/gemm_cpu/``).  Everything else is in pyproject.toml.
 
-The extension is optional: if it does not compile, the install still succeeds (with a warning) and
-the engine serves with the pure-JAX reference attention (kernels_pallas/ragged_paged_attention_cpu.py).
-No ``-mavx2``: the AVX2/FMA code is compiled for that target inside the source (a target pragma) and
-chosen at run time by what the CPU has, so one build runs on any x86-64 CPU.
+Both extensions are optional: if one does not compile, the install still succeeds (with a warning) and
+the engine serves without it: the pure-JAX reference attention (kernels_pallas/ragged_paged_attention_cpu.py),
+XLA's dot (kernels_pallas/gemm_cpu.py).
+No ``-mavx2``: the AVX2/FMA (and AVX-512) code is compiled for that target inside the source (target
+pragmas and attributes) and chosen at run time by what the CPU has, so one build runs on any x86-64 CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ setup(
     ext_modules=[Extension("kernels_pallas._attention_cpu", sources=["csrc/attention_cpu/attention_cpu.cc"],
                            depends=["csrc/attention_cpu/kernel.h", "csrc/attention_cpu/vec_avx2.h",
                                     "csrc/attention_cpu/vec_portable.h"],
-                           language="c++", optional=True)],  # optional: a failed build is not copied
+                           language="c++", optional=True),  # optional: a failed build is not copied
+                 Extension("kernels_pallas._gemm_cpu", sources=["csrc/gemm_cpu/gemm_cpu.cc"], language="c++",
+                           optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -341,6 +341,9 @@ class EngineConfig:
     # mixture-of-experts FFN (jaxserve/moe.py): auto (ragged_dot on TPU/GPU, tiled loops on CPU) |
     # ragged_dot | tiled | dense (every expert on every token: the reference)
     moe_impl: str = "auto"
+    # the layers' matmuls: auto (the C++ kernel kernels_pallas/gemm_cpu.py for float32 weights on one CPU
+    # device, at the step shapes where it beats XLA; XLA's dot elsewhere) | xla | cpu (the kernel, or an error)
+    matmul_impl: str = "auto"
     # how the step runs the layers: auto (switch on one CPU device, scan elsewhere) | scan | switch;
     # see jaxserve/model.py resolve_layer_loop
     layer_loop: str = "auto"
@@ -387,7 +390,11 @@ class EngineConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl: must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        from kernels_pallas.gemm_cpu import MATMUL_IMPLS
         from jaxserve.moe import MOE_IMPLS
+
+        if self.matmul_impl not in MATMUL_IMPLS:
+            raise ValueError(f"matmul_impl: must be one of {', '.join(MATMUL_IMPLS)}, got {self.matmul_impl!r}")
 
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl: must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")

@@ -59,7 +59,7 @@ import numpy as np
 from jaxserve import kv_cache, moe, quant
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import DATA, MODEL, cache_spec as cache_spec_of, constrain, data_groups
-from kernels_pallas import ragged_paged_attention
+from kernels_pallas import gemm_cpu, ragged_paged_attention
 from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
 
@@ -223,18 +223,20 @@ class DecoderLayer(nn.Module):
     backend: str | None = None
     moe_impl: str = "auto"
     quantization: str | None = None  # "int8" / "w8a8": int8 linear layers (jaxserve/quant.py)
+    matmul_impl: str = "xla"  # "cpu": the layers' matmuls by kernels_pallas/gemm_cpu.py where it serves
 
     def setup(self):
         cfg, dt, qz = self.cfg, self.dtype, self.quantization
+        dot = gemm_cpu.dot_general if self.matmul_impl == "cpu" else _dot_f32_accumulate
         hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dt, cfg.norm_offset)
         self.input_norm = norm()
         # qkv: [T, Hkv, G+2, D]
-        self.qkv_proj = linear((hkv, g + 2, d), qz, dt, use_bias=cfg.attention_bias)
+        self.qkv_proj = linear((hkv, g + 2, d), qz, dt, use_bias=cfg.attention_bias, dot_general=dot)
         if cfg.qk_norm:
             self.q_norm = norm()
             self.k_norm = norm()
-        self.o_proj = linear(cfg.hidden_size, qz, dt)
+        self.o_proj = linear(cfg.hidden_size, qz, dt, dot_general=dot)
         # Llama: the norm before the MLP; Gemma (sandwich_norms): the norm of the attention output, with
         # pre/post feed-forward norms around the MLP.  Both are HF's post_attention_layernorm.
         self.post_attention_norm = norm()
@@ -244,8 +246,8 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe:
             self.moe = MoEBlock(cfg, dt, self.mesh, self.moe_impl, self.backend)
         else:
-            self.gate_up_proj = linear((2, cfg.intermediate_size), qz, dt)  # [T, 2, I]
-            self.down_proj = linear(cfg.hidden_size, qz, dt)
+            self.gate_up_proj = linear((2, cfg.intermediate_size), qz, dt, dot_general=dot)  # [T, 2, I]
+            self.down_proj = linear(cfg.hidden_size, qz, dt, dot_general=dot)
 
     def pre_attention(self, x, cos, sin):
         """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated with this layer's cos/sin,
@@ -383,6 +385,7 @@ class CausalLM(nn.Module):
     return_hidden: bool = False  # also return every row's last hidden state [T, hidden] (prompt logprobs)
     quantization: str | None = None  # "int8" / "w8a8": int8 weights + per-channel scales (jaxserve/quant.py)
     skip_head: bool = False  # return (None, cache, hidden): the caller runs ``head_logits`` on rows of its choice
+    matmul_impl: str = "xla"  # "cpu": the layers' float32 matmuls by kernels_pallas/gemm_cpu.py (where it serves)
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
@@ -398,7 +401,7 @@ class CausalLM(nn.Module):
         x = constrain(x, self.mesh, DATA, None)
         cos, sin = rope_tables(cfg, positions)
         layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend, self.moe_impl,
-                      self.quantization)
+                      self.quantization, self.matmul_impl)
         steps = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if self.layer_loop == "scan":
             layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},

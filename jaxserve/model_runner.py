@@ -53,6 +53,7 @@ from jaxserve.scheduler import SchedulerOutput
 from jaxserve.spec_decode import SpecInputs, verify
 from jaxserve.structured import apply_token_bitmask
 from kernels_pallas import resolve_impl, unsupported_reason
+from kernels_pallas.gemm_cpu import resolve_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class ModelRunner:
         self.params = params
         # int8 weights (jaxserve/quant.py): W8A16 ("int8") unless the engine asks for "w8a8"
         self.quantization = (engine_cfg.quantization or "int8") if quant.is_quantized(params) else None
+        self.matmul_impl = resolve_matmul(engine_cfg.matmul_impl, self.platform, mesh=mesh, dtype=dtype,
+                                          quantization=self.quantization)
         self.cache = cache
         self.dtype = dtype
         self.page_size = engine_cfg.page_size
@@ -197,7 +200,8 @@ class ModelRunner:
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
                          self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
-                         quantization=self.quantization, skip_head=inputs.spec is not None)
+                         quantization=self.quantization, skip_head=inputs.spec is not None,
+                         matmul_impl=self.matmul_impl)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices)
         spec = None

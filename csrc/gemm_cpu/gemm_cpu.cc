@@ -1,0 +1,276 @@
+// The float32 matmul of the layers' weights on the CPU, an XLA FFI custom call (jax.ffi):
+// C[M, N] = A[M, K] . B[K, N], all row-major, B the weights exactly as the model stores them ([in, out]:
+// nothing is packed or copied).  Python side: kernels_pallas/gemm_cpu.py, which serves it for the decode-
+// and small-step shapes where it beats XLA CPU's dot (measured there), and XLA's dot elsewhere.
+//
+// Blocking: the columns are cut into panels of NR (32 with AVX-512, 16 with AVX2), a work item is a few
+// adjacent panels, and the K axis is cut into blocks of kKBlock rows, so that an item's block of B
+// (kKBlock x its columns) stays in L2 and one panel's block in L1 while every MR-row block of A runs over
+// it.  The micro-kernel holds an MR x NR tile of C in registers: per k, NR/lanes vector loads of B's row
+// and MR broadcasts of A.  Summation order is k ascending with FMAs, the same for every row and call.
+// Items are spread over XLA's CPU thread pool as the attention kernel's are (csrc/attention_cpu).
+//
+// The AVX-512 / AVX2+FMA code is compiled with target attributes and picked at run time
+// (__builtin_cpu_supports); a CPU with neither has no kernel here (Python runs XLA's dot instead).
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define JAXSERVE_GEMM_X86 1
+#include <immintrin.h>
+#else
+#define JAXSERVE_GEMM_X86 0
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace jaxserve_cpu_gemm {
+
+enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3 };
+constexpr int64_t kKBlock = 256;
+constexpr int64_t kPrefetchRows = 32;
+
+// A micro-kernel: C[rows, w] (=|+=) A[rows, K] . B[K, w], rows <= MR, w <= NR.
+using Micro = void (*)(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                       int64_t K, int w, bool accumulate);
+
+#if JAXSERVE_GEMM_X86
+bool has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+bool has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// AVX-512: MR rows x 32 columns (two zmm per row: 24 accumulators at MR = 12).
+template <int MR, bool kFull>
+__attribute__((target("avx512f,fma"))) inline void tile_avx512(const float* A, int64_t lda, const float* B,
+                                                              int64_t ldb, int64_t K, __mmask16 m0, __mmask16 m1,
+                                                              __m512* c0, __m512* c1) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    // B's rows are ldb apart (another page for every row of a wide B): fetch a few rows ahead
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16), _MM_HINT_T0);
+    const __m512 b0 = kFull ? _mm512_loadu_ps(b) : _mm512_maskz_loadu_ps(m0, b);
+    const __m512 b1 = kFull ? _mm512_loadu_ps(b + 16) : _mm512_maskz_loadu_ps(m1, b + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+}
+template <int MR>
+__attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                                         float* C, int64_t ldc, int64_t K, int w, bool accumulate) {
+  const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
+  const __mmask16 m1 = w >= 32 ? 0xFFFF : (w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0);
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  if (w == 32) {
+    tile_avx512<MR, true>(A, lda, B, ldb, K, m0, m1, c0, c1);
+  } else {
+    tile_avx512<MR, false>(A, lda, B, ldb, K, m0, m1, c0, c1);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (accumulate) {
+      c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, C + i * ldc));
+      c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, C + i * ldc + 16));
+    }
+    _mm512_mask_storeu_ps(C + i * ldc, m0, c0[i]);
+    _mm512_mask_storeu_ps(C + i * ldc + 16, m1, c1[i]);
+  }
+}
+
+// AVX2: MR rows x 16 columns (two ymm per row: 12 accumulators at MR = 6, of the 16 registers).
+__attribute__((target("avx2,fma"))) inline __m256i lane_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+template <int MR, bool kFull>
+__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                                         int64_t K, __m256i m0, __m256i m1, __m256* c0, __m256* c1) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb), _MM_HINT_T0);
+    const __m256 b0 = kFull ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+    const __m256 b1 = kFull ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+}
+template <int MR>
+__attribute__((target("avx2,fma"))) void micro_avx2(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                                    float* C, int64_t ldc, int64_t K, int w, bool accumulate) {
+  const __m256i m0 = lane_mask(std::min(w, 8)), m1 = lane_mask(std::max(w - 8, 0));
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  if (w == 16) {
+    tile_avx2<MR, true>(A, lda, B, ldb, K, m0, m1, c0, c1);
+  } else {
+    tile_avx2<MR, false>(A, lda, B, ldb, K, m0, m1, c0, c1);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    if (accumulate) {
+      c0[i] = _mm256_add_ps(c0[i], _mm256_maskload_ps(C + i * ldc, m0));
+      c1[i] = _mm256_add_ps(c1[i], _mm256_maskload_ps(C + i * ldc + 8, m1));
+    }
+    _mm256_maskstore_ps(C + i * ldc, m0, c0[i]);
+    _mm256_maskstore_ps(C + i * ldc + 8, m1, c1[i]);
+  }
+}
+
+const Micro kAvx512[] = {nullptr,          micro_avx512<1>,  micro_avx512<2>, micro_avx512<3>, micro_avx512<4>,
+                         micro_avx512<5>,  micro_avx512<6>,  micro_avx512<7>, micro_avx512<8>, micro_avx512<9>,
+                         micro_avx512<10>, micro_avx512<11>, micro_avx512<12>};
+const Micro kAvx2[] = {nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>, micro_avx2<4>, micro_avx2<5>,
+                       micro_avx2<6>};
+#else
+bool has_avx512() { return false; }
+bool has_avx2() { return false; }
+#endif
+
+int64_t best_isa() { return has_avx512() ? kIsaAvx512 : (has_avx2() ? kIsaAvx2 : 0); }
+
+// One call: items of `chunk` adjacent panels, claimed from an atomic counter by the calling thread and the
+// helpers it schedules on XLA's pool; held by a shared_ptr, so a helper that starts late finds nothing
+// left and may outlive the call without touching its buffers.
+struct Work {
+  const float* A;
+  const float* B;
+  float* C;
+  int64_t M, K, N, MR, NR, chunk, items;
+  const Micro* micro;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void run() {
+    const int64_t panels = (N + NR - 1) / NR;
+    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const int64_t p0 = it * chunk, p1 = std::min(panels, p0 + chunk);
+      for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+        const int64_t kn = std::min(kKBlock, K - k0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * NR;
+          const int w = static_cast<int>(std::min(NR, N - n0));
+          for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t rows = std::min(MR, M - m0);
+            micro[rows](A + m0 * K + k0, K, B + k0 * N + n0, N, C + m0 * N + n0, N, kn, w, k0 > 0);
+          }
+        }
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+
+int64_t cpu_count() { return std::max(1u, std::thread::hardware_concurrency()); }
+
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || ad[1] != bd[0] || cd[0] != ad[0] || cd[1] != bd[1]) {
+    return ffi::Error::InvalidArgument("gemm_cpu: A must be [M, K], B [K, N] and C [M, N]");
+  }
+  if (isa == kIsaAuto) isa = best_isa();
+  auto work = std::make_shared<Work>();
+#if JAXSERVE_GEMM_X86
+  if (isa == kIsaAvx512 && has_avx512()) {
+    work->micro = kAvx512, work->MR = 12, work->NR = 32;
+  } else if (isa == kIsaAvx2 && has_avx2()) {
+    work->micro = kAvx2, work->MR = 6, work->NR = 16;
+  } else {
+    return ffi::Error::InvalidArgument("gemm_cpu: this CPU has neither AVX-512 nor AVX2/FMA (or not the isa asked)");
+  }
+#else
+  return ffi::Error::InvalidArgument("gemm_cpu: built without the x86 kernels");
+#endif
+  work->A = a.typed_data(), work->B = b.typed_data(), work->C = c->typed_data();
+  work->M = ad[0], work->K = ad[1], work->N = bd[1];
+  if (work->M == 0 || work->N == 0) return ffi::Error::Success();
+  if (work->K == 0) {
+    std::fill(work->C, work->C + work->M * work->N, 0.f);
+    return ffi::Error::Success();
+  }
+  const int64_t threads = num_threads > 0 ? num_threads : cpu_count();
+  const int64_t panels = (work->N + work->NR - 1) / work->NR;
+  // two items per thread at least (the pool's threads start late), at most 8 panels an item
+  work->chunk = std::clamp<int64_t>(panels / (2 * threads), 1, 8);
+  work->items = (panels + work->chunk - 1) / work->chunk;
+  int64_t helpers = std::min<int64_t>(threads - 1, work->items - 1);
+  if (helpers > 0) helpers = std::min<int64_t>(helpers, std::max<int64_t>(pool.num_threads(), 0));
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace jaxserve_cpu_gemm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveGemmCpu, jaxserve_cpu_gemm::Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // A [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // B [K, N]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // C [M, N]
+                                  .Attr<int64_t>("num_threads")
+                                  .Attr<int64_t>("isa"));
+
+// -- the Python module: kernels_pallas._gemm_cpu ---------------------------------------------------------
+static PyObject* registrations(PyObject*, PyObject*) {
+  PyObject* dict = PyDict_New();
+  if (dict == nullptr) return nullptr;
+  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(JaxserveGemmCpu), nullptr, nullptr);
+  if (capsule == nullptr || PyDict_SetItemString(dict, "jaxserve_gemm_cpu", capsule) < 0) {
+    Py_XDECREF(capsule);
+    Py_DECREF(dict);
+    return nullptr;
+  }
+  Py_DECREF(capsule);
+  return dict;
+}
+
+static PyObject* isas(PyObject*, PyObject*) {
+  // the instruction sets this CPU runs, best first
+  PyObject* list = PyList_New(0);
+  if (list == nullptr) return nullptr;
+  const char* names[] = {jaxserve_cpu_gemm::has_avx512() ? "avx512" : nullptr,
+                         jaxserve_cpu_gemm::has_avx2() ? "avx2" : nullptr};
+  for (const char* n : names) {
+    if (n == nullptr) continue;
+    PyObject* s = PyUnicode_FromString(n);
+    if (s == nullptr || PyList_Append(list, s) < 0) {
+      Py_XDECREF(s);
+      Py_DECREF(list);
+      return nullptr;
+    }
+    Py_DECREF(s);
+  }
+  return list;
+}
+
+static PyMethodDef kMethods[] = {
+    {"registrations", registrations, METH_NOARGS, "{FFI target name: handler capsule}"},
+    {"isas", isas, METH_NOARGS, "the instruction sets the kernel runs on this CPU, best first"},
+    {nullptr, nullptr, 0, nullptr},
+};
+static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_gemm_cpu",
+                                     "The layers' float32 matmul on the CPU (XLA FFI handler).", -1, kMethods};
+PyMODINIT_FUNC PyInit__gemm_cpu(void) { return PyModule_Create(&kModule); }

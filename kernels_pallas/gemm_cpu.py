@@ -1,0 +1,134 @@
+"""The layers' float32 matmul on the CPU: a C++ kernel behind ``jax.ffi`` (``csrc/gemm_cpu/``).
+
+XLA CPU's dot is far from the machine's rate at the shapes of a decode step: few rows (4-128) against
+weights of a few MB.  The kernel reads the weights in place (``[in, out]`` as the model stores them, no
+packing), holds a tile of the output in registers (12 x 32 with AVX-512, 6 x 16 with AVX2) and blocks K so
+that the weights' block stays in cache while every row block runs over it.  Measured on a 2-core Xeon
+(AVX-512), ``python bench/gemm_cpu.py`` (the 56m model's four layer matmuls, one layer, ms):
+
+    rows   XLA dot   this kernel
+    4      0.84      0.47
+    16     1.65      0.81
+    32     1.79      1.19
+    64     2.53      1.90
+
+At the shapes of a prompt chunk (hundreds of rows) and of the LM head (32000 columns) XLA's packed GEMM is
+as fast or faster, so ``dot_general`` serves only ``MAX_ROWS`` rows or fewer against weights of at most
+``MAX_WEIGHTS`` elements and hands everything else (and every non-float32 dot) to XLA.  Float32 sums in
+another order than XLA's: results differ from XLA's dot by rounding, as XLA's differs from torch's.
+
+The kernel is the extension module ``kernels_pallas._gemm_cpu``, built by ``pip install -e .``
+(``setup.py``); without it, or on a CPU without AVX2/FMA, ``cpu_gemm_unavailable_reason()`` says why and
+the model keeps XLA's dot (``matmul_impl="auto"``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "jaxserve_gemm_cpu"
+ISAS = {"auto": 0, "avx2": 2, "avx512": 3}  # the kernel's ``isa`` attribute
+MATMUL_IMPLS = ("auto", "xla", "cpu")
+# The shapes the kernel serves (bench/gemm_cpu.py): a step of at most this many rows ...
+MAX_ROWS = 48
+# ... against weights of at most this many elements (the 56m model's largest layer matmul is 512 x 2816;
+# the LM head, 512 x 32000, is XLA's).
+MAX_WEIGHTS = 1 << 22
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[object | None, str | None]:
+    """(the extension module, None) once its handler is registered with XLA, or (None, why not)."""
+    try:
+        from kernels_pallas import _gemm_cpu
+    except ImportError as e:
+        return None, f"the extension kernels_pallas._gemm_cpu is not built ({e}); `pip install -e .` builds it"
+    if not _gemm_cpu.isas():
+        return None, "this CPU has neither AVX-512 nor AVX2/FMA"
+    for name, capsule in _gemm_cpu.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    return _gemm_cpu, None
+
+
+def cpu_gemm_unavailable_reason() -> str | None:
+    """Why the CPU matmul kernel cannot run in this process, or None."""
+    return _load()[1]
+
+
+def available_isas() -> list[str]:
+    """The instruction sets the kernel runs on this CPU, best first (``"avx512"``, ``"avx2"``)."""
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(reason)
+    return list(module.isas())
+
+
+def resolve_matmul(matmul_impl: str, platform: str, *, mesh=None, dtype=jnp.float32,
+                   quantization: str | None = None) -> str:
+    """``"cpu"`` (this kernel for the layers' matmuls) or ``"xla"``.  ``auto``: the kernel on one CPU device
+    (not on a mesh: XLA cannot partition a custom call) for float32 unquantized weights when it is built and
+    the CPU has AVX2/FMA; ``cpu`` asks for it and raises when it cannot serve."""
+    if matmul_impl not in MATMUL_IMPLS:
+        raise ValueError(f"matmul_impl: must be one of {', '.join(MATMUL_IMPLS)}, got {matmul_impl!r}")
+    if matmul_impl == "xla":
+        return "xla"
+    why = None
+    if platform != "cpu":
+        why = f"the platform is {platform}"
+    elif mesh is not None:
+        why = "the step runs on a device mesh"
+    elif jnp.dtype(dtype) != jnp.float32:
+        why = f"the weights are {jnp.dtype(dtype).name}"
+    elif quantization:
+        why = f"the weights are quantized ({quantization})"
+    else:
+        why = cpu_gemm_unavailable_reason()
+    if why is None:
+        return "cpu"
+    if matmul_impl == "cpu":
+        raise ValueError(f"matmul_impl: the CPU matmul kernel cannot serve: {why}")
+    return "xla"
+
+
+def gemm_cpu(a: jax.Array, b: jax.Array, *, num_threads: int = 0, isa: str = "auto") -> jax.Array:
+    """``a [M, K] @ b [K, N]`` in float32 by the kernel (``num_threads`` 0: every core; ``isa``: ``"auto"``,
+    ``"avx512"`` or ``"avx2"``; the tests check both)."""
+    _, reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"matmul_impl: the CPU matmul kernel is unavailable: {reason}")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm_cpu: a must be [M, K] and b [K, N], got {a.shape} and {b.shape}")
+    if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+        raise ValueError(f"gemm_cpu: float32 operands only, got {a.dtype} and {b.dtype}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(a, b, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]))
+
+
+def serves(lhs, rhs, dimension_numbers) -> bool:
+    """Whether ``dot_general`` hands this dot to the kernel: float32 operands, ``lhs``'s last axis against
+    ``rhs``'s first, no batch axes, at most ``MAX_ROWS`` rows and ``MAX_WEIGHTS`` weights."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,):
+        return False
+    if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+        return False
+    rows = int(np.prod(lhs.shape[:-1]))
+    return rows <= MAX_ROWS and rhs.size <= MAX_WEIGHTS
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
+    """A ``dot_general`` for Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``): the kernel
+    where ``serves`` says so, else ``jax.lax.dot_general`` accumulating in float32 (the model's
+    ``_dot_f32_accumulate``)."""
+    if not serves(lhs, rhs, dimension_numbers):
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=jnp.float32)
+        return out.astype(lhs.dtype)
+    k = lhs.shape[-1]
+    out = gemm_cpu(lhs.reshape(-1, k), rhs.reshape(k, -1))
+    return out.reshape(lhs.shape[:-1] + rhs.shape[1:])
