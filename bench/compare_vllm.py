@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     result: dict = {"workload": os.path.basename(args.workload), "max_num_seqs": args.max_num_seqs}
     js = jaxserve("continuous")
-    result["jaxserve"] = {k: js[k] for k in ("attention_impl", "tok_s", "seconds", "output_tokens", "warmup_s", "compiles", "buckets",
+    result["jaxserve"] = {k: js[k] for k in ("attention_impl", "matmul_impl", "tok_s", "seconds", "output_tokens", "warmup_s", "compiles", "buckets",
                                              "steps", "device_step_s", "host_prepare_s", "process_s")}
     if args.static:
         st = jaxserve("static")
