@@ -434,7 +434,8 @@ class CausalLM(nn.Module):
         elif cfg.tie_word_embeddings:
             logits = _dot_f32_out(x, embed.embedding, (((1,), (1,)), ((), ())))
         else:
-            logits = linear(cfg.vocab_size, self.quantization, dt, dot_general=_dot_f32_out, name="lm_head")(x)
+            head_dot = gemm_cpu.dot_general if self.matmul_impl == "cpu" else _dot_f32_out  # both: f32 logits
+            logits = linear(cfg.vocab_size, self.quantization, dt, dot_general=head_dot, name="lm_head")(x)
         # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)

@@ -33,11 +33,8 @@ import numpy as np
 TARGET = "jaxserve_gemm_cpu"
 ISAS = {"auto": 0, "avx2": 2, "avx512": 3}  # the kernel's ``isa`` attribute
 MATMUL_IMPLS = ("auto", "xla", "cpu")
-# The shapes the kernel serves (bench/gemm_cpu.py): a step of at most this many rows ...
+# The kernel serves dots of at most this many rows (bench/gemm_cpu.py: at 64 rows XLA's dot is as fast).
 MAX_ROWS = 48
-# ... against weights of at most this many elements (the 56m model's largest layer matmul is 512 x 2816;
-# the LM head, 512 x 32000, is XLA's).
-MAX_WEIGHTS = 1 << 22
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,14 +108,14 @@ def gemm_cpu(a: jax.Array, b: jax.Array, *, num_threads: int = 0, isa: str = "au
 
 def serves(lhs, rhs, dimension_numbers) -> bool:
     """Whether ``dot_general`` hands this dot to the kernel: float32 operands, ``lhs``'s last axis against
-    ``rhs``'s first, no batch axes, at most ``MAX_ROWS`` rows and ``MAX_WEIGHTS`` weights."""
+    ``rhs``'s first, no batch axes, at most ``MAX_ROWS`` rows."""
     (lc, rc), (lb, rb) = dimension_numbers
     if lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,):
         return False
     if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return False
     rows = int(np.prod(lhs.shape[:-1]))
-    return rows <= MAX_ROWS and rhs.size <= MAX_WEIGHTS
+    return rows <= MAX_ROWS
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):

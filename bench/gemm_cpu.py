@@ -1,0 +1,94 @@
+"""The layers' matmuls on CPU: XLA's dot against the C++ kernel (``kernels_pallas/gemm_cpu.py``).
+
+A jitted stack of a model's layers without attention (the fused QKV projection, the output projection, the
+gate/up projection with SiLU, the down projection, residual adds), with every layer's weights its own
+buffers as in the engine's CPU layer loop, so that the weights stream from memory as in a step, timed at
+several row counts with each matmul implementation.  Prints one JSON line per row count:
+
+    python bench/gemm_cpu.py --model /work/models/56m [--rows 4,8,16,32,48,64] [--isa auto]
+
+(``--model``: a checkpoint directory, only its config.json is read; the weights are random.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels_pallas.gemm_cpu import available_isas, gemm_cpu  # noqa: E402
+
+
+def layer_shapes(config: dict) -> list[tuple[int, int]]:
+    """(K, N) of the four matmuls of one layer."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    d = config.get("head_dim") or h // heads
+    return [(h, (heads + 2 * kv) * d), (heads * d, h), (h, 2 * inter), (inter, h)]
+
+
+def stack(matmul, num_layers: int, heads_dim: int, inter: int):
+    def layer(x, w):
+        qkv = matmul(x, w[0])
+        x = x + matmul(qkv[:, :heads_dim], w[1])
+        gate_up = matmul(x, w[2])
+        return x + matmul(jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:], w[3])
+
+    def run(x, weights):
+        for i in range(num_layers):
+            x = layer(x, weights[i])
+        return x
+
+    return jax.jit(run)
+
+
+def timed(f, *args, reps: int) -> float:
+    f(*args).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(*args).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory (its config.json)")
+    ap.add_argument("--rows", default="4,8,16,32,48,64")
+    ap.add_argument("--isa", default="auto", choices=["auto", "avx512", "avx2"])
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    with open(os.path.join(args.model, "config.json")) as f:
+        config = json.load(f)
+    shapes = layer_shapes(config)
+    layers = config["num_hidden_layers"]
+    rng = np.random.default_rng(0)
+    weights = [[jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.02) for s in shapes] for _ in range(layers)]
+    heads_dim, inter = shapes[1][0], config["intermediate_size"]
+    impls = {
+        "xla": stack(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), layers, heads_dim, inter),
+        "cpu": stack(lambda a, b: gemm_cpu(a, b, isa=args.isa), layers, heads_dim, inter),
+    }
+    flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
+    for rows in (int(r) for r in args.rows.split(",")):
+        x = jnp.asarray(rng.standard_normal((rows, config["hidden_size"]), dtype=np.float32))
+        out = {"rows": rows, "layers": layers, "isa": args.isa if args.isa != "auto" else available_isas()[0]}
+        for name, f in impls.items():
+            seconds = timed(f, x, weights, reps=args.reps)
+            out[f"{name}_ms"] = round(seconds * 1e3, 2)
+            out[f"{name}_gflops"] = round(flops_per_row * rows / seconds / 1e9, 1)
+        out["xla_over_cpu"] = round(out["xla_ms"] / out["cpu_ms"], 2)
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
