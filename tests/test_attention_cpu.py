@@ -91,21 +91,23 @@ def test_kernel_matches_reference_and_threads_agree():
     np.testing.assert_allclose(split, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_auto_runs_short_prefill_chunks_in_the_kernel():
-    """``prefill_rows="auto"`` (the engine's): a step with at most KERNEL_PREFILL_ROWS prefill rows (a
-    verified speculative chunk) runs every row in the kernel; a longer one sends them to the reference."""
-    from kernels_pallas.ragged_paged_attention_cpu import KERNEL_PREFILL_ROWS
-
+def test_prefill_rows_run_in_the_kernel_by_default():
+    """The engine's call (no ``prefill_rows``) runs prefill chunks of every length in the kernel, with the
+    decode rows split off as the engine does; ``prefill_rows="reference"`` gives the same attention."""
     rng = np.random.default_rng(3)
     kw = dict(sm_scale=0.125, sliding_window=None, soft_cap=None)
-    for rows, who in ((4, "kernel"), (KERNEL_PREFILL_ROWS, "kernel"), (KERNEL_PREFILL_ROWS + 1, "reference")):
+    for rows in (4, 17, 70):
         args = make_batch(rng, page_size=16, gqa=3, num_decode_rows=2, num_decode_pad=0,
-                          prefills=[(rows, 21)], pad_rows=0, pad_seqs=0, max_pages_per_seq=4, head_dim=64)
+                          prefills=[(rows, 21)], pad_rows=0, pad_seqs=0, max_pages_per_seq=8, head_dim=64)
         assert args[0].shape[0] == 2 + rows
-        auto = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=2, **kw))
-        want = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=2, prefill_rows=who, **kw))
-        np.testing.assert_array_equal(auto, want)
-        np.testing.assert_allclose(auto, ragged_paged_attention_dense(*args, **kw), atol=2e-5, rtol=1e-5)
+        default = np.asarray(ragged_paged_attention_cpu(*args, num_decode_rows=2, **kw))
+        np.testing.assert_array_equal(default, np.asarray(ragged_paged_attention_cpu(
+            *args, num_decode_rows=2, prefill_rows="kernel", **kw)))
+        np.testing.assert_allclose(default, ragged_paged_attention_dense(*args, **kw), atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(default, np.asarray(ragged_paged_attention_cpu(
+            *args, num_decode_rows=2, prefill_rows="reference", **kw)), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefill_rows"):
+        ragged_paged_attention_cpu(*args, num_decode_rows=2, prefill_rows="auto", **kw)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
