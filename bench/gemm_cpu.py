@@ -3,7 +3,8 @@
 A jitted stack of a model's layers without attention (the fused QKV projection, the output projection, the
 gate/up projection with SiLU, the down projection, residual adds), with every layer's weights its own
 buffers as in the engine's CPU layer loop, so that the weights stream from memory as in a step, timed at
-several row counts with each matmul implementation.  Prints one JSON line per row count:
+several row counts with each matmul implementation; then the LM head ([rows, hidden] x [hidden, vocab], one
+jitted call).  Prints one JSON line per row count:
 
     python bench/gemm_cpu.py --model /work/models/56m [--rows 4,8,16,32,48,64] [--isa auto]
 
@@ -78,6 +79,9 @@ def main() -> None:
         "xla": stack(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), layers, heads_dim, inter),
         "cpu": stack(lambda a, b: gemm_cpu(a, b, isa=args.isa), layers, heads_dim, inter),
     }
+    head = jnp.asarray(rng.standard_normal((config["hidden_size"], config["vocab_size"]), dtype=np.float32) * 0.02)
+    heads = {"xla": jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)),
+             "cpu": jax.jit(lambda a, b: gemm_cpu(a, b, isa=args.isa))}
     flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, config["hidden_size"]), dtype=np.float32))
@@ -87,6 +91,8 @@ def main() -> None:
             out[f"{name}_ms"] = round(seconds * 1e3, 2)
             out[f"{name}_gflops"] = round(flops_per_row * rows / seconds / 1e9, 1)
         out["xla_over_cpu"] = round(out["xla_ms"] / out["cpu_ms"], 2)
+        for name, f in heads.items():
+            out[f"{name}_head_ms"] = round(timed(f, x, head, reps=args.reps) * 1e3, 2)
         print(json.dumps(out), flush=True)
 
 

@@ -58,6 +58,9 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    choices=["reference", "auto", "cpu", "pallas", "pallas_tpu", "pallas_gpu"],
                    help="attention implementation (auto, the default: the Pallas kernel on TPU/GPU, the C++ "
                         "kernel on CPU, or the reference when it is not built)")
+    p.add_argument("--matmul-impl", default="auto", choices=["auto", "xla", "cpu"],
+                   help="the layers' matmuls (auto, the default: the C++ kernel for float32 weights on one CPU device "
+                        "at steps of up to 48 rows, XLA's dot elsewhere; kernels_pallas/gemm_cpu.py)")
     p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"],
                    help="how a step runs the layers (auto, the default: switch on one CPU device, a layer scan that "
                         "reads each layer's own weight buffers, as XLA CPU copies the stacked weights' slices; "
@@ -137,7 +140,7 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
                           dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, scheduling=args.scheduling,
                           quantization=args.quantization,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
-                          min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
+                          matmul_impl=args.matmul_impl, min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
                           memory_utilization=args.memory_utilization,
                           speculative_config=getattr(args, "speculative_config", None))
     config.validate()  # before the (slow) load

@@ -1,21 +1,25 @@
 """The layers' float32 matmul on the CPU: a C++ kernel behind ``jax.ffi`` (``csrc/gemm_cpu/``).
 
-XLA CPU's dot is far from the machine's rate at the shapes of a decode step: few rows (4-128) against
+XLA CPU's dot is far from the machine's rate at the shapes of a decode step: few rows (4-48) against
 weights of a few MB.  The kernel reads the weights in place (``[in, out]`` as the model stores them, no
-packing), holds a tile of the output in registers (12 x 32 with AVX-512, 6 x 16 with AVX2) and blocks K so
-that the weights' block stays in cache while every row block runs over it.  Measured on a 2-core Xeon
-(AVX-512), ``python bench/gemm_cpu.py`` (the 56m model's four layer matmuls, one layer, ms):
+packing), holds a tile of the output in registers (12 x 32 with AVX-512, 6 x 16 with AVX2), blocks K by
+256 so that the weights' block stays in cache while every row block runs over it, and prefetches the
+weights 32 rows ahead (their rows are a page apart).  ``python bench/gemm_cpu.py --model
+/work/models/56m`` (the 56m model's eight layers of four matmuls without attention, weights streamed from
+memory, then its LM head [rows, 512] x [512, 32000]; 2-core Xeon, AVX-512, 2026-12-02), ms:
 
-    rows   XLA dot   this kernel
-    4      0.84      0.47
-    16     1.65      0.81
-    32     1.79      1.19
-    64     2.53      1.90
+    rows               4     8     16     32     48     64
+    layers, XLA dot    4.50  7.57  10.04  14.59  18.77  15.56
+    layers, kernel     3.54  4.14   6.79  11.18  14.17  14.14
+    LM head, XLA dot   2.00  2.91   4.04   6.79   9.16   8.03
+    LM head, kernel    1.87  1.93   2.99   4.54   6.17   7.73
 
-At the shapes of a prompt chunk (hundreds of rows) and of the LM head (32000 columns) XLA's packed GEMM is
-as fast or faster, so ``dot_general`` serves only ``MAX_ROWS`` rows or fewer against weights of at most
-``MAX_WEIGHTS`` elements and hands everything else (and every non-float32 dot) to XLA.  Float32 sums in
-another order than XLA's: results differ from XLA's dot by rounding, as XLA's differs from torch's.
+At 64 rows the two are within the runs' noise (an earlier run: layers 14.71 vs 14.86 ms), and at prompt
+chunks' hundreds of rows XLA's packed GEMM is faster, so ``dot_general`` serves only ``MAX_ROWS`` rows or fewer and
+hands everything else (and every non-float32 dot) to XLA.  The AVX2 path was slower than XLA's dot on
+the same machine (``--isa avx2``: 6.37 vs 5.13 ms at 4 rows, 17.84 vs 13.40 at 32), so ``auto`` picks the
+kernel only where the CPU has AVX-512.  Float32 sums in another order than XLA's: results differ from
+XLA's dot by rounding, as XLA's differs from torch's.
 
 The kernel is the extension module ``kernels_pallas._gemm_cpu``, built by ``pip install -e .``
 (``setup.py``); without it, or on a CPU without AVX2/FMA, ``cpu_gemm_unavailable_reason()`` says why and
@@ -68,7 +72,7 @@ def resolve_matmul(matmul_impl: str, platform: str, *, mesh=None, dtype=jnp.floa
                    quantization: str | None = None) -> str:
     """``"cpu"`` (this kernel for the layers' matmuls) or ``"xla"``.  ``auto``: the kernel on one CPU device
     (not on a mesh: XLA cannot partition a custom call) for float32 unquantized weights when it is built and
-    the CPU has AVX2/FMA; ``cpu`` asks for it and raises when it cannot serve."""
+    the CPU has AVX-512; ``cpu`` asks for it (AVX2 is enough) and raises when it cannot serve."""
     if matmul_impl not in MATMUL_IMPLS:
         raise ValueError(f"matmul_impl: must be one of {', '.join(MATMUL_IMPLS)}, got {matmul_impl!r}")
     if matmul_impl == "xla":
@@ -84,6 +88,9 @@ def resolve_matmul(matmul_impl: str, platform: str, *, mesh=None, dtype=jnp.floa
         why = f"the weights are quantized ({quantization})"
     else:
         why = cpu_gemm_unavailable_reason()
+    if why is None and matmul_impl == "auto" and "avx512" not in available_isas():
+        why = ("this CPU has no AVX-512, and the kernel's AVX2 path was slower than XLA's dot "
+               "(python bench/gemm_cpu.py --isa avx2)")
     if why is None:
         return "cpu"
     if matmul_impl == "cpu":
