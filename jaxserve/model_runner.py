@@ -244,10 +244,17 @@ class ModelRunner:
 
     @staticmethod
     def _sample(logits, inputs: StepInputs, penalty_state: PenaltyState):
-        """Penalties (behind a per-step flag), sampling, logprobs (of the raw logits), count update."""
+        """Penalties and grammar masks (behind one per-step flag), sampling, logprobs (of the raw logits),
+        count update.  A step with neither samples the raw logits: the flag's conditional returns tokens,
+        not a [rows, vocab] array, which XLA CPU would copy out of the branch that leaves them as they are
+        (4 MB a step at 32 rows)."""
         p = inputs.penalties
-        x = apply_penalties(logits, penalty_state, p, inputs.sampling.step)
-        tokens = sample(apply_token_bitmask(x, inputs.bitmask, inputs.mask_active), inputs.sampling)
+
+        def adjusted():
+            x = apply_penalties(logits, penalty_state, p, inputs.sampling.step)
+            return sample(apply_token_bitmask(x, inputs.bitmask, inputs.mask_active), inputs.sampling)
+
+        tokens = jax.lax.cond(p.any | jnp.any(inputs.mask_active), adjusted, lambda: sample(logits, inputs.sampling))
         logprob, top_ids, top_lp = compute_logprobs(logits, tokens, inputs.want_logprobs)
         return tokens, logprob, top_ids, top_lp, update_penalty_counts(penalty_state, p, tokens)
 
