@@ -58,9 +58,9 @@ def main() -> int:
                                                           num_threads=1),
         "cpu": lambda: ragged_paged_attention_cpu(*operands, sm_scale=scale, num_decode_rows=n),
     }
-    if args.prefill:  # the prefill rows in the kernel too (its default sends more than 16 to the reference)
-        fns["cpu_prefill_in_kernel"] = lambda: ragged_paged_attention_cpu(*operands, sm_scale=scale, num_decode_rows=n,
-                                                                          prefill_rows="kernel")
+    if args.prefill:  # the prefill rows in the reference's tiled attention, the decode rows in the kernel
+        fns["cpu_prefill_in_reference"] = lambda: ragged_paged_attention_cpu(
+            *operands, sm_scale=scale, num_decode_rows=n, prefill_rows="reference")
     for f in fns.values():
         jax.block_until_ready(f())
     times = {k: [] for k in fns}
