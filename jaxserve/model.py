@@ -97,6 +97,12 @@ def _dot_f32_out(lhs, rhs, dimension_numbers, precision=None, **_):
                                preferred_element_type=jnp.float32)
 
 
+def _matmul(matmul_impl: str, dot):
+    """``dot`` (``_dot_f32_accumulate`` or ``_dot_f32_out``), or with ``matmul_impl="cpu"`` the CPU kernel
+    (``kernels_pallas/gemm_cpu.py``) where it serves and ``dot`` elsewhere."""
+    return functools.partial(gemm_cpu.dot_general, fallback=dot) if matmul_impl == "cpu" else dot
+
+
 def linear(features, quantization: str | None, dtype, use_bias: bool = False, dot_general=_dot_f32_accumulate,
            name: str | None = None) -> nn.Module:
     """A linear layer over the last axis: Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``),
@@ -227,7 +233,7 @@ class DecoderLayer(nn.Module):
 
     def setup(self):
         cfg, dt, qz = self.cfg, self.dtype, self.quantization
-        dot = gemm_cpu.dot_general if self.matmul_impl == "cpu" else _dot_f32_accumulate
+        dot = _matmul(self.matmul_impl, _dot_f32_accumulate)
         hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dt, cfg.norm_offset)
         self.input_norm = norm()
@@ -434,8 +440,8 @@ class CausalLM(nn.Module):
         elif cfg.tie_word_embeddings:
             logits = _dot_f32_out(x, embed.embedding, (((1,), (1,)), ((), ())))
         else:
-            head_dot = gemm_cpu.dot_general if self.matmul_impl == "cpu" else _dot_f32_out  # both: f32 logits
-            logits = linear(cfg.vocab_size, self.quantization, dt, dot_general=head_dot, name="lm_head")(x)
+            logits = linear(cfg.vocab_size, self.quantization, dt, dot_general=_matmul(self.matmul_impl, _dot_f32_out),
+                            name="lm_head")(x)
         # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)

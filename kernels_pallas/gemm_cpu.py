@@ -125,14 +125,12 @@ def serves(lhs, rhs, dimension_numbers) -> bool:
     return rows <= MAX_ROWS
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
-    """A ``dot_general`` for Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``): the kernel
-    where ``serves`` says so, else ``jax.lax.dot_general`` accumulating in float32 (the model's
-    ``_dot_f32_accumulate``)."""
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, fallback, **_):
+    """A ``dot_general`` for Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``): the kernel where
+    ``serves`` says so, else ``fallback`` (the model's own dot, e.g. ``functools.partial(dot_general,
+    fallback=...)``)."""
     if not serves(lhs, rhs, dimension_numbers):
-        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                  preferred_element_type=jnp.float32)
-        return out.astype(lhs.dtype)
+        return fallback(lhs, rhs, dimension_numbers, precision=precision)
     k = lhs.shape[-1]
     out = gemm_cpu(lhs.reshape(-1, k), rhs.reshape(k, -1))
     return out.reshape(lhs.shape[:-1] + rhs.shape[1:])

@@ -21,13 +21,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
-#if defined(__linux__)
-#include <sched.h>
-#endif
-
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -143,18 +139,9 @@ bool cpu_has_avx2() {
 
 int64_t best_isa() { return cpu_has_avx2() ? kIsaAvx2 : kIsaPortable; }
 
-int64_t cpu_count() {
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// The work of one call, shared by the calling thread and the helpers it schedules on XLA's thread pool.
-// Items are claimed from an atomic counter; the caller returns once every item is done.  A helper that
-// starts late (the pool busy) finds nothing left to claim and never touches the buffers, and holds this
-// state by a shared_ptr, so it may outlive the call.
+// The work of one call, shared by the calling thread and the helpers it schedules on XLA's thread pool
+// (jaxserve_cpu::run_on_pool, csrc/cpu_pool.h): items claimed from an atomic counter, each counted in
+// `done` when finished.
 struct Work {
   Problem pb;
   int64_t isa;
@@ -251,13 +238,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuff
   if (items.empty()) return ffi::Error::Success();
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  const int64_t n = static_cast<int64_t>(items.size());
-  int64_t threads = num_threads > 0 ? num_threads : cpu_count();
-  int64_t helpers = std::min<int64_t>(threads - 1, n - 1);
-  if (helpers > 0) helpers = std::min<int64_t>(helpers, std::max<int64_t>(pool.num_threads(), 0));
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  jaxserve_cpu::run_on_pool(pool, work, static_cast<int64_t>(items.size()), num_threads);
   return ffi::Error::Success();
 }
 

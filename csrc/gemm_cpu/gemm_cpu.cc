@@ -18,8 +18,8 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <thread>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -148,11 +148,11 @@ bool has_avx512() { return false; }
 bool has_avx2() { return false; }
 #endif
 
-int64_t best_isa() { return has_avx512() ? kIsaAvx512 : (has_avx2() ? kIsaAvx2 : 0); }
+// The best instruction set this CPU runs (kIsaAuto: none, the call fails).
+int64_t best_isa() { return has_avx512() ? kIsaAvx512 : (has_avx2() ? kIsaAvx2 : kIsaAuto); }
 
 // One call: items of `chunk` adjacent panels, claimed from an atomic counter by the calling thread and the
-// helpers it schedules on XLA's pool; held by a shared_ptr, so a helper that starts late finds nothing
-// left and may outlive the call without touching its buffers.
+// helpers it schedules on XLA's pool (jaxserve_cpu::run_on_pool, csrc/cpu_pool.h).
 struct Work {
   const float* A;
   const float* B;
@@ -181,8 +181,6 @@ struct Work {
   }
 };
 
-int64_t cpu_count() { return std::max(1u, std::thread::hardware_concurrency()); }
-
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                 ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
@@ -209,16 +207,12 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
     std::fill(work->C, work->C + work->M * work->N, 0.f);
     return ffi::Error::Success();
   }
-  const int64_t threads = num_threads > 0 ? num_threads : cpu_count();
+  const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
   const int64_t panels = (work->N + work->NR - 1) / work->NR;
   // two items per thread at least (the pool's threads start late), at most 8 panels an item
   work->chunk = std::clamp<int64_t>(panels / (2 * threads), 1, 8);
   work->items = (panels + work->chunk - 1) / work->chunk;
-  int64_t helpers = std::min<int64_t>(threads - 1, work->items - 1);
-  if (helpers > 0) helpers = std::min<int64_t>(helpers, std::max<int64_t>(pool.num_threads(), 0));
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  jaxserve_cpu::run_on_pool(pool, work, work->items, threads);
   return ffi::Error::Success();
 }
 
