@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels_pallas.gemm_cpu import available_isas, gemm_cpu  # noqa: E402
+from kernels_pallas.gemm_cpu import available_isas, gemm_cpu, pack  # noqa: E402
 
 
 def layer_shapes(config: dict) -> list[tuple[int, int]]:
@@ -36,12 +36,13 @@ def layer_shapes(config: dict) -> list[tuple[int, int]]:
     return [(h, (heads + 2 * kv) * d), (heads * d, h), (h, 2 * inter), (inter, h)]
 
 
-def stack(matmul, num_layers: int, heads_dim: int, inter: int):
+def stack(matmul, num_layers: int, heads_dim: int, inter: int, ns: list[int]):
+    """``matmul(x, w, n)``: x [rows, K] times the weight w (of N = n columns)."""
     def layer(x, w):
-        qkv = matmul(x, w[0])
-        x = x + matmul(qkv[:, :heads_dim], w[1])
-        gate_up = matmul(x, w[2])
-        return x + matmul(jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:], w[3])
+        qkv = matmul(x, w[0], ns[0])
+        x = x + matmul(qkv[:, :heads_dim], w[1], ns[1])
+        gate_up = matmul(x, w[2], ns[2])
+        return x + matmul(jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:], w[3], ns[3])
 
     def run(x, weights):
         for i in range(num_layers):
@@ -75,24 +76,27 @@ def main() -> None:
     rng = np.random.default_rng(0)
     weights = [[jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.02) for s in shapes] for _ in range(layers)]
     heads_dim, inter = shapes[1][0], config["intermediate_size"]
+    ns = [n for _, n in shapes]
     impls = {
-        "xla": stack(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), layers, heads_dim, inter),
-        "cpu": stack(lambda a, b: gemm_cpu(a, b, isa=args.isa), layers, heads_dim, inter),
+        "xla": stack(lambda a, b, n: jnp.dot(a, b, preferred_element_type=jnp.float32), layers, heads_dim, inter, ns),
+        "cpu": stack(lambda a, b, n: gemm_cpu(a, b, n, isa=args.isa), layers, heads_dim, inter, ns),
     }
+    packed = [[jnp.asarray(pack(np.asarray(w))) for w in ws] for ws in weights]  # once, as the engine does at load
     head = jnp.asarray(rng.standard_normal((config["hidden_size"], config["vocab_size"]), dtype=np.float32) * 0.02)
     heads = {"xla": jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)),
-             "cpu": jax.jit(lambda a, b: gemm_cpu(a, b, isa=args.isa))}
+             "cpu": jax.jit(lambda a, b: gemm_cpu(a, b, config["vocab_size"], isa=args.isa))}
+    head_packed = jnp.asarray(pack(np.asarray(head)))
     flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, config["hidden_size"]), dtype=np.float32))
         out = {"rows": rows, "layers": layers, "isa": args.isa if args.isa != "auto" else available_isas()[0]}
         for name, f in impls.items():
-            seconds = timed(f, x, weights, reps=args.reps)
+            seconds = timed(f, x, packed if name == "cpu" else weights, reps=args.reps)
             out[f"{name}_ms"] = round(seconds * 1e3, 2)
             out[f"{name}_gflops"] = round(flops_per_row * rows / seconds / 1e9, 1)
         out["xla_over_cpu"] = round(out["xla_ms"] / out["cpu_ms"], 2)
         for name, f in heads.items():
-            out[f"{name}_head_ms"] = round(timed(f, x, head, reps=args.reps) * 1e3, 2)
+            out[f"{name}_head_ms"] = round(timed(f, x, head_packed if name == "cpu" else head, reps=args.reps) * 1e3, 2)
         print(json.dumps(out), flush=True)
 
 

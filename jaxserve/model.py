@@ -97,23 +97,69 @@ def _dot_f32_out(lhs, rhs, dimension_numbers, precision=None, **_):
                                preferred_element_type=jnp.float32)
 
 
-def _matmul(matmul_impl: str, dot):
-    """``dot`` (``_dot_f32_accumulate`` or ``_dot_f32_out``), or with ``matmul_impl="cpu"`` the CPU kernel
-    (``kernels_pallas/gemm_cpu.py``) where it serves and ``dot`` elsewhere."""
-    return functools.partial(gemm_cpu.dot_general, fallback=dot) if matmul_impl == "cpu" else dot
-
-
 def linear(features, quantization: str | None, dtype, use_bias: bool = False, dot_general=_dot_f32_accumulate,
-           name: str | None = None) -> nn.Module:
+           name: str | None = None, packed: bool = False) -> nn.Module:
     """A linear layer over the last axis: Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``),
     or with ``quantization`` ("int8", "w8a8", "gguf") the same kernel in int8 with per-output-channel or
-    group-wise scales (``jaxserve/quant.py``)."""
+    group-wise scales (``jaxserve/quant.py``), or with ``packed`` (``matmul_impl="cpu"``) the float32 kernel
+    in the CPU matmul kernel's layout (``PackedDense``)."""
+    if packed:
+        return PackedDense(features, use_bias=use_bias, name=name)
     if quantization:
         return quant.QuantDense(features, use_bias=use_bias, dtype=dtype, out_f32=dot_general is _dot_f32_out,
                                 w8a8=quantization == "w8a8", name=name)
     cls = nn.Dense if isinstance(features, int) else nn.DenseGeneral
     return cls(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, kernel_init=_init(),
                dot_general=dot_general, name=name)
+
+
+# The linear layers that ``matmul_impl="cpu"`` runs with the CPU matmul kernel (``PackedDense``).
+PACKED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+class PackedDense(nn.Module):
+    """A float32 linear layer over the last axis whose weight is held in the CPU matmul kernel's packed layout:
+    ``packed_kernel [ceil(N/32), in, 32]`` for ``N = prod(features)`` (``kernels_pallas/gemm_cpu.py``), the
+    ``kernel [in, *features]`` of a checkpoint as ``pack_linears`` converts it once at load, so that no step
+    repacks the weights (XLA CPU's dot does, every call).  The kernel serves every row count."""
+
+    features: int | tuple[int, ...]
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        k, n = x.shape[-1], int(np.prod(features))
+        w = self.param("packed_kernel", lambda key: gemm_cpu.pack(_init()(key, (k, n), jnp.float32)))
+        y = gemm_cpu.gemm_cpu(x.reshape(-1, k), w, n).reshape(x.shape[:-1] + features)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        return y
+
+
+def pack_linears(params: dict) -> dict:
+    """The parameter tree of ``CausalLM(matmul_impl="cpu")``: each ``PACKED_LINEARS`` ``kernel [in, *features]``
+    (stacked layers: ``[L, in, *features]``) as ``packed_kernel`` (``PackedDense``), packed on the host."""
+    def walk(tree: dict, stacked: bool) -> dict:
+        out = {}
+        for key, v in tree.items():
+            if key in PACKED_LINEARS and isinstance(v, dict) and "kernel" in v:
+                out[key] = {k: x for k, x in v.items() if k != "kernel"}
+                out[key]["packed_kernel"] = _pack_leaf(v["kernel"], stacked)
+            else:
+                out[key] = walk(v, stacked or key == "layers") if isinstance(v, dict) else v
+        return out
+    return walk(params, False)
+
+
+def _pack_leaf(a: Any, stacked: bool) -> Any:
+    lead = a.shape[:1] if stacked else ()
+    k, n = a.shape[len(lead)], int(np.prod(a.shape[len(lead) + 1:]))
+    if isinstance(a, jax.ShapeDtypeStruct):  # compile-only runs
+        return jax.ShapeDtypeStruct(lead + gemm_cpu.packed_shape(k, n), a.dtype, sharding=a.sharding)
+    host = np.asarray(a).reshape(lead + (k, n))
+    packed = np.stack([gemm_cpu.pack(h) for h in host]) if stacked else gemm_cpu.pack(host)
+    return jax.device_put(np.ascontiguousarray(packed), a.sharding)
 
 
 class RMSNorm(nn.Module):
@@ -229,20 +275,20 @@ class DecoderLayer(nn.Module):
     backend: str | None = None
     moe_impl: str = "auto"
     quantization: str | None = None  # "int8" / "w8a8": int8 linear layers (jaxserve/quant.py)
-    matmul_impl: str = "xla"  # "cpu": the layers' matmuls by kernels_pallas/gemm_cpu.py where it serves
+    matmul_impl: str = "xla"  # "cpu": the linear layers' weights packed for kernels_pallas/gemm_cpu.py (PackedDense)
 
     def setup(self):
         cfg, dt, qz = self.cfg, self.dtype, self.quantization
-        dot = _matmul(self.matmul_impl, _dot_f32_accumulate)
+        dense = functools.partial(linear, quantization=qz, dtype=dt, packed=self.matmul_impl == "cpu")
         hkv, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dt, cfg.norm_offset)
         self.input_norm = norm()
         # qkv: [T, Hkv, G+2, D]
-        self.qkv_proj = linear((hkv, g + 2, d), qz, dt, use_bias=cfg.attention_bias, dot_general=dot)
+        self.qkv_proj = dense((hkv, g + 2, d), use_bias=cfg.attention_bias)
         if cfg.qk_norm:
             self.q_norm = norm()
             self.k_norm = norm()
-        self.o_proj = linear(cfg.hidden_size, qz, dt, dot_general=dot)
+        self.o_proj = dense(cfg.hidden_size)
         # Llama: the norm before the MLP; Gemma (sandwich_norms): the norm of the attention output, with
         # pre/post feed-forward norms around the MLP.  Both are HF's post_attention_layernorm.
         self.post_attention_norm = norm()
@@ -252,8 +298,8 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe:
             self.moe = MoEBlock(cfg, dt, self.mesh, self.moe_impl, self.backend)
         else:
-            self.gate_up_proj = linear((2, cfg.intermediate_size), qz, dt, dot_general=dot)  # [T, 2, I]
-            self.down_proj = linear(cfg.hidden_size, qz, dt, dot_general=dot)
+            self.gate_up_proj = dense((2, cfg.intermediate_size))  # [T, 2, I]
+            self.down_proj = dense(cfg.hidden_size)
 
     def pre_attention(self, x, cos, sin):
         """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated with this layer's cos/sin,
@@ -391,7 +437,7 @@ class CausalLM(nn.Module):
     return_hidden: bool = False  # also return every row's last hidden state [T, hidden] (prompt logprobs)
     quantization: str | None = None  # "int8" / "w8a8": int8 weights + per-channel scales (jaxserve/quant.py)
     skip_head: bool = False  # return (None, cache, hidden): the caller runs ``head_logits`` on rows of its choice
-    matmul_impl: str = "xla"  # "cpu": the layers' float32 matmuls by kernels_pallas/gemm_cpu.py (where it serves)
+    matmul_impl: str = "xla"  # "cpu": PACKED_LINEARS by kernels_pallas/gemm_cpu.py (params: pack_linears)
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices):
@@ -440,8 +486,8 @@ class CausalLM(nn.Module):
         elif cfg.tie_word_embeddings:
             logits = _dot_f32_out(x, embed.embedding, (((1,), (1,)), ((), ())))
         else:
-            logits = linear(cfg.vocab_size, self.quantization, dt, dot_general=_matmul(self.matmul_impl, _dot_f32_out),
-                            name="lm_head")(x)
+            logits = linear(cfg.vocab_size, self.quantization, dt, dot_general=_dot_f32_out, name="lm_head",
+                            packed=self.matmul_impl == "cpu")(x)
         # The LM head runs vocab-parallel (each device its slice of the vocabulary); then sampling
         # sees whole rows: the [S, V] logits, not the [H, V] weights, are gathered onto every device.
         logits = constrain(logits, self.mesh, None, MODEL)
@@ -468,6 +514,8 @@ def head_logits(cfg: ModelConfig, params: dict, hidden: jax.Array, dtype: Any,
                   else quant.quantized_matmul(x, head["kernel"], head["scale"], jnp.float32, w8a8, head.get("zero")))
     elif cfg.tie_word_embeddings:
         logits = _dot_f32_out(x, params["embed"]["embedding"], (((1,), (1,)), ((), ())))
+    elif "packed_kernel" in head:  # matmul_impl="cpu" (PackedDense)
+        logits = gemm_cpu.gemm_cpu(x, head["packed_kernel"], cfg.vocab_size)
     else:
         logits = _dot_f32_out(x, params["lm_head"]["kernel"], (((1,), (0,)), ((), ())))
     logits = constrain(logits, mesh, None, MODEL)

@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 
 from jaxserve import compile_cache, kv_cache, quant, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.model import AttentionMetadata, CausalLM, head_logits, resolve_layer_loop, unstack_layers
+from jaxserve.model import AttentionMetadata, CausalLM, head_logits, pack_linears, resolve_layer_loop, unstack_layers
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
@@ -134,11 +134,13 @@ class ModelRunner:
         self.mesh = mesh
         self._multi_process = mesh is not None and jax.process_count() > 1
         self.cfg = engine_cfg
-        self.params = params
         # int8 weights (jaxserve/quant.py): W8A16 ("int8") unless the engine asks for "w8a8"
         self.quantization = (engine_cfg.quantization or "int8") if quant.is_quantized(params) else None
         self.matmul_impl = resolve_matmul(engine_cfg.matmul_impl, self.platform, mesh=mesh, dtype=dtype,
                                           quantization=self.quantization)
+        if self.matmul_impl == "cpu":  # the linear layers' weights in the CPU matmul kernel's layout, once
+            params = pack_linears(params)
+        self.params = params
         self.cache = cache
         self.dtype = dtype
         self.page_size = engine_cfg.page_size

@@ -37,8 +37,6 @@ import numpy as np
 TARGET = "jaxserve_gemm_cpu"
 ISAS = {"auto": 0, "avx2": 2, "avx512": 3}  # the kernel's ``isa`` attribute
 MATMUL_IMPLS = ("auto", "xla", "cpu")
-# The kernel serves dots of at most this many rows (bench/gemm_cpu.py: at 64 rows XLA's dot is as fast).
-MAX_ROWS = 48
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,39 +96,40 @@ def resolve_matmul(matmul_impl: str, platform: str, *, mesh=None, dtype=jnp.floa
     return "xla"
 
 
-def gemm_cpu(a: jax.Array, b: jax.Array, *, num_threads: int = 0, isa: str = "auto") -> jax.Array:
-    """``a [M, K] @ b [K, N]`` in float32 by the kernel (``num_threads`` 0: every core; ``isa``: ``"auto"``,
-    ``"avx512"`` or ``"avx2"``; the tests check both)."""
+PACK_NR = 32  # the packed layout's panel width (csrc/gemm_cpu: kPackNR)
+
+
+def packed_shape(k: int, n: int) -> tuple[int, int, int]:
+    """The packed layout of a ``[K, N]`` weight: ``[ceil(N / 32), K, 32]``."""
+    return (-(-n // PACK_NR), k, PACK_NR)
+
+
+def pack(b):
+    """``b [K, N]`` (numpy or jax) -> the kernel's packed layout ``[ceil(N/32), K, 32]``: panels of 32 columns,
+    each one contiguous run, the last one zero-padded."""
+    k, n = b.shape
+    panels = packed_shape(k, n)[0]
+    xp = np if isinstance(b, np.ndarray) else jnp
+    b = xp.pad(b, ((0, 0), (0, panels * PACK_NR - n)))
+    return b.reshape(k, panels, PACK_NR).transpose(1, 0, 2)
+
+
+def unpack(b_packed, n: int):
+    """The inverse of ``pack``: ``[ceil(N/32), K, 32]`` -> ``[K, N]``."""
+    panels, k, _ = b_packed.shape
+    return b_packed.transpose(1, 0, 2).reshape(k, panels * PACK_NR)[:, :n]
+
+
+def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, num_threads: int = 0, isa: str = "auto") -> jax.Array:
+    """``a [M, K] @ B [K, n]`` in float32 by the kernel, B given packed (``pack``); ``num_threads`` 0: every
+    core; ``isa``: ``"auto"``, ``"avx512"`` or ``"avx2"`` (the tests check both)."""
     _, reason = _load()
     if reason is not None:
         raise RuntimeError(f"matmul_impl: the CPU matmul kernel is unavailable: {reason}")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"gemm_cpu: a must be [M, K] and b [K, N], got {a.shape} and {b.shape}")
-    if a.dtype != jnp.float32 or b.dtype != jnp.float32:
-        raise ValueError(f"gemm_cpu: float32 operands only, got {a.dtype} and {b.dtype}")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
-                            vmap_method="sequential")
-    return call(a, b, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]))
-
-
-def serves(lhs, rhs, dimension_numbers) -> bool:
-    """Whether ``dot_general`` hands this dot to the kernel: float32 operands, ``lhs``'s last axis against
-    ``rhs``'s first, no batch axes, at most ``MAX_ROWS`` rows."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    if lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,):
-        return False
-    if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
-        return False
-    rows = int(np.prod(lhs.shape[:-1]))
-    return rows <= MAX_ROWS
-
-
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, fallback, **_):
-    """A ``dot_general`` for Flax's ``Dense``/``DenseGeneral`` (kernel ``[in, *features]``): the kernel where
-    ``serves`` says so, else ``fallback`` (the model's own dot, e.g. ``functools.partial(dot_general,
-    fallback=...)``)."""
-    if not serves(lhs, rhs, dimension_numbers):
-        return fallback(lhs, rhs, dimension_numbers, precision=precision)
-    k = lhs.shape[-1]
-    out = gemm_cpu(lhs.reshape(-1, k), rhs.reshape(k, -1))
-    return out.reshape(lhs.shape[:-1] + rhs.shape[1:])
+    if a.ndim != 2 or b_packed.ndim != 3 or b_packed.shape != packed_shape(a.shape[1], n):
+        raise ValueError(f"gemm_cpu: a must be [M, K] and b_packed {packed_shape(a.shape[1] if a.ndim == 2 else -1, n)}"
+                         f" (pack), got {a.shape} and {b_packed.shape}")
+    if a.dtype != jnp.float32 or b_packed.dtype != jnp.float32:
+        raise ValueError(f"gemm_cpu: float32 operands only, got {a.dtype} and {b_packed.dtype}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32), vmap_method="sequential")
+    return call(a, b_packed, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]))

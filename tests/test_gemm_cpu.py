@@ -1,9 +1,10 @@
 """The C++ CPU matmul of the layers' weights (``matmul_impl``, ``csrc/gemm_cpu/`` behind ``jax.ffi``): it is
 built (a missing extension FAILS here, as the attention kernel's does), it equals the float64 product over
 ragged shapes (rows not a multiple of the register tile, columns not a multiple of a panel, K over several
-K blocks) on every instruction-set path this CPU has, ``dot_general`` hands it exactly the dots it serves,
-``auto`` resolves to it only where it can serve, bad values name the field, and an engine with it gives the
-XLA engine's greedy tokens with the same programs compiled.  (Greedy parity with Hugging Face:
+K blocks, prompt-sized row counts) on every instruction-set path this CPU has, with the weights in its
+packed layout (``pack``, which ``pack_linears`` applies to a model's linear layers), ``auto`` resolves to it
+only where it can serve, bad values name the field, and an engine with it gives the XLA engine's greedy
+tokens (and prompt logprobs, through ``head_logits``) with the same programs compiled.  (Greedy parity with Hugging Face:
 tests/test_hf_parity.py, whose engines use ``auto``, i.e. this kernel on CPU.)
 """
 
@@ -27,7 +28,7 @@ def test_extension_is_built():
 
 # (M, K, N): M around the 12- and 6-row tiles, N around the 32- and 16-column panels, K over 256-row blocks
 SHAPES = [(1, 8, 1), (4, 64, 48), (5, 300, 33), (12, 512, 1024), (13, 257, 17), (29, 1408, 100), (48, 96, 512),
-          (7, 513, 2816)]
+          (7, 513, 2816), (64, 512, 96), (300, 260, 70)]
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
@@ -38,7 +39,7 @@ def test_gemm_equals_float64_product(isa, m, k, n):
     rng = np.random.default_rng(m * 1000 + n)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
-    got = np.asarray(jax.jit(lambda x, y: gemm_cpu.gemm_cpu(x, y, isa=isa))(a, b))
+    got = np.asarray(jax.jit(lambda x, y: gemm_cpu.gemm_cpu(x, y, n, isa=isa))(a, gemm_cpu.pack(b)))
     want = a.astype(np.float64) @ b.astype(np.float64)
     # float32 sums of k terms of size ~1: error ~ sqrt(k) * 2^-24 * |terms|
     np.testing.assert_allclose(got, want, atol=2e-5 * np.sqrt(k), rtol=1e-5)
@@ -49,30 +50,58 @@ def test_gemm_threads_give_the_same_bits(threads):
     """Items are column panels: every thread count sums each output in the same order."""
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((20, 600)).astype(np.float32))
-    b = jnp.asarray(rng.standard_normal((600, 700)).astype(np.float32))
-    one = np.asarray(gemm_cpu.gemm_cpu(a, b, num_threads=1))
-    np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(a, b, num_threads=threads)), one)
+    b = jnp.asarray(gemm_cpu.pack(rng.standard_normal((600, 700)).astype(np.float32)))
+    one = np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=1))
+    np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=threads)), one)
 
 
-def test_dot_general_serves_only_its_shapes():
-    f32, bf16 = jnp.float32, jnp.bfloat16
-    x = jax.ShapeDtypeStruct((16, 512), f32)
-    w = jax.ShapeDtypeStruct((512, 4, 4, 64), f32)  # a DenseGeneral kernel [in, *features]
-    last = (((1,), (0,)), ((), ()))
-    assert gemm_cpu.serves(x, w, last)
-    assert not gemm_cpu.serves(jax.ShapeDtypeStruct((gemm_cpu.MAX_ROWS + 1, 512), f32), w, last)  # a prompt chunk
-    assert gemm_cpu.serves(x, jax.ShapeDtypeStruct((512, 32000), f32), last)  # the LM head
-    assert not gemm_cpu.serves(jax.ShapeDtypeStruct((16, 512), bf16), jax.ShapeDtypeStruct((512, 64), bf16), last)
-    assert not gemm_cpu.serves(x, jax.ShapeDtypeStruct((64, 512), f32), (((1,), (1,)), ((), ())))  # tied embedding
-    # served or not, it computes the dot (features axes kept)
-    rng = np.random.default_rng(1)
-    for rows in (16, gemm_cpu.MAX_ROWS + 3):
-        lhs = jnp.asarray(rng.standard_normal((rows, 64)).astype(np.float32))
-        rhs = jnp.asarray(rng.standard_normal((64, 2, 40)).astype(np.float32))
-        got = jax.jit(lambda p, q: gemm_cpu.dot_general(p, q, last, fallback=jax.lax.dot_general))(lhs, rhs)
-        assert got.shape == (rows, 2, 40)
-        np.testing.assert_allclose(np.asarray(got), np.einsum("mk,kab->mab", np.asarray(lhs, np.float64),
-                                                              np.asarray(rhs, np.float64)), atol=2e-4, rtol=1e-5)
+def test_rows_do_not_change_a_rows_bits():
+    """Each output row is summed in the same order whatever the other rows: a sequence's logits do not
+    depend on the batch it runs in."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((70, 512)).astype(np.float32)
+    b = jnp.asarray(gemm_cpu.pack(rng.standard_normal((512, 300)).astype(np.float32)))
+    full = np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a), b, 300))
+    for rows in (1, 5, 13, 64):
+        np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a[:rows]), b, 300)), full[:rows])
+
+
+def test_pack_layout_and_bad_shapes():
+    b = np.arange(5 * 70, dtype=np.float32).reshape(5, 70)
+    p = gemm_cpu.pack(b)
+    assert p.shape == gemm_cpu.packed_shape(5, 70) == (3, 5, 32)
+    np.testing.assert_array_equal(p[1, 2], b[2, 32:64])  # panel 1, row 2: columns 32..63
+    np.testing.assert_array_equal(p[2, :, 6:], 0)  # the last panel's padding
+    np.testing.assert_array_equal(gemm_cpu.unpack(p, 70), b)
+    np.testing.assert_array_equal(np.asarray(gemm_cpu.pack(jnp.asarray(b))), p)
+    with pytest.raises(ValueError, match="b_packed"):
+        gemm_cpu.gemm_cpu(jnp.zeros((2, 5), jnp.float32), jnp.asarray(b), 70)  # not packed
+    with pytest.raises(ValueError, match="float32"):
+        gemm_cpu.gemm_cpu(jnp.zeros((2, 5), jnp.bfloat16), jnp.asarray(p, jnp.bfloat16), 70)
+
+
+def test_pack_linears_packs_the_linear_layers_only():
+    from jaxserve.model import PACKED_LINEARS, pack_linears
+
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((8, 2, 3, 4)).astype(np.float32)  # [in, *features] (a fused qkv)
+    stacked = rng.standard_normal((2, 8, 6)).astype(np.float32)  # [L, in, out]
+    params = {"embed": {"embedding": jnp.ones((10, 8))}, "final_norm": {"scale": jnp.ones(8)},
+              "layers_0": {"qkv_proj": {"kernel": jnp.asarray(kernel), "bias": jnp.ones((2, 3, 4))},
+                           "input_norm": {"scale": jnp.ones(8)}},
+              "layers": {"down_proj": {"kernel": jnp.asarray(stacked)}},
+              "lm_head": {"kernel": jnp.ones((8, 10))}}
+    out = pack_linears(params)
+    assert set(PACKED_LINEARS) >= {"qkv_proj", "down_proj", "lm_head"}
+    np.testing.assert_array_equal(np.asarray(out["layers_0"]["qkv_proj"]["packed_kernel"]),
+                                  gemm_cpu.pack(kernel.reshape(8, 24)))
+    assert "kernel" not in out["layers_0"]["qkv_proj"] and out["layers_0"]["qkv_proj"]["bias"].shape == (2, 3, 4)
+    packed = np.asarray(out["layers"]["down_proj"]["packed_kernel"])
+    assert packed.shape == (2,) + gemm_cpu.packed_shape(8, 6)
+    np.testing.assert_array_equal(packed[1], gemm_cpu.pack(stacked[1]))
+    assert out["lm_head"]["packed_kernel"].shape == gemm_cpu.packed_shape(8, 10)
+    assert out["embed"]["embedding"] is params["embed"]["embedding"]  # the rest untouched
+    assert out["layers_0"]["input_norm"]["scale"] is params["layers_0"]["input_norm"]["scale"]
 
 
 def test_resolve_matmul():
@@ -100,7 +129,8 @@ def test_engine_config_rejects_unknown_matmul_impl(llama_dir):
 
 def test_engine_tokens_equal_xla_engine_and_programs_per_bucket(llama_dir):
     """Greedy tokens with the kernel equal those with XLA's dot over decode and mixed buckets (prompts of
-    several chunks, more requests than slots), and the kernel adds no program."""
+    several chunks, more requests than slots), and the kernel adds no program; prompt logprobs (the LM head
+    of ``head_logits`` on the packed weights) match too."""
     from jaxserve import Engine
 
     lengths = [3, 90, 17, 40, 64, 5, 33, 71, 9, 50]

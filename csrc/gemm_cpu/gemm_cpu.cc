@@ -1,14 +1,16 @@
 // The float32 matmul of the layers' weights on the CPU, an XLA FFI custom call (jax.ffi):
-// C[M, N] = A[M, K] . B[K, N], all row-major, B the weights exactly as the model stores them ([in, out]:
-// nothing is packed or copied).  Python side: kernels_pallas/gemm_cpu.py, which serves it for the decode-
-// and small-step shapes where it beats XLA CPU's dot (measured there), and XLA's dot elsewhere.
+// C[M, N] = A[M, K] . B[K, N], A and C row-major, B the weights in the packed layout the engine gives them
+// once at load (kernels_pallas/gemm_cpu.py ``pack``): [ceil(N / 32), K, 32], each panel of 32 columns one
+// contiguous run (the last one zero-padded), so that the micro-kernel streams its block of B in order.
+// XLA CPU's dot repacks B on every call (a transpose of the weights per matmul per step); here the weights
+// are packed once.  Python side: kernels_pallas/gemm_cpu.py.
 //
-// Blocking: the columns are cut into panels of NR (32 with AVX-512, 16 with AVX2), a work item is a few
-// adjacent panels, and the K axis is cut into blocks of kKBlock rows, so that an item's block of B
-// (kKBlock x its columns) stays in L2 and one panel's block in L1 while every MR-row block of A runs over
-// it.  The micro-kernel holds an MR x NR tile of C in registers: per k, NR/lanes vector loads of B's row
-// and MR broadcasts of A.  Summation order is k ascending with FMAs, the same for every row and call.
-// Items are spread over XLA's CPU thread pool as the attention kernel's are (csrc/attention_cpu).
+// Blocking: the columns are cut into panels of NR (32 with AVX-512, 16 with AVX2: half a packed panel), a
+// work item is a few adjacent panels, and the K axis is cut into blocks of kKBlock rows, so that an item's
+// block of B (kKBlock x its columns) stays in L2 and one panel's block in L1 while every MR-row block of A
+// runs over it.  The micro-kernel holds an MR x NR tile of C in registers: per k, NR/lanes vector loads of
+// B's row and MR broadcasts of A.  Summation order is k ascending with FMAs, the same for every row, call,
+// row count and thread count.  Items are spread over XLA's CPU thread pool (csrc/cpu_pool.h).
 //
 // The AVX-512 / AVX2+FMA code is compiled with target attributes and picked at run time
 // (__builtin_cpu_supports); a CPU with neither has no kernel here (Python runs XLA's dot instead).
@@ -35,6 +37,7 @@ namespace jaxserve_cpu_gemm {
 
 enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3 };
 constexpr int64_t kKBlock = 256;
+constexpr int64_t kPackNR = 32;  // the packed layout's panel width (kernels_pallas/gemm_cpu.py PACK_NR)
 constexpr int64_t kPrefetchRows = 32;
 
 // A micro-kernel: C[rows, w] (=|+=) A[rows, K] . B[K, w], rows <= MR, w <= NR.
@@ -58,7 +61,7 @@ __attribute__((target("avx512f,fma"))) inline void tile_avx512(const float* A, i
                                                               __m512* c0, __m512* c1) {
   for (int64_t k = 0; k < K; ++k) {
     const float* b = B + k * ldb;
-    // B's rows are ldb apart (another page for every row of a wide B): fetch a few rows ahead
+    // fetch a few of B's rows ahead
     _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16), _MM_HINT_T0);
     const __m512 b0 = kFull ? _mm512_loadu_ps(b) : _mm512_maskz_loadu_ps(m0, b);
@@ -170,9 +173,11 @@ struct Work {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t n0 = p * NR;
           const int w = static_cast<int>(std::min(NR, N - n0));
+          // the packed panel holding column n0, at row k0 (NR divides kPackNR)
+          const float* b = B + (n0 / kPackNR) * K * kPackNR + k0 * kPackNR + n0 % kPackNR;
           for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int64_t rows = std::min(MR, M - m0);
-            micro[rows](A + m0 * K + k0, K, B + k0 * N + n0, N, C + m0 * N + n0, N, kn, w, k0 > 0);
+            micro[rows](A + m0 * K + k0, K, b, kPackNR, C + m0 * N + n0, N, kn, w, k0 > 0);
           }
         }
       }
@@ -184,8 +189,9 @@ struct Work {
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                 ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || ad[1] != bd[0] || cd[0] != ad[0] || cd[1] != bd[1]) {
-    return ffi::Error::InvalidArgument("gemm_cpu: A must be [M, K], B [K, N] and C [M, N]");
+  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || bd[2] != kPackNR || ad[1] != bd[1] ||
+      cd[0] != ad[0] || bd[0] != (cd[1] + kPackNR - 1) / kPackNR) {
+    return ffi::Error::InvalidArgument("gemm_cpu: A must be [M, K], B packed [ceil(N/32), K, 32] and C [M, N]");
   }
   if (isa == kIsaAuto) isa = best_isa();
   auto work = std::make_shared<Work>();
@@ -201,7 +207,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   return ffi::Error::InvalidArgument("gemm_cpu: built without the x86 kernels");
 #endif
   work->A = a.typed_data(), work->B = b.typed_data(), work->C = c->typed_data();
-  work->M = ad[0], work->K = ad[1], work->N = bd[1];
+  work->M = ad[0], work->K = ad[1], work->N = cd[1];
   if (work->M == 0 || work->N == 0) return ffi::Error::Success();
   if (work->K == 0) {
     std::fill(work->C, work->C + work->M * work->N, 0.f);
@@ -222,7 +228,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveGemmCpu, jaxserve_cpu_gemm::Gemm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // A [M, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // B [K, N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // B packed [ceil(N/32), K, 32]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // C [M, N]
                                   .Attr<int64_t>("num_threads")
                                   .Attr<int64_t>("isa"));
