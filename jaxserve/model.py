@@ -121,20 +121,27 @@ class PackedDense(nn.Module):
     """A float32 linear layer over the last axis whose weight is held in the CPU matmul kernel's packed layout:
     ``packed_kernel [ceil(N/32), in, 32]`` for ``N = prod(features)`` (``kernels_pallas/gemm_cpu.py``), the
     ``kernel [in, *features]`` of a checkpoint as ``pack_linears`` converts it once at load, so that no step
-    repacks the weights (XLA CPU's dot does, every call).  The kernel serves every row count."""
+    repacks the weights (XLA CPU's dot does, every call).  The kernel serves every row count; ``rows`` (an
+    int32 scalar, ``real_rows``) leaves a step's padding rows out (zeros)."""
 
     features: int | tuple[int, ...]
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, rows=None):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         k, n = x.shape[-1], int(np.prod(features))
         w = self.param("packed_kernel", lambda key: gemm_cpu.pack(_init()(key, (k, n), jnp.float32)))
-        y = gemm_cpu.gemm_cpu(x.reshape(-1, k), w, n).reshape(x.shape[:-1] + features)
+        y = gemm_cpu.gemm_cpu(x.reshape(-1, k), w, n, rows=rows).reshape(x.shape[:-1] + features)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, features, jnp.float32)
         return y
+
+
+def real_rows(meta: AttentionMetadata) -> jax.Array:
+    """The rows of a step that hold tokens: the decode block (all its rows) and the prefill rows up to the
+    last sequence's end (``query_start_loc[num_seqs]``); after them, the prefill bucket's padding."""
+    return meta.query_start_loc[meta.num_seqs]
 
 
 def pack_linears(params: dict) -> dict:
@@ -301,23 +308,27 @@ class DecoderLayer(nn.Module):
             self.gate_up_proj = dense((2, cfg.intermediate_size))  # [T, 2, I]
             self.down_proj = dense(cfg.hidden_size)
 
-    def pre_attention(self, x, cos, sin):
+    def _linear(self, layer: nn.Module, x, rows):
+        """``layer(x)``; a ``PackedDense`` (``matmul_impl="cpu"``) computes only ``rows`` rows (``real_rows``)."""
+        return layer(x, rows) if self.matmul_impl == "cpu" else layer(x)
+
+    def pre_attention(self, x, cos, sin, rows=None):
         """Hidden states [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (rotated with this layer's cos/sin,
-        see ``layer_rope``)."""
+        see ``layer_rope``).  ``rows``: the step's ``real_rows`` (or None: all)."""
         cfg = self.cfg
         t, hq, d, g = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-        qkv = self.qkv_proj(self.input_norm(x))
+        qkv = self._linear(self.qkv_proj, self.input_norm(x), rows)
         q = qkv[:, :, :g].reshape(t, hq, d)
         k, v = qkv[:, :, g], qkv[:, :, g + 1]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def post_attention(self, x, attn):
+    def post_attention(self, x, attn, rows=None):
         """Residual stream [T, H] and attention output [T, Hq, D] -> the layer's output [T, H]."""
         cfg, mesh = self.cfg, self.mesh
         attn = constrain(attn.reshape(x.shape[0], -1), mesh, DATA, MODEL)
-        attn = self.o_proj(attn)
+        attn = self._linear(self.o_proj, attn, rows)
         if cfg.sandwich_norms:  # Gemma: the attention output is normed before the residual add
             attn = self.post_attention_norm(attn)
         x = constrain(x + attn, mesh, DATA, None)
@@ -325,8 +336,8 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe:
             mlp = self.moe(h)
         else:
-            gate_up = self.gate_up_proj(h)
-            mlp = self.down_proj(moe.activation(cfg.hidden_act)(gate_up[:, 0]) * gate_up[:, 1])
+            gate_up = self._linear(self.gate_up_proj, h, rows)
+            mlp = self._linear(self.down_proj, moe.activation(cfg.hidden_act)(gate_up[:, 0]) * gate_up[:, 1], rows)
         if cfg.sandwich_norms:
             mlp = self.post_feedforward_norm(mlp)
         return constrain(x + mlp, mesh, DATA, None)
@@ -367,9 +378,10 @@ class DecoderLayer(nn.Module):
         ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
         ``cos``/``sin`` as ``rope_tables`` gives them."""
         x, cache = carry
-        q, k, v = self.pre_attention(x, *layer_rope(self.cfg, cos, sin, layer))
+        rows = real_rows(meta) if self.matmul_impl == "cpu" else None
+        q, k, v = self.pre_attention(x, *layer_rope(self.cfg, cos, sin, layer), rows)
         attn, cache = self.attend(q, k, v, cache, layer, meta)
-        return (self.post_attention(x, attn), cache), None
+        return (self.post_attention(x, attn, rows), cache), None
 
 
 def layer_rope(cfg: ModelConfig, cos, sin, layer):
@@ -465,14 +477,15 @@ class CausalLM(nn.Module):
                                  "'scan' and split them with unstack_layers")
             layer = DecoderLayer(*layer_args)
             weights = [{"params": self.variables["params"][f"layers_{i}"]} for i in range(cfg.num_layers)]
+            rows = real_rows(meta) if self.matmul_impl == "cpu" else None
 
             def body(carry, i):
                 x, cache = carry
                 q, k, v = jax.lax.switch(i, [functools.partial(layer.apply, w, method="pre_attention")
-                                             for w in weights], x, *layer_rope(cfg, cos, sin, i))
+                                             for w in weights], x, *layer_rope(cfg, cos, sin, i), rows)
                 attn, cache = layer.attend(q, k, v, cache, i, meta)
                 x = jax.lax.switch(i, [functools.partial(layer.apply, w, method="post_attention")
-                                       for w in weights], x, attn)
+                                       for w in weights], x, attn, rows)
                 return (x, cache), None
 
             (x, cache), _ = jax.lax.scan(body, (x, cache), steps)

@@ -120,9 +120,12 @@ def unpack(b_packed, n: int):
     return b_packed.transpose(1, 0, 2).reshape(k, panels * PACK_NR)[:, :n]
 
 
-def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, num_threads: int = 0, isa: str = "auto") -> jax.Array:
-    """``a [M, K] @ B [K, n]`` in float32 by the kernel, B given packed (``pack``); ``num_threads`` 0: every
-    core; ``isa``: ``"auto"``, ``"avx512"`` or ``"avx2"`` (the tests check both)."""
+def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_threads: int = 0,
+             isa: str = "auto") -> jax.Array:
+    """``a [M, K] @ B [K, n]`` in float32 by the kernel, B given packed (``pack``).  ``rows`` (an int32 scalar,
+    may be traced; None: all ``M``): only the first ``rows`` rows are computed, the rest are zeros (a step's
+    bucket padding).  ``num_threads`` 0: every core; ``isa``: ``"auto"``, ``"avx512"`` or ``"avx2"`` (the
+    tests check both)."""
     _, reason = _load()
     if reason is not None:
         raise RuntimeError(f"matmul_impl: the CPU matmul kernel is unavailable: {reason}")
@@ -131,5 +134,6 @@ def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, num_threads: int = 0,
                          f" (pack), got {a.shape} and {b_packed.shape}")
     if a.dtype != jnp.float32 or b_packed.dtype != jnp.float32:
         raise ValueError(f"gemm_cpu: float32 operands only, got {a.dtype} and {b_packed.dtype}")
+    rows = jnp.asarray(a.shape[0] if rows is None else rows, jnp.int32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32), vmap_method="sequential")
-    return call(a, b_packed, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]))
+    return call(a, b_packed, rows, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]))

@@ -66,6 +66,19 @@ def test_rows_do_not_change_a_rows_bits():
         np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a[:rows]), b, 300)), full[:rows])
 
 
+def test_rows_past_the_real_ones_are_zeros():
+    """``rows`` (a traced scalar: the step's real rows) leaves the bucket's padding rows out."""
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.standard_normal((40, 96)).astype(np.float32))
+    b = jnp.asarray(gemm_cpu.pack(rng.standard_normal((96, 70)).astype(np.float32)))
+    full = np.asarray(gemm_cpu.gemm_cpu(a, b, 70))
+    f = jax.jit(lambda x, w, r: gemm_cpu.gemm_cpu(x, w, 70, rows=r))
+    for rows in (0, 1, 13, 40, 99):
+        got = np.asarray(f(a, b, jnp.int32(rows)))
+        np.testing.assert_array_equal(got[:rows], full[:rows])
+        np.testing.assert_array_equal(got[rows:], 0)
+
+
 def test_pack_layout_and_bad_shapes():
     b = np.arange(5 * 70, dtype=np.float32).reshape(5, 70)
     p = gemm_cpu.pack(b)

@@ -1,5 +1,6 @@
 // The float32 matmul of the layers' weights on the CPU, an XLA FFI custom call (jax.ffi):
-// C[M, N] = A[M, K] . B[K, N], A and C row-major, B the weights in the packed layout the engine gives them
+// C[M, N] = A[M, K] . B[K, N] for the first `rows` rows (a step's real ones: the rest, a bucket's padding,
+// are zeros), A and C row-major, B the weights in the packed layout the engine gives them
 // once at load (kernels_pallas/gemm_cpu.py ``pack``): [ceil(N / 32), K, 32], each panel of 32 columns one
 // contiguous run (the last one zero-padded), so that the micro-kernel streams its block of B in order.
 // XLA CPU's dot repacks B on every call (a transpose of the weights per matmul per step); here the weights
@@ -187,7 +188,7 @@ struct Work {
 };
 
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
+                ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
   if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || bd[2] != kPackNR || ad[1] != bd[1] ||
       cd[0] != ad[0] || bd[0] != (cd[1] + kPackNR - 1) / kPackNR) {
@@ -207,7 +208,11 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   return ffi::Error::InvalidArgument("gemm_cpu: built without the x86 kernels");
 #endif
   work->A = a.typed_data(), work->B = b.typed_data(), work->C = c->typed_data();
-  work->M = ad[0], work->K = ad[1], work->N = cd[1];
+  if (rows.element_count() != 1) return ffi::Error::InvalidArgument("gemm_cpu: rows must be a scalar");
+  // rows [0, M): computed; the rest (a bucket's padding rows) zeros
+  const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, ad[0]);
+  std::fill(c->typed_data() + M * cd[1], c->typed_data() + ad[0] * cd[1], 0.f);
+  work->M = M, work->K = ad[1], work->N = cd[1];
   if (work->M == 0 || work->N == 0) return ffi::Error::Success();
   if (work->K == 0) {
     std::fill(work->C, work->C + work->M * work->N, 0.f);
@@ -229,6 +234,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveGemmCpu, jaxserve_cpu_gemm::Gemm,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // A [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // B packed [ceil(N/32), K, 32]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows: A's rows to compute
                                   .Ret<ffi::Buffer<ffi::F32>>()  // C [M, N]
                                   .Attr<int64_t>("num_threads")
                                   .Attr<int64_t>("isa"));
