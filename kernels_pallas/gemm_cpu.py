@@ -1,25 +1,33 @@
-"""The layers' float32 matmul on the CPU: a C++ kernel behind ``jax.ffi`` (``csrc/gemm_cpu/``).
+"""The linear layers' float32 matmul on the CPU: a C++ kernel behind ``jax.ffi`` (``csrc/gemm_cpu/``).
 
-XLA CPU's dot is far from the machine's rate at the shapes of a decode step: few rows (4-48) against
-weights of a few MB.  The kernel reads the weights in place (``[in, out]`` as the model stores them, no
-packing), holds a tile of the output in registers (12 x 32 with AVX-512, 6 x 16 with AVX2), blocks K by
-256 so that the weights' block stays in cache while every row block runs over it, and prefetches the
-weights 32 rows ahead (their rows are a page apart).  ``python bench/gemm_cpu.py --model
-/work/models/56m`` (the 56m model's eight layers of four matmuls without attention, weights streamed from
-memory, then its LM head [rows, 512] x [512, 32000]; 2-core Xeon, AVX-512, 2026-12-02), ms:
+XLA CPU's dot repacks its right operand on every call: in a decode step that is every weight matrix,
+every step (``ynn::transpose`` was 13% of a longtail-256 run's CPU time, ``perf record``), and at a
+decode step's few rows it runs far below the machine's rate.  The engine instead packs the weights once
+at load into the kernel's layout (``pack``: panels of 32 columns, each one contiguous run; the model's
+``PackedDense`` holds them, ``jaxserve.model.pack_linears`` converts a checkpoint's), and the kernel
+holds a tile of the output in registers (12 x 32 with AVX-512, 6 x 16 with AVX2), blocks K by 256 so that
+a panel's block stays in L1 while every row block runs over it, and prefetches the weights 32 rows
+ahead.  It computes only a step's real rows (``rows``): a prefill bucket's padding is left out.
 
-    rows               4     8     16     32     48     64
-    layers, XLA dot    4.50  7.57  10.04  14.59  18.77  15.56
-    layers, kernel     3.54  4.14   6.79  11.18  14.17  14.14
-    LM head, XLA dot   2.00  2.91   4.04   6.79   9.16   8.03
-    LM head, kernel    1.87  1.93   2.99   4.54   6.17   7.73
+``python bench/gemm_cpu.py --model /work/models/56m --rows 4,8,16,32,64,128,512 [--isa avx2]`` (the
+56m model's eight layers of four matmuls without attention, weights streamed from memory, then its LM
+head [rows, 512] x [512, 32000]; 2-core Xeon, Sapphire Rapids, 2026-12-03), ms:
 
-At 64 rows the two are within the runs' noise (an earlier run: layers 14.71 vs 14.86 ms), and at prompt
-chunks' hundreds of rows XLA's packed GEMM is faster, so ``dot_general`` serves only ``MAX_ROWS`` rows or fewer and
-hands everything else (and every non-float32 dot) to XLA.  The AVX2 path was slower than XLA's dot on
-the same machine (``--isa avx2``: 6.37 vs 5.13 ms at 4 rows, 17.84 vs 13.40 at 32), so ``auto`` picks the
-kernel only where the CPU has AVX-512.  Float32 sums in another order than XLA's: results differ from
-XLA's dot by rounding, as XLA's differs from torch's.
+    rows                    4     8     16     32     64    128    512
+    layers, XLA dot       5.18  7.00  9.08  12.92  14.33  22.73  76.40
+    layers, kernel        3.17  3.36  4.32   7.68  12.46  21.74  80.91
+    LM head, XLA dot      2.12  2.78  3.34   5.44   8.88  13.02  63.64
+    LM head, kernel       1.72  1.80  2.34   3.56   6.41  12.26  72.26
+    layers, kernel AVX2   3.40  4.42  6.20  11.23  18.83  34.03 124.29
+
+The kernel's layers reach 299 GFLOP/s at 512 rows.  At prompt-chunk sizes XLA's dot (AVX-512 here) is
+as fast or up to 6% faster (14% on the LM head, which in a step only sees the sampled rows); the kernel
+serves every row count so that the weights exist once, packed.  Its AVX2 path beats XLA's AVX-512 dot
+on this machine up to 32 rows, and at 512 rows runs 194 GFLOP/s, about this machine's two-core AVX2 FMA
+peak (2 x 2 x 8 x 2 FLOP per cycle at ~3 GHz), which bounds any AVX2 dot, XLA's included: so ``auto``
+picks the kernel on AVX2-only CPUs too (not measured on one: no such machine here).  Float32 sums in
+another order than XLA's: results differ from XLA's dot by rounding, as XLA's differs from torch's; each
+row's sum is the same whatever the other rows and the thread count (tested bit for bit).
 
 The kernel is the extension module ``kernels_pallas._gemm_cpu``, built by ``pip install -e .``
 (``setup.py``); without it, or on a CPU without AVX2/FMA, ``cpu_gemm_unavailable_reason()`` says why and
@@ -68,9 +76,9 @@ def available_isas() -> list[str]:
 
 def resolve_matmul(matmul_impl: str, platform: str, *, mesh=None, dtype=jnp.float32,
                    quantization: str | None = None) -> str:
-    """``"cpu"`` (this kernel for the layers' matmuls) or ``"xla"``.  ``auto``: the kernel on one CPU device
+    """``"cpu"`` (this kernel for the linear layers) or ``"xla"``.  ``auto``: the kernel on one CPU device
     (not on a mesh: XLA cannot partition a custom call) for float32 unquantized weights when it is built and
-    the CPU has AVX-512; ``cpu`` asks for it (AVX2 is enough) and raises when it cannot serve."""
+    the CPU has AVX2/FMA or AVX-512; ``cpu`` asks for it and raises when it cannot serve."""
     if matmul_impl not in MATMUL_IMPLS:
         raise ValueError(f"matmul_impl: must be one of {', '.join(MATMUL_IMPLS)}, got {matmul_impl!r}")
     if matmul_impl == "xla":
@@ -86,9 +94,6 @@ def resolve_matmul(matmul_impl: str, platform: str, *, mesh=None, dtype=jnp.floa
         why = f"the weights are quantized ({quantization})"
     else:
         why = cpu_gemm_unavailable_reason()
-    if why is None and matmul_impl == "auto" and "avx512" not in available_isas():
-        why = ("this CPU has no AVX-512, and the kernel's AVX2 path was slower than XLA's dot "
-               "(python bench/gemm_cpu.py --isa avx2)")
     if why is None:
         return "cpu"
     if matmul_impl == "cpu":
