@@ -166,7 +166,8 @@ def _pack_leaf(a: Any, stacked: bool) -> Any:
         return jax.ShapeDtypeStruct(lead + gemm_cpu.packed_shape(k, n), a.dtype, sharding=a.sharding)
     host = np.asarray(a).reshape(lead + (k, n))
     packed = np.stack([gemm_cpu.pack(h) for h in host]) if stacked else gemm_cpu.pack(host)
-    return jax.device_put(np.ascontiguousarray(packed), a.sharding)
+    packed = np.ascontiguousarray(packed)
+    return jax.device_put(packed, a.sharding) if isinstance(a, jax.Array) else packed
 
 
 class RMSNorm(nn.Module):

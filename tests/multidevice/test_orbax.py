@@ -15,7 +15,7 @@ from conftest import ENGINE_KW, assert_clean, greedy, greedy_tokens, random_prom
 from jaxserve import Engine, ModelConfig
 from jaxserve.checkpoint import MARKER, convert, restore_params, restore_targets, stored_shapes
 from jaxserve.cli import main as cli_main
-from jaxserve.model import unstack_layers
+from jaxserve.model import pack_linears, unstack_layers
 from jaxserve.sharding import MODEL, make_mesh, param_specs, replicate_kv_heads
 from jaxserve.weights import load_params
 
@@ -65,6 +65,8 @@ def test_round_trip_identical_weights_and_tokens(mha_dir, mha_ckpt, mha_tokens):
     expected = load_params(mha_dir, cfg, np.float32)
     if engine.runner.layer_loop == "switch":  # one CPU device: per-layer weight buffers (model.resolve_layer_loop)
         expected = unstack_layers(expected, cfg.num_layers)
+    if engine.runner.matmul_impl == "cpu":  # the CPU matmul kernel's weights, packed once at load
+        expected = pack_linears(expected)
     assert_same_params(engine.runner.params, expected)
     assert run(engine) == mha_tokens
     assert engine.tokenizer is not None and engine.generate("Hello", greedy(4))[0].text is not None
