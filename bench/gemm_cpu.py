@@ -6,7 +6,7 @@ buffers as in the engine's CPU layer loop, so that the weights stream from memor
 several row counts with each matmul implementation; then the LM head ([rows, hidden] x [hidden, vocab], one
 jitted call).  Prints one JSON line per row count:
 
-    python bench/gemm_cpu.py --model /work/models/56m [--rows 4,8,16,32,48,64] [--isa auto]
+    python bench/gemm_cpu.py --model /work/models/56m [--rows 4,8,16,32,48,64] [--isa auto] [--num-threads 0]
 
 (``--model``: a checkpoint directory, only its config.json is read; the weights are random.)
 """
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--rows", default="4,8,16,32,48,64")
     ap.add_argument("--isa", default="auto", choices=["auto", "avx512", "avx2"])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--num-threads", type=int, default=0,
+                    help="the kernel's threads (0: every core; 1 against 0 shows how it scales)")
     args = ap.parse_args()
     with open(os.path.join(args.model, "config.json")) as f:
         config = json.load(f)
@@ -79,12 +81,13 @@ def main() -> None:
     ns = [n for _, n in shapes]
     impls = {
         "xla": stack(lambda a, b, n: jnp.dot(a, b, preferred_element_type=jnp.float32), layers, heads_dim, inter, ns),
-        "cpu": stack(lambda a, b, n: gemm_cpu(a, b, n, isa=args.isa), layers, heads_dim, inter, ns),
+        "cpu": stack(lambda a, b, n: gemm_cpu(a, b, n, isa=args.isa, num_threads=args.num_threads), layers, heads_dim, inter, ns),
     }
     packed = [[jnp.asarray(pack(np.asarray(w))) for w in ws] for ws in weights]  # once, as the engine does at load
     head = jnp.asarray(rng.standard_normal((config["hidden_size"], config["vocab_size"]), dtype=np.float32) * 0.02)
     heads = {"xla": jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)),
-             "cpu": jax.jit(lambda a, b: gemm_cpu(a, b, config["vocab_size"], isa=args.isa))}
+             "cpu": jax.jit(lambda a, b: gemm_cpu(a, b, config["vocab_size"], isa=args.isa,
+                                                   num_threads=args.num_threads))}
     head_packed = jnp.asarray(pack(np.asarray(head)))
     flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
     for rows in (int(r) for r in args.rows.split(",")):

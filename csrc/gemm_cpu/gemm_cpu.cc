@@ -224,6 +224,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   // claimed one by one even that out.  Two items per thread, as before, left 32-64 rows' matmuls 1.55-1.7x
   // faster on two cores than on one; with eight, a chain of a 56m step's 32 matmuls on 2 cores went
   // 4.1 -> 3.7 ms at 16 rows, 8.4 -> 6.6 at 32, 13.9 -> 13.2 at 64 (three interleaved rounds, medians).
+  // `bench/gemm_cpu.py --num-threads 1` against the default shows how the kernel scales.
   work->chunk = std::clamp<int64_t>(panels / (8 * threads), 1, 8);
   work->items = (panels + work->chunk - 1) / work->chunk;
   jaxserve_cpu::run_on_pool(pool, work, work->items, threads);
