@@ -64,10 +64,13 @@ def main(argv=None) -> int:
     result: dict = {"workload": os.path.basename(args.workload), "max_num_seqs": args.max_num_seqs}
     js = jaxserve("continuous")
     result["jaxserve"] = {k: js[k] for k in ("attention_impl", "matmul_impl", "tok_s", "seconds", "output_tokens", "warmup_s", "compiles", "buckets",
-                                             "steps", "device_step_s", "host_prepare_s", "process_s")}
+                                             "steps", "device_step_s", "prefill_steps", "prefill_device_s",
+                                             "host_prepare_s", "process_s")}
     if args.static:
         st = jaxserve("static")
-        result["jaxserve_static"] = {k: st[k] for k in ("tok_s", "seconds", "output_tokens", "warmup_s", "process_s")}
+        result["jaxserve_static"] = {k: st[k] for k in ("tok_s", "seconds", "output_tokens", "warmup_s", "steps",
+                                                        "device_step_s", "prefill_steps", "prefill_device_s",
+                                                        "process_s")}
         result["continuous_over_static"] = round(js["tok_s"] / st["tok_s"], 3)
     if not args.skip_vllm:
         if not os.path.exists(args.vllm_python):

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
                                  structured_outputs={"json": s} if constrained else None)
                   for i, s in enumerate(schemas)]
         r = engine.runner
-        r.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0}
+        r.stats = dict.fromkeys(r.stats, 0)
         r.mask_stats = {"steps": 0, "rows": 0, "seconds": 0.0}
         t0 = time.perf_counter()
         outs = engine.generate(prompts, params)

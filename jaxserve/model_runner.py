@@ -169,7 +169,8 @@ class ModelRunner:
         self.compile_count = 0  # programs obtained (compiled or loaded from the compile cache)
         self.cache_hits = 0  # ... of which loaded from the persistent compile cache
         self.compile_seconds = 0.0
-        self.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0}  # host packing vs device step (+sync)
+        # host packing vs device step (+sync); the steps with prompt tokens (prefill chunks) on their own
+        self.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0, "prefill_steps": 0, "prefill_device_s": 0.0}
         self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",),
                                donate_argnames=("cache", "penalty_state"))
         # Penalty rows (sampling.PenaltyState): one per penalized request in flight; a request gets its row
@@ -595,6 +596,9 @@ class ModelRunner:
         self.stats["steps"] += 1
         self.stats["prepare_s"] += t1 - t0
         self.stats["device_s"] += t2 - t1
+        if key[1]:
+            self.stats["prefill_steps"] += 1
+            self.stats["prefill_device_s"] += t2 - t1
         return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt, spec_tokens,
                           spec_accept, spec_first, self._slots)
 

@@ -73,6 +73,10 @@ def test_chunked_prefill_equals_unchunked(llama_dir, chunk):
     want = whole.generate(prompts, [greedy(n) for n in max_tokens])
     got = chunked.generate(prompts, [greedy(n) for n in max_tokens])
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    # the runner counts the steps with prompt tokens (at most `chunk` each) and their time on their own
+    st = chunked.runner.stats
+    assert -(-sum(map(len, prompts)) // chunk) <= st["prefill_steps"] < st["steps"]
+    assert 0 < st["prefill_device_s"] < st["device_s"]
     assert_clean(chunked)
     assert_clean(whole)
 
