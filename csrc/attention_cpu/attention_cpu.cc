@@ -95,9 +95,15 @@ struct Item {
 // Per-thread buffers of the kernel, grown once.
 struct Scratch {
   std::vector<float> q, acc, scores;
+  std::vector<float> m, l, alpha;  // per query vector (the several-row path)
+  std::vector<int64_t> lo, hi;     // per row: the keys it sees
   void reserve(int64_t g, int64_t d, int64_t s) {
     if (static_cast<int64_t>(q.size()) < g * d) q.resize(g * d), acc.resize(g * d);
     if (static_cast<int64_t>(scores.size()) < g * s) scores.resize(g * s);
+  }
+  void reserve_rows(int64_t vectors, int64_t rows) {
+    if (static_cast<int64_t>(m.size()) < vectors) m.resize(vectors), l.resize(vectors), alpha.resize(vectors);
+    if (static_cast<int64_t>(lo.size()) < rows) lo.resize(rows), hi.resize(rows);
   }
 };
 

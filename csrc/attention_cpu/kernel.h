@@ -134,9 +134,143 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
   }
 }
 
-// The item with every query head of its group: chunks of up to 8 heads, each chunk one instantiation.
+// Several rows of one sequence (an item of a prefill chunk) against one KV head, with every query head of
+// its group: the Q = rows x G query vectors go over each page together, eight at a time, so that a K or V
+// row read serves eight of them (attend_item reads every page once per row).  Per page: scores[Q, n], each
+// as eight dot products summed across lanes at once (reduce_sum8); each vector's online softmax over the
+// keys its own row sees (causal bound and window per row: the page range is the rows' union, the keys
+// outside a row's range get probability 0); then acc = alpha * acc + p . v, one 8-lane chunk of D at a time.
+template <CacheType C>
+void attend_rows(const Problem& pb, const Item& item, Scratch& sc) {
+  const int64_t D = pb.D, S = pb.S, G = pb.G, chunks = D / 8, two_d = 2 * D;
+  const int64_t s = item.seq;
+  const int64_t q_start = pb.cu_q_lens[s];
+  const int64_t q_len = pb.cu_q_lens[s + 1] - q_start;
+  const int64_t ctx = static_cast<int64_t>(pb.kv_lens[s]) - q_len;  // positions before this step's tokens
+  const int32_t* pages = pb.page_indices + s * pb.max_pages;
+  const int64_t head_base = (pb.layer * pb.Hkv + item.head) * pb.P;  // in pages
+  const int64_t qh0 = item.head * G;
+  const int64_t R = item.row_end - item.row_begin, Q = R * G, Q8 = (Q + 7) / 8 * 8;
+  sc.reserve(Q8, D, S);
+  sc.reserve_rows(Q8, R);
+  float* qb = sc.q.data();           // [Q8, D] scaled queries, vector i * G + g for row i, head g
+  float* acc = sc.acc.data();        // [Q8, D]
+  float* scores = sc.scores.data();  // [Q8, S]
+  float *m = sc.m.data(), *l = sc.l.data(), *alpha = sc.alpha.data();
+  int64_t *lo = sc.lo.data(), *hi = sc.hi.data();
+
+  int64_t lo_min = std::numeric_limits<int64_t>::max(), hi_max = 0;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t pos = ctx + (item.row_begin + i - q_start);
+    lo[i] = hi[i] = 0;  // a padding sequence's row, or one that sees no key: stays zero
+    if (pos < 0) continue;
+    const int64_t h = std::min<int64_t>(pos + 1, pb.max_pages * S), w = std::max<int64_t>(0, pos - pb.window + 1);
+    if (w >= h) continue;
+    lo[i] = w, hi[i] = h;
+    lo_min = std::min(lo_min, w), hi_max = std::max(hi_max, h);
+  }
+  if (hi_max == 0) return;
+  for (int64_t v = 0; v < Q8; ++v) {
+    float* qv = qb + v * D;
+    if (v < Q) {
+      const float* qr = pb.q + ((item.row_begin + v / G) * pb.Hq + qh0 + v % G) * D;
+      for (int64_t d = 0; d < D; ++d) qv[d] = qr[d] * pb.sm_scale;
+    } else {
+      std::fill(qv, qv + D, 0.f);  // padding vectors: zero scores, zero output, never written out
+    }
+    m[v] = -std::numeric_limits<float>::infinity(), l[v] = 0.f, alpha[v] = 1.f;
+  }
+  std::fill(acc, acc + Q8 * D, 0.f);
+
+  for (int64_t pi = lo_min / S; pi * S < hi_max; ++pi) {
+    int64_t page = pages[pi];
+    page = page < 0 ? 0 : (page >= pb.P ? pb.P - 1 : page);  // XLA's gather clamps; never out of bounds
+    const int64_t base = (head_base + page) * S * two_d;
+    const int64_t j0 = std::max<int64_t>(lo_min - pi * S, 0), j1 = std::min<int64_t>(hi_max - pi * S, S);
+    const int64_t n = j1 - j0;
+    if ((pi + 1) * S < hi_max) {
+      int64_t next = pages[pi + 1];
+      next = next < 0 ? 0 : (next >= pb.P ? pb.P - 1 : next);
+      prefetch_page(static_cast<const char*>(pb.cache) + (head_base + next) * S * two_d * kElemBytes<C>,
+                    S * two_d * kElemBytes<C>);
+    }
+    // scores[v, j] = q_v . k_j, eight vectors at a time
+    for (int64_t v0 = 0; v0 < Q8; v0 += 8) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t row = base + (j0 + j) * two_d;
+        FP32Vec8 a[8];
+        for (int t = 0; t < 8; ++t) a[t] = FP32Vec8::zero();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const FP32Vec8 k = load_kv<C>(pb.cache, row + 8 * c);
+          for (int t = 0; t < 8; ++t) a[t] = a[t].fma(FP32Vec8::load(qb + (v0 + t) * D + 8 * c), k);
+        }
+        float sums[8];
+        FP32Vec8::reduce_sum8(a).store(sums);
+        for (int t = 0; t < 8; ++t) scores[(v0 + t) * S + j] = sums[t];
+      }
+    }
+    // each vector's online softmax over the keys of this page its row sees
+    for (int64_t v = 0; v < Q; ++v) {
+      const int64_t i = v / G;
+      float* sg = scores + v * S;
+      const int64_t a0 = std::max(lo[i] - pi * S, j0) - j0, a1 = std::min(hi[i] - pi * S, j1) - j0;
+      if (a1 <= a0) {
+        alpha[v] = 1.f;
+        std::fill(sg, sg + n, 0.f);
+        continue;
+      }
+      if (pb.soft_cap > 0.f) {
+        for (int64_t j = a0; j < a1; ++j) sg[j] = pb.soft_cap * std::tanh(sg[j] / pb.soft_cap);
+      }
+      float mx = sg[a0];
+      for (int64_t j = a0 + 1; j < a1; ++j) mx = std::max(mx, sg[j]);
+      const float m_new = std::max(m[v], mx);
+      alpha[v] = std::exp(m[v] - m_new);
+      float sum = 0.f;
+      int64_t j = a0;
+      const FP32Vec8 mv = FP32Vec8::broadcast(m_new);
+      for (; j + 8 <= a1; j += 8) {
+        const FP32Vec8 e = FP32Vec8::load(sg + j).sub(mv).exp();
+        e.store(sg + j);
+        sum += e.reduce_sum();
+      }
+      for (; j < a1; ++j) {
+        sg[j] = std::exp(sg[j] - m_new);
+        sum += sg[j];
+      }
+      std::fill(sg, sg + a0, 0.f);
+      std::fill(sg + a1, sg + n, 0.f);
+      l[v] = alpha[v] * l[v] + sum;
+      m[v] = m_new;
+    }
+    // acc_v = alpha_v * acc_v + sum_j p[v, j] v_j: per 8-lane chunk of D, eight vectors' accumulators live
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t v0 = 0; v0 < Q8; v0 += 8) {
+        FP32Vec8 a[8];
+        for (int t = 0; t < 8; ++t) {
+          a[t] = FP32Vec8::load(acc + (v0 + t) * D + 8 * c).mul(FP32Vec8::broadcast(alpha[v0 + t]));
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const FP32Vec8 vv = load_kv<C>(pb.cache, base + (j0 + j) * two_d + D + 8 * c);
+          for (int t = 0; t < 8; ++t) a[t] = a[t].fma(FP32Vec8::broadcast(scores[(v0 + t) * S + j]), vv);
+        }
+        for (int t = 0; t < 8; ++t) a[t].store(acc + (v0 + t) * D + 8 * c);
+      }
+    }
+  }
+  for (int64_t v = 0; v < Q; ++v) {
+    if (hi[v / G] == 0) continue;
+    float* o = pb.out + ((item.row_begin + v / G) * pb.Hq + qh0 + v % G) * D;
+    const float inv = l[v] > 0.f ? 1.f / l[v] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[v * D + d] * inv;
+  }
+}
+
+// The item with every query head of its group: several rows together (attend_rows), or one row with its
+// heads in chunks of up to 8, each chunk one instantiation.
 template <CacheType C>
 void attend_group(const Problem& pb, const Item& item, Scratch& sc) {
+  if (item.row_end - item.row_begin > 1) return attend_rows<C>(pb, item, sc);
   for (int64_t g0 = 0; g0 < pb.G; g0 += 8) {
     switch (std::min<int64_t>(pb.G - g0, 8)) {
       case 1: attend_item<1, C>(pb, item, g0, sc); break;

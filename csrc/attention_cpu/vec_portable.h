@@ -54,6 +54,12 @@ struct FP32Vec8 {
     for (int i = 0; i < 8; ++i) r.v[i] = std::exp(v[i]);
     return r;
   }
+  // {sum(a[0]), ..., sum(a[7])}
+  static FP32Vec8 reduce_sum8(const FP32Vec8* a) {
+    FP32Vec8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a[i].reduce_sum();
+    return r;
+  }
   float reduce_sum() const {
     float s = 0.f;
     for (int i = 0; i < 8; ++i) s += v[i];
