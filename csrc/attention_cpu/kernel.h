@@ -30,16 +30,69 @@ inline void prefetch_page(const char* p, int64_t bytes) {
 #endif
 }
 
+// An item's sequence: its first row, the positions before this step's tokens, the first page of its KV
+// head in the cache (in pages) and its page table.
+struct SeqView {
+  int64_t q_start, ctx, head_base;
+  const int32_t* pages;
+};
+inline SeqView seq_view(const Problem& pb, const Item& item) {
+  const int64_t s = item.seq, q_start = pb.cu_q_lens[s];
+  return {q_start, static_cast<int64_t>(pb.kv_lens[s]) - (pb.cu_q_lens[s + 1] - q_start),
+          (pb.layer * pb.Hkv + item.head) * pb.P, pb.page_indices + s * pb.max_pages};
+}
+
+// Entry pi of a sequence's page table, clamped as XLA's gather clamps: never out of bounds.
+inline int64_t page_at(const Problem& pb, const int32_t* pages, int64_t pi) {
+  const int64_t page = pages[pi];
+  return page < 0 ? 0 : (page >= pb.P ? pb.P - 1 : page);
+}
+
+// The page after pi, when keys below `hi` are on it, is elsewhere in memory (pages are scattered): fetch
+// it while page pi is computed.
+template <CacheType C>
+inline void prefetch_next_page(const Problem& pb, const int32_t* pages, int64_t head_base, int64_t pi,
+                               int64_t hi) {
+  if ((pi + 1) * pb.S >= hi) return;
+  const int64_t bytes = pb.S * 2 * pb.D * kElemBytes<C>;
+  prefetch_page(static_cast<const char*>(pb.cache) + (head_base + page_at(pb, pages, pi + 1)) * bytes, bytes);
+}
+
+// One query vector's online-softmax step over a page's scores sg[a0, a1) (a0 < a1): soft cap, running max
+// m and sum l updated, the scores turned into probabilities; returns alpha = e^(m_old - m_new), the factor
+// of the accumulator.  The exps run 8 at a time: the kernel's compute on cache-resident pages went from
+// 0.84-0.93 to 0.62-0.64 ms (bench/attention_cpu.py --seqs 64 --context 256 --shared-pages); from memory a
+// decode is bound by reading the pages (1.47 -> 1.37-1.44 ms).
+inline float softmax_step(const Problem& pb, float* sg, int64_t a0, int64_t a1, float& m, float& l) {
+  if (pb.soft_cap > 0.f) {
+    for (int64_t j = a0; j < a1; ++j) sg[j] = pb.soft_cap * std::tanh(sg[j] / pb.soft_cap);
+  }
+  float mx = sg[a0];
+  for (int64_t j = a0 + 1; j < a1; ++j) mx = std::max(mx, sg[j]);
+  const float m_new = std::max(m, mx);
+  const float alpha = std::exp(m - m_new);
+  float sum = 0.f;
+  int64_t j = a0;
+  const FP32Vec8 mv = FP32Vec8::broadcast(m_new);
+  for (; j + 8 <= a1; j += 8) {
+    const FP32Vec8 e = FP32Vec8::load(sg + j).sub(mv).exp();
+    e.store(sg + j);
+    sum += e.reduce_sum();
+  }
+  for (; j < a1; ++j) {
+    sg[j] = std::exp(sg[j] - m_new);
+    sum += sg[j];
+  }
+  l = alpha * l + sum;
+  m = m_new;
+  return alpha;
+}
+
 // Query heads [g0, g0 + G) of KV head item.head's group, rows [item.row_begin, item.row_end).
 template <int G, CacheType C>
 void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
   const int64_t D = pb.D, S = pb.S, chunks = D / 8, two_d = 2 * D;
-  const int64_t s = item.seq;
-  const int64_t q_start = pb.cu_q_lens[s];
-  const int64_t q_len = pb.cu_q_lens[s + 1] - q_start;
-  const int64_t ctx = static_cast<int64_t>(pb.kv_lens[s]) - q_len;  // positions before this step's tokens
-  const int32_t* pages = pb.page_indices + s * pb.max_pages;
-  const int64_t head_base = (pb.layer * pb.Hkv + item.head) * pb.P;  // in pages
+  const auto [q_start, ctx, head_base, pages] = seq_view(pb, item);
   const int64_t qh0 = item.head * pb.G + g0;  // first query head of this item
   sc.reserve(G, D, S);
   float* qb = sc.q.data();       // [G, D] scaled queries
@@ -63,18 +116,10 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
       l[g] = 0.f;
     }
     for (int64_t pi = lo / S; pi * S < hi; ++pi) {
-      int64_t page = pages[pi];
-      page = page < 0 ? 0 : (page >= pb.P ? pb.P - 1 : page);  // XLA's gather clamps; never out of bounds
-      const int64_t base = (head_base + page) * S * two_d;
+      const int64_t base = (head_base + page_at(pb, pages, pi)) * S * two_d;
       const int64_t j0 = std::max<int64_t>(lo - pi * S, 0), j1 = std::min<int64_t>(hi - pi * S, S);
       const int64_t n = j1 - j0;
-      // The next page is elsewhere in memory (pages are scattered): fetch it while this one is computed.
-      if ((pi + 1) * S < hi) {
-        int64_t next = pages[pi + 1];
-        next = next < 0 ? 0 : (next >= pb.P ? pb.P - 1 : next);
-        prefetch_page(static_cast<const char*>(pb.cache) + (head_base + next) * S * two_d * kElemBytes<C>,
-                      S * two_d * kElemBytes<C>);
-      }
+      prefetch_next_page<C>(pb, pages, head_base, pi, hi);
       // scores[g, j] = q_g . k_j
       for (int64_t j = 0; j < n; ++j) {
         const int64_t row = base + (j0 + j) * two_d;
@@ -88,33 +133,7 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
       }
       // online softmax update of each head
       float alpha[G];
-      for (int g = 0; g < G; ++g) {
-        float* sg = scores + g * S;
-        if (pb.soft_cap > 0.f) {
-          for (int64_t j = 0; j < n; ++j) sg[j] = pb.soft_cap * std::tanh(sg[j] / pb.soft_cap);
-        }
-        float mx = sg[0];
-        for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sg[j]);
-        const float m_new = std::max(m[g], mx);
-        alpha[g] = std::exp(m[g] - m_new);
-        float sum = 0.f;
-        int64_t j = 0;
-        const FP32Vec8 mv = FP32Vec8::broadcast(m_new);
-        // The exps 8 at a time: the kernel's compute on cache-resident pages went from 0.84-0.93 to
-        // 0.62-0.64 ms (bench/attention_cpu.py --seqs 64 --context 256 --shared-pages); from memory a
-        // decode is bound by reading the pages (1.47 -> 1.37-1.44 ms).
-        for (; j + 8 <= n; j += 8) {
-          const FP32Vec8 e = FP32Vec8::load(sg + j).sub(mv).exp();
-          e.store(sg + j);
-          sum += e.reduce_sum();
-        }
-        for (; j < n; ++j) {
-          sg[j] = std::exp(sg[j] - m_new);
-          sum += sg[j];
-        }
-        l[g] = alpha[g] * l[g] + sum;
-        m[g] = m_new;
-      }
+      for (int g = 0; g < G; ++g) alpha[g] = softmax_step(pb, scores + g * S, 0, n, m[g], l[g]);
       // acc_g = alpha_g * acc_g + sum_j p[g, j] v_j, one 8-lane chunk of D at a time (G accumulators live)
       for (int64_t c = 0; c < chunks; ++c) {
         FP32Vec8 a[G];
@@ -143,12 +162,7 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
 template <CacheType C>
 void attend_rows(const Problem& pb, const Item& item, Scratch& sc) {
   const int64_t D = pb.D, S = pb.S, G = pb.G, chunks = D / 8, two_d = 2 * D;
-  const int64_t s = item.seq;
-  const int64_t q_start = pb.cu_q_lens[s];
-  const int64_t q_len = pb.cu_q_lens[s + 1] - q_start;
-  const int64_t ctx = static_cast<int64_t>(pb.kv_lens[s]) - q_len;  // positions before this step's tokens
-  const int32_t* pages = pb.page_indices + s * pb.max_pages;
-  const int64_t head_base = (pb.layer * pb.Hkv + item.head) * pb.P;  // in pages
+  const auto [q_start, ctx, head_base, pages] = seq_view(pb, item);
   const int64_t qh0 = item.head * G;
   const int64_t R = item.row_end - item.row_begin, Q = R * G, Q8 = (Q + 7) / 8 * 8;
   sc.reserve(Q8, D, S);
@@ -183,17 +197,10 @@ void attend_rows(const Problem& pb, const Item& item, Scratch& sc) {
   std::fill(acc, acc + Q8 * D, 0.f);
 
   for (int64_t pi = lo_min / S; pi * S < hi_max; ++pi) {
-    int64_t page = pages[pi];
-    page = page < 0 ? 0 : (page >= pb.P ? pb.P - 1 : page);  // XLA's gather clamps; never out of bounds
-    const int64_t base = (head_base + page) * S * two_d;
+    const int64_t base = (head_base + page_at(pb, pages, pi)) * S * two_d;
     const int64_t j0 = std::max<int64_t>(lo_min - pi * S, 0), j1 = std::min<int64_t>(hi_max - pi * S, S);
     const int64_t n = j1 - j0;
-    if ((pi + 1) * S < hi_max) {
-      int64_t next = pages[pi + 1];
-      next = next < 0 ? 0 : (next >= pb.P ? pb.P - 1 : next);
-      prefetch_page(static_cast<const char*>(pb.cache) + (head_base + next) * S * two_d * kElemBytes<C>,
-                    S * two_d * kElemBytes<C>);
-    }
+    prefetch_next_page<C>(pb, pages, head_base, pi, hi_max);
     // scores[v, j] = q_v . k_j, eight vectors at a time
     for (int64_t v0 = 0; v0 < Q8; v0 += 8) {
       for (int64_t j = 0; j < n; ++j) {
@@ -219,29 +226,9 @@ void attend_rows(const Problem& pb, const Item& item, Scratch& sc) {
         std::fill(sg, sg + n, 0.f);
         continue;
       }
-      if (pb.soft_cap > 0.f) {
-        for (int64_t j = a0; j < a1; ++j) sg[j] = pb.soft_cap * std::tanh(sg[j] / pb.soft_cap);
-      }
-      float mx = sg[a0];
-      for (int64_t j = a0 + 1; j < a1; ++j) mx = std::max(mx, sg[j]);
-      const float m_new = std::max(m[v], mx);
-      alpha[v] = std::exp(m[v] - m_new);
-      float sum = 0.f;
-      int64_t j = a0;
-      const FP32Vec8 mv = FP32Vec8::broadcast(m_new);
-      for (; j + 8 <= a1; j += 8) {
-        const FP32Vec8 e = FP32Vec8::load(sg + j).sub(mv).exp();
-        e.store(sg + j);
-        sum += e.reduce_sum();
-      }
-      for (; j < a1; ++j) {
-        sg[j] = std::exp(sg[j] - m_new);
-        sum += sg[j];
-      }
+      alpha[v] = softmax_step(pb, sg, a0, a1, m[v], l[v]);
       std::fill(sg, sg + a0, 0.f);
       std::fill(sg + a1, sg + n, 0.f);
-      l[v] = alpha[v] * l[v] + sum;
-      m[v] = m_new;
     }
     // acc_v = alpha_v * acc_v + sum_j p[v, j] v_j: per 8-lane chunk of D, eight vectors' accumulators live
     for (int64_t c = 0; c < chunks; ++c) {
