@@ -116,7 +116,8 @@ def main(argv=None) -> int:
         "steps": stats["steps"],
         "host_prepare_s": round(stats["prepare_s"], 3),
         "device_step_s": round(stats["device_s"], 3),
-        "prefill_steps": stats["prefill_steps"],  # steps with prompt tokens, and their share of device_step_s
+        # steps of a bucket with prefill rows (prompt chunks; speculative drafts too), their part of device_step_s
+        "prefill_steps": stats["prefill_steps"],
         "prefill_device_s": round(stats["prefill_device_s"], 3),
         "preemptions": engine.scheduler.num_preemptions,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

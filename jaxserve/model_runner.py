@@ -169,7 +169,8 @@ class ModelRunner:
         self.compile_count = 0  # programs obtained (compiled or loaded from the compile cache)
         self.cache_hits = 0  # ... of which loaded from the persistent compile cache
         self.compile_seconds = 0.0
-        # host packing vs device step (+sync); the steps with prompt tokens (prefill chunks) on their own
+        # host packing vs device step (+sync); the steps of a bucket with prefill rows (prompt chunks, and
+        # with speculative decoding the verified drafts) on their own
         self.stats = {"steps": 0, "prepare_s": 0.0, "device_s": 0.0, "prefill_steps": 0, "prefill_device_s": 0.0}
         self._jitted = jax.jit(self._step, static_argnames=("num_decode_rows",),
                                donate_argnames=("cache", "penalty_state"))
