@@ -205,9 +205,9 @@ class ModelRunner:
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
                          self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
                          quantization=self.quantization, skip_head=inputs.spec is not None,
-                         matmul_impl=self.matmul_impl)
+                         matmul_impl=self.matmul_impl, sampled_last_layer=True)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
-                                            inputs.meta, inputs.logits_indices)
+                                            inputs.meta, inputs.logits_indices, inputs.want_prompt_logprobs)
         spec = None
         if inputs.spec is not None:  # one LM head over the sampled rows and the verified rows (spec_decode.py)
             logits, spec = verify(lambda h: head_logits(self.model_cfg, params, h, self.dtype, self.quantization,

@@ -156,3 +156,55 @@ def memory_engines(llama_dir, shared_engine):
     engines = {extra: Engine.from_pretrained(llama_dir, **kw, num_pages=14 + extra) for extra in (1, 3, 40)}
     engines["reference"] = shared_engine
     return engines
+
+
+def test_last_layer_on_sampled_rows_only_equals_full_layer(engine):
+    """A step with prompt rows runs its last layer past the K/V write only on the sampled rows
+    (``model._last_layer``): the logits and the cache it leaves equal those of the full last layer, on a
+    step of a decode row, prefill chunks (a whole prompt and the first chunk of a longer one) and padding
+    slots, over the cache as the engine had it before that step."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.model import CausalLM
+
+    runner = engine.runner
+    assert runner.layer_loop == "switch"
+    captured = []
+    prepare = runner.prepare
+
+    def capture(out):
+        res = prepare(out)
+        if out.decodes and out.prefills and not captured:  # before the step donates the cache
+            captured.append((res[0], res[1], jax.tree.map(jnp.copy, runner.cache)))
+        return res
+
+    runner.prepare = capture
+    try:
+        engine.add_request(random_prompts([20], seed=3)[0], greedy(6))
+        engine.step()  # its prompt
+        engine.step()  # a decode
+        for p in random_prompts([30, 100], seed=4):
+            engine.add_request(p, greedy(2))
+        while not captured:
+            engine.step()
+    finally:
+        runner.prepare = prepare
+    drain(engine)
+    (num_decode, _), arrays, cache = captured[0]
+    inputs = runner._to_inputs(arrays, False)
+    assert len(inputs.logits_indices) < len(inputs.input_ids)  # rows that are not sampled
+    real = np.asarray(arrays["seq_lens"]) > 0
+    assert real.sum() == 3 and not real.all()  # the three sequences and padding slots
+    outs = {}
+    for sampled in (False, True):
+        model = CausalLM(runner.model_cfg, runner.dtype, runner.attention_impl, num_decode, None, runner.platform,
+                         runner.layer_loop, runner.cfg.moe_impl, matmul_impl=runner.matmul_impl,
+                         sampled_last_layer=sampled)
+        logits, new_cache = jax.jit(model.apply)({"params": runner.params}, inputs.input_ids, inputs.positions,
+                                                 jax.tree.map(jnp.copy, cache), inputs.meta, inputs.logits_indices)
+        outs[sampled] = (np.asarray(logits)[real], jax.tree.map(np.asarray, new_cache))
+    np.testing.assert_allclose(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-5)
+    # the last layer's K/V: the same values, up to XLA fusing its norm and RoPE outside the loop (1 ulp)
+    for a, b in zip(jax.tree.leaves(outs[True][1]), jax.tree.leaves(outs[False][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
