@@ -7,6 +7,7 @@ several row counts with each matmul implementation; then the LM head ([rows, hid
 jitted call).  Prints one JSON line per row count:
 
     python bench/gemm_cpu.py --model /work/models/56m [--rows 4,8,16,32,48,64] [--isa auto] [--num-threads 0]
+        [--weights bfloat16]
 
 (``--model``: a checkpoint directory, only its config.json is read; the weights are random.)
 """
@@ -68,6 +69,9 @@ def main() -> None:
     ap.add_argument("--rows", default="4,8,16,32,48,64")
     ap.add_argument("--isa", default="auto", choices=["auto", "avx512", "avx2"])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16"],
+                    help="how the kernel holds the weights: bfloat16 is what the engine does for a checkpoint "
+                         "whose values are bfloat16 (the same float32 arithmetic, half the bytes)")
     ap.add_argument("--num-threads", type=int, default=0,
                     help="the kernel's threads (0: every core; 1 against 0 shows how it scales)")
     args = ap.parse_args()
@@ -83,16 +87,20 @@ def main() -> None:
         "xla": stack(lambda a, b, n: jnp.dot(a, b, preferred_element_type=jnp.float32), layers, heads_dim, inter, ns),
         "cpu": stack(lambda a, b, n: gemm_cpu(a, b, n, isa=args.isa, num_threads=args.num_threads), layers, heads_dim, inter, ns),
     }
-    packed = [[jnp.asarray(pack(np.asarray(w))) for w in ws] for ws in weights]  # once, as the engine does at load
+    held = jnp.dtype(args.weights)  # the kernel's copy; XLA's dot gets the same values in float32
+    weights = [[w.astype(held).astype(jnp.float32) for w in ws] for ws in weights]
+    packed = [[jnp.asarray(pack(np.asarray(w)), held) for w in ws] for ws in weights]  # once, as at load
     head = jnp.asarray(rng.standard_normal((config["hidden_size"], config["vocab_size"]), dtype=np.float32) * 0.02)
     heads = {"xla": jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)),
              "cpu": jax.jit(lambda a, b: gemm_cpu(a, b, config["vocab_size"], isa=args.isa,
                                                    num_threads=args.num_threads))}
-    head_packed = jnp.asarray(pack(np.asarray(head)))
+    head = head.astype(held).astype(jnp.float32)
+    head_packed = jnp.asarray(pack(np.asarray(head)), held)
     flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, config["hidden_size"]), dtype=np.float32))
-        out = {"rows": rows, "layers": layers, "isa": args.isa if args.isa != "auto" else available_isas()[0]}
+        out = {"rows": rows, "layers": layers, "isa": args.isa if args.isa != "auto" else available_isas()[0],
+               "weights": args.weights}
         for name, f in impls.items():
             seconds = timed(f, x, packed if name == "cpu" else weights, reps=args.reps)
             out[f"{name}_ms"] = round(seconds * 1e3, 2)

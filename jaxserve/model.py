@@ -121,7 +121,7 @@ class PackedDense(nn.Module):
     """A float32 linear layer over the last axis whose weight is held in the CPU matmul kernel's packed layout:
     ``packed_kernel [ceil(N/32), in, 32]`` for ``N = prod(features)`` (``kernels_pallas/gemm_cpu.py``), the
     ``kernel [in, *features]`` of a checkpoint as ``pack_linears`` converts it once at load, so that no step
-    repacks the weights (XLA CPU's dot does, every call).  The kernel serves every row count; ``rows`` (an
+    repacks the weights (XLA CPU's dot does, every call); in bfloat16 when its values all are.  The kernel serves every row count; ``rows`` (an
     int32 scalar, ``real_rows``) leaves a step's padding rows out (zeros)."""
 
     features: int | tuple[int, ...]
@@ -166,7 +166,9 @@ def _pack_leaf(a: Any, stacked: bool) -> Any:
         return jax.ShapeDtypeStruct(lead + gemm_cpu.packed_shape(k, n), a.dtype, sharding=a.sharding)
     host = np.asarray(a).reshape(lead + (k, n))
     packed = np.stack([gemm_cpu.pack(h) for h in host]) if stacked else gemm_cpu.pack(host)
-    packed = np.ascontiguousarray(packed)
+    # A weight whose float32 values are all bfloat16 values (a bf16 checkpoint run in float32) is held in
+    # bf16: the same values and the same float32 arithmetic (gemm_cpu.bf16_exact), half the bytes a step reads.
+    packed = np.ascontiguousarray(packed.astype(jnp.bfloat16) if gemm_cpu.bf16_exact(host) else packed)
     return jax.device_put(packed, a.sharding) if isinstance(a, jax.Array) else packed
 
 

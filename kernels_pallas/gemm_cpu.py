@@ -119,6 +119,14 @@ def pack(b):
     return b.reshape(k, panels, PACK_NR).transpose(1, 0, 2)
 
 
+def bf16_exact(b: np.ndarray) -> bool:
+    """Whether every value of the float32 array ``b`` is a bfloat16 value (its low 16 bits zero): then
+    ``pack(b).astype(bfloat16)`` holds the same values in half the bytes, and ``gemm_cpu`` gives the same
+    result from it bit for bit (a checkpoint stored in bf16 and run in float32)."""
+    b = np.ascontiguousarray(b, np.float32)
+    return bool(b.size) and not np.any(b.view(np.uint32) & 0xFFFF)
+
+
 def unpack(b_packed, n: int):
     """The inverse of ``pack``: ``[ceil(N/32), K, 32]`` -> ``[K, N]``."""
     panels, k, _ = b_packed.shape
@@ -127,7 +135,8 @@ def unpack(b_packed, n: int):
 
 def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_threads: int = 0,
              isa: str = "auto") -> jax.Array:
-    """``a [M, K] @ B [K, n]`` in float32 by the kernel, B given packed (``pack``).  ``rows`` (an int32 scalar,
+    """``a [M, K] @ B [K, n]`` in float32 by the kernel, B given packed (``pack``; float32, or bfloat16 when
+    its values are: see ``bf16_exact``).  ``rows`` (an int32 scalar,
     may be traced; None: all ``M``): only the first ``rows`` rows are computed, the rest are zeros (a step's
     bucket padding).  ``num_threads`` 0: every core; ``isa``: ``"auto"``, ``"avx512"`` or ``"avx2"`` (the
     tests check both)."""
@@ -137,8 +146,9 @@ def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_thread
     if a.ndim != 2 or b_packed.ndim != 3 or b_packed.shape != packed_shape(a.shape[1], n):
         raise ValueError(f"gemm_cpu: a must be [M, K] and b_packed {packed_shape(a.shape[1] if a.ndim == 2 else -1, n)}"
                          f" (pack), got {a.shape} and {b_packed.shape}")
-    if a.dtype != jnp.float32 or b_packed.dtype != jnp.float32:
-        raise ValueError(f"gemm_cpu: float32 operands only, got {a.dtype} and {b_packed.dtype}")
+    if a.dtype != jnp.float32 or b_packed.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"gemm_cpu: a must be float32 and b_packed float32 or bfloat16 (its values widened "
+                         f"exactly), got {a.dtype} and {b_packed.dtype}")
     rows = jnp.asarray(a.shape[0] if rows is None else rows, jnp.int32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32), vmap_method="sequential")
     return call(a, b_packed, rows, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]))

@@ -45,6 +45,31 @@ def test_gemm_equals_float64_product(isa, m, k, n):
     np.testing.assert_allclose(got, want, atol=2e-5 * np.sqrt(k), rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_bf16_weights_give_the_float32_bits(isa, m, k, n):
+    """B held in bfloat16 (values that are bfloat16 values: a bf16 checkpoint run in float32) gives the
+    float32 call's result bit for bit: the kernel widens each value exactly and runs the same FMAs."""
+    if isa not in available_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    rng = np.random.default_rng(m * 7 + n)
+    a = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+    b = rng.standard_normal((k, n)).astype(jnp.bfloat16).astype(np.float32)
+    assert gemm_cpu.bf16_exact(b)
+    f = jax.jit(lambda x, y: gemm_cpu.gemm_cpu(x, y, n, isa=isa))
+    want = np.asarray(f(a, jnp.asarray(gemm_cpu.pack(b))))
+    got = np.asarray(f(a, jnp.asarray(gemm_cpu.pack(b).astype(jnp.bfloat16))))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bf16_exact():
+    b = np.float32([[1.0, -2.5, 0.0], [3.0e-30, 1e20, -0.0]]).astype(jnp.bfloat16).astype(np.float32)
+    assert gemm_cpu.bf16_exact(b)
+    b[1, 2] = 1.0 + 2.0 ** -10  # needs more than bfloat16's 8 significant bits
+    assert not gemm_cpu.bf16_exact(b)
+    assert not gemm_cpu.bf16_exact(np.zeros((0, 3), np.float32))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gemm_threads_give_the_same_bits(threads):
     """Items are column panels: every thread count sums each output in the same order."""
@@ -113,6 +138,11 @@ def test_pack_linears_packs_the_linear_layers_only():
     assert packed.shape == (2,) + gemm_cpu.packed_shape(8, 6)
     np.testing.assert_array_equal(packed[1], gemm_cpu.pack(stacked[1]))
     assert out["lm_head"]["packed_kernel"].shape == gemm_cpu.packed_shape(8, 10)
+    # float32 weights stay float32; weights whose values are bfloat16 values (ones here) are held in bf16
+    assert out["layers_0"]["qkv_proj"]["packed_kernel"].dtype == jnp.float32
+    assert out["lm_head"]["packed_kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out["lm_head"]["packed_kernel"], np.float32),
+                                  gemm_cpu.pack(np.ones((8, 10), np.float32)))
     assert out["embed"]["embedding"] is params["embed"]["embedding"]  # the rest untouched
     assert out["layers_0"]["input_norm"]["scale"] is params["layers_0"]["input_norm"]["scale"]
 
@@ -157,3 +187,33 @@ def test_engine_tokens_equal_xla_engine_and_programs_per_bucket(llama_dir):
         compiles[impl] = engine.runner.compile_count
         assert compiles[impl] <= engine.runner.num_buckets
     assert tokens["cpu"] == tokens["xla"]
+
+
+def test_bf16_checkpoint_in_float32_equals_hf(tmp_path):
+    """A checkpoint stored in bfloat16 (as most Hugging Face checkpoints are) served in float32: the engine
+    holds its linear layers' weights in bf16 for the kernel (half the bytes) and its greedy tokens equal
+    transformers' on the same checkpoint in float32, and the float32-weight engine's (XLA's dot)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from conftest import hf_greedy_cached
+
+    from jaxserve import Engine
+    from jaxserve.make_model import hf_config
+
+    torch.manual_seed(7)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config("llama", "tiny"), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    model = model.float().eval()
+    prompts = random_prompts([5, 70, 17, 33], seed=11, vocab=model.config.vocab_size)
+    ref = [hf_greedy_cached(model, p, 10) for p in prompts]
+    tokens = {}
+    for impl in ("cpu", "xla"):
+        engine = Engine.from_pretrained(str(tmp_path), dtype="float32", matmul_impl=impl, max_num_seqs=4,
+                                        max_model_len=128, max_num_batched_tokens=64)
+        if impl == "cpu":
+            params = engine.runner.params
+            assert params["lm_head"]["packed_kernel"].dtype == jnp.bfloat16
+            assert params["layers_0"]["down_proj"]["packed_kernel"].dtype == jnp.bfloat16
+        tokens[impl] = greedy_tokens(engine, prompts, max_tokens=[10] * len(prompts))
+    assert tokens["cpu"] == ref
+    assert tokens["xla"] == ref

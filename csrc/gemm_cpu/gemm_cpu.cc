@@ -13,6 +13,12 @@
 // B's row and MR broadcasts of A.  Summation order is k ascending with FMAs, the same for every row, call,
 // row count and thread count.  Items are spread over XLA's CPU thread pool (csrc/cpu_pool.h).
 //
+// B may also be bfloat16 (the same packed layout, 2 bytes an element): each element is widened to the
+// float32 it stands for (its bits shifted up 16, exact) and the same FMAs run, so the result equals the
+// float32 call on those values bit for bit.  The engine packs a weight so when every one of its float32
+// values is a bfloat16 value (a checkpoint stored in bf16, run in float32): half the bytes to stream from
+// memory at a decode step, for the same arithmetic.
+//
 // The AVX-512 / AVX2+FMA code is compiled with target attributes and picked at run time
 // (__builtin_cpu_supports); a CPU with neither has no kernel here (Python runs XLA's dot instead).
 #include <Python.h>
@@ -41,9 +47,11 @@ constexpr int64_t kKBlock = 256;
 constexpr int64_t kPackNR = 32;  // the packed layout's panel width (kernels_pallas/gemm_cpu.py PACK_NR)
 constexpr int64_t kPrefetchRows = 32;
 
-// A micro-kernel: C[rows, w] (=|+=) A[rows, K] . B[K, w], rows <= MR, w <= NR.
-using Micro = void (*)(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+// A micro-kernel: C[rows, w] (=|+=) A[rows, K] . B[K, w], rows <= MR, w <= NR; B float32 or bfloat16 bits.
+template <typename T>
+using Micro = void (*)(const float* A, int64_t lda, const T* B, int64_t ldb, float* C, int64_t ldc,
                        int64_t K, int w, bool accumulate);
+using bf16 = uint16_t;
 
 #if JAXSERVE_GEMM_X86
 bool has_avx512() {
@@ -55,18 +63,25 @@ bool has_avx2() {
   return has;
 }
 
+// 16 of B's values from b as float32 (a packed panel's row always holds 32: no mask needed).
+__attribute__((target("avx512f"))) inline __m512 load16(const float* b) { return _mm512_loadu_ps(b); }
+__attribute__((target("avx512f"))) inline __m512 load16(const bf16* b) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // AVX-512: MR rows x 32 columns (two zmm per row: 24 accumulators at MR = 12).
-template <int MR, bool kFull>
-__attribute__((target("avx512f,fma"))) inline void tile_avx512(const float* A, int64_t lda, const float* B,
-                                                              int64_t ldb, int64_t K, __mmask16 m0, __mmask16 m1,
-                                                              __m512* c0, __m512* c1) {
+template <int MR, typename T>
+__attribute__((target("avx512f,fma"))) inline void tile_avx512(const float* A, int64_t lda, const T* B,
+                                                              int64_t ldb, int64_t K, __m512* c0, __m512* c1) {
+  constexpr int kLine = 64 / sizeof(T);  // B's elements per cache line
   for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
+    const T* b = B + k * ldb;
     // fetch a few of B's rows ahead
     _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + 16), _MM_HINT_T0);
-    const __m512 b0 = kFull ? _mm512_loadu_ps(b) : _mm512_maskz_loadu_ps(m0, b);
-    const __m512 b1 = kFull ? _mm512_loadu_ps(b + 16) : _mm512_maskz_loadu_ps(m1, b + 16);
+    if (kLine < kPackNR) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb + kLine), _MM_HINT_T0);
+    const __m512 b0 = load16(b);
+    const __m512 b1 = load16(b + 16);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * lda + k]);
@@ -75,19 +90,15 @@ __attribute__((target("avx512f,fma"))) inline void tile_avx512(const float* A, i
     }
   }
 }
-template <int MR>
-__attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t lda, const float* B, int64_t ldb,
+template <int MR, typename T>
+__attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t lda, const T* B, int64_t ldb,
                                                          float* C, int64_t ldc, int64_t K, int w, bool accumulate) {
   const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
   const __mmask16 m1 = w >= 32 ? 0xFFFF : (w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0);
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-  if (w == 32) {
-    tile_avx512<MR, true>(A, lda, B, ldb, K, m0, m1, c0, c1);
-  } else {
-    tile_avx512<MR, false>(A, lda, B, ldb, K, m0, m1, c0, c1);
-  }
+  tile_avx512<MR>(A, lda, B, ldb, K, c0, c1);  // a partial panel's padding columns are zeros, not stored
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     if (accumulate) {
@@ -103,14 +114,19 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t
 __attribute__((target("avx2,fma"))) inline __m256i lane_mask(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-template <int MR, bool kFull>
-__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* A, int64_t lda, const float* B, int64_t ldb,
-                                                         int64_t K, __m256i m0, __m256i m1, __m256* c0, __m256* c1) {
+__attribute__((target("avx2"))) inline __m256 load8(const float* b) { return _mm256_loadu_ps(b); }
+__attribute__((target("avx2"))) inline __m256 load8(const bf16* b) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+template <int MR, typename T>
+__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* A, int64_t lda, const T* B, int64_t ldb,
+                                                         int64_t K, __m256* c0, __m256* c1) {
   for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
+    const T* b = B + k * ldb;
     _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * ldb), _MM_HINT_T0);
-    const __m256 b0 = kFull ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
-    const __m256 b1 = kFull ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+    const __m256 b0 = load8(b);  // NR = 16 is half a packed row: in bounds
+    const __m256 b1 = load8(b + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
@@ -119,18 +135,14 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* A, int64_
     }
   }
 }
-template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2(const float* A, int64_t lda, const float* B, int64_t ldb,
+template <int MR, typename T>
+__attribute__((target("avx2,fma"))) void micro_avx2(const float* A, int64_t lda, const T* B, int64_t ldb,
                                                     float* C, int64_t ldc, int64_t K, int w, bool accumulate) {
   const __m256i m0 = lane_mask(std::min(w, 8)), m1 = lane_mask(std::max(w - 8, 0));
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-  if (w == 16) {
-    tile_avx2<MR, true>(A, lda, B, ldb, K, m0, m1, c0, c1);
-  } else {
-    tile_avx2<MR, false>(A, lda, B, ldb, K, m0, m1, c0, c1);
-  }
+  tile_avx2<MR>(A, lda, B, ldb, K, c0, c1);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     if (accumulate) {
@@ -142,11 +154,14 @@ __attribute__((target("avx2,fma"))) void micro_avx2(const float* A, int64_t lda,
   }
 }
 
-const Micro kAvx512[] = {nullptr,          micro_avx512<1>,  micro_avx512<2>, micro_avx512<3>, micro_avx512<4>,
-                         micro_avx512<5>,  micro_avx512<6>,  micro_avx512<7>, micro_avx512<8>, micro_avx512<9>,
-                         micro_avx512<10>, micro_avx512<11>, micro_avx512<12>};
-const Micro kAvx2[] = {nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>, micro_avx2<4>, micro_avx2<5>,
-                       micro_avx2<6>};
+template <typename T>
+const Micro<T> kAvx512[] = {nullptr,           micro_avx512<1, T>,  micro_avx512<2, T>, micro_avx512<3, T>,
+                            micro_avx512<4, T>, micro_avx512<5, T>,  micro_avx512<6, T>, micro_avx512<7, T>,
+                            micro_avx512<8, T>, micro_avx512<9, T>,  micro_avx512<10, T>, micro_avx512<11, T>,
+                            micro_avx512<12, T>};
+template <typename T>
+const Micro<T> kAvx2[] = {nullptr,         micro_avx2<1, T>, micro_avx2<2, T>, micro_avx2<3, T>,
+                          micro_avx2<4, T>, micro_avx2<5, T>, micro_avx2<6, T>};
 #else
 bool has_avx512() { return false; }
 bool has_avx2() { return false; }
@@ -157,12 +172,13 @@ int64_t best_isa() { return has_avx512() ? kIsaAvx512 : (has_avx2() ? kIsaAvx2 :
 
 // One call: items of `chunk` adjacent panels, claimed from an atomic counter by the calling thread and the
 // helpers it schedules on XLA's pool (jaxserve_cpu::run_on_pool, csrc/cpu_pool.h).
+template <typename T>
 struct Work {
   const float* A;
-  const float* B;
+  const T* B;
   float* C;
   int64_t M, K, N, MR, NR, chunk, items;
-  const Micro* micro;
+  const Micro<T>* micro;
   std::atomic<int64_t> next{0}, done{0};
 
   void run() {
@@ -175,7 +191,7 @@ struct Work {
           const int64_t n0 = p * NR;
           const int w = static_cast<int>(std::min(NR, N - n0));
           // the packed panel holding column n0, at row k0 (NR divides kPackNR)
-          const float* b = B + (n0 / kPackNR) * K * kPackNR + k0 * kPackNR + n0 % kPackNR;
+          const T* b = B + (n0 / kPackNR) * K * kPackNR + k0 * kPackNR + n0 % kPackNR;
           for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int64_t rows = std::min(MR, M - m0);
             micro[rows](A + m0 * K + k0, K, b, kPackNR, C + m0 * N + n0, N, kn, w, k0 > 0);
@@ -187,39 +203,24 @@ struct Work {
   }
 };
 
-ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || bd[2] != kPackNR || ad[1] != bd[1] ||
-      cd[0] != ad[0] || bd[0] != (cd[1] + kPackNR - 1) / kPackNR) {
-    return ffi::Error::InvalidArgument("gemm_cpu: A must be [M, K], B packed [ceil(N/32), K, 32] and C [M, N]");
-  }
-  if (isa == kIsaAuto) isa = best_isa();
-  auto work = std::make_shared<Work>();
+template <typename T>
+ffi::Error Run(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int64_t K, int64_t N, float* c,
+               int64_t num_threads, int64_t isa) {
+  auto work = std::make_shared<Work<T>>();
 #if JAXSERVE_GEMM_X86
   if (isa == kIsaAvx512 && has_avx512()) {
-    work->micro = kAvx512, work->MR = 12, work->NR = 32;
+    work->micro = kAvx512<T>, work->MR = 12, work->NR = 32;
   } else if (isa == kIsaAvx2 && has_avx2()) {
-    work->micro = kAvx2, work->MR = 6, work->NR = 16;
+    work->micro = kAvx2<T>, work->MR = 6, work->NR = 16;
   } else {
     return ffi::Error::InvalidArgument("gemm_cpu: this CPU has neither AVX-512 nor AVX2/FMA (or not the isa asked)");
   }
 #else
   return ffi::Error::InvalidArgument("gemm_cpu: built without the x86 kernels");
 #endif
-  work->A = a.typed_data(), work->B = b.typed_data(), work->C = c->typed_data();
-  if (rows.element_count() != 1) return ffi::Error::InvalidArgument("gemm_cpu: rows must be a scalar");
-  // rows [0, M): computed; the rest (a bucket's padding rows) zeros
-  const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, ad[0]);
-  std::fill(c->typed_data() + M * cd[1], c->typed_data() + ad[0] * cd[1], 0.f);
-  work->M = M, work->K = ad[1], work->N = cd[1];
-  if (work->M == 0 || work->N == 0) return ffi::Error::Success();
-  if (work->K == 0) {
-    std::fill(work->C, work->C + work->M * work->N, 0.f);
-    return ffi::Error::Success();
-  }
+  work->A = a, work->B = b, work->C = c, work->M = M, work->K = K, work->N = N;
   const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
-  const int64_t panels = (work->N + work->NR - 1) / work->NR;
+  const int64_t panels = (N + work->NR - 1) / work->NR;
   // About eight items per thread (at most 8 panels an item): a helper of the pool starts late, and items
   // claimed one by one even that out.  Two items per thread, as before, left 32-64 rows' matmuls 1.55-1.7x
   // faster on two cores than on one; with eight, a chain of a 56m step's 32 matmuls on 2 cores went
@@ -231,13 +232,39 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> rows,
+                ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || bd[2] != kPackNR || ad[1] != bd[1] ||
+      cd[0] != ad[0] || bd[0] != (cd[1] + kPackNR - 1) / kPackNR) {
+    return ffi::Error::InvalidArgument("gemm_cpu: A must be [M, K], B packed [ceil(N/32), K, 32] and C [M, N]");
+  }
+  const bool b16 = b.element_type() == ffi::DataType::BF16;
+  if (!b16 && b.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("gemm_cpu: B must be float32 or bfloat16");
+  }
+  if (rows.element_count() != 1) return ffi::Error::InvalidArgument("gemm_cpu: rows must be a scalar");
+  if (isa == kIsaAuto) isa = best_isa();
+  // rows [0, M): computed; the rest (a bucket's padding rows) zeros
+  const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, ad[0]), K = ad[1], N = cd[1];
+  float* C = c->typed_data();
+  std::fill(C + M * N, C + ad[0] * N, 0.f);
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(C, C + M * N, 0.f);
+    return ffi::Error::Success();
+  }
+  if (b16) return Run(pool, a.typed_data(), static_cast<const bf16*>(b.untyped_data()), M, K, N, C, num_threads, isa);
+  return Run(pool, a.typed_data(), static_cast<const float*>(b.untyped_data()), M, K, N, C, num_threads, isa);
+}
+
 }  // namespace jaxserve_cpu_gemm
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveGemmCpu, jaxserve_cpu_gemm::Gemm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // A [M, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // B packed [ceil(N/32), K, 32]
+                                  .Arg<ffi::AnyBuffer>()  // B packed [ceil(N/32), K, 32], float32 or bfloat16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows: A's rows to compute
                                   .Ret<ffi::Buffer<ffi::F32>>()  // C [M, N]
                                   .Attr<int64_t>("num_threads")
