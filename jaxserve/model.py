@@ -121,8 +121,9 @@ class PackedDense(nn.Module):
     """A float32 linear layer over the last axis whose weight is held in the CPU matmul kernel's packed layout:
     ``packed_kernel [ceil(N/32), in, 32]`` for ``N = prod(features)`` (``kernels_pallas/gemm_cpu.py``), the
     ``kernel [in, *features]`` of a checkpoint as ``pack_linears`` converts it once at load, so that no step
-    repacks the weights (XLA CPU's dot does, every call); in bfloat16 when its values all are.  The kernel serves every row count; ``rows`` (an
-    int32 scalar, ``real_rows``) leaves a step's padding rows out (zeros)."""
+    repacks the weights (XLA CPU's dot does, every call); in bfloat16 when its values all are.  The kernel
+    serves every row count; ``rows`` (an int32 scalar, ``real_rows``) leaves a step's padding rows out
+    (zeros)."""
 
     features: int | tuple[int, ...]
     use_bias: bool = False
@@ -251,12 +252,20 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: jax.Array,
     shard_map; int8: the (kv, scales) pair, quantized on write).  ``window`` (an int32 scalar, may be traced: this layer's window when layers differ)
     overrides the static ``sliding_window``.  Returns (attention output [T, Hq, D], cache)."""
     cache = kv_cache.write_kv(cache, layer, k, v, meta.slot_mapping)
-    attn = ragged_paged_attention(
+    attn = paged_attention(q, cache, layer, meta, window, sm_scale=sm_scale, num_decode_rows=num_decode_rows,
+                           sliding_window=sliding_window, soft_cap=soft_cap, impl=impl, backend=backend)
+    return attn, cache
+
+
+def paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array, meta: AttentionMetadata,
+                    window: jax.Array | None = None, *, sm_scale: float, num_decode_rows: int,
+                    sliding_window: int | None, soft_cap: float | None, impl: str, backend: str | None):
+    """Ragged paged attention of ``layer`` over pages already written (``write_and_attend``'s second half)."""
+    return ragged_paged_attention(
         q, cache, layer, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
         sm_scale=sm_scale, num_decode_rows=num_decode_rows,
         sliding_window=sliding_window if window is None else window, soft_cap=soft_cap, impl=impl,
         backend=backend)
-    return attn, cache
 
 
 def _group_local(attend):
@@ -354,16 +363,18 @@ class DecoderLayer(nn.Module):
         w = per_layer(windows, layer, fill=NO_WINDOW)
         return (None, w) if isinstance(w, jax.Array) else (w, None)
 
+    def _attention_opts(self, static_window: int | None) -> dict:
+        return dict(sm_scale=self.cfg.attn_scale, sliding_window=static_window, soft_cap=self.cfg.attn_logit_softcap,
+                    impl=self.attention_impl, backend=self.backend)
+
     def attend(self, q, k, v, cache, layer, meta: AttentionMetadata):
         """Write the new K/V of ``layer`` and attend over its pages (per KV-head shard on a mesh), with
         this layer's sliding window: one for every layer (static), or looked up by ``layer``."""
-        cfg, mesh = self.cfg, self.mesh
+        mesh = self.mesh
         static_window, window = self._window(layer)
         groups = data_groups(mesh)
-        attend = functools.partial(write_and_attend, sm_scale=cfg.attn_scale,
-                                   num_decode_rows=self.num_decode_rows // groups,
-                                   sliding_window=static_window, soft_cap=cfg.attn_logit_softcap,
-                                   impl=self.attention_impl, backend=self.backend)
+        attend = functools.partial(write_and_attend, **self._attention_opts(static_window),
+                                   num_decode_rows=self.num_decode_rows // groups)
         args = (q, k, v, cache, layer, meta) + (() if window is None else (window,))
         if mesh is not None:
             # Each device writes and attends with its own KV heads (and their query groups).  One data
@@ -383,15 +394,12 @@ class DecoderLayer(nn.Module):
         the rows ``query_rows`` names, each the last new token of the sequence slot at its index
         (``logits_indices``), so one query row per slot over the slot's pages: a decode-shaped call."""
         static_window, window = self._window(layer)
-        num_decode_rows, cu_q_lens = self.num_decode_rows, meta.query_start_loc
+        num_decode_rows = self.num_decode_rows
         if query_rows is not None:
             q, num_decode_rows = q[query_rows], query_rows.shape[0]
-            cu_q_lens = jnp.arange(num_decode_rows + 1, dtype=jnp.int32)
-        return ragged_paged_attention(
-            q, cache, layer, meta.seq_lens, meta.block_tables, cu_q_lens, meta.num_seqs,
-            sm_scale=self.cfg.attn_scale, num_decode_rows=num_decode_rows,
-            sliding_window=static_window if window is None else window, soft_cap=self.cfg.attn_logit_softcap,
-            impl=self.attention_impl, backend=self.backend)
+            meta = dataclasses.replace(meta, query_start_loc=jnp.arange(num_decode_rows + 1, dtype=jnp.int32))
+        return paged_attention(q, cache, layer, meta, window, **self._attention_opts(static_window),
+                               num_decode_rows=num_decode_rows)
 
     def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array, cos, sin, meta: AttentionMetadata):
         """One layer as a scan body: ``carry`` is (hidden states [T, H], the cache of all layers),
