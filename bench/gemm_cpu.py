@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels_pallas.gemm_cpu import available_isas, gemm_cpu, pack  # noqa: E402
+from kernels_pallas.gemm_cpu import ISAS, available_isas, gemm_cpu, pack  # noqa: E402
 
 
 def layer_shapes(config: dict) -> list[tuple[int, int]]:
@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory (its config.json)")
     ap.add_argument("--rows", default="4,8,16,32,48,64")
-    ap.add_argument("--isa", default="auto", choices=["auto", "avx512", "avx2"])
+    ap.add_argument("--isa", default="auto", choices=list(ISAS))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16"],
                     help="how the kernel holds the weights: bfloat16 is what the engine does for a checkpoint "

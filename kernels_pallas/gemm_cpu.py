@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = "jaxserve_gemm_cpu"
-ISAS = {"auto": 0, "avx2": 2, "avx512": 3}  # the kernel's ``isa`` attribute
+ISAS = {"auto": 0, "avx2": 2, "avx512": 3, "amx": 4}  # the kernel's ``isa`` attribute
 MATMUL_IMPLS = ("auto", "xla", "cpu")
 
 

@@ -26,14 +26,21 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <vector>
 
 #include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define JAXSERVE_GEMM_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #else
 #define JAXSERVE_GEMM_X86 0
 #endif
@@ -42,10 +49,12 @@ namespace ffi = xla::ffi;
 
 namespace jaxserve_cpu_gemm {
 
-enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3 };
+enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3, kIsaAmx = 4 };
 constexpr int64_t kKBlock = 256;
 constexpr int64_t kPackNR = 32;  // the packed layout's panel width (kernels_pallas/gemm_cpu.py PACK_NR)
 constexpr int64_t kPrefetchRows = 32;
+// `auto` takes AMX from this many rows (see below): float32 B / bfloat16 B
+constexpr int64_t kAmxMinRowsF32 = 256, kAmxMinRowsBf16 = 32;
 
 // A micro-kernel: C[rows, w] (=|+=) A[rows, K] . B[K, w], rows <= MR, w <= NR; B float32 or bfloat16 bits.
 template <typename T>
@@ -162,9 +171,218 @@ const Micro<T> kAvx512[] = {nullptr,           micro_avx512<1, T>,  micro_avx512
 template <typename T>
 const Micro<T> kAvx2[] = {nullptr,         micro_avx2<1, T>, micro_avx2<2, T>, micro_avx2<3, T>,
                           micro_avx2<4, T>, micro_avx2<5, T>, micro_avx2<6, T>};
+
+// -- AMX (Sapphire Rapids and later): the same float32 product from bfloat16 pieces, for many rows -----------
+// A float32 value x is the exact sum of three bfloat16 values, x = x0 + x1 + x2 (x0 = bf16(x) to nearest,
+// x1 = bf16(x - x0), x2 = x - x0 - x1: 8 + 8 + 8 of its 24 significant bits).  A product of two bfloat16
+// values is exact in float32, and AMX's TDPBF16PS adds such products into float32 accumulators with
+// float32 FMAs (round to nearest).  So A . B = sum over the pieces' products: for float32 B the six
+// a_i . b_j with i + j <= 2 (the three left out are below 2^-24 of the product, under float32's rounding:
+// the "bf16x6" emulation of a float32 dot), for bfloat16 B (exact in one piece) the three a_i . b.  That
+// is float32 accuracy from the tile unit, which on a Sapphire Rapids core runs 16x16x32 multiply-adds per
+// instruction: a prompt chunk's matmuls at several times the AVX-512 FMA rate.  Row-for-row it is not the
+// AVX-512 path's bits (another summation order), so `auto` takes it only from kAmxMinRows rows, where a
+// call is compute-bound (a prompt chunk, not a decode step); the tests check it against the float64
+// product like the other paths.
+//
+// Blocking: an item is a few 32-column panels, as above.  Per panel and block of kAmxKBlock rows of K, the
+// panel's block of B is split into pieces and laid out as tiles want it (pairs of rows interleaved,
+// [pieces][K/2][32][2]); every 32-row block of A (split once per call, [3][Mp][Kp]) then runs over it into
+// four 16x16 float32 tiles (tmm0-3), with A's tiles in tmm4-5 and B's in tmm6-7.
+
+bool has_amx() {
+  static const bool has = [] {
+#if defined(__linux__)
+    unsigned a, b, c, d;
+    if (!has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(b >> 30 & 1) || !(d >> 22 & 1) || !(d >> 24 & 1)) return false;  // AVX512BW, AMX-BF16, AMX-TILE
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;  // AVX512_BF16
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // Linux hands out the tile state on request
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
+#define JAXSERVE_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
+
+// The first `n` bf16 pieces of 32 float32 values (lo: the first 16), 32 to an __m512i.
+JAXSERVE_AMX inline void split32(__m512 lo, __m512 hi, int n, __m512i* out) {
+  for (int i = 0; i < n; ++i) {
+    out[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    if (i + 1 == n) break;
+    const __m512i w0 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(out[i])), 16);
+    const __m512i w1 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(out[i], 1)), 16);
+    lo = _mm512_sub_ps(lo, _mm512_castsi512_ps(w0));  // exact: what bf16 rounding left
+    hi = _mm512_sub_ps(hi, _mm512_castsi512_ps(w1));
+  }
+}
+
+// One row k of a packed panel (32 values; zeros past K) as `n` pieces.
+JAXSERVE_AMX inline void row_pieces(const float* panel, int64_t k, int64_t K, int n, __m512i* out) {
+  if (k >= K) {
+    for (int i = 0; i < n; ++i) out[i] = _mm512_setzero_si512();
+    return;
+  }
+  split32(_mm512_loadu_ps(panel + k * kPackNR), _mm512_loadu_ps(panel + k * kPackNR + 16), n, out);
+}
+JAXSERVE_AMX inline void row_pieces(const bf16* panel, int64_t k, int64_t K, int, __m512i* out) {
+  out[0] = k < K ? _mm512_loadu_si512(panel + k * kPackNR) : _mm512_setzero_si512();
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};  // every tile 16 rows of 64 bytes
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// A's pieces, split once per call: tiles of 16 rows x 32 bf16 (one contiguous KB each),
+// [Mp / 32][Kp / 32][3 pieces][2 halves of the 32 rows].  Items: 32-row blocks.
+struct AmxSplitA {
+  const float* A;
+  bf16* ap;
+  int64_t M, K, Kp, items;
+  std::atomic<int64_t> next{0}, done{0};
+  JAXSERVE_AMX void run() {
+    const int64_t kc_n = Kp / 32;
+    for (int64_t mb; (mb = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      for (int64_t r = 0; r < 32; ++r) {
+        const int64_t m = mb * 32 + r;
+        for (int64_t kc = 0; kc < kc_n; ++kc) {
+          const int64_t k = kc * 32, left = m < M ? K - k : 0;
+          const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1);
+          const __mmask16 m1 = left >= 32 ? 0xFFFF : (left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0);
+          const float* a = A + std::min(m, M - 1) * K + k;
+          __m512i p[3];
+          split32(_mm512_maskz_loadu_ps(m0, a), _mm512_maskz_loadu_ps(m1, a + 16), 3, p);
+          for (int i = 0; i < 3; ++i) {
+            _mm512_storeu_si512(ap + (((mb * kc_n + kc) * 3 + i) * 2 + r / 16) * 512 + (r % 16) * 32, p[i]);
+          }
+        }
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+
+template <typename T>
+struct AmxWork {
+  static constexpr int kBPieces = sizeof(T) == 2 ? 1 : 3;
+  const bf16* ap;  // AmxSplitA's tiles
+  const T* B;
+  float* C;
+  int64_t M, Mp, K, Kp, N, chunk, items;
+  std::atomic<int64_t> next{0}, done{0};
+
+  // A packed panel's B as pieces in tiles: [Kp / 32][kBPieces][2 halves: columns 0-15, 16-31], each tile 16
+  // pairs of rows x 16 columns x 2 (the pair interleaved, as TDPBF16PS reads B), one contiguous KB.
+  JAXSERVE_AMX void split_b(const T* panel, bf16* out) const {
+    alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t kp = 0; kp < Kp / 2; ++kp) {
+      __m512i r0[3], r1[3];
+      row_pieces(panel, 2 * kp, K, kBPieces, r0);
+      row_pieces(panel, 2 * kp + 1, K, kBPieces, r1);
+      for (int j = 0; j < kBPieces; ++j) {
+        bf16* o = out + ((kp / 16 * kBPieces + j) * 2) * 512 + (kp % 16) * 32;
+        _mm512_storeu_si512(o, _mm512_permutex2var_epi16(r0[j], lo, r1[j]));
+        _mm512_storeu_si512(o + 512, _mm512_permutex2var_epi16(r0[j], hi, r1[j]));
+      }
+    }
+  }
+
+  // C's rows [32 mb, +32) x the panel's 32 columns, from all of K, in tmm0-3 (A's tiles in tmm4-5, B's in 6-7).
+  JAXSERVE_AMX void block(int64_t mb, const bf16* bv, float* out, int64_t ldo) const {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int64_t kc_n = Kp / 32;
+    const bf16* a = ap + mb * kc_n * 3 * 1024;
+    for (int64_t kc = 0; kc < kc_n; ++kc, a += 3 * 1024) {
+      const bf16* b = bv + kc * kBPieces * 1024;
+      if (kBPieces == 1) {  // bfloat16 B: a_i . b, B's tiles loaded once
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 512, 64);
+      }
+      for (int i = 0; i < 3; ++i) {
+        _tile_loadd(4, a + i * 1024, 64);
+        _tile_loadd(5, a + i * 1024 + 512, 64);
+        const int terms = kBPieces == 1 ? 1 : 3 - i;  // float32 B: a_i . b_j for i + j <= 2
+        for (int j = 0; j < terms; ++j) {
+          if (kBPieces != 1) {
+            _tile_loadd(6, b + j * 1024, 64);
+            _tile_loadd(7, b + j * 1024 + 512, 64);
+          }
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+    }
+    const int64_t ld = ldo * sizeof(float);
+    _tile_stored(0, out, ld);
+    _tile_stored(1, out + 16, ld);
+    _tile_stored(2, out + 16 * ldo, ld);
+    _tile_stored(3, out + 16 * ldo + 16, ld);
+  }
+
+  JAXSERVE_AMX void run() {
+    thread_local std::vector<bf16> bv_store;
+    alignas(64) float edge[32 * 32];
+    const int64_t panels = (N + kPackNR - 1) / kPackNR;
+    bf16* bv = nullptr;
+    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      if (bv == nullptr) {
+        static const TileConfig config;
+        _tile_loadconfig(&config);
+        bv_store.resize(Kp / 32 * kBPieces * 1024);
+        bv = bv_store.data();
+      }
+      const int64_t p0 = it * chunk, p1 = std::min(panels, p0 + chunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        split_b(B + p * K * kPackNR, bv);
+        const int64_t n0 = p * kPackNR, w = std::min(kPackNR, N - n0);
+        for (int64_t mb = 0; mb < Mp / 32; ++mb) {
+          const int64_t m0 = mb * 32, rows = std::min<int64_t>(32, M - m0);
+          if (rows == 32 && w == kPackNR) {
+            block(mb, bv, C + m0 * N + n0, N);  // straight into C
+          } else {
+            block(mb, bv, edge, 32);
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(C + (m0 + r) * N + n0, edge + r * 32, w * sizeof(float));
+          }
+        }
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+    if (bv != nullptr) _tile_release();
+  }
+};
+
+template <typename T>
+void RunAmx(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int64_t K, int64_t N, float* c,
+            int64_t num_threads) {
+  const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
+  const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
+  std::unique_ptr<bf16[]> ap(new bf16[3 * Mp * Kp]);
+  auto split = std::make_shared<AmxSplitA>();
+  split->A = a, split->ap = ap.get(), split->M = M, split->K = K, split->Kp = Kp, split->items = Mp / 32;
+  jaxserve_cpu::run_on_pool(pool, split, split->items, threads);
+  auto work = std::make_shared<AmxWork<T>>();
+  work->ap = ap.get(), work->B = b, work->C = c, work->M = M, work->Mp = Mp, work->K = K, work->Kp = Kp, work->N = N;
+  const int64_t panels = (N + kPackNR - 1) / kPackNR;
+  work->chunk = std::clamp<int64_t>(panels / (8 * threads), 1, 8);
+  work->items = (panels + work->chunk - 1) / work->chunk;
+  jaxserve_cpu::run_on_pool(pool, work, work->items, threads);
+}
 #else
 bool has_avx512() { return false; }
 bool has_avx2() { return false; }
+bool has_amx() { return false; }
 #endif
 
 // The best instruction set this CPU runs (kIsaAuto: none, the call fails).
@@ -244,9 +462,12 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
     return ffi::Error::InvalidArgument("gemm_cpu: B must be float32 or bfloat16");
   }
   if (rows.element_count() != 1) return ffi::Error::InvalidArgument("gemm_cpu: rows must be a scalar");
-  if (isa == kIsaAuto) isa = best_isa();
   // rows [0, M): computed; the rest (a bucket's padding rows) zeros
   const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, ad[0]), K = ad[1], N = cd[1];
+  if (isa == kIsaAuto) isa = M >= (b16 ? kAmxMinRowsBf16 : kAmxMinRowsF32) && has_amx() ? kIsaAmx : best_isa();
+  if (isa == kIsaAmx && !has_amx()) {
+    return ffi::Error::InvalidArgument("gemm_cpu: this CPU (or its OS) does not run AMX-BF16 tiles");
+  }
   float* C = c->typed_data();
   std::fill(C + M * N, C + ad[0] * N, 0.f);
   if (M == 0 || N == 0) return ffi::Error::Success();
@@ -254,6 +475,16 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
     std::fill(C, C + M * N, 0.f);
     return ffi::Error::Success();
   }
+#if JAXSERVE_GEMM_X86
+  if (isa == kIsaAmx) {
+    if (b16) {
+      RunAmx(pool, a.typed_data(), static_cast<const bf16*>(b.untyped_data()), M, K, N, C, num_threads);
+    } else {
+      RunAmx(pool, a.typed_data(), static_cast<const float*>(b.untyped_data()), M, K, N, C, num_threads);
+    }
+    return ffi::Error::Success();
+  }
+#endif
   if (b16) return Run(pool, a.typed_data(), static_cast<const bf16*>(b.untyped_data()), M, K, N, C, num_threads, isa);
   return Run(pool, a.typed_data(), static_cast<const float*>(b.untyped_data()), M, K, N, C, num_threads, isa);
 }
@@ -288,7 +519,8 @@ static PyObject* isas(PyObject*, PyObject*) {
   // the instruction sets this CPU runs, best first
   PyObject* list = PyList_New(0);
   if (list == nullptr) return nullptr;
-  const char* names[] = {jaxserve_cpu_gemm::has_avx512() ? "avx512" : nullptr,
+  const char* names[] = {jaxserve_cpu_gemm::has_amx() ? "amx" : nullptr,
+                         jaxserve_cpu_gemm::has_avx512() ? "avx512" : nullptr,
                          jaxserve_cpu_gemm::has_avx2() ? "avx2" : nullptr};
   for (const char* n : names) {
     if (n == nullptr) continue;
