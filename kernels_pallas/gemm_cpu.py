@@ -44,6 +44,9 @@ import numpy as np
 
 TARGET = "jaxserve_gemm_cpu"
 ISAS = {"auto": 0, "avx2": 2, "avx512": 3, "amx": 4}  # the kernel's ``isa`` attribute
+# ``auto`` runs the AMX path from this many rows (by the weights' dtype), the AVX-512 kernel below: where
+# ``bench/gemm_cpu.py --isa amx`` against ``--isa avx512`` measured AMX faster (see the module docstring).
+AMX_MIN_ROWS = {"float32": 256, "bfloat16": 32}
 MATMUL_IMPLS = ("auto", "xla", "cpu")
 
 
@@ -151,4 +154,5 @@ def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_thread
                          f"exactly), got {a.dtype} and {b_packed.dtype}")
     rows = jnp.asarray(a.shape[0] if rows is None else rows, jnp.int32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32), vmap_method="sequential")
-    return call(a, b_packed, rows, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]))
+    return call(a, b_packed, rows, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]),
+                amx_min_rows=np.int64(AMX_MIN_ROWS[jnp.dtype(b_packed.dtype).name]))

@@ -31,7 +31,10 @@ SHAPES = [(1, 8, 1), (4, 64, 48), (5, 300, 33), (12, 512, 1024), (13, 257, 17), 
           (7, 513, 2816), (64, 512, 96), (300, 260, 70)]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+ISA_PATHS = ["avx2", "avx512", "amx"]
+
+
+@pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_gemm_equals_float64_product(isa, m, k, n):
     if isa not in available_isas():
@@ -45,11 +48,12 @@ def test_gemm_equals_float64_product(isa, m, k, n):
     np.testing.assert_allclose(got, want, atol=2e-5 * np.sqrt(k), rtol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_bf16_weights_give_the_float32_bits(isa, m, k, n):
     """B held in bfloat16 (values that are bfloat16 values: a bf16 checkpoint run in float32) gives the
-    float32 call's result bit for bit: the kernel widens each value exactly and runs the same FMAs."""
+    float32 call's result bit for bit: the kernel widens each value exactly and runs the same FMAs (AMX:
+    a float32 B's lower pieces are zeros, whose products add nothing)."""
     if isa not in available_isas():
         pytest.skip(f"this CPU has no {isa}")
     rng = np.random.default_rng(m * 7 + n)
@@ -70,25 +74,59 @@ def test_bf16_exact():
     assert not gemm_cpu.bf16_exact(np.zeros((0, 3), np.float32))
 
 
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_gemm_threads_give_the_same_bits(threads):
+def test_gemm_threads_give_the_same_bits(isa, threads):
     """Items are column panels: every thread count sums each output in the same order."""
+    if isa not in available_isas():
+        pytest.skip(f"this CPU has no {isa}")
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((20, 600)).astype(np.float32))
+    a = jnp.asarray(rng.standard_normal((40, 600)).astype(np.float32))
     b = jnp.asarray(gemm_cpu.pack(rng.standard_normal((600, 700)).astype(np.float32)))
-    one = np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=1))
-    np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=threads)), one)
+    one = np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=1, isa=isa))
+    np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=threads, isa=isa)), one)
 
 
-def test_rows_do_not_change_a_rows_bits():
-    """Each output row is summed in the same order whatever the other rows: a sequence's logits do not
-    depend on the batch it runs in."""
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
+def test_rows_do_not_change_a_rows_bits(isa):
+    """On one path, each output row is summed in the same order whatever the other rows: a sequence's
+    logits do not depend on the batch it runs in, as long as the step's row count keeps ``auto`` on one
+    path (``test_auto_takes_amx_from_its_row_counts``)."""
+    if isa not in available_isas():
+        pytest.skip(f"this CPU has no {isa}")
     rng = np.random.default_rng(2)
     a = rng.standard_normal((70, 512)).astype(np.float32)
     b = jnp.asarray(gemm_cpu.pack(rng.standard_normal((512, 300)).astype(np.float32)))
-    full = np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a), b, 300))
-    for rows in (1, 5, 13, 64):
-        np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a[:rows]), b, 300)), full[:rows])
+    full = np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a), b, 300, isa=isa))
+    for rows in (1, 5, 13, 33, 64):
+        got = np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a[:rows]), b, 300, isa=isa))
+        np.testing.assert_array_equal(got, full[:rows])
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_auto_takes_amx_from_its_row_counts(weights):
+    """``auto`` runs AMX where it is faster: from AMX_MIN_ROWS rows (a prompt chunk for float32 weights, a
+    32-row decode step for bfloat16 ones), the AVX-512 kernel below; its result is that path's, bit for bit."""
+    if "amx" not in available_isas():
+        pytest.skip("this CPU has no AMX")
+    rng = np.random.default_rng(3)
+    threshold = gemm_cpu.AMX_MIN_ROWS[weights]
+    b = gemm_cpu.pack(rng.standard_normal((192, 80)).astype(jnp.bfloat16).astype(np.float32)).astype(weights)
+    for rows, path in ((threshold - 1, "avx512"), (threshold, "amx"), (threshold + 7, "amx")):
+        a = jnp.asarray(rng.standard_normal((rows, 192)).astype(np.float32))
+        got = np.asarray(gemm_cpu.gemm_cpu(a, jnp.asarray(b), 80))
+        np.testing.assert_array_equal(got, np.asarray(gemm_cpu.gemm_cpu(a, jnp.asarray(b), 80, isa=path)))
+        # the two paths differ by float32 rounding only
+        other = np.asarray(gemm_cpu.gemm_cpu(a, jnp.asarray(b), 80, isa="amx" if path == "avx512" else "avx512"))
+        np.testing.assert_allclose(got, other, rtol=1e-5, atol=1e-4)
+
+
+def test_amx_is_refused_where_the_cpu_has_none():
+    if "amx" in available_isas():
+        pytest.skip("this CPU has AMX")
+    a, b = jnp.ones((4, 32), jnp.float32), jnp.asarray(gemm_cpu.pack(np.ones((32, 32), np.float32)))
+    with pytest.raises(Exception, match="AMX"):
+        np.asarray(gemm_cpu.gemm_cpu(a, b, 32, isa="amx"))
 
 
 def test_rows_past_the_real_ones_are_zeros():
@@ -217,3 +255,26 @@ def test_bf16_checkpoint_in_float32_equals_hf(tmp_path):
         tokens[impl] = greedy_tokens(engine, prompts, max_tokens=[10] * len(prompts))
     assert tokens["cpu"] == ref
     assert tokens["xla"] == ref
+
+
+def test_prompt_chunks_through_amx_equal_hf(tmp_path):
+    """Prompt chunks of AMX_MIN_ROWS["float32"] rows and more run the AMX path on a CPU that has it (float32
+    weights as bf16 pieces, float32 sums): greedy tokens equal transformers' in float32, with decode steps
+    on the AVX-512 kernel in between."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from conftest import hf_greedy_cached
+
+    from jaxserve import Engine
+    from jaxserve.make_model import hf_config
+
+    torch.manual_seed(5)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config("llama", "tiny"), dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    model = model.eval()
+    rows = gemm_cpu.AMX_MIN_ROWS["float32"]
+    prompts = random_prompts([rows + 40, 9, rows // 2 + 3], seed=13, vocab=model.config.vocab_size)
+    ref = [hf_greedy_cached(model, p, 8) for p in prompts]
+    engine = Engine.from_pretrained(str(tmp_path), dtype="float32", matmul_impl="cpu", max_num_seqs=4,
+                                    max_model_len=512, max_num_batched_tokens=512)
+    assert greedy_tokens(engine, prompts, max_tokens=[8] * len(prompts)) == ref

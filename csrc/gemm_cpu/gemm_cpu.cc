@@ -53,8 +53,6 @@ enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3, kIsaAmx = 4 };
 constexpr int64_t kKBlock = 256;
 constexpr int64_t kPackNR = 32;  // the packed layout's panel width (kernels_pallas/gemm_cpu.py PACK_NR)
 constexpr int64_t kPrefetchRows = 32;
-// `auto` takes AMX from this many rows (see below): float32 B / bfloat16 B
-constexpr int64_t kAmxMinRowsF32 = 256, kAmxMinRowsBf16 = 32;
 
 // A micro-kernel: C[rows, w] (=|+=) A[rows, K] . B[K, w], rows <= MR, w <= NR; B float32 or bfloat16 bits.
 template <typename T>
@@ -295,7 +293,10 @@ struct AmxWork {
   }
 
   // C's rows [32 mb, +32) x the panel's 32 columns, from all of K, in tmm0-3 (A's tiles in tmm4-5, B's in 6-7).
-  JAXSERVE_AMX void block(int64_t mb, const bf16* bv, float* out, int64_t ldo) const {
+  // `pf`: `pf_lines` cache lines to fetch into L2 per 32 rows of K (the next panel's B, spread over this
+  // panel's blocks: its split then reads from L2, not memory, while the tiles run).
+  JAXSERVE_AMX void block(int64_t mb, const bf16* bv, float* out, int64_t ldo, const char*& pf,
+                          const char* pf_end, int64_t pf_lines) const {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -303,6 +304,7 @@ struct AmxWork {
     const int64_t kc_n = Kp / 32;
     const bf16* a = ap + mb * kc_n * 3 * 1024;
     for (int64_t kc = 0; kc < kc_n; ++kc, a += 3 * 1024) {
+      for (int64_t l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       const bf16* b = bv + kc * kBPieces * 1024;
       if (kBPieces == 1) {  // bfloat16 B: a_i . b, B's tiles loaded once
         _tile_loadd(6, b, 64);
@@ -347,12 +349,16 @@ struct AmxWork {
       for (int64_t p = p0; p < p1; ++p) {
         split_b(B + p * K * kPackNR, bv);
         const int64_t n0 = p * kPackNR, w = std::min(kPackNR, N - n0);
+        const int64_t panel_bytes = K * kPackNR * static_cast<int64_t>(sizeof(T));
+        const char* pf = p + 1 < panels ? reinterpret_cast<const char*>(B + (p + 1) * K * kPackNR) : nullptr;
+        const char* pf_end = pf == nullptr ? nullptr : pf + panel_bytes;
+        const int64_t pf_lines = (panel_bytes / 64 + Mp / 32 * (Kp / 32) - 1) / (Mp / 32 * (Kp / 32));
         for (int64_t mb = 0; mb < Mp / 32; ++mb) {
           const int64_t m0 = mb * 32, rows = std::min<int64_t>(32, M - m0);
           if (rows == 32 && w == kPackNR) {
-            block(mb, bv, C + m0 * N + n0, N);  // straight into C
+            block(mb, bv, C + m0 * N + n0, N, pf, pf_end, pf_lines);  // straight into C
           } else {
-            block(mb, bv, edge, 32);
+            block(mb, bv, edge, 32, pf, pf_end, pf_lines);
             for (int64_t r = 0; r < rows; ++r) std::memcpy(C + (m0 + r) * N + n0, edge + r * 32, w * sizeof(float));
           }
         }
@@ -451,7 +457,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int
 }
 
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> rows,
-                ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa) {
+                ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa, int64_t amx_min_rows) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
   if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || bd[2] != kPackNR || ad[1] != bd[1] ||
       cd[0] != ad[0] || bd[0] != (cd[1] + kPackNR - 1) / kPackNR) {
@@ -464,7 +470,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
   if (rows.element_count() != 1) return ffi::Error::InvalidArgument("gemm_cpu: rows must be a scalar");
   // rows [0, M): computed; the rest (a bucket's padding rows) zeros
   const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, ad[0]), K = ad[1], N = cd[1];
-  if (isa == kIsaAuto) isa = M >= (b16 ? kAmxMinRowsBf16 : kAmxMinRowsF32) && has_amx() ? kIsaAmx : best_isa();
+  if (isa == kIsaAuto) isa = M >= amx_min_rows && has_amx() ? kIsaAmx : best_isa();
   if (isa == kIsaAmx && !has_amx()) {
     return ffi::Error::InvalidArgument("gemm_cpu: this CPU (or its OS) does not run AMX-BF16 tiles");
   }
@@ -499,7 +505,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveGemmCpu, jaxserve_cpu_gemm::Gemm,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows: A's rows to compute
                                   .Ret<ffi::Buffer<ffi::F32>>()  // C [M, N]
                                   .Attr<int64_t>("num_threads")
-                                  .Attr<int64_t>("isa"));
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("amx_min_rows"));  // `auto`: AMX from this many rows
 
 // -- the Python module: kernels_pallas._gemm_cpu ---------------------------------------------------------
 static PyObject* registrations(PyObject*, PyObject*) {
