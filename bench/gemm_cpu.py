@@ -89,13 +89,13 @@ def main() -> None:
     }
     held = jnp.dtype(args.weights)  # the kernel's copy; XLA's dot gets the same values in float32
     weights = [[w.astype(held).astype(jnp.float32) for w in ws] for ws in weights]
-    packed = [[jnp.asarray(pack(np.asarray(w)), held) for w in ws] for ws in weights]  # once, as at load
+    packed = [[jnp.asarray(pack(np.asarray(w), held)) for w in ws] for ws in weights]  # once, as at load
     head = jnp.asarray(rng.standard_normal((config["hidden_size"], config["vocab_size"]), dtype=np.float32) * 0.02)
     heads = {"xla": jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)),
              "cpu": jax.jit(lambda a, b: gemm_cpu(a, b, config["vocab_size"], isa=args.isa,
                                                    num_threads=args.num_threads))}
     head = head.astype(held).astype(jnp.float32)
-    head_packed = jnp.asarray(pack(np.asarray(head)), held)
+    head_packed = jnp.asarray(pack(np.asarray(head), held))
     flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, config["hidden_size"]), dtype=np.float32))

@@ -121,7 +121,8 @@ class PackedDense(nn.Module):
     """A float32 linear layer over the last axis whose weight is held in the CPU matmul kernel's packed layout:
     ``packed_kernel [ceil(N/32), in, 32]`` for ``N = prod(features)`` (``kernels_pallas/gemm_cpu.py``), the
     ``kernel [in, *features]`` of a checkpoint as ``pack_linears`` converts it once at load, so that no step
-    repacks the weights (XLA CPU's dot does, every call); in bfloat16 when its values all are.  The kernel
+    repacks the weights (XLA CPU's dot does, every call); in bfloat16 (rows in pairs, ``gemm_cpu.pack``)
+    when its values all are.  The kernel
     serves every row count; ``rows`` (an int32 scalar, ``real_rows``) leaves a step's padding rows out
     (zeros)."""
 
@@ -132,7 +133,10 @@ class PackedDense(nn.Module):
     def __call__(self, x, rows=None):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         k, n = x.shape[-1], int(np.prod(features))
-        w = self.param("packed_kernel", lambda key: gemm_cpu.pack(_init()(key, (k, n), jnp.float32)))
+        if self.has_variable("params", "packed_kernel"):  # float32's or bfloat16's layout: gemm_cpu checks it
+            w = self.get_variable("params", "packed_kernel")
+        else:
+            w = self.param("packed_kernel", lambda key: gemm_cpu.pack(_init()(key, (k, n), jnp.float32)))
         y = gemm_cpu.gemm_cpu(x.reshape(-1, k), w, n, rows=rows).reshape(x.shape[:-1] + features)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, features, jnp.float32)
@@ -166,10 +170,11 @@ def _pack_leaf(a: Any, stacked: bool) -> Any:
     if isinstance(a, jax.ShapeDtypeStruct):  # compile-only runs
         return jax.ShapeDtypeStruct(lead + gemm_cpu.packed_shape(k, n), a.dtype, sharding=a.sharding)
     host = np.asarray(a).reshape(lead + (k, n))
-    packed = np.stack([gemm_cpu.pack(h) for h in host]) if stacked else gemm_cpu.pack(host)
     # A weight whose float32 values are all bfloat16 values (a bf16 checkpoint run in float32) is held in
     # bf16: the same values and the same float32 arithmetic (gemm_cpu.bf16_exact), half the bytes a step reads.
-    packed = np.ascontiguousarray(packed.astype(jnp.bfloat16) if gemm_cpu.bf16_exact(host) else packed)
+    held = jnp.bfloat16 if gemm_cpu.bf16_exact(host) else jnp.float32
+    packed = np.stack([gemm_cpu.pack(h, held) for h in host]) if stacked else gemm_cpu.pack(host, held)
+    packed = np.ascontiguousarray(packed)
     return jax.device_put(packed, a.sharding) if isinstance(a, jax.Array) else packed
 
 

@@ -46,7 +46,7 @@ TARGET = "jaxserve_gemm_cpu"
 ISAS = {"auto": 0, "avx2": 2, "avx512": 3, "amx": 4}  # the kernel's ``isa`` attribute
 # ``auto`` runs the AMX path from this many rows (by the weights' dtype), the AVX-512 kernel below: where
 # ``bench/gemm_cpu.py --isa amx`` against ``--isa avx512`` measured AMX faster (see the module docstring).
-AMX_MIN_ROWS = {"float32": 256, "bfloat16": 32}
+AMX_MIN_ROWS = {"float32": 256, "bfloat16": 16}
 MATMUL_IMPLS = ("auto", "xla", "cpu")
 
 
@@ -107,33 +107,49 @@ def resolve_matmul(matmul_impl: str, platform: str, *, mesh=None, dtype=jnp.floa
 PACK_NR = 32  # the packed layout's panel width (csrc/gemm_cpu: kPackNR)
 
 
-def packed_shape(k: int, n: int) -> tuple[int, int, int]:
-    """The packed layout of a ``[K, N]`` weight: ``[ceil(N / 32), K, 32]``."""
-    return (-(-n // PACK_NR), k, PACK_NR)
+PAIR_K = 32  # bfloat16 layout: K padded to a multiple of this (csrc/gemm_cpu: a tile's 32 rows of K)
 
 
-def pack(b):
-    """``b [K, N]`` (numpy or jax) -> the kernel's packed layout ``[ceil(N/32), K, 32]``: panels of 32 columns,
-    each one contiguous run, the last one zero-padded."""
+def packed_shape(k: int, n: int, dtype=jnp.float32) -> tuple[int, int, int]:
+    """The packed layout of a ``[K, N]`` weight held in ``dtype``: float32 ``[ceil(N / 32), K, 32]``;
+    bfloat16 ``[ceil(N / 32), Kp / 2, 64]`` with ``Kp`` = K rounded up to 32 (rows in pairs: ``pack``)."""
+    panels = -(-n // PACK_NR)
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return (panels, -(-k // PAIR_K) * PAIR_K // 2, 2 * PACK_NR)
+    return (panels, k, PACK_NR)
+
+
+def pack(b, dtype=jnp.float32):
+    """``b [K, N]`` (numpy or jax) -> the kernel's packed layout (``packed_shape``): panels of 32 columns, each
+    one contiguous run, the last one zero-padded.  float32: a panel is ``[K, 32]``, row by row.  bfloat16
+    (for values that are bfloat16 values, ``bf16_exact``): a panel is ``[Kp / 2, 32, 2]``, rows 2i and 2i+1
+    interleaved column by column, K zero-padded to a multiple of 32: the order AMX's tiles read B in, which
+    the AVX-512 / AVX2 paths split back into two rows with a shift and a mask."""
     k, n = b.shape
-    panels = packed_shape(k, n)[0]
+    panels, rows, width = packed_shape(k, n, dtype)
     xp = np if isinstance(b, np.ndarray) else jnp
-    b = xp.pad(b, ((0, 0), (0, panels * PACK_NR - n)))
-    return b.reshape(k, panels, PACK_NR).transpose(1, 0, 2)
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        b = xp.pad(b, ((0, 0), (0, panels * PACK_NR - n)))
+        return b.reshape(k, panels, PACK_NR).transpose(1, 0, 2)
+    b = xp.pad(b, ((0, 2 * rows - k), (0, panels * PACK_NR - n))).astype(jnp.bfloat16)
+    return b.reshape(rows, 2, panels, PACK_NR).transpose(2, 0, 3, 1).reshape(panels, rows, width)
 
 
 def bf16_exact(b: np.ndarray) -> bool:
     """Whether every value of the float32 array ``b`` is a bfloat16 value (its low 16 bits zero): then
-    ``pack(b).astype(bfloat16)`` holds the same values in half the bytes, and ``gemm_cpu`` gives the same
-    result from it bit for bit (a checkpoint stored in bf16 and run in float32)."""
+    ``pack(b, bfloat16)`` holds the same values in half the bytes, and ``gemm_cpu`` gives the same result
+    from it as from ``pack(b)`` bit for bit (a checkpoint stored in bf16 and run in float32)."""
     b = np.ascontiguousarray(b, np.float32)
     return bool(b.size) and not np.any(b.view(np.uint32) & 0xFFFF)
 
 
-def unpack(b_packed, n: int):
-    """The inverse of ``pack``: ``[ceil(N/32), K, 32]`` -> ``[K, N]``."""
-    panels, k, _ = b_packed.shape
-    return b_packed.transpose(1, 0, 2).reshape(k, panels * PACK_NR)[:, :n]
+def unpack(b_packed, k: int, n: int):
+    """The inverse of ``pack``: the packed layout (float32 or bfloat16) -> ``[K, N]``."""
+    panels, rows, width = b_packed.shape
+    if width == PACK_NR:
+        return b_packed.transpose(1, 0, 2).reshape(rows, panels * PACK_NR)[:k, :n]
+    b = b_packed.reshape(panels, rows, PACK_NR, 2).transpose(1, 3, 0, 2)
+    return b.reshape(2 * rows, panels * PACK_NR)[:k, :n]
 
 
 def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_threads: int = 0,
@@ -146,12 +162,13 @@ def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_thread
     _, reason = _load()
     if reason is not None:
         raise RuntimeError(f"matmul_impl: the CPU matmul kernel is unavailable: {reason}")
-    if a.ndim != 2 or b_packed.ndim != 3 or b_packed.shape != packed_shape(a.shape[1], n):
-        raise ValueError(f"gemm_cpu: a must be [M, K] and b_packed {packed_shape(a.shape[1] if a.ndim == 2 else -1, n)}"
-                         f" (pack), got {a.shape} and {b_packed.shape}")
     if a.dtype != jnp.float32 or b_packed.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"gemm_cpu: a must be float32 and b_packed float32 or bfloat16 (its values widened "
                          f"exactly), got {a.dtype} and {b_packed.dtype}")
+    want = packed_shape(a.shape[1] if a.ndim == 2 else -1, n, b_packed.dtype)
+    if a.ndim != 2 or b_packed.ndim != 3 or b_packed.shape != want:
+        raise ValueError(f"gemm_cpu: a must be [M, K] and b_packed {want} (pack, {jnp.dtype(b_packed.dtype).name}),"
+                         f" got {a.shape} and {b_packed.shape}")
     rows = jnp.asarray(a.shape[0] if rows is None else rows, jnp.int32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32), vmap_method="sequential")
     return call(a, b_packed, rows, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]),

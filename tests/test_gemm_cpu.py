@@ -62,7 +62,7 @@ def test_bf16_weights_give_the_float32_bits(isa, m, k, n):
     assert gemm_cpu.bf16_exact(b)
     f = jax.jit(lambda x, y: gemm_cpu.gemm_cpu(x, y, n, isa=isa))
     want = np.asarray(f(a, jnp.asarray(gemm_cpu.pack(b))))
-    got = np.asarray(f(a, jnp.asarray(gemm_cpu.pack(b).astype(jnp.bfloat16))))
+    got = np.asarray(f(a, jnp.asarray(gemm_cpu.pack(b, jnp.bfloat16))))
     np.testing.assert_array_equal(got, want)
 
 
@@ -111,7 +111,7 @@ def test_auto_takes_amx_from_its_row_counts(weights):
         pytest.skip("this CPU has no AMX")
     rng = np.random.default_rng(3)
     threshold = gemm_cpu.AMX_MIN_ROWS[weights]
-    b = gemm_cpu.pack(rng.standard_normal((192, 80)).astype(jnp.bfloat16).astype(np.float32)).astype(weights)
+    b = gemm_cpu.pack(rng.standard_normal((192, 80)).astype(jnp.bfloat16).astype(np.float32), weights)
     for rows, path in ((threshold - 1, "avx512"), (threshold, "amx"), (threshold + 7, "amx")):
         a = jnp.asarray(rng.standard_normal((rows, 192)).astype(np.float32))
         got = np.asarray(gemm_cpu.gemm_cpu(a, jnp.asarray(b), 80))
@@ -148,8 +148,19 @@ def test_pack_layout_and_bad_shapes():
     assert p.shape == gemm_cpu.packed_shape(5, 70) == (3, 5, 32)
     np.testing.assert_array_equal(p[1, 2], b[2, 32:64])  # panel 1, row 2: columns 32..63
     np.testing.assert_array_equal(p[2, :, 6:], 0)  # the last panel's padding
-    np.testing.assert_array_equal(gemm_cpu.unpack(p, 70), b)
+    np.testing.assert_array_equal(gemm_cpu.unpack(p, 5, 70), b)
     np.testing.assert_array_equal(np.asarray(gemm_cpu.pack(jnp.asarray(b))), p)
+    # bfloat16: rows in pairs, interleaved column by column (AMX's order), K zero-padded to 32
+    b16 = b % 128  # bfloat16 values
+    q = gemm_cpu.pack(b16, jnp.bfloat16)
+    assert q.dtype == jnp.bfloat16 and q.shape == gemm_cpu.packed_shape(5, 70, jnp.bfloat16) == (3, 16, 64)
+    np.testing.assert_array_equal(q[1, 1, :4].astype(np.float32), [b16[2, 32], b16[3, 32], b16[2, 33], b16[3, 33]])
+    np.testing.assert_array_equal(q[:, 2, 1::2].astype(np.float32), 0)  # row 5 (past K)
+    np.testing.assert_array_equal(q[:, 3:].astype(np.float32), 0)  # rows 6..31
+    np.testing.assert_array_equal(gemm_cpu.unpack(q, 5, 70).astype(np.float32), b16)
+    np.testing.assert_array_equal(np.asarray(gemm_cpu.pack(jnp.asarray(b16), jnp.bfloat16)), q)
+    with pytest.raises(ValueError, match="b_packed"):
+        gemm_cpu.gemm_cpu(jnp.zeros((2, 5), jnp.float32), jnp.asarray(p, jnp.bfloat16), 70)  # float32's layout
     with pytest.raises(ValueError, match="b_packed"):
         gemm_cpu.gemm_cpu(jnp.zeros((2, 5), jnp.float32), jnp.asarray(b), 70)  # not packed
     with pytest.raises(ValueError, match="float32"):
@@ -175,12 +186,13 @@ def test_pack_linears_packs_the_linear_layers_only():
     packed = np.asarray(out["layers"]["down_proj"]["packed_kernel"])
     assert packed.shape == (2,) + gemm_cpu.packed_shape(8, 6)
     np.testing.assert_array_equal(packed[1], gemm_cpu.pack(stacked[1]))
-    assert out["lm_head"]["packed_kernel"].shape == gemm_cpu.packed_shape(8, 10)
-    # float32 weights stay float32; weights whose values are bfloat16 values (ones here) are held in bf16
+    # float32 weights stay float32; weights whose values are bfloat16 values (ones here) are held in bf16,
+    # in bf16's layout
     assert out["layers_0"]["qkv_proj"]["packed_kernel"].dtype == jnp.float32
     assert out["lm_head"]["packed_kernel"].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(out["lm_head"]["packed_kernel"], np.float32),
-                                  gemm_cpu.pack(np.ones((8, 10), np.float32)))
+    assert out["lm_head"]["packed_kernel"].shape == gemm_cpu.packed_shape(8, 10, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out["lm_head"]["packed_kernel"]),
+                                  gemm_cpu.pack(np.ones((8, 10), np.float32), jnp.bfloat16))
     assert out["embed"]["embedding"] is params["embed"]["embedding"]  # the rest untouched
     assert out["layers_0"]["input_norm"]["scale"] is params["layers_0"]["input_norm"]["scale"]
 

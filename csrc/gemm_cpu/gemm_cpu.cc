@@ -97,6 +97,36 @@ __attribute__((target("avx512f,fma"))) inline void tile_avx512(const float* A, i
     }
   }
 }
+// bfloat16 B in row pairs (kernels_pallas/gemm_cpu.py ``pack``: each 32-bit lane holds a column's values
+// at rows k (low half) and k + 1 (high half)): a shift and a mask give the two rows as float32, and the
+// FMAs run in the same order as above (row k, then k + 1, for every accumulator): the same bits.
+template <int MR>
+__attribute__((target("avx512f,fma"))) inline void tile_avx512_pairs(const float* A, int64_t lda, const bf16* B,
+                                                                    int64_t K, __m512* c0, __m512* c1) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K; k += 2) {
+    const bf16* b = B + k * kPackNR;  // pair k / 2: 64 values
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * kPackNR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * kPackNR + 32), _MM_HINT_T0);
+    const __m512i v0 = _mm512_loadu_si512(b), v1 = _mm512_loadu_si512(b + 32);
+    const __m512 b00 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
+    const __m512 b01 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16));
+    const __m512 b10 = _mm512_castsi512_ps(_mm512_and_si512(v0, high));
+    const __m512 b11 = _mm512_castsi512_ps(_mm512_and_si512(v1, high));
+    const bool second = k + 1 < K;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      c0[i] = _mm512_fmadd_ps(a, b00, c0[i]);
+      c1[i] = _mm512_fmadd_ps(a, b01, c1[i]);
+      if (second) {
+        const __m512 a1 = _mm512_set1_ps(A[i * lda + k + 1]);
+        c0[i] = _mm512_fmadd_ps(a1, b10, c0[i]);
+        c1[i] = _mm512_fmadd_ps(a1, b11, c1[i]);
+      }
+    }
+  }
+}
 template <int MR, typename T>
 __attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t lda, const T* B, int64_t ldb,
                                                          float* C, int64_t ldc, int64_t K, int w, bool accumulate) {
@@ -105,7 +135,11 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-  tile_avx512<MR>(A, lda, B, ldb, K, c0, c1);  // a partial panel's padding columns are zeros, not stored
+  if constexpr (sizeof(T) == 2) {  // a partial panel's padding columns are zeros, not stored
+    tile_avx512_pairs<MR>(A, lda, B, K, c0, c1);
+  } else {
+    tile_avx512<MR>(A, lda, B, ldb, K, c0, c1);
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     if (accumulate) {
@@ -142,6 +176,33 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* A, int64_
     }
   }
 }
+template <int MR>
+__attribute__((target("avx2,fma"))) inline void tile_avx2_pairs(const float* A, int64_t lda, const bf16* B, int64_t K,
+                                                               __m256* c0, __m256* c1) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K; k += 2) {
+    const bf16* b = B + k * kPackNR;  // this item's 16 columns of pair k / 2
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * kPackNR), _MM_HINT_T0);
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+    const __m256 b00 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+    const __m256 b01 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+    const __m256 b10 = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
+    const __m256 b11 = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
+    const bool second = k + 1 < K;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      c0[i] = _mm256_fmadd_ps(a, b00, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, b01, c1[i]);
+      if (second) {
+        const __m256 a1 = _mm256_broadcast_ss(A + i * lda + k + 1);
+        c0[i] = _mm256_fmadd_ps(a1, b10, c0[i]);
+        c1[i] = _mm256_fmadd_ps(a1, b11, c1[i]);
+      }
+    }
+  }
+}
 template <int MR, typename T>
 __attribute__((target("avx2,fma"))) void micro_avx2(const float* A, int64_t lda, const T* B, int64_t ldb,
                                                     float* C, int64_t ldc, int64_t K, int w, bool accumulate) {
@@ -149,7 +210,11 @@ __attribute__((target("avx2,fma"))) void micro_avx2(const float* A, int64_t lda,
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-  tile_avx2<MR>(A, lda, B, ldb, K, c0, c1);
+  if constexpr (sizeof(T) == 2) {
+    tile_avx2_pairs<MR>(A, lda, B, K, c0, c1);
+  } else {
+    tile_avx2<MR>(A, lda, B, ldb, K, c0, c1);
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     if (accumulate) {
@@ -225,9 +290,6 @@ JAXSERVE_AMX inline void row_pieces(const float* panel, int64_t k, int64_t K, in
     return;
   }
   split32(_mm512_loadu_ps(panel + k * kPackNR), _mm512_loadu_ps(panel + k * kPackNR + 16), n, out);
-}
-JAXSERVE_AMX inline void row_pieces(const bf16* panel, int64_t k, int64_t K, int, __m512i* out) {
-  out[0] = k < K ? _mm512_loadu_si512(panel + k * kPackNR) : _mm512_setzero_si512();
 }
 
 struct alignas(64) TileConfig {
@@ -306,9 +368,9 @@ struct AmxWork {
     for (int64_t kc = 0; kc < kc_n; ++kc, a += 3 * 1024) {
       for (int64_t l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       const bf16* b = bv + kc * kBPieces * 1024;
-      if (kBPieces == 1) {  // bfloat16 B: a_i . b, B's tiles loaded once
-        _tile_loadd(6, b, 64);
-        _tile_loadd(7, b + 512, 64);
+      if (kBPieces == 1) {  // bfloat16 B, the packed panel itself (pairs of rows): a_i . b, B loaded once
+        _tile_loadd(6, b, 128);
+        _tile_loadd(7, b + 32, 128);
       }
       for (int i = 0; i < 3; ++i) {
         _tile_loadd(4, a + i * 1024, 64);
@@ -337,20 +399,27 @@ struct AmxWork {
     thread_local std::vector<bf16> bv_store;
     alignas(64) float edge[32 * 32];
     const int64_t panels = (N + kPackNR - 1) / kPackNR;
-    bf16* bv = nullptr;
+    const bf16* bv = nullptr;
+    bool configured = false;
     for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      if (bv == nullptr) {
+      if (!configured) {
         static const TileConfig config;
         _tile_loadconfig(&config);
-        bv_store.resize(Kp / 32 * kBPieces * 1024);
-        bv = bv_store.data();
+        if (kBPieces != 1) bv_store.resize(Kp / 32 * kBPieces * 1024);
+        configured = true;
       }
       const int64_t p0 = it * chunk, p1 = std::min(panels, p0 + chunk);
       for (int64_t p = p0; p < p1; ++p) {
-        split_b(B + p * K * kPackNR, bv);
+        if constexpr (kBPieces == 1) {
+          bv = reinterpret_cast<const bf16*>(B) + p * Kp * kPackNR;  // already in tile order
+        } else {
+          split_b(B + p * K * kPackNR, bv_store.data());
+          bv = bv_store.data();
+        }
         const int64_t n0 = p * kPackNR, w = std::min(kPackNR, N - n0);
-        const int64_t panel_bytes = K * kPackNR * static_cast<int64_t>(sizeof(T));
-        const char* pf = p + 1 < panels ? reinterpret_cast<const char*>(B + (p + 1) * K * kPackNR) : nullptr;
+        const int64_t panel_elems = (kBPieces == 1 ? Kp : K) * kPackNR;
+        const int64_t panel_bytes = panel_elems * static_cast<int64_t>(sizeof(T));
+        const char* pf = p + 1 < panels ? reinterpret_cast<const char*>(B + (p + 1) * panel_elems) : nullptr;
         const char* pf_end = pf == nullptr ? nullptr : pf + panel_bytes;
         const int64_t pf_lines = (panel_bytes / 64 + Mp / 32 * (Kp / 32) - 1) / (Mp / 32 * (Kp / 32));
         for (int64_t mb = 0; mb < Mp / 32; ++mb) {
@@ -365,7 +434,7 @@ struct AmxWork {
       }
       done.fetch_add(1, std::memory_order_acq_rel);
     }
-    if (bv != nullptr) _tile_release();
+    if (configured) _tile_release();
   }
 };
 
@@ -401,7 +470,7 @@ struct Work {
   const float* A;
   const T* B;
   float* C;
-  int64_t M, K, N, MR, NR, chunk, items;
+  int64_t M, K, Kp, N, MR, NR, chunk, items;  // Kp: K rounded up to 32 (a bf16 panel's rows)
   const Micro<T>* micro;
   std::atomic<int64_t> next{0}, done{0};
 
@@ -414,8 +483,9 @@ struct Work {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t n0 = p * NR;
           const int w = static_cast<int>(std::min(NR, N - n0));
-          // the packed panel holding column n0, at row k0 (NR divides kPackNR)
-          const T* b = B + (n0 / kPackNR) * K * kPackNR + k0 * kPackNR + n0 % kPackNR;
+          // the packed panel holding column n0, at row k0 (NR divides kPackNR; k0 is even)
+          const T* b = sizeof(T) == 2 ? B + (n0 / kPackNR) * Kp * kPackNR + k0 * kPackNR + 2 * (n0 % kPackNR)
+                                      : B + (n0 / kPackNR) * K * kPackNR + k0 * kPackNR + n0 % kPackNR;
           for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int64_t rows = std::min(MR, M - m0);
             micro[rows](A + m0 * K + k0, K, b, kPackNR, C + m0 * N + n0, N, kn, w, k0 > 0);
@@ -442,7 +512,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int
 #else
   return ffi::Error::InvalidArgument("gemm_cpu: built without the x86 kernels");
 #endif
-  work->A = a, work->B = b, work->C = c, work->M = M, work->K = K, work->N = N;
+  work->A = a, work->B = b, work->C = c, work->M = M, work->K = K, work->Kp = (K + 31) / 32 * 32, work->N = N;
   const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
   const int64_t panels = (N + work->NR - 1) / work->NR;
   // About eight items per thread (at most 8 panels an item): a helper of the pool starts late, and items
@@ -459,11 +529,14 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> rows,
                 ffi::ResultBuffer<ffi::F32> c, int64_t num_threads, int64_t isa, int64_t amx_min_rows) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || bd[2] != kPackNR || ad[1] != bd[1] ||
-      cd[0] != ad[0] || bd[0] != (cd[1] + kPackNR - 1) / kPackNR) {
-    return ffi::Error::InvalidArgument("gemm_cpu: A must be [M, K], B packed [ceil(N/32), K, 32] and C [M, N]");
-  }
   const bool b16 = b.element_type() == ffi::DataType::BF16;
+  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || cd[0] != ad[0] ||
+      bd[0] != (cd[1] + kPackNR - 1) / kPackNR ||
+      (b16 ? bd[1] != (ad[1] + 31) / 32 * 16 || bd[2] != 2 * kPackNR : bd[1] != ad[1] || bd[2] != kPackNR)) {
+    return ffi::Error::InvalidArgument(
+        "gemm_cpu: A must be [M, K], C [M, N] and B packed: [ceil(N/32), K, 32] float32 or "
+        "[ceil(N/32), ceil(K/32) * 16, 64] bfloat16");
+  }
   if (!b16 && b.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("gemm_cpu: B must be float32 or bfloat16");
   }
