@@ -198,7 +198,7 @@ def cmd_make_model(args) -> int:
     from jaxserve.make_model import make_model
 
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, **overrides)
+    make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, dtype=args.dtype, **overrides)
     print(f"wrote {args.arch}-{args.size} checkpoint to {args.dir}")
     return 0
 
@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="tiny", choices=["tiny", "56m", "200m", "1b"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=None, help="override the size's vocabulary")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="how the weights are stored (bfloat16: as most Hugging Face checkpoints)")
     p.set_defaults(func=cmd_make_model)
 
     from jaxserve.targets import TARGETS

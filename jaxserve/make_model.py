@@ -115,13 +115,25 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def make_model(out_dir: str, arch: str = "llama", size: str = "tiny", seed: int = 0,
-               tokenizer: bool = True, **overrides) -> str:
-    """Write ``config.json``, ``model.safetensors`` and a tokenizer to ``out_dir``; returns ``out_dir``."""
-    config = hf_config(arch, size, **overrides)
+               tokenizer: bool = True, dtype: str = "float32", **overrides) -> str:
+    """Write ``config.json``, ``model.safetensors`` and a tokenizer to ``out_dir``; returns ``out_dir``.
+    ``dtype``: how the tensors are stored; ``bfloat16`` (the same random weights rounded to bf16, as most
+    Hugging Face checkpoints are stored) for the code paths of a bf16 checkpoint."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    config = hf_config(arch, size, torch_dtype=dtype, **overrides)
     os.makedirs(out_dir, exist_ok=True)
     config.save_pretrained(out_dir)
-    save_safetensors(random_hf_tensors(config, seed), os.path.join(out_dir, "model.safetensors"))
+    tensors = random_hf_tensors(config, seed)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
     if tokenizer:
         train_tokenizer(config.vocab_size).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "config.json")) as f:

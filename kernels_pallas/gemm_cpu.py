@@ -26,8 +26,27 @@ serves every row count so that the weights exist once, packed.  Its AVX2 path be
 on this machine up to 32 rows, and at 512 rows runs 194 GFLOP/s, about this machine's two-core AVX2 FMA
 peak (2 x 2 x 8 x 2 FLOP per cycle at ~3 GHz), which bounds any AVX2 dot, XLA's included: so ``auto``
 picks the kernel on AVX2-only CPUs too (not measured on one: no such machine here).  Float32 sums in
-another order than XLA's: results differ from XLA's dot by rounding, as XLA's differs from torch's; each
-row's sum is the same whatever the other rows and the thread count (tested bit for bit).
+another order than XLA's: results differ from XLA's dot by rounding, as XLA's differs from torch's; on
+one path, each row's sum is the same whatever the other rows and the thread count (tested bit for bit).
+
+**AMX** (Sapphire Rapids and later, AMX-BF16; ``isa="amx"``, and ``auto`` from ``AMX_MIN_ROWS`` rows):
+the same float32 product from the tile unit.  Each float32 of A is the exact sum of three bfloat16 pieces;
+a product of two bf16 values is exact in float32 and TDPBF16PS sums them with float32 FMAs, so
+``sum_i a_i . b`` (bf16 weights: three products) or ``sum_{i+j<=2} a_i . b_j`` (float32 weights cut into
+three pieces per call: six products, the three left out are below 2^-24 of the product) is a float32-
+accurate dot, its error like the AVX-512 path's against float64 (tested on ragged shapes).  Weights held
+in bfloat16 (``bf16_exact``) are packed with rows in pairs (``pack``), the order the tiles read, so AMX
+reads them in place.  Same command, ``--isa {avx512,amx} --weights bfloat16`` (2026-12-03, this Xeon,
+one run each), layers / LM head in ms:
+
+    rows                  1          8          16         32         64         128         512
+    avx512, bf16     1.41/0.72  2.25/1.10  4.00/2.13  7.40/4.03  15.28/8.48  25.82/16.23  98.55/89.03
+    amx, bf16        3.77/1.77  4.25/1.45  4.47/1.55  4.82/1.77   9.17/3.20  12.81/ 5.71  50.83/50.66
+
+and with float32 weights (cut per call) 100.4 against 110.7 ms at 512 rows, 50.3 against 54.8 at 256,
+slower below.  Hence ``AMX_MIN_ROWS``.  Where it switches paths a row's bits change (another summation
+order, both float32-accurate): a sequence's logits can differ in the last bits between a step of 15 and
+one of 16 rows, as they do between XLA's dot and torch's.
 
 The kernel is the extension module ``kernels_pallas._gemm_cpu``, built by ``pip install -e .``
 (``setup.py``); without it, or on a CPU without AVX2/FMA, ``cpu_gemm_unavailable_reason()`` says why and
@@ -70,7 +89,7 @@ def cpu_gemm_unavailable_reason() -> str | None:
 
 
 def available_isas() -> list[str]:
-    """The instruction sets the kernel runs on this CPU, best first (``"avx512"``, ``"avx2"``)."""
+    """The instruction sets the kernel runs on this CPU, best first (``"amx"``, ``"avx512"``, ``"avx2"``)."""
     module, reason = _load()
     if module is None:
         raise RuntimeError(reason)
@@ -157,8 +176,8 @@ def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_thread
     """``a [M, K] @ B [K, n]`` in float32 by the kernel, B given packed (``pack``; float32, or bfloat16 when
     its values are: see ``bf16_exact``).  ``rows`` (an int32 scalar,
     may be traced; None: all ``M``): only the first ``rows`` rows are computed, the rest are zeros (a step's
-    bucket padding).  ``num_threads`` 0: every core; ``isa``: ``"auto"``, ``"avx512"`` or ``"avx2"`` (the
-    tests check both)."""
+    bucket padding).  ``num_threads`` 0: every core; ``isa``: ``"auto"`` (AMX from ``AMX_MIN_ROWS`` rows where
+    the CPU has it, else the best of the others), ``"amx"``, ``"avx512"`` or ``"avx2"`` (the tests check each)."""
     _, reason = _load()
     if reason is not None:
         raise RuntimeError(f"matmul_impl: the CPU matmul kernel is unavailable: {reason}")

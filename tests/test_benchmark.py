@@ -36,6 +36,27 @@ def test_size_configs_match_make_model():
         assert yaml.safe_load(f) == SIZES
 
 
+def test_make_model_writes_a_bfloat16_checkpoint(tmp_path):
+    """``jaxserve make-model --dtype bfloat16``: the float32 checkpoint's random weights rounded to bf16 and
+    stored so (as most Hugging Face checkpoints are); config.json says so."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    for dtype in ("float32", "bfloat16"):
+        assert cli.main(["make-model", str(tmp_path / dtype), "--dtype", dtype]) == 0
+    f32 = load_file(str(tmp_path / "float32" / "model.safetensors"))
+    b16 = load_file(str(tmp_path / "bfloat16" / "model.safetensors"))
+    assert f32.keys() == b16.keys()
+    for name, w in f32.items():
+        assert w.dtype == "float32" and b16[name].dtype == ml_dtypes.bfloat16, name
+        assert (b16[name] == w.astype(ml_dtypes.bfloat16)).all(), name
+    with open(tmp_path / "bfloat16" / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="dtype"):
+        from jaxserve.make_model import make_model
+        make_model(str(tmp_path / "x"), dtype="float16")
+
+
 def _tiny_workload(tmp_path) -> str:
     prompts = random_prompts([5, 30, 12, 50, 3, 20], seed=9)
     workload = {"name": "tiny-6", "vocab_size": 1024,

@@ -13,11 +13,12 @@
 // B's row and MR broadcasts of A.  Summation order is k ascending with FMAs, the same for every row, call,
 // row count and thread count.  Items are spread over XLA's CPU thread pool (csrc/cpu_pool.h).
 //
-// B may also be bfloat16 (the same packed layout, 2 bytes an element): each element is widened to the
-// float32 it stands for (its bits shifted up 16, exact) and the same FMAs run, so the result equals the
-// float32 call on those values bit for bit.  The engine packs a weight so when every one of its float32
-// values is a bfloat16 value (a checkpoint stored in bf16, run in float32): half the bytes to stream from
-// memory at a decode step, for the same arithmetic.
+// B may also be bfloat16, 2 bytes an element, packed with rows in pairs: [ceil(N / 32), Kp / 2, 32, 2]
+// (Kp: K rounded up to 32, zero rows), the order AMX's tiles read (below).  A 32-bit lane then holds one
+// column's values at rows k and k + 1; a shift and a mask widen them to the float32s they stand for
+// (exact), and the same FMAs run in the same order, so the result equals the float32 call on those
+// values bit for bit.  The engine packs a weight so when every one of its float32 values is a bfloat16
+// value (a checkpoint stored in bf16, run in float32): half the bytes to stream at a decode step.
 //
 // The AVX-512 / AVX2+FMA code is compiled with target attributes and picked at run time
 // (__builtin_cpu_supports); a CPU with neither has no kernel here (Python runs XLA's dot instead).
@@ -37,12 +38,20 @@
 #define JAXSERVE_GEMM_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+// The AMX path needs a compiler that knows the tile intrinsics (GCC 11, Clang 12); an older one builds
+// the rest of the kernel without it.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define JAXSERVE_GEMM_AMX 1
+#else
+#define JAXSERVE_GEMM_AMX 0
+#endif
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
 #else
 #define JAXSERVE_GEMM_X86 0
+#define JAXSERVE_GEMM_AMX 0
 #endif
 
 namespace ffi = xla::ffi;
@@ -243,16 +252,19 @@ const Micro<T> kAvx2[] = {nullptr,         micro_avx2<1, T>, micro_avx2<2, T>, m
 // a_i . b_j with i + j <= 2 (the three left out are below 2^-24 of the product, under float32's rounding:
 // the "bf16x6" emulation of a float32 dot), for bfloat16 B (exact in one piece) the three a_i . b.  That
 // is float32 accuracy from the tile unit, which on a Sapphire Rapids core runs 16x16x32 multiply-adds per
-// instruction: a prompt chunk's matmuls at several times the AVX-512 FMA rate.  Row-for-row it is not the
-// AVX-512 path's bits (another summation order), so `auto` takes it only from kAmxMinRows rows, where a
-// call is compute-bound (a prompt chunk, not a decode step); the tests check it against the float64
-// product like the other paths.
+// instruction.  Row-for-row it is not the AVX-512 path's bits (another summation order), so `auto` takes
+// it from the row count Python gives (`amx_min_rows`, kernels_pallas/gemm_cpu.py AMX_MIN_ROWS: where it is
+// faster); the tests check it against the float64 product like the other paths.
 //
-// Blocking: an item is a few 32-column panels, as above.  Per panel and block of kAmxKBlock rows of K, the
-// panel's block of B is split into pieces and laid out as tiles want it (pairs of rows interleaved,
-// [pieces][K/2][32][2]); every 32-row block of A (split once per call, [3][Mp][Kp]) then runs over it into
-// four 16x16 float32 tiles (tmm0-3), with A's tiles in tmm4-5 and B's in tmm6-7.
+// Blocking: A is split once per call into tiles of 16 rows x 32 (AmxSplitA).  An item is a few 32-column
+// panels, as above; per panel, every 32-row block of A runs over all of K into four 16x16 float32 tiles
+// (tmm0-3), A's tiles in tmm4-5 and B's in tmm6-7.  bfloat16 B is read in place (its packed layout is the
+// tiles'); float32 B is split per panel into three bf16 pieces in tile order (split_b), which costs a pass
+// over the weights per call: worth it only for many rows.  The next panel is prefetched into L2 meanwhile.
+// Each tile load costs about as much as a TDPBF16PS on this unit (measured), so a K step of 32 loads B
+// once and A once per piece: 8 loads for 12 products (bf16 B), 18 for 24 (float32 B).
 
+#if JAXSERVE_GEMM_AMX
 bool has_amx() {
   static const bool has = [] {
 #if defined(__linux__)
@@ -455,6 +467,9 @@ void RunAmx(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int64_
   jaxserve_cpu::run_on_pool(pool, work, work->items, threads);
 }
 #else
+bool has_amx() { return false; }
+#endif  // JAXSERVE_GEMM_AMX
+#else
 bool has_avx512() { return false; }
 bool has_avx2() { return false; }
 bool has_amx() { return false; }
@@ -554,7 +569,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
     std::fill(C, C + M * N, 0.f);
     return ffi::Error::Success();
   }
-#if JAXSERVE_GEMM_X86
+#if JAXSERVE_GEMM_AMX
   if (isa == kIsaAmx) {
     if (b16) {
       RunAmx(pool, a.typed_data(), static_cast<const bf16*>(b.untyped_data()), M, K, N, C, num_threads);
