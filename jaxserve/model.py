@@ -122,9 +122,8 @@ class PackedDense(nn.Module):
     ``packed_kernel [ceil(N/32), in, 32]`` for ``N = prod(features)`` (``kernels_pallas/gemm_cpu.py``), the
     ``kernel [in, *features]`` of a checkpoint as ``pack_linears`` converts it once at load, so that no step
     repacks the weights (XLA CPU's dot does, every call); in bfloat16 (rows in pairs, ``gemm_cpu.pack``)
-    when its values all are.  The kernel
-    serves every row count; ``rows`` (an int32 scalar, ``real_rows``) leaves a step's padding rows out
-    (zeros)."""
+    when its values all are.  The kernel serves every row count; ``rows`` (an int32 scalar, ``real_rows``)
+    leaves a step's padding rows out (zeros)."""
 
     features: int | tuple[int, ...]
     use_bias: bool = False
@@ -168,7 +167,7 @@ def _pack_leaf(a: Any, stacked: bool) -> Any:
     lead = a.shape[:1] if stacked else ()
     k, n = a.shape[len(lead)], int(np.prod(a.shape[len(lead) + 1:]))
     if isinstance(a, jax.ShapeDtypeStruct):  # compile-only runs
-        return jax.ShapeDtypeStruct(lead + gemm_cpu.packed_shape(k, n), a.dtype, sharding=a.sharding)
+        return jax.ShapeDtypeStruct(lead + gemm_cpu.packed_shape(k, n, a.dtype), a.dtype, sharding=a.sharding)
     host = np.asarray(a).reshape(lead + (k, n))
     # A weight whose float32 values are all bfloat16 values (a bf16 checkpoint run in float32) is held in
     # bf16: the same values and the same float32 arithmetic (gemm_cpu.bf16_exact), half the bytes a step reads.
