@@ -106,7 +106,8 @@ def test_rows_do_not_change_a_rows_bits(isa):
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 def test_auto_takes_amx_from_its_row_counts(weights):
     """``auto`` runs AMX where it is faster: from AMX_MIN_ROWS rows (a prompt chunk for float32 weights, a
-    32-row decode step for bfloat16 ones), the AVX-512 kernel below; its result is that path's, bit for bit."""
+    decode step of 16 rows for bfloat16 ones), the AVX-512 kernel below; its result is that path's, bit for
+    bit."""
     if "amx" not in available_isas():
         pytest.skip("this CPU has no AMX")
     rng = np.random.default_rng(3)
