@@ -148,15 +148,19 @@ def real_rows(meta: AttentionMetadata) -> jax.Array:
     return meta.query_start_loc[meta.num_seqs]
 
 
-def pack_linears(params: dict) -> dict:
+def pack_linears(params: dict, greedy_head: bool = False) -> dict:
     """The parameter tree of ``CausalLM(matmul_impl="cpu")``: each ``PACKED_LINEARS`` ``kernel [in, *features]``
-    (stacked layers: ``[L, in, *features]``) as ``packed_kernel`` (``PackedDense``), packed on the host."""
+    (stacked layers: ``[L, in, *features]``) as ``packed_kernel`` (``PackedDense``), packed on the host.
+    ``greedy_head``: an LM head held in float32 also gets ``greedy_hi`` and ``greedy_slack``, what
+    ``gemm_cpu.argmax_head`` reads (the runner's greedy steps: ``ModelRunner._step``)."""
     def walk(tree: dict, stacked: bool) -> dict:
         out = {}
         for key, v in tree.items():
             if key in PACKED_LINEARS and isinstance(v, dict) and "kernel" in v:
                 out[key] = {k: x for k, x in v.items() if k != "kernel"}
                 out[key]["packed_kernel"] = _pack_leaf(v["kernel"], stacked)
+                if key == "lm_head" and greedy_head and not stacked:
+                    out[key].update(_greedy_leaves(v["kernel"], out[key]["packed_kernel"]))
             else:
                 out[key] = walk(v, stacked or key == "layers") if isinstance(v, dict) else v
         return out
@@ -175,6 +179,24 @@ def _pack_leaf(a: Any, stacked: bool) -> Any:
     packed = np.stack([gemm_cpu.pack(h, held) for h in host]) if stacked else gemm_cpu.pack(host, held)
     packed = np.ascontiguousarray(packed)
     return jax.device_put(packed, a.sharding) if isinstance(a, jax.Array) else packed
+
+
+def _greedy_leaves(a: Any, packed: Any) -> dict:
+    """``greedy_hi`` / ``greedy_slack`` of an LM head kernel ``a [in, vocab]`` held in float32 (none for one held
+    in bfloat16, whose full product AMX already runs, or with a non-finite value)."""
+    k, n = a.shape
+    if packed.dtype != jnp.float32:
+        return {}
+    if isinstance(a, jax.ShapeDtypeStruct):  # compile-only runs
+        return {"greedy_hi": jax.ShapeDtypeStruct(gemm_cpu.packed_shape(k, n, jnp.bfloat16), jnp.bfloat16,
+                                                  sharding=a.sharding),
+                "greedy_slack": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=a.sharding)}
+    host = np.asarray(a, np.float32)
+    slack = gemm_cpu.greedy_slack(host)
+    if slack is None:
+        return {}
+    out = {"greedy_hi": np.ascontiguousarray(gemm_cpu.greedy_hi(host)), "greedy_slack": slack}
+    return {key: jax.device_put(x, a.sharding) for key, x in out.items()} if isinstance(a, jax.Array) else out
 
 
 class RMSNorm(nn.Module):
@@ -484,6 +506,7 @@ class CausalLM(nn.Module):
     matmul_impl: str = "xla"  # "cpu": PACKED_LINEARS by kernels_pallas/gemm_cpu.py (params: pack_linears)
     # "switch" loop: the last layer past its K/V only for the rows of logits_indices (see _last_layer)
     sampled_last_layer: bool = False
+    defer_head: bool = False  # return the LM head's input (the sampled rows, final-normed) for the logits
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices,
@@ -538,6 +561,8 @@ class CausalLM(nn.Module):
                 return None, cache, hidden
             x = x[logits_indices]
         x = RMSNorm(cfg.rms_norm_eps, dt, cfg.norm_offset, name="final_norm")(x)
+        if self.defer_head:
+            return x, cache, hidden
         if cfg.tie_word_embeddings and self.quantization:
             logits = embed.attend(x)
         elif cfg.tie_word_embeddings:

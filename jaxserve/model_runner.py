@@ -53,6 +53,7 @@ from jaxserve.scheduler import SchedulerOutput
 from jaxserve.spec_decode import SpecInputs, verify
 from jaxserve.structured import apply_token_bitmask
 from kernels_pallas import resolve_impl, unsupported_reason
+from kernels_pallas import gemm_cpu
 from kernels_pallas.gemm_cpu import resolve_matmul
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class StepInputs:
     mask_active: jax.Array  # [S] bool: the row's bitmask applies
     prompt_targets: jax.Array  # [T] int32: the next prompt token of a row wanting prompt logprobs (else -1)
     want_prompt_logprobs: jax.Array  # [] bool
+    greedy: jax.Array  # [] bool: every row greedy, no logprobs, penalties or grammar (ModelRunner._step)
     spec: SpecInputs | None = None  # rows verified by speculative decoding (engines with a speculative_config)
 
 
@@ -138,8 +140,14 @@ class ModelRunner:
         self.quantization = (engine_cfg.quantization or "int8") if quant.is_quantized(params) else None
         self.matmul_impl = resolve_matmul(engine_cfg.matmul_impl, self.platform, mesh=mesh, dtype=dtype,
                                           quantization=self.quantization)
+        # Greedy steps find each row's token from the LM head with gemm_cpu.argmax_head (where AMX makes its
+        # approximate product cheap): a float32 head, one device, plain logits (see _step).
+        self.greedy_head = (self.matmul_impl == "cpu" and mesh is None and engine_cfg.speculative_config is None
+                            and not model_cfg.tie_word_embeddings and model_cfg.final_logit_softcap is None
+                            and self.quantization is None and "amx" in gemm_cpu.available_isas())
         if self.matmul_impl == "cpu":  # the linear layers' weights in the CPU matmul kernel's layout, once
-            params = pack_linears(params)
+            params = pack_linears(params, greedy_head=self.greedy_head)
+        self.greedy_head = self.greedy_head and "greedy_hi" in params.get("lm_head", {})
         self.params = params
         self.cache = cache
         self.dtype = dtype
@@ -202,10 +210,14 @@ class ModelRunner:
         return len(self.decode_buckets) * len(self.prefill_buckets) - 1
 
     def _step(self, params, cache, inputs: StepInputs, penalty_state: PenaltyState, *, num_decode_rows: int):
+        # A bucket whose sampled rows the full LM head runs on a non-AMX path (argmax_head's bits) can take
+        # the greedy head: then a step of greedy rows only (inputs.greedy) computes no [rows, vocab] logits.
+        greedy = (self.greedy_head and inputs.spec is None
+                  and inputs.logits_indices.shape[0] < gemm_cpu.AMX_MIN_ROWS["float32"])
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
                          self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
                          quantization=self.quantization, skip_head=inputs.spec is not None,
-                         matmul_impl=self.matmul_impl, sampled_last_layer=True)
+                         matmul_impl=self.matmul_impl, sampled_last_layer=True, defer_head=greedy)
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices, inputs.want_prompt_logprobs)
         spec = None
@@ -213,9 +225,27 @@ class ModelRunner:
             logits, spec = verify(lambda h: head_logits(self.model_cfg, params, h, self.dtype, self.quantization,
                                                         self.mesh),
                                   hidden, inputs.logits_indices, inputs.spec, inputs.sampling)
-        tokens, logprob, top_ids, top_lp, penalty_state = self._sample(logits, inputs, penalty_state)
+        if greedy:  # `logits` is the head's input
+            tokens, logprob, top_ids, top_lp = self._greedy_or_sample(params["lm_head"], logits, inputs, penalty_state)
+        else:
+            tokens, logprob, top_ids, top_lp = self._sample(logits, inputs, penalty_state)
+        penalty_state = update_penalty_counts(penalty_state, inputs.penalties, tokens)
         return (cache, tokens, logprob, top_ids, top_lp, penalty_state, self._prompt_logprobs(params, hidden, inputs),
                 spec)
+
+    def _greedy_or_sample(self, head: dict, x, inputs: StepInputs, penalty_state: PenaltyState):
+        """A greedy step's tokens by ``gemm_cpu.argmax_head`` (the argmax of the logits the full head gives,
+        reading the float32 head only for the columns that can win: a third of its cost, on AMX), or the
+        full head and ``_sample``."""
+        s, v = x.shape[0], self.vocab_size
+
+        def greedy():
+            tokens, _ = gemm_cpu.argmax_head(x, head["packed_kernel"], head["greedy_hi"], head["greedy_slack"], v)
+            return (tokens, jnp.zeros((s,), jnp.float32), jnp.zeros((s, MAX_LOGPROBS), jnp.int32),
+                    jnp.zeros((s, MAX_LOGPROBS), jnp.float32))
+
+        return jax.lax.cond(inputs.greedy, greedy,
+                            lambda: self._sample(gemm_cpu.gemm_cpu(x, head["packed_kernel"], v), inputs, penalty_state))
 
     def _prompt_logprobs(self, params, hidden, inputs: StepInputs):
         """Per token row: logprob and rank of the next prompt token, and the top MAX_LOGPROBS, from the
@@ -248,8 +278,8 @@ class ModelRunner:
 
     @staticmethod
     def _sample(logits, inputs: StepInputs, penalty_state: PenaltyState):
-        """Penalties and grammar masks (behind one per-step flag), sampling, logprobs (of the raw logits),
-        count update.  A step with neither samples the raw logits: the flag's conditional returns tokens,
+        """Penalties and grammar masks (behind one per-step flag), sampling, logprobs (of the raw logits);
+        the caller updates the counts.  A step with neither samples the raw logits: the flag's conditional returns tokens,
         not a [rows, vocab] array, which XLA CPU would copy out of the branch that leaves them as they are
         (4 MB a step at 32 rows)."""
         p = inputs.penalties
@@ -260,7 +290,7 @@ class ModelRunner:
 
         tokens = jax.lax.cond(p.any | jnp.any(inputs.mask_active), adjusted, lambda: sample(logits, inputs.sampling))
         logprob, top_ids, top_lp = compute_logprobs(logits, tokens, inputs.want_logprobs)
-        return tokens, logprob, top_ids, top_lp, update_penalty_counts(penalty_state, p, tokens)
+        return tokens, logprob, top_ids, top_lp
 
     # -- packing -----------------------------------------------------------------------------
 
@@ -455,6 +485,8 @@ class ModelRunner:
             a["query_start_loc"][g, d_l + n_pre + 1:] = a["query_start_loc"][g, d_l + n_pre]
             a["num_seqs"][g] = d_l + n_pre
         a["any_penalty"] = np.bool_(any_penalty)
+        a["greedy"] = np.bool_(not (want_logprobs or any_penalty or constrained) and all(
+            sch.seq.params.greedy for sch in out.decodes + out.prefills))
         a["want_prompt"] = np.bool_(bool(self._prompt_rows))
         a["spec_any"] = np.bool_(num_spec > 0)
         if constrained:
@@ -507,6 +539,7 @@ class ModelRunner:
             bitmask=a["bitmask"] if "bitmask" in a else self._no_mask(len(a["seq_lens"]))[0],
             mask_active=a["mask_active"] if "mask_active" in a else self._no_mask(len(a["seq_lens"]))[1],
             prompt_targets=a["prompt_targets"], want_prompt_logprobs=np.bool_(a.get("want_prompt", False)),
+            greedy=np.bool_(a.get("greedy", False)),
             spec=None if "spec_rows" not in a else SpecInputs(
                 rows=a["spec_rows"], slot=a["spec_slot"], offset=a["spec_offset"], next_token=a["spec_next"],
                 any=a.get("spec_any", np.bool_(False))))

@@ -192,3 +192,59 @@ def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_thread
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32), vmap_method="sequential")
     return call(a, b_packed, rows, num_threads=np.int64(num_threads), isa=np.int64(ISAS[isa]),
                 amx_min_rows=np.int64(AMX_MIN_ROWS[jnp.dtype(b_packed.dtype).name]))
+
+
+# -- the greedy LM head --------------------------------------------------------------------------------
+# A greedy row needs only the argmax of its logits.  ``argmax_head`` finds the argmax of ``a . B`` for a
+# float32 B exactly as ``gemm_cpu``'s logits give it (the same bits: AVX-512 and AVX2 alike), but reads
+# the float32 B only for the few columns that can win.  ``a . bf16(B)`` first (``greedy_hi``: B rounded to
+# bfloat16, packed in pairs, which AMX multiplies at a third of float32's cost); then per column n a bound,
+# |a . B_n - approx_n| <= ||a||_2 * slack_n (``greedy_slack``); every column whose approx + bound reaches the
+# largest approx - bound is computed as the kernel computes it, and the first of their maxima wins (as
+# ``jnp.argmax``).  A row with a non-finite norm or approx computes every column.  Exact: a column left out
+# is below a column's exact logit.
+ARGMAX_TARGET = "jaxserve_argmax_cpu"
+_U = 2.0 ** -24  # float32's unit roundoff
+
+
+def _gamma(n: int) -> float:
+    """The classic bound on a float32 sum of n products' rounding, relative to the sum of their magnitudes."""
+    return n * _U / (1 - n * _U)
+
+
+def greedy_hi(b) -> np.ndarray:
+    """``b [K, N]`` float32 rounded to bfloat16 in ``pack``'s bfloat16 layout (the approximate head)."""
+    return pack(np.asarray(b, np.float32), jnp.bfloat16)
+
+
+def greedy_slack(b) -> np.ndarray | None:
+    """Per column n of ``b [K, N]`` (float32): ``slack_n`` with |a . b_n - approx_n| <= ||a||_2 * slack_n, where
+    approx_n is ``gemm_cpu(a, greedy_hi(b))`` on any path and a . b_n the kernel's float32 logit.  Cauchy-
+    Schwarz on each part: the bf16 rounding's ||b_n - bf16(b_n)||_2, plus twice the float32 summation bounds
+    of both products (gamma(K) of the exact logit; gamma(3K + 3) of AMX's three products of a's pieces)
+    times ||b_n||_2 (||bf16(b_n)|| <= (1 + 2^-8) ||b_n||), plus 8u ||b_n||_2 for the float32 arithmetic of
+    the filter itself (approx -/+ bound, |approx| <= ~||a|| ||b_n||).  None when ``b`` holds a non-finite
+    value."""
+    b = np.asarray(b, np.float64)
+    if not np.all(np.isfinite(b)):
+        return None
+    k = b.shape[0]
+    lo = b - np.asarray(b, np.float32).astype(jnp.bfloat16).astype(np.float64)
+    slack = (np.sqrt(np.sum(lo * lo, axis=0))
+             + (2 * (_gamma(k) + _gamma(3 * k + 3) * (1 + 2.0 ** -8)) + 8 * _U) * np.sqrt(np.sum(b * b, axis=0)))
+    return np.nextafter((slack * (1 + 1e-6)).astype(np.float32), np.float32(np.inf))
+
+
+def argmax_head(a: jax.Array, b_packed: jax.Array, hi_packed: jax.Array, slack: jax.Array, n: int, *,
+                isa: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """``(argmax(a @ B, axis=-1), columns computed exactly per row)`` for ``a [R, K]`` and float32 ``B [K, n]``
+    given as ``b_packed = pack(B)``, ``hi_packed = greedy_hi(B)`` and ``slack = greedy_slack(B)``: the argmax of
+    ``gemm_cpu(a, b_packed, n)`` (on a non-AMX path: ``auto`` below ``AMX_MIN_ROWS["float32"]`` rows), with the
+    float32 B read only for the columns that can win.  ``isa``: the approximate product's."""
+    if b_packed.dtype != jnp.float32 or hi_packed.dtype != jnp.bfloat16:
+        raise ValueError("argmax_head: b_packed must be float32 and hi_packed bfloat16 (greedy_hi)")
+    approx = gemm_cpu(a, hi_packed, n, isa=isa)
+    rows = a.shape[0]
+    call = jax.ffi.ffi_call(ARGMAX_TARGET, (jax.ShapeDtypeStruct((rows,), jnp.int32),
+                                            jax.ShapeDtypeStruct((rows,), jnp.int32)), vmap_method="sequential")
+    return call(a, approx, b_packed, slack)

@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -583,7 +585,150 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
   return Run(pool, a.typed_data(), static_cast<const float*>(b.untyped_data()), M, K, N, C, num_threads, isa);
 }
 
+// -- the greedy LM head (kernels_pallas/gemm_cpu.py argmax_head) ---------------------------------------
+// The argmax of each row of A . B (float32 B, packed), exactly as Run's logits give it, from the logits
+// of B's bfloat16 rounding (`approx`, computed before: at a third of the cost on AMX) and per column a
+// bound on the difference (`slack`: |exact - approx| <= ||a||_2 * slack[n], gemm_cpu.greedy_slack).  A
+// column whose approx + bound is below the largest approx - bound cannot be the argmax; the others (one
+// to a few) are computed as Run computes them (column_dot) and the first of their maxima wins, as
+// jnp.argmax.  A row with a non-finite norm or logit computes every column.
+#if JAXSERVE_GEMM_X86
+// Column n of a . B as Run computes it on AVX-512 and AVX2 alike: per K block of kKBlock rows a float32
+// FMA chain from zero in row order, the blocks' sums added in order (the micro-kernels' accumulate).
+__attribute__((target("avx2,fma"))) float column_dot(const float* a, const float* B, int64_t K, int64_t n) {
+  const float* b = B + (n / kPackNR) * K * kPackNR + n % kPackNR;
+  float c = 0.f;
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t k1 = std::min(K, k0 + kKBlock);
+    float acc = 0.f;
+    for (int64_t k = k0; k < k1; ++k) acc = std::fma(a[k], b[k * kPackNR], acc);
+    c = k0 == 0 ? acc : acc + c;
+  }
+  return c;
+}
+
+struct ArgmaxWork {
+  const float *a, *approx, *B, *slack;
+  int32_t* tokens;
+  int32_t* computed;  // per row: the columns computed exactly
+  int64_t K, N, items;
+  std::atomic<int64_t> next{0}, done{0};
+
+  // Row r's token: the first maximum of the exact logits of columns `cols` (ascending; the first NaN, if
+  // any), and how many were computed.
+  void best(int64_t r, const std::vector<int64_t>& cols) {
+    const float* ar = a + r * K;
+    int64_t arg = -1;
+    float top = 0.f;
+    for (const int64_t n : cols) {
+      const float v = column_dot(ar, B, K, n);
+      if (std::isnan(v)) {  // the first NaN
+        arg = n;
+        break;
+      }
+      if (arg < 0 || v > top) arg = n, top = v;
+    }
+    tokens[r] = static_cast<int32_t>(std::max<int64_t>(arg, 0));
+    computed[r] = static_cast<int32_t>(cols.size());
+  }
+  void every_column(int64_t r, std::vector<int64_t>& cols) {
+    cols.resize(N);
+    for (int64_t n = 0; n < N; ++n) cols[n] = n;
+    best(r, cols);
+  }
+
+  // Two passes over the row's approx logits, 8 at a time: the largest approx - bound (and whether every
+  // approx is finite), then the columns whose approx + bound reach it.  In float32: greedy_slack's slack
+  // holds a term (8u ||B_n||) that covers these passes' own rounding.
+  __attribute__((target("avx2,fma"))) void row(int64_t r) {
+    const float* ar = a + r * K;
+    const float* xr = approx + r * N;
+    double sq = 0.0;
+    for (int64_t k = 0; k < K; ++k) sq += static_cast<double>(ar[k]) * ar[k];
+    const float norm = static_cast<float>(std::sqrt(sq) * (1.0 + 1e-6));
+    // AMX flushes subnormal bfloat16 pieces and products: at most 3K terms below 2^-126 each, per logit
+    const float tiny = static_cast<float>(6.0 * static_cast<double>(K) * std::ldexp(1.0, -126));
+    thread_local std::vector<int64_t> cols;
+    cols.clear();
+    if (!std::isfinite(norm)) return every_column(r, cols);
+    const __m256 nv = _mm256_set1_ps(norm), tv = _mm256_set1_ps(tiny), zero = _mm256_setzero_ps();
+    __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), chk = zero;
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8) {
+      const __m256 x = _mm256_loadu_ps(xr + n), b = _mm256_fmadd_ps(nv, _mm256_loadu_ps(slack + n), tv);
+      mx = _mm256_max_ps(mx, _mm256_sub_ps(x, b));
+      chk = _mm256_add_ps(chk, _mm256_mul_ps(x, zero));  // NaN once an approx is NaN or infinite
+    }
+    float lanes[8], checks[8];
+    _mm256_storeu_ps(lanes, mx);
+    _mm256_storeu_ps(checks, chk);
+    float floor_ = -std::numeric_limits<float>::infinity();
+    bool finite = true;
+    for (int i = 0; i < 8; ++i) floor_ = std::max(floor_, lanes[i]), finite = finite && checks[i] == 0.f;
+    for (int64_t m = n; m < N; ++m) {
+      finite = finite && std::isfinite(xr[m]);
+      floor_ = std::max(floor_, xr[m] - (norm * slack[m] + tiny));
+    }
+    if (!finite || !std::isfinite(floor_)) return every_column(r, cols);
+    const __m256 fv = _mm256_set1_ps(floor_);
+    for (n = 0; n + 8 <= N; n += 8) {
+      const __m256 x = _mm256_loadu_ps(xr + n), b = _mm256_fmadd_ps(nv, _mm256_loadu_ps(slack + n), tv);
+      for (int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(x, b), fv, _CMP_GE_OQ)); m; m &= m - 1) {
+        cols.push_back(n + __builtin_ctz(m));
+      }
+    }
+    for (int64_t m = n; m < N; ++m) {
+      if (xr[m] + (norm * slack[m] + tiny) >= floor_) cols.push_back(m);
+    }
+    best(r, cols);
+  }
+
+  void run() {
+    for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      row(r);
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+#endif
+
+ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> approx,
+                  ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> slack, ffi::ResultBuffer<ffi::S32> tokens,
+                  ffi::ResultBuffer<ffi::S32> computed) {
+  auto ad = a.dimensions(), xd = approx.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || xd.size() != 2 || bd.size() != 3 || xd[0] != ad[0] || bd[1] != ad[1] ||
+      bd[2] != kPackNR || bd[0] != (xd[1] + kPackNR - 1) / kPackNR || static_cast<int64_t>(slack.element_count()) != xd[1] ||
+      static_cast<int64_t>(tokens->element_count()) != ad[0] ||
+      static_cast<int64_t>(computed->element_count()) != ad[0]) {
+    return ffi::Error::InvalidArgument("gemm_cpu argmax_head: a [R, K], approx [R, N], b packed float32 "
+                                       "[ceil(N/32), K, 32], slack [N], tokens and computed [R]");
+  }
+#if JAXSERVE_GEMM_X86
+  if (!has_avx2()) return ffi::Error::InvalidArgument("gemm_cpu argmax_head: needs AVX2/FMA");
+  auto work = std::make_shared<ArgmaxWork>();
+  work->a = a.typed_data(), work->approx = approx.typed_data(), work->B = b.typed_data();
+  work->slack = slack.typed_data(), work->tokens = tokens->typed_data(), work->computed = computed->typed_data();
+  work->K = ad[1], work->N = xd[1], work->items = ad[0];
+  if (work->items == 0) return ffi::Error::Success();
+  if (work->N == 0) return ffi::Error::InvalidArgument("gemm_cpu argmax_head: no columns");
+  jaxserve_cpu::run_on_pool(pool, work, work->items, 0);
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("gemm_cpu: built without the x86 kernels");
+#endif
+}
+
 }  // namespace jaxserve_cpu_gemm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveArgmaxCpu, jaxserve_cpu_gemm::Argmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a [R, K]: the LM head's input rows
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // approx [R, N]: a . bf16(B)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // B packed float32 [ceil(N/32), K, 32]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // slack [N]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // tokens [R]
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // computed [R]: columns computed exactly
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveGemmCpu, jaxserve_cpu_gemm::Gemm,
                               ffi::Ffi::Bind()
@@ -602,6 +747,13 @@ static PyObject* registrations(PyObject*, PyObject*) {
   if (dict == nullptr) return nullptr;
   PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(JaxserveGemmCpu), nullptr, nullptr);
   if (capsule == nullptr || PyDict_SetItemString(dict, "jaxserve_gemm_cpu", capsule) < 0) {
+    Py_XDECREF(capsule);
+    Py_DECREF(dict);
+    return nullptr;
+  }
+  Py_DECREF(capsule);
+  capsule = PyCapsule_New(reinterpret_cast<void*>(JaxserveArgmaxCpu), nullptr, nullptr);
+  if (capsule == nullptr || PyDict_SetItemString(dict, "jaxserve_argmax_cpu", capsule) < 0) {
     Py_XDECREF(capsule);
     Py_DECREF(dict);
     return nullptr;
