@@ -22,7 +22,7 @@ import numpy as np
 from kernels_pallas.ragged_paged_attention import NO_WINDOW, ragged_paged_attention_ref, split_cache
 
 TARGET = "jaxserve_ragged_paged_attention_cpu"
-ISAS = {"auto": 0, "portable": 1, "avx2": 2}  # the kernel's ``isa`` attribute
+ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}  # the kernel's ``isa`` attribute
 _CACHE_TYPES = {"float32": 0, "bfloat16": 1, "float16": 2}  # the cache's value dtype -> ``cache_type``
 
 
@@ -44,7 +44,8 @@ def cpu_unavailable_reason() -> str | None:
 
 
 def best_isa() -> str:
-    """The instruction set the kernel picks on this CPU: ``"avx2"`` or ``"portable"``."""
+    """The instruction set the kernel picks on this CPU: ``"avx512"`` (AVX2, and AVX-512 for the decode rows
+    of a float32 cache), ``"avx2"`` or ``"portable"``."""
     module, reason = _load()
     if module is None:
         raise RuntimeError(reason)
@@ -85,8 +86,8 @@ def ragged_paged_attention_cpu(q, kv_cache, layer, kv_lens, page_indices, cu_q_l
     prompt 1.25 vs 1.66 ms.
 
     ``sliding_window``: None, an int, or an int32 scalar that may be traced.  ``num_threads``: 0 for
-    every core this process may use.  ``isa``: ``"auto"`` (AVX2 when the CPU has it), ``"portable"`` or
-    ``"avx2"``: the tests check both paths."""
+    every core this process may use.  ``isa``: ``"auto"`` (the best the CPU has: ``best_isa``),
+    ``"portable"``, ``"avx2"`` or ``"avx512"``: the tests check each."""
     if prefill_rows not in PREFILL_ROWS:
         raise ValueError(f"prefill_rows: one of {', '.join(PREFILL_ROWS)}, got {prefill_rows!r}")
     t, nd = q.shape[0], min(num_decode_rows, q.shape[0])

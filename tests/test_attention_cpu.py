@@ -34,13 +34,14 @@ from kernels_pallas.ragged_paged_attention_cpu import (
 def test_extension_is_built():
     """Not a skip: without the extension the engine silently serves the slower reference."""
     assert cpu_unavailable_reason() is None, cpu_unavailable_reason()
-    assert best_isa() in ("avx2", "portable")
+    assert best_isa() in ("avx512", "avx2", "portable")
     assert resolve_impl("auto", "cpu") == ("cpu", False) and resolve_impl("cpu", "cpu") == ("cpu", False)
     with pytest.raises(ValueError, match="attention_impl"):
         resolve_impl("cpu", "tpu")
 
 
-ISAS = ["portable", "auto"]  # the portable path, and the best this CPU has (AVX2 where it has it)
+# the portable path, AVX2, and the best this CPU has (AVX-512's decode rows where it has them)
+ISAS = ["portable", "avx2", "auto"]
 MIXES = {  # (num_decode_rows, num_decode_pad, number of prefill chunks)
     "decode": (5, 1, 0), "prefill": (0, 0, 4), "mixed": (3, 1, 3)}
 OPTIONS = [(None, None), (13, None), (None, 3.0), (7, 2.0)]  # (sliding_window, soft_cap)
@@ -60,6 +61,8 @@ def _batch(mix, page_size, gqa, head_dim, seed):
 
 @pytest.mark.parametrize("mix,page_size,gqa,head_dim,sliding_window,soft_cap,isa", CASES)
 def test_kernel_matches_dense(mix, page_size, gqa, head_dim, sliding_window, soft_cap, isa):
+    if isa == "avx2" and best_isa() == "portable":
+        pytest.skip("this CPU has no AVX2")
     args, nd = _batch(mix, page_size, gqa, head_dim, seed=[page_size, gqa, head_dim])
     q, _, _, kv, _, cu, ns = args
     kw = dict(sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
@@ -110,6 +113,21 @@ def test_prefill_rows_run_in_the_kernel_by_default():
         ragged_paged_attention_cpu(*args, num_decode_rows=2, prefill_rows="auto", **kw)
 
 
+@pytest.mark.parametrize("gqa,head_dim", [(1, 32), (8, 32), (2, 64), (3, 64), (4, 64), (2, 128), (8, 64)])
+@pytest.mark.parametrize("page_size,options", [(16, (None, None)), (8, (5, 2.0))])
+def test_avx512_decode_rows_match_dense(gqa, head_dim, page_size, options):
+    """AVX-512's decode rows of a float32 cache (every group whose accumulators fit 16 registers; (8, 64)
+    falls back to the AVX2 code) equal the dense attention, with a window and a soft cap too."""
+    if best_isa() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    args, _ = _batch("decode", page_size, gqa, head_dim, seed=[gqa, head_dim, page_size])
+    kw = dict(sm_scale=head_dim ** -0.5, sliding_window=options[0], soft_cap=options[1])
+    got = np.asarray(ragged_paged_attention_cpu(*args, isa="avx512", prefill_rows="kernel", **kw))
+    np.testing.assert_allclose(got, ragged_paged_attention_dense(*args, **kw), atol=2e-5, rtol=1e-5)
+    avx2 = np.asarray(ragged_paged_attention_cpu(*args, isa="avx2", prefill_rows="kernel", **kw))
+    np.testing.assert_allclose(got, avx2, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16bit_cache_stored_as_bits(dtype):
     """A 16-bit cache on CPU is its uint16 bits (jaxserve/kv_cache.py) with values of q's dtype: the kernel
@@ -121,7 +139,7 @@ def test_16bit_cache_stored_as_bits(dtype):
     # the dense float64 attention of the 16-bit values, up to the output's rounding to 16 bits
     want = ragged_paged_attention_dense(np.asarray(q, np.float32), np.asarray(cache, np.float32), *rest,
                                         sm_scale=0.125)
-    for isa in ISAS:
+    for isa in ISAS if best_isa() != "portable" else ["portable"]:
         got = ragged_paged_attention_cpu(q, bits, *rest, sm_scale=0.125, isa=isa, prefill_rows="kernel")
         assert got.dtype == q.dtype
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-2, rtol=1e-2)

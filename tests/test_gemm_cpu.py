@@ -291,3 +291,95 @@ def test_prompt_chunks_through_amx_equal_hf(tmp_path):
     engine = Engine.from_pretrained(str(tmp_path), dtype="float32", matmul_impl="cpu", max_num_seqs=4,
                                     max_model_len=512, max_num_batched_tokens=512)
     assert greedy_tokens(engine, prompts, max_tokens=[8] * len(prompts)) == ref
+
+
+# -- the greedy LM head (gemm_cpu.argmax_head) -----------------------------------------------------------
+
+def _greedy_head(w):
+    return (jnp.asarray(gemm_cpu.pack(w)), jnp.asarray(gemm_cpu.greedy_hi(w)), jnp.asarray(gemm_cpu.greedy_slack(w)))
+
+
+@pytest.mark.parametrize("isa", ISA_PATHS)
+@pytest.mark.parametrize("m,k,n,spread", [(1, 64, 1000, 1.0), (5, 300, 777, 1.0), (16, 512, 3000, 1e-3),
+                                          (40, 520, 2049, 1e-4), (64, 96, 4096, 0.0)])
+def test_argmax_head_gives_the_full_heads_argmax(isa, m, k, n, spread):
+    """The argmax of the kernel's logits (AVX-512 and AVX2 give the same bits), whatever path computes the
+    approximate product, with columns far apart and with near-duplicate columns (``spread``: every column
+    a copy of one plus that much relative noise, so that bf16 rounding reorders them: many candidates per
+    row; 0: exact duplicates, ties broken to the first index as jnp.argmax)."""
+    if isa not in available_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    rng = np.random.default_rng(m + n)
+    if spread:
+        base = rng.standard_normal((k, 1)) * 0.05
+        w = (base * (1 + spread * rng.standard_normal((k, n))) if spread < 1 else rng.standard_normal((k, n)) * 0.05)
+    else:
+        w = np.repeat(rng.standard_normal((k, 8)) * 0.05, n // 8, axis=1)
+    w = w.astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32) * 3)
+    packed, hi, slack = _greedy_head(w)
+    tokens, computed = jax.jit(lambda x: gemm_cpu.argmax_head(x, packed, hi, slack, n, isa=isa))(x)
+    for full_isa in [i for i in ("avx512", "avx2") if i in available_isas()]:
+        logits = gemm_cpu.gemm_cpu(x, packed, n, isa=full_isa)
+        np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.argmax(logits, axis=-1)))
+    computed = np.asarray(computed)
+    assert computed.min() >= 1 and computed.max() <= n
+    if spread == 1.0:  # columns far apart: the bound leaves out almost all of them
+        assert computed.max() <= max(8, n // 50), computed
+
+
+def test_argmax_head_on_zero_and_non_finite_rows():
+    """A zero row (every logit 0) ties every column: all are computed and the first wins; a row with a NaN
+    or an infinity computes every column and gives jnp.argmax's answer on the full logits."""
+    rng = np.random.default_rng(3)
+    k, n = 64, 200
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    packed, hi, slack = _greedy_head(w)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    x[0] = 0
+    x[1, 5] = np.nan
+    x[2, 7] = np.inf
+    tokens, computed = gemm_cpu.argmax_head(jnp.asarray(x), packed, hi, slack, n)
+    want = jnp.argmax(gemm_cpu.gemm_cpu(jnp.asarray(x), packed, n), axis=-1)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
+    assert list(np.asarray(computed)[:3]) == [n, n, n] and int(tokens[0]) == 0
+
+
+def test_greedy_slack_refuses_non_finite_weights_and_bounds_the_difference():
+    w = np.ones((8, 4), np.float32)
+    w[2, 1] = np.inf
+    assert gemm_cpu.greedy_slack(w) is None
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((300, 100)).astype(np.float32)
+    x = rng.standard_normal((20, 300)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    approx = x.astype(np.float64) @ w.astype(jnp.bfloat16).astype(np.float64)
+    bound = np.linalg.norm(x, axis=1)[:, None] * gemm_cpu.greedy_slack(w)[None, :]
+    assert np.all(np.abs(exact - approx) <= bound)
+
+
+def test_engine_greedy_head_tokens_equal_the_full_head(llama_dir, monkeypatch):
+    """Where the runner takes the greedy head (AMX: its approximate product is cheap), greedy tokens equal
+    those of an engine without it, in all-greedy steps and in steps where a sampled request (or one asking
+    for logprobs) sends the step through the full head; the bucket set's programs are unchanged."""
+    from jaxserve import Engine, SamplingParams
+
+    if "amx" not in available_isas():
+        pytest.skip("the runner takes the greedy head only on AMX")
+    prompts = random_prompts([3, 90, 17, 40, 64, 5], seed=21)
+    kw = dict(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64, matmul_impl="cpu")
+    engine = Engine.from_pretrained(llama_dir, **kw)
+    assert engine.runner.greedy_head and "greedy_hi" in engine.runner.params["lm_head"]
+    with monkeypatch.context() as m:
+        m.setattr(gemm_cpu, "available_isas", lambda: ["avx512", "avx2"])
+        plain = Engine.from_pretrained(llama_dir, **kw)
+    assert not plain.runner.greedy_head and "greedy_hi" not in plain.runner.params["lm_head"]
+    lens = [12] * len(prompts)
+    assert greedy_tokens(engine, prompts, lens) == greedy_tokens(plain, prompts, lens)
+    mixed = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True) for _ in prompts]
+    mixed[1] = SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)
+    mixed[3] = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    got = [o.token_ids for o in engine.generate(prompts, mixed)]
+    want = [o.token_ids for o in plain.generate(prompts, mixed)]
+    assert got == want
+    assert engine.runner.compile_count <= engine.runner.num_buckets

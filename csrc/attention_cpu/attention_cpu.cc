@@ -7,6 +7,7 @@
 // against it, work items over (sequence, KV head) spread over the cores):
 //   vec_portable.h / vec_avx2.h  FP32Vec8, the 8-lane float vector of each instruction set;
 //   kernel.h                     the attention of one work item, included once per instruction set;
+//   decode_avx512.h              AVX-512's decode row (float32 cache), where the CPU has it;
 //   this file                    work items, the threads, the FFI handler and the Python module.
 // The AVX2/FMA/F16C code is compiled with a target pragma and picked at run time when the CPU has
 // those instructions (__builtin_cpu_supports), so the same build runs on any x86-64 CPU; on other
@@ -128,10 +129,28 @@ namespace avx2 {
 #else
 #pragma GCC pop_options
 #endif
+// AVX-512: decode rows of a float32 cache (decode_avx512.h); kernel.h again for its helpers.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f")
+#endif
+namespace avx512 {
+#include "vec_avx2.h"
+#include "kernel.h"
+#include "decode_avx512.h"
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif
 
-// Which instruction set runs: 1 portable, 2 AVX2 (0 asks for the best this CPU has).
-enum Isa : int64_t { kIsaAuto = 0, kIsaPortable = 1, kIsaAvx2 = 2 };
+// Which instruction set runs: 1 portable, 2 AVX2, 3 AVX2 and AVX-512's decode rows (0 asks for the best
+// this CPU has).
+enum Isa : int64_t { kIsaAuto = 0, kIsaPortable = 1, kIsaAvx2 = 2, kIsaAvx512 = 3 };
 
 bool cpu_has_avx2() {
 #if JAXSERVE_HAVE_AVX2_PATH
@@ -143,7 +162,16 @@ bool cpu_has_avx2() {
 #endif
 }
 
-int64_t best_isa() { return cpu_has_avx2() ? kIsaAvx2 : kIsaPortable; }
+bool cpu_has_avx512() {
+#if JAXSERVE_HAVE_AVX2_PATH
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+int64_t best_isa() { return cpu_has_avx512() ? kIsaAvx512 : cpu_has_avx2() ? kIsaAvx2 : kIsaPortable; }
 
 // The work of one call, shared by the calling thread and the helpers it schedules on XLA's thread pool
 // (jaxserve_cpu::run_on_pool, csrc/cpu_pool.h): items claimed from an atomic counter, each counted in
@@ -159,7 +187,9 @@ struct Work {
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
 #if JAXSERVE_HAVE_AVX2_PATH
-      if (isa == kIsaAvx2) {
+      if (isa == kIsaAvx512 && avx512::decode_row_serves(pb, items[i])) {
+        avx512::attend_decode(pb, items[i], sc);
+      } else if (isa == kIsaAvx2 || isa == kIsaAvx512) {
         avx2::attend(pb, items[i], sc);
       } else {
         portable::attend(pb, items[i], sc);
@@ -201,6 +231,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuff
   }
   if (isa == kIsaAvx2 && !cpu_has_avx2()) {
     return ffi::Error::InvalidArgument("ragged_paged_attention_cpu: this CPU has no AVX2/FMA/F16C");
+  }
+  if (isa == kIsaAvx512 && !cpu_has_avx512()) {
+    return ffi::Error::InvalidArgument("ragged_paged_attention_cpu: this CPU has no AVX-512");
   }
   auto work = std::make_shared<Work>();
   Problem& pb = work->pb;
@@ -284,12 +317,13 @@ static PyObject* registrations(PyObject*, PyObject*) {
 }
 
 static PyObject* best_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(jaxserve_cpu_attention::cpu_has_avx2() ? "avx2" : "portable");
+  using namespace jaxserve_cpu_attention;
+  return PyUnicode_FromString(cpu_has_avx512() ? "avx512" : cpu_has_avx2() ? "avx2" : "portable");
 }
 
 static PyMethodDef kMethods[] = {
     {"registrations", registrations, METH_NOARGS, "{FFI target name: handler capsule}"},
-    {"best_isa", best_isa, METH_NOARGS, "the instruction set isa=0 picks on this CPU: 'avx2' or 'portable'"},
+    {"best_isa", best_isa, METH_NOARGS, "the instruction set isa=0 picks on this CPU: 'avx512', 'avx2' or 'portable'"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -66,7 +66,7 @@ def test_round_trip_identical_weights_and_tokens(mha_dir, mha_ckpt, mha_tokens):
     if engine.runner.layer_loop == "switch":  # one CPU device: per-layer weight buffers (model.resolve_layer_loop)
         expected = unstack_layers(expected, cfg.num_layers)
     if engine.runner.matmul_impl == "cpu":  # the CPU matmul kernel's weights, packed once at load
-        expected = pack_linears(expected)
+        expected = pack_linears(expected, greedy_head=engine.runner.greedy_head)
     assert_same_params(engine.runner.params, expected)
     assert run(engine) == mha_tokens
     assert engine.tokenizer is not None and engine.generate("Hello", greedy(4))[0].text is not None
