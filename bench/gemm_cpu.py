@@ -4,7 +4,8 @@ A jitted stack of a model's layers without attention (the fused QKV projection, 
 gate/up projection with SiLU, the down projection, residual adds), with every layer's weights its own
 buffers as in the engine's CPU layer loop, so that the weights stream from memory as in a step, timed at
 several row counts with each matmul implementation; then the LM head ([rows, hidden] x [hidden, vocab], one
-jitted call).  Prints one JSON line per row count:
+jitted call), and with float32 weights a greedy step's tokens from it: the kernel's head and its argmax
+(``cpu_argmax_head_ms``) against ``gemm_cpu.argmax_head`` (``greedy_head_ms``).  Prints one JSON line per row count:
 
     python bench/gemm_cpu.py --model /work/models/56m [--rows 4,8,16,32,48,64] [--isa auto] [--num-threads 0]
         [--weights bfloat16]
@@ -26,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxserve.sampling import argmax_rows  # noqa: E402
+from kernels_pallas import gemm_cpu as gemm_cpu_mod  # noqa: E402
 from kernels_pallas.gemm_cpu import ISAS, available_isas, gemm_cpu, pack  # noqa: E402
 
 
@@ -96,6 +99,12 @@ def main() -> None:
                                                    num_threads=args.num_threads))}
     head = head.astype(held).astype(jnp.float32)
     head_packed = jnp.asarray(pack(np.asarray(head), held))
+    if held == jnp.float32:  # a greedy step's tokens: the head and its argmax, against gemm_cpu.argmax_head
+        vocab = config["vocab_size"]
+        hi, slack = jnp.asarray(gemm_cpu_mod.greedy_hi(head)), jnp.asarray(gemm_cpu_mod.greedy_slack(head))
+        heads["cpu_argmax"] = jax.jit(lambda a, b: argmax_rows(gemm_cpu(a, b, vocab, isa=args.isa,
+                                                                           num_threads=args.num_threads)))
+        heads["greedy"] = jax.jit(lambda a, b: gemm_cpu_mod.argmax_head(a, b, hi, slack, vocab)[0])
     flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, config["hidden_size"]), dtype=np.float32))
@@ -107,7 +116,7 @@ def main() -> None:
             out[f"{name}_gflops"] = round(flops_per_row * rows / seconds / 1e9, 1)
         out["xla_over_cpu"] = round(out["xla_ms"] / out["cpu_ms"], 2)
         for name, f in heads.items():
-            out[f"{name}_head_ms"] = round(timed(f, x, head_packed if name == "cpu" else head, reps=args.reps) * 1e3, 2)
+            out[f"{name}_head_ms"] = round(timed(f, x, head if name == "xla" else head_packed, reps=args.reps) * 1e3, 2)
         print(json.dumps(out), flush=True)
 
 

@@ -52,8 +52,7 @@ from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, P
 from jaxserve.scheduler import SchedulerOutput
 from jaxserve.spec_decode import SpecInputs, verify
 from jaxserve.structured import apply_token_bitmask
-from kernels_pallas import resolve_impl, unsupported_reason
-from kernels_pallas import gemm_cpu
+from kernels_pallas import gemm_cpu, resolve_impl, unsupported_reason
 from kernels_pallas.gemm_cpu import resolve_matmul
 
 logger = logging.getLogger(__name__)
@@ -147,7 +146,8 @@ class ModelRunner:
                             and self.quantization is None and "amx" in gemm_cpu.available_isas())
         if self.matmul_impl == "cpu":  # the linear layers' weights in the CPU matmul kernel's layout, once
             params = pack_linears(params, greedy_head=self.greedy_head)
-        self.greedy_head = self.greedy_head and "greedy_hi" in params.get("lm_head", {})
+        head = params.get("lm_head", {})
+        self.greedy_head = self.greedy_head and "greedy_hi" in head and "bias" not in head
         self.params = params
         self.cache = cache
         self.dtype = dtype
