@@ -279,9 +279,9 @@ class ModelRunner:
     @staticmethod
     def _sample(logits, inputs: StepInputs, penalty_state: PenaltyState):
         """Penalties and grammar masks (behind one per-step flag), sampling, logprobs (of the raw logits);
-        the caller updates the counts.  A step with neither samples the raw logits: the flag's conditional returns tokens,
-        not a [rows, vocab] array, which XLA CPU would copy out of the branch that leaves them as they are
-        (4 MB a step at 32 rows)."""
+        the caller updates the counts.  A step with neither samples the raw logits: the flag's conditional
+        returns tokens, not a [rows, vocab] array, which XLA CPU would copy out of the branch that leaves
+        them as they are (4 MB a step at 32 rows)."""
         p = inputs.penalties
 
         def adjusted():

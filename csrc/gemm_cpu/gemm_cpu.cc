@@ -27,9 +27,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -697,8 +697,8 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
                   ffi::ResultBuffer<ffi::S32> computed) {
   auto ad = a.dimensions(), xd = approx.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || xd.size() != 2 || bd.size() != 3 || xd[0] != ad[0] || bd[1] != ad[1] ||
-      bd[2] != kPackNR || bd[0] != (xd[1] + kPackNR - 1) / kPackNR || static_cast<int64_t>(slack.element_count()) != xd[1] ||
-      static_cast<int64_t>(tokens->element_count()) != ad[0] ||
+      bd[2] != kPackNR || bd[0] != (xd[1] + kPackNR - 1) / kPackNR ||
+      static_cast<int64_t>(slack.element_count()) != xd[1] || static_cast<int64_t>(tokens->element_count()) != ad[0] ||
       static_cast<int64_t>(computed->element_count()) != ad[0]) {
     return ffi::Error::InvalidArgument("gemm_cpu argmax_head: a [R, K], approx [R, N], b packed float32 "
                                        "[ceil(N/32), K, 32], slack [N], tokens and computed [R]");
