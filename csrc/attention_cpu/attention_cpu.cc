@@ -129,7 +129,7 @@ namespace avx2 {
 #else
 #pragma GCC pop_options
 #endif
-// AVX-512: decode rows of a float32 cache (decode_avx512.h); kernel.h again for its helpers.
+// AVX-512: decode rows of a float32 cache (decode_avx512.h), on the AVX2 namespace's page lookup.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f"))), apply_to = function)
 #else
@@ -137,8 +137,7 @@ namespace avx2 {
 #pragma GCC target("avx2,fma,f16c,avx512f")
 #endif
 namespace avx512 {
-#include "vec_avx2.h"
-#include "kernel.h"
+using avx2::page_at;
 #include "decode_avx512.h"
 }  // namespace avx512
 #if defined(__clang__)
