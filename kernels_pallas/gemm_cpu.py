@@ -37,16 +37,18 @@ three pieces per call: six products, the three left out are below 2^-24 of the p
 accurate dot, its error like the AVX-512 path's against float64 (tested on ragged shapes).  Weights held
 in bfloat16 (``bf16_exact``) are packed with rows in pairs (``pack``), the order the tiles read, so AMX
 reads them in place.  Same command, ``--isa {avx512,amx} --weights bfloat16`` (2026-12-03, this Xeon,
-one run each), layers / LM head in ms:
+one run each, after the tile buffers were aligned to 64 bytes), layers / LM head in ms:
 
-    rows                  1          8          16         32         64         128         512
-    avx512, bf16     1.41/0.72  2.25/1.10  4.00/2.13  7.40/4.03  15.28/8.48  25.82/16.23  98.55/89.03
-    amx, bf16        3.77/1.77  4.25/1.45  4.47/1.55  4.82/1.77   9.17/3.20  12.81/ 5.71  50.83/50.66
+    rows                  1          8          16         32          64         128         512
+    avx512, bf16     1.30/0.66  1.72/1.08  3.30/1.80  6.33/3.28  12.19/7.54  22.79/14.73  85.53/56.98
+    amx, bf16        2.90/1.43  3.25/1.44  3.90/1.51  3.94/1.52   6.06/3.00  10.57/ 4.99  45.00/21.24
 
-and with float32 weights (cut per call) 100.4 against 110.7 ms at 512 rows, 50.3 against 54.8 at 256,
-slower below.  Hence ``AMX_MIN_ROWS``.  Where it switches paths a row's bits change (another summation
-order, both float32-accurate): a sequence's logits can differ in the last bits between a step of 15 and
-one of 16 rows, as they do between XLA's dot and torch's.
+and with float32 weights (cut per call: a pass over the weights, ~7.5 ms for these layers whatever the
+rows) ``--isa amx`` against ``--isa avx512``, layers in ms: 12.18 / 11.98 at 64 rows, 16.70 / 17.01 at
+96, 19.50 / 23.98 at 128, 32.63 / 46.08 at 256, 60.75 / 93.87 at 512 (398 against 257 GFLOP/s).  Hence
+``AMX_MIN_ROWS``.  Where it switches paths a row's bits change (another summation order, both float32-
+accurate): a sequence's logits can differ in the last bits between a step of 15 and one of 16 rows, as
+they do between XLA's dot and torch's.
 
 **The greedy LM head** (``argmax_head``, below): a step whose rows are all greedy needs only each row's
 argmax.  A bf16 copy of a float32 head (three AMX products, where the float32 head takes the AVX-512
@@ -74,7 +76,7 @@ TARGET = "jaxserve_gemm_cpu"
 ISAS = {"auto": 0, "avx2": 2, "avx512": 3, "amx": 4}  # the kernel's ``isa`` attribute
 # ``auto`` runs the AMX path from this many rows (by the weights' dtype), the AVX-512 kernel below: where
 # ``bench/gemm_cpu.py --isa amx`` against ``--isa avx512`` measured AMX faster (see the module docstring).
-AMX_MIN_ROWS = {"float32": 256, "bfloat16": 16}
+AMX_MIN_ROWS = {"float32": 112, "bfloat16": 16}
 MATMUL_IMPLS = ("auto", "xla", "cpu")
 
 
