@@ -38,6 +38,7 @@ setup(
     ext_modules=[Extension("kernels_pallas._attention_cpu", sources=["csrc/attention_cpu/attention_cpu.cc"],
                            depends=["csrc/attention_cpu/kernel.h", "csrc/attention_cpu/vec_avx2.h",
                                     "csrc/attention_cpu/decode_avx512.h",
+                                    "csrc/attention_cpu/prefill_avx512.h",
                                     "csrc/attention_cpu/vec_portable.h", "csrc/cpu_pool.h"],
                            language="c++", optional=True),  # optional: a failed build is not copied
                  Extension("kernels_pallas._gemm_cpu", sources=["csrc/gemm_cpu/gemm_cpu.cc"],

@@ -8,6 +8,7 @@
 //   vec_portable.h / vec_avx2.h  FP32Vec8, the 8-lane float vector of each instruction set;
 //   kernel.h                     the attention of one work item, included once per instruction set;
 //   decode_avx512.h              AVX-512's decode row (float32 cache), where the CPU has it;
+//   prefill_avx512.h             AVX-512's rows of a prefill chunk (float32 cache), likewise;
 //   this file                    work items, the threads, the FFI handler and the Python module.
 // The AVX2/FMA/F16C code is compiled with a target pragma and picked at run time when the CPU has
 // those instructions (__builtin_cpu_supports), so the same build runs on any x86-64 CPU; on other
@@ -129,7 +130,8 @@ namespace avx2 {
 #else
 #pragma GCC pop_options
 #endif
-// AVX-512: decode rows of a float32 cache (decode_avx512.h), on the AVX2 namespace's page lookup.
+// AVX-512: decode rows and prefill rows of a float32 cache (decode_avx512.h, prefill_avx512.h), on the AVX2
+// namespace's page lookup.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f"))), apply_to = function)
 #else
@@ -138,7 +140,10 @@ namespace avx2 {
 #endif
 namespace avx512 {
 using avx2::page_at;
+using avx2::seq_view;
+using avx2::SeqView;
 #include "decode_avx512.h"
+#include "prefill_avx512.h"
 }  // namespace avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -147,7 +152,7 @@ using avx2::page_at;
 #endif
 #endif
 
-// Which instruction set runs: 1 portable, 2 AVX2, 3 AVX2 and AVX-512's decode rows (0 asks for the best
+// Which instruction set runs: 1 portable, 2 AVX2, 3 AVX2 and AVX-512's rows (0 asks for the best
 // this CPU has).
 enum Isa : int64_t { kIsaAuto = 0, kIsaPortable = 1, kIsaAvx2 = 2, kIsaAvx512 = 3 };
 
@@ -188,6 +193,8 @@ struct Work {
 #if JAXSERVE_HAVE_AVX2_PATH
       if (isa == kIsaAvx512 && avx512::decode_row_serves(pb, items[i])) {
         avx512::attend_decode(pb, items[i], sc);
+      } else if (isa == kIsaAvx512 && avx512::rows_serve(pb, items[i])) {
+        avx512::rows_avx512(pb, items[i], sc);
       } else if (isa == kIsaAvx2 || isa == kIsaAvx512) {
         avx2::attend(pb, items[i], sc);
       } else {
