@@ -138,7 +138,7 @@ def test_avx512_prefill_rows_match_dense(gqa, head_dim, page_size, options):
         pytest.skip("this CPU has no AVX-512")
     for mix in ("prefill", "mixed"):
         args, _ = _batch(mix, page_size, gqa, head_dim, seed=[gqa, head_dim, page_size, len(mix)])
-        q, _, _, kv, _, cu, ns = args
+        cu, ns = args[5], args[6]
         kw = dict(sm_scale=head_dim ** -0.5, sliding_window=options[0], soft_cap=options[1])
         got = np.asarray(ragged_paged_attention_cpu(*args, isa="avx512", prefill_rows="kernel", **kw))
         np.testing.assert_allclose(got, ragged_paged_attention_dense(*args, **kw), atol=2e-5, rtol=1e-5)
