@@ -40,14 +40,20 @@ def decode_case(args, batch: int, context: int, attention: bool, impl: str = "au
                                     attention_impl=impl)
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
+    prompt = min(args.grow_from, context) if args.grow_from else context
     for _ in range(batch):
-        engine.add_request(rng.integers(3, vocab, context).tolist(),
-                           SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, detokenize=False))
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
+        engine.add_request(rng.integers(3, vocab, prompt).tolist(),
+                           SamplingParams(temperature=0, max_tokens=context - prompt + 200, ignore_eos=True,
+                                          detokenize=False))
+    # every sequence's context built by decode steps from a short prompt (--grow-from): pages taken in turn,
+    # as in serving, instead of each prompt's pages at once
+    while engine.scheduler.waiting or any(s.num_tokens - 1 < context for s in engine.scheduler.running):
         engine.step()
     time_steps(engine, 3)  # compile + warm
     t = time_steps(engine, args.steps)
+    runs = [1 + int(np.count_nonzero(np.diff(s.page_ids) != 1)) for s in engine.scheduler.running]
     return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "context": context,
+            "grow_from": args.grow_from, "page_runs": round(float(np.mean(runs)), 2),
             "attention": attention and engine.runner.attention_impl, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
 
 
@@ -80,6 +86,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (float32 on CPU)")
     ap.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"])
     ap.add_argument("--no-attention-off", action="store_true", help="skip the runs with attention replaced")
+    ap.add_argument("--grow-from", type=int, default=0,
+                    help="decode cases: prompts of this many tokens, decoded up to the context (0: the whole "
+                         "context as the prompt); page_runs is then how many runs of adjacent pages a sequence has")
     ap.add_argument("--attention-impl", default="auto",
                     help="attention implementation(s), comma-separated: each case runs with each, in turn")
     args = ap.parse_args()

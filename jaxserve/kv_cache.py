@@ -93,8 +93,16 @@ PageKey = tuple  # (hash of the previous page's key or None, the page's token id
 class PageAllocator:
     """Hands out page ids, counts references, and (optionally) caches full pages by content.
 
-    Without prefix caching it is a stack of free pages: sequences grow page by
-    page and give them all back when done.  With prefix caching every *full*
+    Sequences grow page by page and give them all back when done.  Pages are handed out for
+    *contiguity*: a sequence's next page is the one after its last page when that is free, and a
+    sequence's first page starts the largest run of free pages (at the run's middle when a page in use
+    precedes the run, leaving that page's sequence the first half to grow into).  A sequence whose pages
+    are adjacent has one [page_size, 2D] block after the other for each layer and KV head of the cache
+    (the layout below), which the attention reads as one stream.  On the 2-core Xeon, 64 sequences
+    decoded from 16-token prompts to 356 tokens took 39.3 / 39.4 ms a step with their pages adjacent (1.0
+    run of pages a sequence) against 41.5 / 42.1 ms scattered by the free stack this replaced (24 runs)
+    (``python bench/step_profile.py --model /work/models/56m --batches 64 --contexts 356 --grow-from 16
+    --no-attention-off --steps 20``, the two allocators in turn, twice).  With prefix caching every *full*
     page is also registered under a key made of its tokens and the key of the
     page before it (a hash chain, so equal keys mean equal prefixes); a new
     sequence whose prompt starts with cached pages shares them (reference
@@ -118,8 +126,8 @@ class PageAllocator:
         self.num_groups = num_groups
         self.group_pages = num_pages // num_groups
         gp = self.group_pages
-        # pop() hands out low ids first
-        self._free = [list(range((g + 1) * gp - 1, g * gp - 1, -1)) for g in range(num_groups)]
+        self._is_free = np.ones(num_pages, bool)  # never used, or released and not cached
+        self._num_free = [gp] * num_groups
         self._refs = [0] * num_pages
         self._cached: list[dict[PageKey, int]] = [{} for _ in range(num_groups)]  # key -> page, per group
         self._page_key: dict[int, PageKey] = {}  # page -> key, for cached pages
@@ -134,19 +142,38 @@ class PageAllocator:
 
     def free_in(self, group: int) -> int:
         """Pages a sequence of ``group`` could get now."""
-        return len(self._free[group]) + len(self._evictable[group])
+        return self._num_free[group] + len(self._evictable[group])
 
     def group_of(self, page: int) -> int:
         return page // self.group_pages
 
-    def _take(self, group: int) -> int:
-        if self._free[group]:
-            page = self._free[group].pop()
+    def _take(self, group: int, after: int | None) -> int:
+        """A free page of ``group``: ``after + 1`` if free, else where the largest free run puts it."""
+        lo, hi = group * self.group_pages, (group + 1) * self.group_pages
+        if self._num_free[group]:
+            if after is not None and lo <= after + 1 < hi and self._is_free[after + 1]:
+                page = after + 1
+            else:
+                page = self._run_start(lo, hi)
+            self._is_free[page] = False
+            self._num_free[group] -= 1
         else:
             page, _ = self._evictable[group].popitem(last=False)
             del self._cached[group][self._page_key.pop(page)]
         self._refs[page] = 1
         return page
+
+    def _run_start(self, lo: int, hi: int) -> int:
+        """Where a sequence's first free page goes in ``[lo, hi)``: the first of the largest run of free
+        pages, or its middle when a page in use precedes the run (that page's sequence grows into the first
+        half).  Numpy over the group's pages: about 6 us at 4,096 pages, 0.15-0.5 ms at 512k (8k to 130k
+        free runs), once per sequence (and when the page after a sequence's last one is taken)."""
+        free = np.concatenate(([False], self._is_free[lo:hi], [False]))
+        edges = np.flatnonzero(free[1:] != free[:-1])  # run starts and ends, alternately (relative to lo)
+        starts, ends = edges[0::2], edges[1::2]
+        i = int(np.argmax(ends - starts))  # the first of the largest
+        start, length = int(starts[i]), int(ends[i] - starts[i])
+        return lo + (start if start == 0 else start + length // 2)
 
     def grow(self, page_ids: list[int], num_tokens: int, group: int = 0) -> bool:
         """Append pages (of ``group``) to ``page_ids`` until they hold ``num_tokens``; False (and no change)
@@ -155,7 +182,7 @@ class PageAllocator:
         if extra > self.free_in(group):
             return False
         for _ in range(extra):
-            page_ids.append(self._take(group))
+            page_ids.append(self._take(group, page_ids[-1] if page_ids else None))
         return True
 
     def release(self, page_ids: list[int]) -> None:
@@ -167,7 +194,8 @@ class PageAllocator:
                 if page in self._page_key:
                     self._evictable[g][page] = None
                 else:
-                    self._free[g].append(page)
+                    self._is_free[page] = True
+                    self._num_free[g] += 1
         page_ids.clear()
 
     # -- prefix caching ---------------------------------------------------------------------------

@@ -104,3 +104,34 @@ def test_abandoned_stream_frees_pages(engine):
     (out,) = engine.step()  # the abort's final output
     assert out.finish_reason == "abort"
     assert_clean(engine)
+
+
+def test_allocator_keeps_each_sequence_contiguous():
+    """Sequences growing in turn each get adjacent pages: the first one from the start of the free pages,
+    the next from the middle of the largest free run; a page taken by another sequence is stepped over,
+    and released pages are handed out again (never twice)."""
+    from jaxserve.kv_cache import PageAllocator
+    alloc = PageAllocator(64, page_size=4)
+    a, b, c = [], [], []
+    assert alloc.grow(a, 8) and a == [0, 1]
+    assert alloc.grow(b, 4) and b == [33]  # the middle of the free run [2, 64)
+    for n in range(3, 9):  # interleaved growth, one page each in turn
+        assert alloc.grow(a, 4 * n) and alloc.grow(b, 4 * (n - 1))
+    assert a == list(range(0, 8)) and b == list(range(33, 40))
+    assert alloc.grow(c, 4) and c == [20]  # the middle of [8, 33), the largest run left
+    assert alloc.num_free == 64 - 8 - 7 - 1
+    # b's next page is taken by someone else: b continues from the largest run instead
+    d = [40]
+    alloc._is_free[40] = False
+    alloc._num_free[0] -= 1
+    alloc._refs[40] = 1
+    assert alloc.grow(b, 4 * 8) and b[-1] not in a + c + d and len(set(a + b + c + d)) == len(a + b + c + d)
+    alloc.release(a)
+    assert a == [] and alloc.num_free == 64 - 8 - 1 - 1
+    e = []
+    assert alloc.grow(e, 4 * 8) and e == list(range(0, 8))  # a's pages again, in order
+    # every page handed out once, then none left
+    rest = []
+    assert alloc.grow(rest, 4 * alloc.num_free)
+    taken = e + b + c + d + rest
+    assert sorted(taken) == list(range(64)) and alloc.num_free == 0 and not alloc.grow(rest, 4 * 64)
