@@ -117,13 +117,19 @@ def test_failed_run_does_not_stop_the_grid(llama_dir, tmp_path):
     assert [(r["mode"], r["max_num_seqs"], r["output_tokens"]) for r in records] == [("continuous", 2, 36)]
 
 
-def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
-    """bench/roofline.py: every step timed and given its floor; the floors add up to the run's."""
+def _bench_script(name: str):
+    """``bench/<name>.py`` loaded as a module (the bench scripts are not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("roofline_script", os.path.join(ROOT, "bench", "roofline.py"))
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "bench", f"{name}.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
+    """bench/roofline.py: every step timed and given its floor; the floors add up to the run's."""
+    script = _bench_script("roofline")
     assert script.main(["--model", llama_dir, "--workload", _tiny_workload(tmp_path), "--max-num-seqs", "4",
                         "--max-num-batched-tokens", "32", "--max-model-len", "128",
                         "--peak-gflops", "100", "--read-gbs", "10"]) == 0
@@ -139,11 +145,7 @@ def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
 def test_compare_vllm_decode_step_fields(monkeypatch, capsys):
     """bench/compare_vllm.py --static: each mode's decode-only step time and the ratio without prompt work,
     from the two runs' step counters (the runs themselves are stubbed: this checks the arithmetic)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_script", os.path.join(ROOT, "bench", "compare_vllm.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _bench_script("compare_vllm")
     common = {"attention_impl": "cpu", "matmul_impl": "cpu", "output_tokens": 100, "seconds": 1.0, "warmup_s": 0.0,
               "compiles": 3, "buckets": 3, "host_prepare_s": 0.0, "process_s": 1.0}
     runs = {"continuous": dict(common, tok_s=300.0, steps=100, prefill_steps=20, device_step_s=2.0,
