@@ -139,11 +139,13 @@ class ModelRunner:
         self.quantization = (engine_cfg.quantization or "int8") if quant.is_quantized(params) else None
         self.matmul_impl = resolve_matmul(engine_cfg.matmul_impl, self.platform, mesh=mesh, dtype=dtype,
                                           quantization=self.quantization)
-        # Greedy steps find each row's token from the LM head with gemm_cpu.argmax_head (where AMX makes its
-        # approximate product cheap): a float32 head, one device, plain logits (see _step).
+        # Greedy steps find each row's token from the LM head with gemm_cpu.argmax_head (where its approximate
+        # product is cheaper than the head: AMX, AVX512_BF16, or AVX-512 reading half the bytes; measured in
+        # bench/gemm_cpu.py): a float32 head, one device, plain logits (see _step).
         self.greedy_head = (self.matmul_impl == "cpu" and mesh is None and engine_cfg.speculative_config is None
                             and not model_cfg.tie_word_embeddings and model_cfg.final_logit_softcap is None
-                            and self.quantization is None and "amx" in gemm_cpu.available_isas())
+                            and self.quantization is None
+                            and bool({"amx", "dpbf16", "avx512"} & set(gemm_cpu.available_isas())))
         if self.matmul_impl == "cpu":  # the linear layers' weights in the CPU matmul kernel's layout, once
             params = pack_linears(params, greedy_head=self.greedy_head)
         head = params.get("lm_head", {})

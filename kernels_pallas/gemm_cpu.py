@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = "jaxserve_gemm_cpu"
-ISAS = {"auto": 0, "avx2": 2, "avx512": 3, "amx": 4}  # the kernel's ``isa`` attribute
+ISAS = {"auto": 0, "avx2": 2, "avx512": 3, "amx": 4, "dpbf16": 5}  # the kernel's ``isa`` attribute
 # ``auto`` runs the AMX path from this many rows (by the weights' dtype), the AVX-512 kernel below: where
 # ``bench/gemm_cpu.py --isa amx`` against ``--isa avx512`` measured AMX faster (see the module docstring).
 AMX_MIN_ROWS = {"float32": 112, "bfloat16": 16}
@@ -100,7 +100,8 @@ def cpu_gemm_unavailable_reason() -> str | None:
 
 
 def available_isas() -> list[str]:
-    """The instruction sets the kernel runs on this CPU, best first (``"amx"``, ``"avx512"``, ``"avx2"``)."""
+    """The instruction sets the kernel runs on this CPU, best first (``"amx"``, ``"avx512"``, ``"avx2"``), then
+    ``"dpbf16"`` where the CPU has AVX512_BF16 (only the greedy head's approximate product: ``argmax_head``)."""
     module, reason = _load()
     if module is None:
         raise RuntimeError(reason)
@@ -188,7 +189,9 @@ def gemm_cpu(a: jax.Array, b_packed: jax.Array, n: int, *, rows=None, num_thread
     its values are: see ``bf16_exact``).  ``rows`` (an int32 scalar,
     may be traced; None: all ``M``): only the first ``rows`` rows are computed, the rest are zeros (a step's
     bucket padding).  ``num_threads`` 0: every core; ``isa``: ``"auto"`` (AMX from ``AMX_MIN_ROWS`` rows where
-    the CPU has it, else the best of the others), ``"amx"``, ``"avx512"`` or ``"avx2"`` (the tests check each)."""
+    the CPU has it, else the best of the others), ``"amx"``, ``"avx512"`` or ``"avx2"`` (the tests check each);
+    ``"dpbf16"`` (bfloat16 B only) computes ``bf16(a) @ B`` instead, not float32-accurate: ``argmax_head``'s
+    approximate product."""
     _, reason = _load()
     if reason is not None:
         raise RuntimeError(f"matmul_impl: the CPU matmul kernel is unavailable: {reason}")
@@ -230,19 +233,28 @@ def greedy_hi(b) -> np.ndarray:
 
 def greedy_slack(b) -> np.ndarray | None:
     """Per column n of ``b [K, N]`` (float32): ``slack_n`` with |a . b_n - approx_n| <= ||a||_2 * slack_n, where
-    approx_n is ``gemm_cpu(a, greedy_hi(b))`` on any path and a . b_n the kernel's float32 logit.  Cauchy-
-    Schwarz on each part: the bf16 rounding's ||b_n - bf16(b_n)||_2, plus twice the float32 summation bounds
-    of both products (gamma(K) of the exact logit; gamma(3K + 3) of AMX's three products of a's pieces)
-    times ||b_n||_2 (||bf16(b_n)|| <= (1 + 2^-8) ||b_n||), plus 8u ||b_n||_2 for the float32 arithmetic of
-    the filter itself (approx -/+ bound, |approx| <= ~||a|| ||b_n||).  None when ``b`` holds a non-finite
-    value."""
+    approx_n is ``gemm_cpu(a, greedy_hi(b))`` on any path, or ``bf16(a) . bf16(b_n)`` (``isa="dpbf16"``), and
+    a . b_n the kernel's float32 logit.  Cauchy-Schwarz on each part: the bf16 rounding's ||b_n - bf16(b_n)||_2
+    (a subnormal bf16 value counted as 0, as the bf16 instructions read it); a's rounding to bf16 on the
+    dpbf16 path, ||a - bf16(a)|| <= (2^-8 + 2^-20) ||a|| (2^-8: round to nearest; 2^-20 covers the subnormals
+    it flushes, at most sqrt(K) 2^-126, for ||a|| >= sqrt(K) 2^-106: argmax_head computes every column of a
+    smaller row), times ||bf16(b_n)|| <= (1 + 2^-8) ||b_n||; plus twice the float32 summation bounds of both
+    products (gamma(K) of the exact logit; gamma(3K + 3) of AMX's three products of a's pieces, which also
+    covers the dpbf16 path's at most 2K roundings) times ||b_n||_2 (1 + 2^-8)^2, plus 8u ||b_n||_2 for the
+    float32 arithmetic of the filter itself (approx -/+ bound, |approx| <= ~||a|| ||b_n||).  One slack for
+    every path (on AMX the a term is not needed: a few more columns computed).  None when ``b`` holds a
+    non-finite value."""
     b = np.asarray(b, np.float64)
     if not np.all(np.isfinite(b)):
         return None
     k = b.shape[0]
-    lo = b - np.asarray(b, np.float32).astype(jnp.bfloat16).astype(np.float64)
+    hi = np.asarray(b, np.float32).astype(jnp.bfloat16).astype(np.float64)
+    hi[np.abs(hi) < 2.0 ** -126] = 0.0
+    lo = b - hi
+    grow = (1 + 2.0 ** -8) ** 2
     slack = (np.sqrt(np.sum(lo * lo, axis=0))
-             + (2 * (_gamma(k) + _gamma(3 * k + 3) * (1 + 2.0 ** -8)) + 8 * _U) * np.sqrt(np.sum(b * b, axis=0)))
+             + ((2.0 ** -8 + 2.0 ** -20) * (1 + 2.0 ** -8) + 2 * (_gamma(k) + _gamma(3 * k + 3) * grow) + 8 * _U)
+             * np.sqrt(np.sum(b * b, axis=0)))
     return np.nextafter((slack * (1 + 1e-6)).astype(np.float32), np.float32(np.inf))
 
 
@@ -251,9 +263,13 @@ def argmax_head(a: jax.Array, b_packed: jax.Array, hi_packed: jax.Array, slack: 
     """``(argmax(a @ B, axis=-1), columns computed exactly per row)`` for ``a [R, K]`` and float32 ``B [K, n]``
     given as ``b_packed = pack(B)``, ``hi_packed = greedy_hi(B)`` and ``slack = greedy_slack(B)``: the argmax of
     ``gemm_cpu(a, b_packed, n)`` (on a non-AMX path: ``auto`` below ``AMX_MIN_ROWS["float32"]`` rows), with the
-    float32 B read only for the columns that can win.  ``isa``: the approximate product's."""
+    float32 B read only for the columns that can win.  ``isa``: the approximate product's (``auto``: AMX where
+    the CPU has it, else ``dpbf16`` where it has AVX512_BF16, else the float32 kernel on bf16 B)."""
     if b_packed.dtype != jnp.float32 or hi_packed.dtype != jnp.bfloat16:
         raise ValueError("argmax_head: b_packed must be float32 and hi_packed bfloat16 (greedy_hi)")
+    if isa == "auto":
+        isas = available_isas()
+        isa = "dpbf16" if "dpbf16" in isas and "amx" not in isas else "auto"
     approx = gemm_cpu(a, hi_packed, n, isa=isa)
     rows = a.shape[0]
     call = jax.ffi.ffi_call(ARGMAX_TARGET, (jax.ShapeDtypeStruct((rows,), jnp.int32),

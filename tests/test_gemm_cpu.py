@@ -122,6 +122,24 @@ def test_auto_takes_amx_from_its_row_counts(weights):
         np.testing.assert_allclose(got, other, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 8, 1), (5, 300, 33), (13, 513, 1000), (40, 520, 70)])
+def test_dpbf16_is_the_product_of_a_rounded_to_bfloat16(m, k, n):
+    """``isa="dpbf16"`` (AVX512_BF16: the greedy head's approximate product) gives ``bf16(a) @ B`` for a
+    bfloat16 B to float32's summation accuracy, and is refused for a float32 B."""
+    if "dpbf16" not in available_isas():
+        pytest.skip("this CPU has no AVX512_BF16")
+    rng = np.random.default_rng(m + k)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(jnp.bfloat16).astype(np.float32)
+    got = np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a), jnp.asarray(gemm_cpu.pack(b, jnp.bfloat16)), n, isa="dpbf16"))
+    a16 = a.astype(jnp.bfloat16).astype(np.float64)
+    want = a16 @ b.astype(np.float64)
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.sqrt(k), rtol=1e-5)
+    assert np.abs(got - a.astype(np.float64) @ b.astype(np.float64)).max() > 1e-4 * np.sqrt(k)  # a was rounded
+    with pytest.raises(Exception, match="dpbf16"):
+        np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a), jnp.asarray(gemm_cpu.pack(b)), n, isa="dpbf16"))
+
+
 def test_amx_is_refused_where_the_cpu_has_none():
     if "amx" in available_isas():
         pytest.skip("this CPU has AMX")
@@ -299,7 +317,7 @@ def _greedy_head(w):
     return (jnp.asarray(gemm_cpu.pack(w)), jnp.asarray(gemm_cpu.greedy_hi(w)), jnp.asarray(gemm_cpu.greedy_slack(w)))
 
 
-@pytest.mark.parametrize("isa", ISA_PATHS)
+@pytest.mark.parametrize("isa", ISA_PATHS + ["dpbf16"])
 @pytest.mark.parametrize("m,k,n,spread", [(1, 64, 1000, 1.0), (5, 300, 777, 1.0), (16, 512, 3000, 1e-3),
                                           (40, 520, 2049, 1e-4), (64, 96, 4096, 0.0)])
 def test_argmax_head_gives_the_full_heads_argmax(isa, m, k, n, spread):
@@ -335,14 +353,16 @@ def test_argmax_head_on_zero_and_non_finite_rows():
     k, n = 64, 200
     w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
     packed, hi, slack = _greedy_head(w)
-    x = rng.standard_normal((4, k)).astype(np.float32)
+    x = rng.standard_normal((5, k)).astype(np.float32)
     x[0] = 0
     x[1, 5] = np.nan
     x[2, 7] = np.inf
+    x[3] *= 2.0 ** -110  # below the norm greedy_slack's bound on bf16(a)'s rounding assumes
     tokens, computed = gemm_cpu.argmax_head(jnp.asarray(x), packed, hi, slack, n)
     want = jnp.argmax(gemm_cpu.gemm_cpu(jnp.asarray(x), packed, n), axis=-1)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
-    assert list(np.asarray(computed)[:3]) == [n, n, n] and int(tokens[0]) == 0
+    assert list(np.asarray(computed)[:4]) == [n, n, n, n] and int(tokens[0]) == 0
+    assert int(computed[4]) < n
 
 
 def test_greedy_slack_refuses_non_finite_weights_and_bounds_the_difference():
@@ -353,25 +373,29 @@ def test_greedy_slack_refuses_non_finite_weights_and_bounds_the_difference():
     w = rng.standard_normal((300, 100)).astype(np.float32)
     x = rng.standard_normal((20, 300)).astype(np.float32)
     exact = x.astype(np.float64) @ w.astype(np.float64)
-    approx = x.astype(np.float64) @ w.astype(jnp.bfloat16).astype(np.float64)
     bound = np.linalg.norm(x, axis=1)[:, None] * gemm_cpu.greedy_slack(w)[None, :]
-    assert np.all(np.abs(exact - approx) <= bound)
+    w16 = w.astype(jnp.bfloat16).astype(np.float64)
+    for a in (x.astype(np.float64), x.astype(jnp.bfloat16).astype(np.float64)):  # AMX / AVX-512; dpbf16
+        assert np.all(np.abs(exact - a @ w16) <= bound)
+    # the bound is not loose: within a few times the worst difference seen
+    assert np.max(np.abs(exact - x.astype(jnp.bfloat16).astype(np.float64) @ w16) / bound) > 0.05
 
 
 def test_engine_greedy_head_tokens_equal_the_full_head(llama_dir, monkeypatch):
-    """Where the runner takes the greedy head (AMX: its approximate product is cheap), greedy tokens equal
-    those of an engine without it, in all-greedy steps and in steps where a sampled request (or one asking
-    for logprobs) sends the step through the full head; the bucket set's programs are unchanged."""
+    """Where the runner takes the greedy head (AMX, AVX512_BF16 or AVX-512: its approximate product is
+    cheaper than the head), greedy tokens equal those of an engine without it, in all-greedy steps and in
+    steps where a sampled request (or one asking for logprobs) sends the step through the full head; the
+    bucket set's programs are unchanged."""
     from jaxserve import Engine, SamplingParams
 
-    if "amx" not in available_isas():
-        pytest.skip("the runner takes the greedy head only on AMX")
+    if not {"amx", "dpbf16", "avx512"} & set(available_isas()):
+        pytest.skip("the runner takes the greedy head only on AMX, AVX512_BF16 or AVX-512")
     prompts = random_prompts([3, 90, 17, 40, 64, 5], seed=21)
     kw = dict(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64, matmul_impl="cpu")
     engine = Engine.from_pretrained(llama_dir, **kw)
     assert engine.runner.greedy_head and "greedy_hi" in engine.runner.params["lm_head"]
     with monkeypatch.context() as m:
-        m.setattr(gemm_cpu, "available_isas", lambda: ["avx512", "avx2"])
+        m.setattr(gemm_cpu, "available_isas", lambda: ["avx2"])
         plain = Engine.from_pretrained(llama_dir, **kw)
     assert not plain.runner.greedy_head and "greedy_hi" not in plain.runner.params["lm_head"]
     lens = [12] * len(prompts)

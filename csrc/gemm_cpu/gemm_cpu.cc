@@ -47,6 +47,7 @@
 #else
 #define JAXSERVE_GEMM_AMX 0
 #endif
+#define JAXSERVE_GEMM_DPBF16 JAXSERVE_GEMM_AMX  // the AVX512_BF16 intrinsics: the same compilers
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -54,13 +55,15 @@
 #else
 #define JAXSERVE_GEMM_X86 0
 #define JAXSERVE_GEMM_AMX 0
+#define JAXSERVE_GEMM_DPBF16 0
 #endif
 
 namespace ffi = xla::ffi;
 
 namespace jaxserve_cpu_gemm {
 
-enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3, kIsaAmx = 4 };
+// kIsaDpbf16: bf16(A) . B, the greedy head's approximate product only (RunDpbf16), never `auto`.
+enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3, kIsaAmx = 4, kIsaDpbf16 = 5 };
 constexpr int64_t kKBlock = 256;
 constexpr int64_t kPackNR = 32;  // the packed layout's panel width (kernels_pallas/gemm_cpu.py PACK_NR)
 constexpr int64_t kPrefetchRows = 32;
@@ -490,10 +493,124 @@ void RunAmx(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int64_
 #else
 bool has_amx() { return false; }
 #endif  // JAXSERVE_GEMM_AMX
+// -- the greedy head's approximate product on AVX512_BF16 (Zen 4, Cooper Lake and later) -----------------
+// bf16(A) . B for bfloat16 B (packed in row pairs, as above): each row of A rounded to bfloat16 (to nearest
+// even; a subnormal becomes 0, as the instruction would read it), then VDPBF16PS, which multiplies 32 pairs
+// of bfloat16 values exactly and adds them into 16 float32 accumulators: twice the products of an FMA per
+// instruction, and B read in place.  NOT a float32-accurate product (A loses 16 of its 24 bits): only the
+// greedy LM head uses it, as its approximate logits, whose bound (kernels_pallas/gemm_cpu.py greedy_slack)
+// covers A's rounding.  Blocking as Work: items of adjacent panels, K in blocks, MR = 12 rows x 32 columns.
+#if JAXSERVE_GEMM_DPBF16
+bool has_dpbf16() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b >> 30 & 1)) return false;  // AVX512BW
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);  // AVX512_BF16
+  }();
+  return has;
+}
+
+#define JAXSERVE_DPBF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// x rounded to bfloat16, to nearest even (a NaN stays a NaN; a subnormal becomes a signed 0).
+inline uint32_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u;
+  if ((u & 0x7F800000u) == 0) return (u >> 16) & 0x8000u;
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// C[rows, w] (=|+=) bf16(A)[rows, 2P] . B[2P, w]: A as P pairs a row (lda pairs apart), B one packed
+// panel's P pairs of rows (64 bfloat16 each).
+template <int MR>
+JAXSERVE_DPBF16 void micro_dpbf16(const uint32_t* A, int64_t lda, const bf16* B, float* C, int64_t ldc, int64_t P,
+                                  int w, bool accumulate) {
+  const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
+  const __mmask16 m1 = w >= 32 ? 0xFFFF : (w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0);
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const bf16* b = B + p * 2 * kPackNR;
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * kPackNR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * kPackNR + 32), _MM_HINT_T0);
+    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b));
+    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 32));
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(A[i * lda + p])));
+      c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
+      c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (accumulate) {
+      c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, C + i * ldc));
+      c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, C + i * ldc + 16));
+    }
+    _mm512_mask_storeu_ps(C + i * ldc, m0, c0[i]);
+    _mm512_mask_storeu_ps(C + i * ldc + 16, m1, c1[i]);
+  }
+}
+using MicroDp = void (*)(const uint32_t*, int64_t, const bf16*, float*, int64_t, int64_t, int, bool);
+const MicroDp kDpbf16[] = {nullptr,           micro_dpbf16<1>,  micro_dpbf16<2>,  micro_dpbf16<3>, micro_dpbf16<4>,
+                           micro_dpbf16<5>,  micro_dpbf16<6>,  micro_dpbf16<7>,  micro_dpbf16<8>, micro_dpbf16<9>,
+                           micro_dpbf16<10>, micro_dpbf16<11>, micro_dpbf16<12>};
+
+struct DpWork {
+  const uint32_t* A;  // [M, P] pairs
+  const bf16* B;
+  float* C;
+  int64_t M, P, N, chunk, items;
+  std::atomic<int64_t> next{0}, done{0};
+  static constexpr int64_t kMR = 12, kPBlock = kKBlock / 2;
+
+  void run() {
+    const int64_t panels = (N + kPackNR - 1) / kPackNR;
+    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const int64_t q0 = it * chunk, q1 = std::min(panels, q0 + chunk);
+      for (int64_t p0 = 0; p0 < P; p0 += kPBlock) {
+        const int64_t pn = std::min(kPBlock, P - p0);
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t n0 = q * kPackNR;
+          const int w = static_cast<int>(std::min(kPackNR, N - n0));
+          const bf16* b = B + q * P * 2 * kPackNR + p0 * 2 * kPackNR;
+          for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+            const int64_t rows = std::min(kMR, M - m0);
+            kDpbf16[rows](A + m0 * P + p0, P, b, C + m0 * N + n0, N, pn, w, p0 > 0);
+          }
+        }
+      }
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+
+void RunDpbf16(ffi::ThreadPool& pool, const float* a, const bf16* b, int64_t M, int64_t K, int64_t N, float* c,
+               int64_t num_threads) {
+  const int64_t P = (K + 31) / 32 * 16;  // B's pairs of rows (K rounded up to 32, zero rows)
+  std::vector<uint32_t> ap(M * P, 0u);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) ap[m * P + k / 2] |= to_bf16(a[m * K + k]) << (16 * (k & 1));
+  }
+  auto work = std::make_shared<DpWork>();
+  work->A = ap.data(), work->B = b, work->C = c, work->M = M, work->P = P, work->N = N;
+  const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
+  const int64_t panels = (N + kPackNR - 1) / kPackNR;
+  work->chunk = std::clamp<int64_t>(panels / (8 * threads), 1, 8);
+  work->items = (panels + work->chunk - 1) / work->chunk;
+  jaxserve_cpu::run_on_pool(pool, work, work->items, threads);
+}
+#else
+bool has_dpbf16() { return false; }
+#endif  // JAXSERVE_GEMM_DPBF16
 #else
 bool has_avx512() { return false; }
 bool has_avx2() { return false; }
 bool has_amx() { return false; }
+bool has_dpbf16() { return false; }
 #endif
 
 // The best instruction set this CPU runs (kIsaAuto: none, the call fails).
@@ -583,6 +700,9 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
   if (isa == kIsaAmx && !has_amx()) {
     return ffi::Error::InvalidArgument("gemm_cpu: this CPU (or its OS) does not run AMX-BF16 tiles");
   }
+  if (isa == kIsaDpbf16 && !(b16 && has_dpbf16())) {
+    return ffi::Error::InvalidArgument("gemm_cpu: isa dpbf16 needs bfloat16 B and a CPU with AVX512_BF16");
+  }
   float* C = c->typed_data();
   std::fill(C + M * N, C + ad[0] * N, 0.f);
   if (M == 0 || N == 0) return ffi::Error::Success();
@@ -590,6 +710,12 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
     std::fill(C, C + M * N, 0.f);
     return ffi::Error::Success();
   }
+#if JAXSERVE_GEMM_DPBF16
+  if (isa == kIsaDpbf16) {
+    RunDpbf16(pool, a.typed_data(), static_cast<const bf16*>(b.untyped_data()), M, K, N, C, num_threads);
+    return ffi::Error::Success();
+  }
+#endif
 #if JAXSERVE_GEMM_AMX
   if (isa == kIsaAmx) {
     if (b16) {
@@ -606,11 +732,12 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
 
 // -- the greedy LM head (kernels_pallas/gemm_cpu.py argmax_head) ---------------------------------------
 // The argmax of each row of A . B (float32 B, packed), exactly as Run's logits give it, from the logits
-// of B's bfloat16 rounding (`approx`, computed before: at a third of the cost on AMX) and per column a
+// of B's bfloat16 rounding (`approx`, computed before: a third of the cost on AMX; on AVX512_BF16 from bf16(A),
+// RunDpbf16) and per column a
 // bound on the difference (`slack`: |exact - approx| <= ||a||_2 * slack[n], gemm_cpu.greedy_slack).  A
 // column whose approx + bound is below the largest approx - bound cannot be the argmax; the others (one
 // to a few) are computed as Run computes them (column_dot) and the first of their maxima wins, as
-// jnp.argmax.  A row with a non-finite norm or logit computes every column.
+// jnp.argmax.  A row with a non-finite (or tiny) norm or logit computes every column.
 #if JAXSERVE_GEMM_X86
 // Column n of a . B as Run computes it on AVX-512 and AVX2 alike: per K block of kKBlock rows a float32
 // FMA chain from zero in row order, the blocks' sums added in order (the micro-kernels' accumulate).
@@ -669,7 +796,10 @@ struct ArgmaxWork {
     const float tiny = static_cast<float>(6.0 * static_cast<double>(K) * std::ldexp(1.0, -126));
     thread_local std::vector<int64_t> cols;
     cols.clear();
-    if (!std::isfinite(norm)) return every_column(r, cols);
+    // (a smaller row: greedy_slack's bound on bf16(a)'s rounding assumes ||a|| >= sqrt(K) 2^-106)
+    if (!std::isfinite(norm) || norm < std::sqrt(static_cast<float>(K)) * std::ldexp(1.f, -105)) {
+      return every_column(r, cols);
+    }
     const __m256 nv = _mm256_set1_ps(norm), tv = _mm256_set1_ps(tiny), zero = _mm256_setzero_ps();
     __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), chk = zero;
     int64_t n = 0;
@@ -787,7 +917,8 @@ static PyObject* isas(PyObject*, PyObject*) {
   if (list == nullptr) return nullptr;
   const char* names[] = {jaxserve_cpu_gemm::has_amx() ? "amx" : nullptr,
                          jaxserve_cpu_gemm::has_avx512() ? "avx512" : nullptr,
-                         jaxserve_cpu_gemm::has_avx2() ? "avx2" : nullptr};
+                         jaxserve_cpu_gemm::has_avx2() ? "avx2" : nullptr,
+                         jaxserve_cpu_gemm::has_dpbf16() ? "dpbf16" : nullptr};
   for (const char* n : names) {
     if (n == nullptr) continue;
     PyObject* s = PyUnicode_FromString(n);
@@ -803,7 +934,7 @@ static PyObject* isas(PyObject*, PyObject*) {
 
 static PyMethodDef kMethods[] = {
     {"registrations", registrations, METH_NOARGS, "{FFI target name: handler capsule}"},
-    {"isas", isas, METH_NOARGS, "the instruction sets the kernel runs on this CPU, best first"},
+    {"isas", isas, METH_NOARGS, "the instruction sets the kernel runs on this CPU, best first (then dpbf16)"},
     {nullptr, nullptr, 0, nullptr},
 };
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_gemm_cpu",
