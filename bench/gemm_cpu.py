@@ -70,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory (its config.json)")
     ap.add_argument("--rows", default="4,8,16,32,48,64")
-    ap.add_argument("--isa", default="auto", choices=list(ISAS))
+    ap.add_argument("--isa", default="auto", choices=[i for i in ISAS if i != "dpbf16"])  # (dpbf16: the head only)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16"],
                     help="how the kernel holds the weights: bfloat16 is what the engine does for a checkpoint "
@@ -104,7 +104,7 @@ def main() -> None:
         hi, slack = jnp.asarray(gemm_cpu_mod.greedy_hi(head)), jnp.asarray(gemm_cpu_mod.greedy_slack(head))
         heads["cpu_argmax"] = jax.jit(lambda a, b: argmax_rows(gemm_cpu(a, b, vocab, isa=args.isa,
                                                                            num_threads=args.num_threads)))
-        heads["greedy"] = jax.jit(lambda a, b: gemm_cpu_mod.argmax_head(a, b, hi, slack, vocab)[0])
+        heads["greedy"] = jax.jit(lambda a, b: gemm_cpu_mod.argmax_head(a, b, hi, slack, vocab, isa=args.isa)[0])
     flops_per_row = 2 * layers * sum(k * n for k, n in shapes)
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, config["hidden_size"]), dtype=np.float32))
