@@ -31,6 +31,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_pool.h"
@@ -62,7 +63,7 @@ namespace ffi = xla::ffi;
 
 namespace jaxserve_cpu_gemm {
 
-// kIsaDpbf16: bf16(A) . B, the greedy head's approximate product only (RunDpbf16), never `auto`.
+// kIsaDpbf16: bf16(A) . B, the greedy head's approximate product only (micro_dpbf16), never `auto`.
 enum Isa : int64_t { kIsaAuto = 0, kIsaAvx2 = 2, kIsaAvx512 = 3, kIsaAmx = 4, kIsaDpbf16 = 5 };
 constexpr int64_t kKBlock = 256;
 constexpr int64_t kPackNR = 32;  // the packed layout's panel width (kernels_pallas/gemm_cpu.py PACK_NR)
@@ -141,11 +142,26 @@ __attribute__((target("avx512f,fma"))) inline void tile_avx512_pairs(const float
     }
   }
 }
+// An MR x 32 tile of C from its accumulators: the first w columns stored, or added to C's (accumulate).
+template <int MR>
+__attribute__((target("avx512f"))) inline void store_tile_avx512(const __m512* c0, const __m512* c1, float* C,
+                                                                 int64_t ldc, int w, bool accumulate) {
+  const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
+  const __mmask16 m1 = w >= 32 ? 0xFFFF : (w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    __m512 lo = c0[i], hi = c1[i];
+    if (accumulate) {
+      lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, C + i * ldc));
+      hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, C + i * ldc + 16));
+    }
+    _mm512_mask_storeu_ps(C + i * ldc, m0, lo);
+    _mm512_mask_storeu_ps(C + i * ldc + 16, m1, hi);
+  }
+}
 template <int MR, typename T>
 __attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t lda, const T* B, int64_t ldb,
                                                          float* C, int64_t ldc, int64_t K, int w, bool accumulate) {
-  const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
-  const __mmask16 m1 = w >= 32 ? 0xFFFF : (w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0);
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
@@ -154,15 +170,7 @@ __attribute__((target("avx512f,fma"))) void micro_avx512(const float* A, int64_t
   } else {
     tile_avx512<MR>(A, lda, B, ldb, K, c0, c1);
   }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    if (accumulate) {
-      c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, C + i * ldc));
-      c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, C + i * ldc + 16));
-    }
-    _mm512_mask_storeu_ps(C + i * ldc, m0, c0[i]);
-    _mm512_mask_storeu_ps(C + i * ldc + 16, m1, c1[i]);
-  }
+  store_tile_avx512<MR>(c0, c1, C, ldc, w, accumulate);
 }
 
 // AVX2: MR rows x 16 columns (two ymm per row: 12 accumulators at MR = 6, of the 16 registers).
@@ -499,7 +507,7 @@ bool has_amx() { return false; }
 // of bfloat16 values exactly and adds them into 16 float32 accumulators: twice the products of an FMA per
 // instruction, and B read in place.  NOT a float32-accurate product (A loses 16 of its 24 bits): only the
 // greedy LM head uses it, as its approximate logits, whose bound (kernels_pallas/gemm_cpu.py greedy_slack)
-// covers A's rounding.  Blocking as Work: items of adjacent panels, K in blocks, MR = 12 rows x 32 columns.
+// covers A's rounding.  Work<bf16> runs it (kDpbf16, MR = 12 rows x 32 columns) on A as pair_rows gives it.
 #if JAXSERVE_GEMM_DPBF16
 bool has_dpbf16() {
   static const bool has = [] {
@@ -521,88 +529,46 @@ inline uint32_t to_bf16(float x) {
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
-// C[rows, w] (=|+=) bf16(A)[rows, 2P] . B[2P, w]: A as P pairs a row (lda pairs apart), B one packed
-// panel's P pairs of rows (64 bfloat16 each).
+// A [M, K] as the dpbf16 micro-kernel reads it, in a buffer of A's shape: at each even k the 32 bits of the
+// pair (bf16(A[m, k]), bf16(A[m, k + 1])) (low half first, as B's pairs; 0 past K), so that Work's indexing
+// of A (row m0 from A + m0 * K + k0) serves it unchanged.
+std::vector<float> pair_rows(const float* a, int64_t M, int64_t K) {
+  std::vector<float> out(M * K, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; k += 2) {
+      const uint32_t pair = to_bf16(a[m * K + k]) | (k + 1 < K ? to_bf16(a[m * K + k + 1]) << 16 : 0u);
+      std::memcpy(&out[m * K + k], &pair, 4);
+    }
+  }
+  return out;
+}
+
+// C[rows, w] (=|+=) bf16(A)[rows, K] . B[K, w], A as pair_rows gives it, B one packed panel from row k0.
 template <int MR>
-JAXSERVE_DPBF16 void micro_dpbf16(const uint32_t* A, int64_t lda, const bf16* B, float* C, int64_t ldc, int64_t P,
-                                  int w, bool accumulate) {
-  const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
-  const __mmask16 m1 = w >= 32 ? 0xFFFF : (w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0);
+JAXSERVE_DPBF16 void micro_dpbf16(const float* A, int64_t lda, const bf16* B, int64_t, float* C, int64_t ldc,
+                                  int64_t K, int w, bool accumulate) {
   __m512 c0[MR], c1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-    const bf16* b = B + p * 2 * kPackNR;
+  for (int64_t k = 0; k < K; k += 2) {
+    const bf16* b = B + k * kPackNR;  // pair k / 2: 64 values
     _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * kPackNR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * kPackNR + 32), _MM_HINT_T0);
     const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b));
     const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + 32));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(A[i * lda + p])));
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_ps(A[i * lda + k]));  // the pair's bits
       c0[i] = _mm512_dpbf16_ps(c0[i], a, b0);
       c1[i] = _mm512_dpbf16_ps(c1[i], a, b1);
     }
   }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    if (accumulate) {
-      c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, C + i * ldc));
-      c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, C + i * ldc + 16));
-    }
-    _mm512_mask_storeu_ps(C + i * ldc, m0, c0[i]);
-    _mm512_mask_storeu_ps(C + i * ldc + 16, m1, c1[i]);
-  }
+  store_tile_avx512<MR>(c0, c1, C, ldc, w, accumulate);
 }
-using MicroDp = void (*)(const uint32_t*, int64_t, const bf16*, float*, int64_t, int64_t, int, bool);
-const MicroDp kDpbf16[] = {nullptr,           micro_dpbf16<1>,  micro_dpbf16<2>,  micro_dpbf16<3>, micro_dpbf16<4>,
-                           micro_dpbf16<5>,  micro_dpbf16<6>,  micro_dpbf16<7>,  micro_dpbf16<8>, micro_dpbf16<9>,
-                           micro_dpbf16<10>, micro_dpbf16<11>, micro_dpbf16<12>};
-
-struct DpWork {
-  const uint32_t* A;  // [M, P] pairs
-  const bf16* B;
-  float* C;
-  int64_t M, P, N, chunk, items;
-  std::atomic<int64_t> next{0}, done{0};
-  static constexpr int64_t kMR = 12, kPBlock = kKBlock / 2;
-
-  void run() {
-    const int64_t panels = (N + kPackNR - 1) / kPackNR;
-    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t q0 = it * chunk, q1 = std::min(panels, q0 + chunk);
-      for (int64_t p0 = 0; p0 < P; p0 += kPBlock) {
-        const int64_t pn = std::min(kPBlock, P - p0);
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t n0 = q * kPackNR;
-          const int w = static_cast<int>(std::min(kPackNR, N - n0));
-          const bf16* b = B + q * P * 2 * kPackNR + p0 * 2 * kPackNR;
-          for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-            const int64_t rows = std::min(kMR, M - m0);
-            kDpbf16[rows](A + m0 * P + p0, P, b, C + m0 * N + n0, N, pn, w, p0 > 0);
-          }
-        }
-      }
-      done.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
-};
-
-void RunDpbf16(ffi::ThreadPool& pool, const float* a, const bf16* b, int64_t M, int64_t K, int64_t N, float* c,
-               int64_t num_threads) {
-  const int64_t P = (K + 31) / 32 * 16;  // B's pairs of rows (K rounded up to 32, zero rows)
-  std::vector<uint32_t> ap(M * P, 0u);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) ap[m * P + k / 2] |= to_bf16(a[m * K + k]) << (16 * (k & 1));
-  }
-  auto work = std::make_shared<DpWork>();
-  work->A = ap.data(), work->B = b, work->C = c, work->M = M, work->P = P, work->N = N;
-  const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
-  const int64_t panels = (N + kPackNR - 1) / kPackNR;
-  work->chunk = std::clamp<int64_t>(panels / (8 * threads), 1, 8);
-  work->items = (panels + work->chunk - 1) / work->chunk;
-  jaxserve_cpu::run_on_pool(pool, work, work->items, threads);
-}
+const Micro<bf16> kDpbf16[] = {nullptr,           micro_dpbf16<1>,  micro_dpbf16<2>,  micro_dpbf16<3>,
+                               micro_dpbf16<4>,  micro_dpbf16<5>,  micro_dpbf16<6>,  micro_dpbf16<7>,
+                               micro_dpbf16<8>,  micro_dpbf16<9>,  micro_dpbf16<10>, micro_dpbf16<11>,
+                               micro_dpbf16<12>};
 #else
 bool has_dpbf16() { return false; }
 #endif  // JAXSERVE_GEMM_DPBF16
@@ -624,7 +590,7 @@ struct Work {
   const T* B;
   float* C;
   int64_t M, K, Kp, N, MR, NR, chunk, items;  // Kp: K rounded up to 32 (a bf16 panel's rows)
-  const Micro<T>* micro;
+  const Micro<T>* micro = nullptr;
   std::atomic<int64_t> next{0}, done{0};
 
   void run() {
@@ -655,7 +621,12 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int
                int64_t num_threads, int64_t isa) {
   auto work = std::make_shared<Work<T>>();
 #if JAXSERVE_GEMM_X86
-  if (isa == kIsaAvx512 && has_avx512()) {
+  if (isa == kIsaDpbf16) {  // `a` as pair_rows gives it
+#if JAXSERVE_GEMM_DPBF16
+    if constexpr (std::is_same_v<T, bf16>) work->micro = kDpbf16, work->MR = 12, work->NR = 32;
+#endif
+    if (work->micro == nullptr) return ffi::Error::InvalidArgument("gemm_cpu: isa dpbf16 needs bfloat16 B");
+  } else if (isa == kIsaAvx512 && has_avx512()) {
     work->micro = kAvx512<T>, work->MR = 12, work->NR = 32;
   } else if (isa == kIsaAvx2 && has_avx2()) {
     work->micro = kAvx2<T>, work->MR = 6, work->NR = 16;
@@ -712,8 +683,8 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
   }
 #if JAXSERVE_GEMM_DPBF16
   if (isa == kIsaDpbf16) {
-    RunDpbf16(pool, a.typed_data(), static_cast<const bf16*>(b.untyped_data()), M, K, N, C, num_threads);
-    return ffi::Error::Success();
+    const std::vector<float> pairs = pair_rows(a.typed_data(), M, K);
+    return Run(pool, pairs.data(), static_cast<const bf16*>(b.untyped_data()), M, K, N, C, num_threads, isa);
   }
 #endif
 #if JAXSERVE_GEMM_AMX
@@ -733,7 +704,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::AnyBuffer b,
 // -- the greedy LM head (kernels_pallas/gemm_cpu.py argmax_head) ---------------------------------------
 // The argmax of each row of A . B (float32 B, packed), exactly as Run's logits give it, from the logits
 // of B's bfloat16 rounding (`approx`, computed before: a third of the cost on AMX; on AVX512_BF16 from bf16(A),
-// RunDpbf16) and per column a
+// micro_dpbf16) and per column a
 // bound on the difference (`slack`: |exact - approx| <= ||a||_2 * slack[n], gemm_cpu.greedy_slack).  A
 // column whose approx + bound is below the largest approx - bound cannot be the argmax; the others (one
 // to a few) are computed as Run computes them (column_dot) and the first of their maxima wins, as
