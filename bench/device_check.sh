@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One script for the day a GPU or TPU is lent: native kernel checks, engine tokens, attention bandwidth,
-# and 1B-model throughput, ending with one JSON summary line.  Meant to finish within 8 minutes on one
-# H100/H200 or a TPU VM.  Run from the repository root:
+# and 1B-model throughput, ending with one JSON summary line.  Each step has a time cap (560 s in all,
+# plus making the two random checkpoints), so it fits one 10-minute call on an H100/H200 or a TPU VM.
+# Run from the repository root:
 #
 #     bash bench/device_check.sh [OUT_DIR]        # default OUT_DIR: ${OUT:-/tmp/device_check}
 #
@@ -32,12 +33,12 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep JSON lines and the log, record
 : > "$OUT_DIR/steps.jsonl"
 python3 -c "import jax; print(jax.__version__, jax.devices())" >&2
 # 1. The kernel of this backend, compiled natively, against the reference over a covering grid.
-step kernel_check 180 python3 bench/kernel_check.py
+step kernel_check 150 python3 bench/kernel_check.py
 # 2. Greedy engine tokens, kernel vs reference, float32 and bfloat16 (random 56M Llama, GQA group 2).
 [ -f "$MODELS/56m/config.json" ] || python3 -m jaxserve.cli make-model "$MODELS/56m" --size 56m >&2
-step engine_check 150 python3 bench/engine_check.py --model "$MODELS/56m"
+step engine_check 120 python3 bench/engine_check.py --model "$MODELS/56m"
 # 3. Decode attention bandwidth at batch 64, contexts 1k / 4k / 16k (32 q / 8 kv heads, d=128, bf16).
-step attention 120 python3 bench/attention.py --cases decode --batch 64 --context 1024,4096,16384 --iters 10
+step attention 90 python3 bench/attention.py --cases decode --batch 64 --context 1024,4096,16384 --iters 10
 # 4. Throughput of a 1.1B random Llama on a longtail workload (64 requests, as ../shared's longtail-64).
 [ -f "$MODELS/1b/config.json" ] || python3 -m jaxserve.cli make-model "$MODELS/1b" --size 1b >&2
 python3 - "$MODELS/longtail-64.json" <<'PY'
@@ -48,7 +49,7 @@ reqs = [{"prompt_token_ids": rng.integers(3, 32000, size=int(rng.integers(16, 25
          "max_tokens": int(np.clip(rng.lognormal(4.0, 0.9), 8, 512))} for _ in range(64)]
 json.dump({"name": "longtail-64-synthetic", "vocab_size": 32000, "requests": reqs}, open(sys.argv[1], "w"))
 PY
-step throughput 240 python3 bench/throughput.py --model "$MODELS/1b" --workload "$MODELS/longtail-64.json" \
+step throughput 200 python3 bench/throughput.py --model "$MODELS/1b" --workload "$MODELS/longtail-64.json" \
   --max-num-seqs 64 --no-progress
 
 python3 - "$OUT_DIR" <<'PY'

@@ -12,6 +12,7 @@ must match exactly (exit code 1 otherwise); bfloat16 is reported (rounding can f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -35,8 +36,12 @@ def main(argv=None) -> int:
     for dtype in args.dtype.split(","):
         outs = {}
         for impl in ("auto", "reference"):
+            print(f"engine_check: {dtype}, attention {impl}", file=sys.stderr, flush=True)
+            engine = None  # one engine at a time
+            gc.collect()
             engine = Engine.from_pretrained(args.model, max_num_seqs=8, max_num_batched_tokens=256,
-                                            max_model_len=1024, dtype=dtype, attention_impl=impl)
+                                            max_model_len=1024, num_pages=8 * 1024 // 16, dtype=dtype,
+                                            attention_impl=impl)
             vocab = engine.model_config.vocab_size
             if impl == "auto":
                 prompts = [rng.integers(3, vocab, size=int(n)).tolist()

@@ -210,8 +210,9 @@ class Engine:
 
     def _pages_for_device_memory(self, device_params: Any, dtype: Any, max_model_len: int) -> tuple[int, str]:
         """KV pages for ``memory_utilization`` of each device's memory (``memory_stats()["bytes_limit"]``)
-        less the weights and the largest step's temporary bytes (``compiled.memory_analysis()`` of the
-        largest bucket, compiled against a provisional one-sequence cache), all per device."""
+        less what is in use (``bytes_in_use``: the weights, another engine's cache) and the largest step's
+        temporary bytes (``compiled.memory_analysis()`` of the largest bucket, compiled against a provisional
+        one-sequence cache), all per device."""
         config = self.config
         util = config.memory_utilization or kv_cache.DEFAULT_MEMORY_UTILIZATION
         device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
@@ -222,6 +223,9 @@ class Engine:
         model_axis = self.mesh.shape[sharding.MODEL] if self.mesh is not None else 1
         page_dev = kv_cache.device_page_bytes(self.run_config, config.page_size, self.kv_dtype, model_axis)
         weight_bytes = kv_cache.per_device_bytes(device_params)
+        # What the device holds already: the weights (on it by now) and anything else of this process,
+        # such as another engine's cache -- not memory this cache can take.
+        in_use = max(weight_bytes, int(stats.get("bytes_in_use", 0)))
         groups = config.data_groups
         probe_pages = groups * (pages_needed(max_model_len, config.page_size) + 1)
         leaf_sharding = (sharding.leaf_cache_sharding(self.mesh) if self.mesh is not None
@@ -233,14 +237,15 @@ class Engine:
         largest = max(probe.buckets, key=lambda k: (k[0] + k[1], k))
         temp_bytes = int(probe.compile_bucket(largest).memory_analysis().temp_size_in_bytes)
         num_pages = kv_cache.kv_pages_for_memory(bytes_limit=int(stats["bytes_limit"]), memory_utilization=util,
-                                                 weight_bytes=weight_bytes, temp_bytes=temp_bytes,
+                                                 weight_bytes=in_use, temp_bytes=temp_bytes,
                                                  page_bytes_per_device=page_dev, data_groups=groups)
         if num_pages < 1:
             raise ValueError(f"memory_utilization: {util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device "
-                             f"leaves no room for a KV cache after the weights ({weight_bytes / 2**30:.2f} GiB) "
-                             f"and the step's temporaries ({temp_bytes / 2**30:.2f} GiB); set num_pages")
-        how = (f"{util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device less weights "
-               f"{weight_bytes / 2**30:.2f} GiB and step temporaries {temp_bytes / 2**30:.2f} GiB")
+                             f"leaves no room for a KV cache after what is in use ({in_use / 2**30:.2f} GiB, "
+                             f"weights {weight_bytes / 2**30:.2f} GiB) and the step's temporaries "
+                             f"({temp_bytes / 2**30:.2f} GiB); set num_pages")
+        how = (f"{util:.0%} of {stats['bytes_limit'] / 2**30:.1f} GiB per device less {in_use / 2**30:.2f} GiB "
+               f"in use (weights {weight_bytes / 2**30:.2f} GiB) and step temporaries {temp_bytes / 2**30:.2f} GiB")
         return num_pages, how
 
     @classmethod

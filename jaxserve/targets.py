@@ -5,7 +5,7 @@ on.  Lowering with ``jax.ShapeDtypeStruct`` arguments sharded over a ``Mesh`` of
 ``.compile()`` runs the real compilers (XLA TPU + Mosaic for Pallas TPU kernels; XLA GPU + Triton +
 ptxas for Pallas Triton kernels), and ``compiled.memory_analysis()`` gives the bytes per device.
 
-Requirements: ``jax[tpu]`` (libtpu) for the TPU targets and ``jax[cuda12]`` (the CUDA plugin and ptxas)
+Requirements: ``jax[tpu]`` (libtpu) for the TPU targets and ``jax[cuda12]`` or ``jax[cuda13]`` (the CUDA plugin and ptxas)
 for the GPU ones, at the version of ``jax``; run with ``JAX_PLATFORMS=cpu`` so that neither backend
 tries to open a real device.  ``pip install -e ".[compile]"`` installs both.
 
@@ -102,6 +102,20 @@ def default_topology(name: str, num_devices: int = 1) -> str:
     raise ValueError(f"topology: no {name} slice has {num_devices} chips")
 
 
+def cuda_plugin() -> str | None:
+    """The installed CUDA plugin of jax (``xla_cuda13`` or ``xla_cuda12``; either compiles for the GPU
+    targets), or None."""
+    import importlib
+
+    for mod in ("xla_cuda13", "xla_cuda12"):
+        try:
+            importlib.import_module(f"jax_plugins.{mod}")
+            return mod
+        except ImportError:
+            continue
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def get_target(name: str, topology: str | None = None) -> Target:
     """Compile-only devices of ``name`` (``tpu-v5e``, ``tpu-v6e``, ``h100``, ``h200``) in ``topology``
@@ -127,11 +141,10 @@ def get_target(name: str, topology: str | None = None) -> Target:
         return Target(name, "tpu", tuple(desc.devices), hbm)
     memory, _, _ = GPU_TARGETS[name]
     topology = topology or "1x1x1"
-    try:
-        import jax_plugins.xla_cuda12  # noqa: F401
-    except ImportError as e:
+    if cuda_plugin() is None:
         raise RuntimeError(f"target {name}: the CUDA plugin is not installed; pip install "
-                           "'jax[cuda12]==<jax version>' (or pip install -e '.[compile]')") from e
+                           "'jax[cuda12]==<jax version>' or 'jax[cuda13]==<jax version>' "
+                           "(or pip install -e '.[compile]')")
     desc = topologies.get_topology_desc("cuda", "cuda", target_config=gpu_target_config(name),
                                         topology=topology)
     return Target(name, "gpu", tuple(desc.devices), memory, GPU_SHARED_MEMORY_PER_BLOCK)

@@ -25,7 +25,9 @@ import os
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import libtpu  # noqa: E402,F401  (required: fail loudly when the TPU compiler is missing)
-import jax_plugins.xla_cuda12  # noqa: E402,F401  (required: the CUDA plugin and ptxas)
+from jaxserve.targets import cuda_plugin  # noqa: E402
+
+assert cuda_plugin(), "the CUDA plugin (jax[cuda12] or jax[cuda13]) is required: it brings ptxas"
 import pytest  # noqa: E402
 
 from conftest import ROOT  # noqa: E402

@@ -175,6 +175,17 @@ def test_engine_sizes_the_cache_to_a_fake_device(shared_engine, monkeypatch):
     temp = free - pages * per_page
     assert 0 < temp < 64 << 20
     assert "95% of" in how and "step temporaries" in how
+    # Memory in use besides the weights (another engine's cache, say) is not the cache's to take.
+    other = 16 << 20
+    monkeypatch.setattr(engine_mod, "device_memory_stats",
+                        lambda device: {"bytes_limit": limit, "bytes_in_use": weights + other})
+    fewer, how = e._pages_for_device_memory(e.runner.params, np.float32, e.max_model_len)
+    assert abs((pages - fewer) * per_page - other) < per_page
+    assert "in use" in how
+    monkeypatch.setattr(engine_mod, "device_memory_stats",
+                        lambda device: {"bytes_limit": limit, "bytes_in_use": limit})
+    with pytest.raises(ValueError, match="memory_utilization: .* leaves no room for a KV cache after what is in use"):
+        e._pages_for_device_memory(e.runner.params, np.float32, e.max_model_len)
     monkeypatch.setattr(engine_mod, "device_memory_stats", lambda device: {})
     with pytest.raises(ValueError, match="memory_utilization: .* reports no memory limit"):
         e._pages_for_device_memory(e.runner.params, np.float32, e.max_model_len)
