@@ -5,9 +5,9 @@ on.  Lowering with ``jax.ShapeDtypeStruct`` arguments sharded over a ``Mesh`` of
 ``.compile()`` runs the real compilers (XLA TPU + Mosaic for Pallas TPU kernels; XLA GPU + Triton +
 ptxas for Pallas Triton kernels), and ``compiled.memory_analysis()`` gives the bytes per device.
 
-Requirements: ``jax[tpu]`` (libtpu) for the TPU targets and ``jax[cuda12]`` or ``jax[cuda13]`` (the CUDA plugin and ptxas)
-for the GPU ones, at the version of ``jax``; run with ``JAX_PLATFORMS=cpu`` so that neither backend
-tries to open a real device.  ``pip install -e ".[compile]"`` installs both.
+Requirements: ``jax[tpu]`` (libtpu) for the TPU targets and ``jax[cuda12]`` or ``jax[cuda13]`` (the
+CUDA plugin and ptxas) for the GPU ones, at the version of ``jax``; run with ``JAX_PLATFORMS=cpu`` so
+that neither backend tries to open a real device.  ``pip install -e ".[compile]"`` installs both.
 
 GPU targets are described by a ``GpuTargetConfigProto`` in text form.  The ones below are written for
 this project with only the fields the compiler reads (compute capability, shared memory, core and
