@@ -12,7 +12,6 @@ must match exactly (exit code 1 otherwise); bfloat16 is reported (rounding can f
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -22,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from jaxserve import Engine, SamplingParams  # noqa: E402
+
+SLOTS, MAX_LEN, PAGE = 8, 1024, 16
 
 
 def main(argv=None) -> int:
@@ -37,11 +38,11 @@ def main(argv=None) -> int:
         outs = {}
         for impl in ("auto", "reference"):
             print(f"engine_check: {dtype}, attention {impl}", file=sys.stderr, flush=True)
-            engine = None  # one engine at a time
-            gc.collect()
-            engine = Engine.from_pretrained(args.model, max_num_seqs=8, max_num_batched_tokens=256,
-                                            max_model_len=1024, num_pages=8 * 1024 // 16, dtype=dtype,
-                                            attention_impl=impl)
+            # A cache of every slot at max_model_len, not one sized to the device's free memory: on a GPU
+            # the two engines of a dtype are alive together for a moment.
+            engine = Engine.from_pretrained(args.model, max_num_seqs=SLOTS, max_num_batched_tokens=256,
+                                            max_model_len=MAX_LEN, num_pages=SLOTS * MAX_LEN // PAGE,
+                                            page_size=PAGE, dtype=dtype, attention_impl=impl)
             vocab = engine.model_config.vocab_size
             if impl == "auto":
                 prompts = [rng.integers(3, vocab, size=int(n)).tolist()
