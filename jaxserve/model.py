@@ -142,10 +142,20 @@ class PackedDense(nn.Module):
         return y
 
 
-def real_rows(meta: AttentionMetadata) -> jax.Array:
+def real_rows(meta: AttentionMetadata, decode_only: bool = False) -> jax.Array:
     """The rows of a step that hold tokens: the decode block (all its rows) and the prefill rows up to the
-    last sequence's end (``query_start_loc[num_seqs]``); after them, the prefill bucket's padding."""
-    return meta.query_start_loc[meta.num_seqs]
+    last sequence's end (``query_start_loc[num_seqs]``); after them, the prefill bucket's padding.  A
+    decode-only step (``decode_only``, static: the bucket has no prefill rows) has row i for slot i, and
+    its decodes in the first slots: its rows up to the last decode (``sampled_slots``)."""
+    return sampled_slots(meta) if decode_only else meta.query_start_loc[meta.num_seqs]
+
+
+def sampled_slots(meta: AttentionMetadata) -> jax.Array:
+    """The sequence slots up to the last that holds a sequence (``seq_lens > 0``): ``ModelRunner.prepare``
+    fills the first of the decode slots, then the first of the prefill slots, so the slots after it (of a
+    bucket larger than its step) need no LM head row; the CPU head computes only these (``rows``)."""
+    s = meta.seq_lens.shape[0]
+    return jnp.max(jnp.where(meta.seq_lens > 0, jnp.arange(1, s + 1, dtype=jnp.int32), 0))
 
 
 def pack_linears(params: dict, greedy_head: bool = False) -> dict:
@@ -432,7 +442,7 @@ class DecoderLayer(nn.Module):
         ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
         ``cos``/``sin`` as ``rope_tables`` gives them."""
         x, cache = carry
-        rows = real_rows(meta) if self.matmul_impl == "cpu" else None
+        rows = real_rows(meta, x.shape[0] == self.num_decode_rows) if self.matmul_impl == "cpu" else None
         q, k, v = self.pre_attention(x, *layer_rope(self.cfg, cos, sin, layer), rows)
         attn, cache = self.attend(q, k, v, cache, layer, meta)
         return (self.post_attention(x, attn, rows), cache), None
@@ -538,7 +548,7 @@ class CausalLM(nn.Module):
                                  "'scan' and split them with unstack_layers")
             layer = DecoderLayer(*layer_args)
             weights = [{"params": self.variables["params"][f"layers_{i}"]} for i in range(cfg.num_layers)]
-            rows = real_rows(meta) if self.matmul_impl == "cpu" else None
+            rows = real_rows(meta, x.shape[0] == self.num_decode_rows) if self.matmul_impl == "cpu" else None
 
             def body(carry, i):
                 x, cache = carry

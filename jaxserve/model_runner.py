@@ -45,7 +45,8 @@ from jax.sharding import Mesh
 
 from jaxserve import compile_cache, kv_cache, quant, sharding
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.model import AttentionMetadata, CausalLM, head_logits, pack_linears, resolve_layer_loop, unstack_layers
+from jaxserve.model import (AttentionMetadata, CausalLM, head_logits, pack_linears, resolve_layer_loop, sampled_slots,
+                            unstack_layers)
 from jaxserve.sampling import (MAX_BAD_WORD_BANS, MAX_LOGPROBS, PenaltyArrays, PenaltyState, SamplingArrays,
                                allocate_penalty_state, apply_penalties, compute_logprobs, init_penalty_row, sample,
                                update_penalty_counts)
@@ -240,14 +241,17 @@ class ModelRunner:
         reading the float32 head only for the columns that can win: a third of its cost, on AMX), or the
         full head and ``_sample``."""
         s, v = x.shape[0], self.vocab_size
+        rows = sampled_slots(inputs.meta)  # the slots after it are the bucket's padding
 
         def greedy():
-            tokens, _ = gemm_cpu.argmax_head(x, head["packed_kernel"], head["greedy_hi"], head["greedy_slack"], v)
+            tokens, _ = gemm_cpu.argmax_head(x, head["packed_kernel"], head["greedy_hi"], head["greedy_slack"], v,
+                                             rows=rows)
             return (tokens, jnp.zeros((s,), jnp.float32), jnp.zeros((s, MAX_LOGPROBS), jnp.int32),
                     jnp.zeros((s, MAX_LOGPROBS), jnp.float32))
 
         return jax.lax.cond(inputs.greedy, greedy,
-                            lambda: self._sample(gemm_cpu.gemm_cpu(x, head["packed_kernel"], v), inputs, penalty_state))
+                            lambda: self._sample(gemm_cpu.gemm_cpu(x, head["packed_kernel"], v, rows=rows), inputs,
+                                                 penalty_state))
 
     def _prompt_logprobs(self, params, hidden, inputs: StepInputs):
         """Per token row: logprob and rank of the next prompt token, and the top MAX_LOGPROBS, from the

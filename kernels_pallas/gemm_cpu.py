@@ -263,19 +263,22 @@ def greedy_slack(b) -> np.ndarray | None:
 
 
 def argmax_head(a: jax.Array, b_packed: jax.Array, hi_packed: jax.Array, slack: jax.Array, n: int, *,
-                isa: str = "auto") -> tuple[jax.Array, jax.Array]:
+                rows=None, isa: str = "auto") -> tuple[jax.Array, jax.Array]:
     """``(argmax(a @ B, axis=-1), columns computed exactly per row)`` for ``a [R, K]`` and float32 ``B [K, n]``
     given as ``b_packed = pack(B)``, ``hi_packed = greedy_hi(B)`` and ``slack = greedy_slack(B)``: the argmax of
     ``gemm_cpu(a, b_packed, n)`` (on a non-AMX path: ``auto`` below ``AMX_MIN_ROWS["float32"]`` rows), with the
     float32 B read only for the columns that can win.  ``isa``: the approximate product's (``auto``: AMX where
-    the CPU has it, else ``dpbf16`` where it has AVX512_BF16, else the float32 kernel on bf16 B)."""
+    the CPU has it, else ``dpbf16`` where it has AVX512_BF16, else the float32 kernel on bf16 B).  ``rows`` (an
+    int32 scalar, may be traced; None: all ``R``): only the first ``rows`` rows are computed, the rest give
+    token 0 and 0 columns (a bucket's padding slots, as ``gemm_cpu``'s ``rows``)."""
     if b_packed.dtype != jnp.float32 or hi_packed.dtype != jnp.bfloat16:
         raise ValueError("argmax_head: b_packed must be float32 and hi_packed bfloat16 (greedy_hi)")
     if isa == "auto":
         isas = available_isas()
         isa = "dpbf16" if "dpbf16" in isas and "amx" not in isas else "auto"
-    approx = gemm_cpu(a, hi_packed, n, isa=isa)
-    rows = a.shape[0]
-    call = jax.ffi.ffi_call(ARGMAX_TARGET, (jax.ShapeDtypeStruct((rows,), jnp.int32),
-                                            jax.ShapeDtypeStruct((rows,), jnp.int32)), vmap_method="sequential")
-    return call(a, approx, b_packed, slack)
+    rows = jnp.asarray(a.shape[0] if rows is None else rows, jnp.int32)
+    approx = gemm_cpu(a, hi_packed, n, rows=rows, isa=isa)
+    r = a.shape[0]
+    call = jax.ffi.ffi_call(ARGMAX_TARGET, (jax.ShapeDtypeStruct((r,), jnp.int32),
+                                            jax.ShapeDtypeStruct((r,), jnp.int32)), vmap_method="sequential")
+    return call(a, approx, b_packed, slack, rows)

@@ -365,6 +365,58 @@ def test_argmax_head_on_zero_and_non_finite_rows():
     assert int(computed[4]) < n
 
 
+def test_argmax_head_rows_past_the_real_ones_give_token_0():
+    """``rows``: the first rows get the argmax of the full call, the rest (a bucket's padding slots) token 0
+    and no column computed; ``rows`` may be traced."""
+    rng = np.random.default_rng(8)
+    k, n = 96, 700
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    packed, hi, slack = _greedy_head(w)
+    x = jnp.asarray(rng.standard_normal((6, k)).astype(np.float32))
+    full_tokens, full_computed = gemm_cpu.argmax_head(x, packed, hi, slack, n)
+    for rows in (0, 3, 6, 9):
+        tokens, computed = jax.jit(lambda x, r: gemm_cpu.argmax_head(x, packed, hi, slack, n, rows=r))(x, rows)
+        real = min(rows, 6)
+        np.testing.assert_array_equal(np.asarray(tokens)[:real], np.asarray(full_tokens)[:real])
+        np.testing.assert_array_equal(np.asarray(computed)[:real], np.asarray(full_computed)[:real])
+        assert not np.asarray(tokens)[real:].any() and not np.asarray(computed)[real:].any()
+    assert np.asarray(full_computed).min() >= 1
+
+
+def test_padding_slots_and_rows_are_left_out(llama_dir):
+    """``sampled_slots``: the LM head's rows of a step are its slots up to the last sequence (the decodes
+    first, then the prefills after the decode block), and a decode-only step's real rows
+    (``real_rows(..., decode_only=True)``) are its decodes, not its bucket: checked on every step the
+    runner prepares while requests finish at different lengths, prefills join and the bucket has padding."""
+    from jaxserve import Engine
+    from jaxserve.model import real_rows, sampled_slots
+
+    engine = Engine.from_pretrained(llama_dir, max_num_seqs=8, max_model_len=256, max_num_batched_tokens=64,
+                                    matmul_impl="cpu")
+    runner, seen = engine.runner, []
+    prepare = runner.prepare
+
+    def capture(out):
+        res = prepare(out)
+        (d, tp), arrays = res[0], res[1]
+        meta = runner._to_inputs(arrays, False).meta
+        want = d + len(out.prefills) if out.prefills else len(out.decodes)
+        assert int(sampled_slots(meta)) == want
+        if not tp:
+            assert int(real_rows(meta, decode_only=True)) == len(out.decodes)
+        seen.append((d, len(out.decodes), len(out.prefills)))
+        return res
+
+    runner.prepare = capture
+    try:
+        prompts = random_prompts([5, 40, 9, 70, 12, 3], seed=2)
+        greedy_tokens(engine, prompts, [3, 20, 7, 11, 2, 15])  # capture checks every step
+    finally:
+        runner.prepare = prepare
+    assert any(p == 0 and n < d for d, n, p in seen)  # decode-only steps with padding slots
+    assert any(p and n < d for d, n, p in seen)  # mixed steps with padding decode slots
+
+
 def test_greedy_slack_refuses_non_finite_weights_and_bounds_the_difference():
     w = np.ones((8, 4), np.float32)
     w[2, 1] = np.inf

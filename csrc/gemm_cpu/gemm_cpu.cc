@@ -813,8 +813,8 @@ struct ArgmaxWork {
 #endif
 
 ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> approx,
-                  ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> slack, ffi::ResultBuffer<ffi::S32> tokens,
-                  ffi::ResultBuffer<ffi::S32> computed) {
+                  ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> slack, ffi::Buffer<ffi::S32> rows,
+                  ffi::ResultBuffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::S32> computed) {
   auto ad = a.dimensions(), xd = approx.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || xd.size() != 2 || bd.size() != 3 || xd[0] != ad[0] || bd[1] != ad[1] ||
       bd[2] != kPackNR || bd[0] != (xd[1] + kPackNR - 1) / kPackNR ||
@@ -823,12 +823,17 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
     return ffi::Error::InvalidArgument("gemm_cpu argmax_head: a [R, K], approx [R, N], b packed float32 "
                                        "[ceil(N/32), K, 32], slack [N], tokens and computed [R]");
   }
+  if (rows.element_count() != 1) return ffi::Error::InvalidArgument("gemm_cpu argmax_head: rows must be a scalar");
+  // rows [0, R): their argmax; the rest (a bucket's padding slots) token 0, no column computed
+  const int64_t R = std::clamp<int64_t>(rows.typed_data()[0], 0, ad[0]);
+  std::fill(tokens->typed_data() + R, tokens->typed_data() + ad[0], 0);
+  std::fill(computed->typed_data() + R, computed->typed_data() + ad[0], 0);
 #if JAXSERVE_GEMM_X86
   if (!has_avx2()) return ffi::Error::InvalidArgument("gemm_cpu argmax_head: needs AVX2/FMA");
   auto work = std::make_shared<ArgmaxWork>();
   work->a = a.typed_data(), work->approx = approx.typed_data(), work->B = b.typed_data();
   work->slack = slack.typed_data(), work->tokens = tokens->typed_data(), work->computed = computed->typed_data();
-  work->K = ad[1], work->N = xd[1], work->items = ad[0];
+  work->K = ad[1], work->N = xd[1], work->items = R;
   if (work->items == 0) return ffi::Error::Success();
   if (work->N == 0) return ffi::Error::InvalidArgument("gemm_cpu argmax_head: no columns");
   jaxserve_cpu::run_on_pool(pool, work, work->items, 0);
@@ -847,6 +852,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveArgmaxCpu, jaxserve_cpu_gemm::Argmax,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // approx [R, N]: a . bf16(B)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // B packed float32 [ceil(N/32), K, 32]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // slack [N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows: a's rows to compute
                                   .Ret<ffi::Buffer<ffi::S32>>()  // tokens [R]
                                   .Ret<ffi::Buffer<ffi::S32>>());  // computed [R]: columns computed exactly
 
