@@ -331,6 +331,7 @@ class DecoderLayer(nn.Module):
     moe_impl: str = "auto"
     quantization: str | None = None  # "int8" / "w8a8": int8 linear layers (jaxserve/quant.py)
     matmul_impl: str = "xla"  # "cpu": the linear layers' weights packed for kernels_pallas/gemm_cpu.py (PackedDense)
+    fixed_shape: bool = False  # a decode-only step computes every row of its bucket (static batching), see real_rows
 
     def setup(self):
         cfg, dt, qz = self.cfg, self.dtype, self.quantization
@@ -442,7 +443,8 @@ class DecoderLayer(nn.Module):
         ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
         ``cos``/``sin`` as ``rope_tables`` gives them."""
         x, cache = carry
-        rows = real_rows(meta, x.shape[0] == self.num_decode_rows) if self.matmul_impl == "cpu" else None
+        decode_only = x.shape[0] == self.num_decode_rows and not self.fixed_shape
+        rows = real_rows(meta, decode_only) if self.matmul_impl == "cpu" else None
         q, k, v = self.pre_attention(x, *layer_rope(self.cfg, cos, sin, layer), rows)
         attn, cache = self.attend(q, k, v, cache, layer, meta)
         return (self.post_attention(x, attn, rows), cache), None
@@ -517,6 +519,9 @@ class CausalLM(nn.Module):
     # "switch" loop: the last layer past its K/V only for the rows of logits_indices (see _last_layer)
     sampled_last_layer: bool = False
     defer_head: bool = False  # return the LM head's input (the sampled rows, final-normed) for the logits
+    # static batching: a decode-only step computes its whole bucket, finished members' idle slots included,
+    # as a fixed-shape batch does (else it computes its rows up to the last decode: real_rows)
+    fixed_shape: bool = False
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices,
@@ -535,7 +540,7 @@ class CausalLM(nn.Module):
         x = constrain(x, self.mesh, DATA, None)
         cos, sin = rope_tables(cfg, positions)
         layer_args = (cfg, dt, self.attention_impl, self.num_decode_rows, self.mesh, self.backend, self.moe_impl,
-                      self.quantization, self.matmul_impl)
+                      self.quantization, self.matmul_impl, self.fixed_shape)
         steps = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         sampled = False
         if self.layer_loop == "scan":
@@ -548,7 +553,8 @@ class CausalLM(nn.Module):
                                  "'scan' and split them with unstack_layers")
             layer = DecoderLayer(*layer_args)
             weights = [{"params": self.variables["params"][f"layers_{i}"]} for i in range(cfg.num_layers)]
-            rows = real_rows(meta, x.shape[0] == self.num_decode_rows) if self.matmul_impl == "cpu" else None
+            decode_only = x.shape[0] == self.num_decode_rows and not self.fixed_shape
+            rows = real_rows(meta, decode_only) if self.matmul_impl == "cpu" else None
 
             def body(carry, i):
                 x, cache = carry

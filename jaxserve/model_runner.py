@@ -220,7 +220,8 @@ class ModelRunner:
         model = CausalLM(self.model_cfg, self.dtype, self.attention_impl, num_decode_rows, self.mesh,
                          self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
                          quantization=self.quantization, skip_head=inputs.spec is not None,
-                         matmul_impl=self.matmul_impl, sampled_last_layer=True, defer_head=greedy)
+                         matmul_impl=self.matmul_impl, sampled_last_layer=True, defer_head=greedy,
+                         fixed_shape=self.cfg.scheduling == "static")
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices, inputs.want_prompt_logprobs)
         spec = None
@@ -241,7 +242,9 @@ class ModelRunner:
         reading the float32 head only for the columns that can win: a third of its cost, on AMX), or the
         full head and ``_sample``."""
         s, v = x.shape[0], self.vocab_size
-        rows = sampled_slots(inputs.meta)  # the slots after it are the bucket's padding
+        # the slots after the last sequence are the bucket's padding (static batching computes them: its
+        # batch keeps its shape)
+        rows = None if self.cfg.scheduling == "static" else sampled_slots(inputs.meta)
 
         def greedy():
             tokens, _ = gemm_cpu.argmax_head(x, head["packed_kernel"], head["greedy_hi"], head["greedy_slack"], v,

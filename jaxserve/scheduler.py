@@ -11,7 +11,9 @@ kept, so its output does not change).
 Static batching (``scheduling="static"``, for comparison): a batch of up to
 ``max_num_seqs`` is admitted together only when nothing runs, and the step keeps
 that batch's shape (finished members' slots stay idle) until its last member
-finishes.
+finishes.  The step computes that whole shape, idle slots included, as a
+fixed-shape batch does (``CausalLM.fixed_shape``); a continuous step skips a
+bucket's padding slots on the CPU path (``model.real_rows``, ``sampled_slots``).
 
 Data-parallel attention (a mesh with ``data`` D > 1): each sequence belongs to one of D data groups,
 chosen at admission (the group with the fewest running sequences, then the most free pages), and takes
