@@ -35,7 +35,7 @@ def time_steps(engine: Engine, n: int) -> float:
 
 
 def decode_case(args, batch: int, context: int, attention: bool, impl: str = "auto") -> dict:
-    engine = Engine.from_pretrained(args.model, max_num_seqs=batch, max_model_len=1024,
+    engine = Engine.from_pretrained(args.model, max_num_seqs=max(batch, args.slots), max_model_len=1024,
                                     max_num_batched_tokens=512, dtype=args.dtype, layer_loop=args.layer_loop,
                                     attention_impl=impl)
     rng = np.random.default_rng(0)
@@ -52,7 +52,8 @@ def decode_case(args, batch: int, context: int, attention: bool, impl: str = "au
     time_steps(engine, 3)  # compile + warm
     t = time_steps(engine, args.steps)
     runs = [1 + int(np.count_nonzero(np.diff(s.page_ids) != 1)) for s in engine.scheduler.running]
-    return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "context": context,
+    return {"case": "decode", "dtype": engine.dtype_name, "batch": batch, "slots": engine.config.max_num_seqs,
+            "bucket": min(b for b in engine.runner.decode_buckets if b >= batch), "context": context,
             "grow_from": args.grow_from, "page_runs": round(float(np.mean(runs)), 2),
             "attention": attention and engine.runner.attention_impl, "layer_loop": engine.runner.layer_loop, "step_ms": round(t * 1e3, 2), "tok_s": round(batch / t, 1)}
 
@@ -85,6 +86,9 @@ def main() -> int:
     ap.add_argument("--contexts", default="128,512")
     ap.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (float32 on CPU)")
     ap.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"])
+    ap.add_argument("--slots", type=int, default=0,
+                    help="decode cases: the engine's max_num_seqs when above the batch, so that the batch runs in a "
+                         "larger bucket (its padding slots)")
     ap.add_argument("--no-attention-off", action="store_true", help="skip the runs with attention replaced")
     ap.add_argument("--grow-from", type=int, default=0,
                     help="decode cases: prompts of this many tokens, decoded up to the context (0: the whole "
