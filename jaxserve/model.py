@@ -158,6 +158,14 @@ def sampled_slots(meta: AttentionMetadata) -> jax.Array:
     return jnp.max(jnp.where(meta.seq_lens > 0, jnp.arange(1, s + 1, dtype=jnp.int32), 0))
 
 
+def gemm_rows(layer: "DecoderLayer", x: jax.Array, meta: AttentionMetadata) -> jax.Array | None:
+    """The rows of hidden states ``x`` [T, H] that ``layer``'s CPU matmuls compute this step (``real_rows``;
+    a decode-only step's padding too when ``layer.fixed_shape``), or None: every row (XLA's dot)."""
+    if layer.matmul_impl != "cpu":
+        return None
+    return real_rows(meta, x.shape[0] == layer.num_decode_rows and not layer.fixed_shape)
+
+
 def pack_linears(params: dict, greedy_head: bool = False) -> dict:
     """The parameter tree of ``CausalLM(matmul_impl="cpu")``: each ``PACKED_LINEARS`` ``kernel [in, *features]``
     (stacked layers: ``[L, in, *features]``) as ``packed_kernel`` (``PackedDense``), packed on the host.
@@ -443,8 +451,7 @@ class DecoderLayer(nn.Module):
         ``layer`` this layer's index (scanned, or a Python int), the rest broadcast to every layer.
         ``cos``/``sin`` as ``rope_tables`` gives them."""
         x, cache = carry
-        decode_only = x.shape[0] == self.num_decode_rows and not self.fixed_shape
-        rows = real_rows(meta, decode_only) if self.matmul_impl == "cpu" else None
+        rows = gemm_rows(self, x, meta)
         q, k, v = self.pre_attention(x, *layer_rope(self.cfg, cos, sin, layer), rows)
         attn, cache = self.attend(q, k, v, cache, layer, meta)
         return (self.post_attention(x, attn, rows), cache), None
@@ -553,8 +560,7 @@ class CausalLM(nn.Module):
                                  "'scan' and split them with unstack_layers")
             layer = DecoderLayer(*layer_args)
             weights = [{"params": self.variables["params"][f"layers_{i}"]} for i in range(cfg.num_layers)]
-            decode_only = x.shape[0] == self.num_decode_rows and not self.fixed_shape
-            rows = real_rows(meta, decode_only) if self.matmul_impl == "cpu" else None
+            rows = gemm_rows(layer, x, meta)
 
             def body(carry, i):
                 x, cache = carry
