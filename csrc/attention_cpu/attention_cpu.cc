@@ -140,6 +140,7 @@ namespace avx2 {
 #endif
 namespace avx512 {
 using avx2::page_at;
+using avx2::prefetch_part;
 using avx2::seq_view;
 using avx2::SeqView;
 #include "decode_avx512.h"

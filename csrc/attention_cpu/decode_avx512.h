@@ -4,10 +4,15 @@
 // kernel.h's attend_item, whose AVX2 code it replaces for these rows; the work per key is about half
 // AVX2's: 16 lanes per vector, and the G x D accumulators of p . v live in registers for the whole row
 // (G * D / 16 <= 16 zmm), so a key's V row is read once per chunk and a probability broadcast once per head.
-// Online softmax per page as in attend_item.  No software prefetch: fetching the next page (whole, or a row
-// per key) measured no faster (bench/attention_cpu.py --seqs 64 --context 512: 3.0-3.3 ms either way), the
-// reads of scattered 8 KB pages being at about what this machine's memory gives that pattern (a C loop
-// summing random 8 KB blocks of a 1 GB buffer: 22.9 GB/s on two cores; this kernel, 67 MB in 3.1 ms).
+// Online softmax per page as in attend_item.  The pages come from memory (each is read once a step), so the
+// next page is fetched into L2 while this one is computed, spread over this page's keys (kernel.h's
+// prefetch_part), and an item's first page at its start: the demand loads then hit L2.  One layer of a decode
+// step at 32 rows x 384 keys, the old and new kernel alternating (`python bench/attention_cpu.py --seqs 32
+// --context 384 --layers 8 [--adjacent-pages] [--isa avx2]`, 2-core EPYC Zen 4, two runs each): each
+// sequence's pages adjacent 1.09 / 1.43 -> 0.93 / 1.04 ms, shuffled 1.87 / 1.78 -> 1.09 / 1.10 ms; kernel.h's
+// AVX2 code (it fetched each next page whole at the start of the page before, into L1) 2.04 / 1.74 -> 1.07 /
+// 1.06 and 2.17 / 2.24 -> 1.23 / 1.14 ms.  Into L1 (T0) the same spread was slower than none with adjacent
+// pages (1.22 -> 1.44-1.50 ms, a local variant).
 
 // e^x, 16 lanes: vec_avx2.h's Cephes reduction and polynomial.
 inline __m512 exp16(__m512 v) {
@@ -59,12 +64,27 @@ void decode_row(const Problem& pb, const Item& item, Scratch& sc) {
     m[g] = -std::numeric_limits<float>::infinity(), l[g] = 0.f;
     for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_setzero_ps();
   }
+  // the bytes of page pi's keys [a, b) in the cache, for the prefetches
+  auto keys_of = [&](int64_t pi, int64_t a, int64_t b) {
+    return std::make_pair(reinterpret_cast<const char*>(cache + ((head_base + page_at(pb, pages, pi)) * S + a) * two_d),
+                          (b - a) * two_d * static_cast<int64_t>(sizeof(float)));
+  };
+  {
+    const int64_t p0 = lo / S;
+    const auto [first, bytes] = keys_of(p0, lo - p0 * S, std::min<int64_t>(hi - p0 * S, S));
+    prefetch_part(first, bytes, 0, (bytes + 63) / 64);
+  }
   for (int64_t pi = lo / S; pi * S < hi; ++pi) {
     const int64_t base = (head_base + page_at(pb, pages, pi)) * S * two_d;
     const int64_t j0 = std::max<int64_t>(lo - pi * S, 0), j1 = std::min<int64_t>(hi - pi * S, S);
     const int64_t n = j1 - j0;
+    const bool more = (pi + 1) * S < hi;
+    const auto [next, next_bytes] = more ? keys_of(pi + 1, 0, std::min<int64_t>(hi - (pi + 1) * S, S))
+                                         : std::make_pair(static_cast<const char*>(nullptr), int64_t{0});
+    const int64_t per = ((next_bytes + 63) / 64 + n - 1) / n;
     // scores[g, j] = q_g . k_j
     for (int64_t j = 0; j < n; ++j) {
+      if (more) prefetch_part(next, next_bytes, j, per);
       const float* kr = cache + base + (j0 + j) * two_d;
       __m512 k[CH];
       for (int c = 0; c < CH; ++c) k[c] = _mm512_loadu_ps(kr + 16 * c);

@@ -30,6 +30,14 @@ inline void prefetch_page(const char* p, int64_t bytes) {
 #endif
 }
 
+// Lines [j * per, (j + 1) * per) of [p, p + bytes) into L2 (per: the lines of key j of the page computed
+// before it, which spreads one page's fetch over the keys computed before it: decode_avx512.h measures it).
+inline void prefetch_part(const char* p, int64_t bytes, int64_t j, int64_t per) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t t = j * per * 64, e = std::min(t + per * 64, bytes); t < e; t += 64) __builtin_prefetch(p + t, 0, 2);
+#endif
+}
+
 // An item's sequence: its first row, the positions before this step's tokens, the first page of its KV
 // head in the cache (in pages) and its page table.
 struct SeqView {
@@ -128,15 +136,19 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
       const int64_t base = (head_base + page) * S * two_d;
       const int64_t j0 = std::max<int64_t>(lo - pi * S, 0), j1 = std::min<int64_t>(hi - pi * S, S);
       const int64_t n = j1 - j0;
-      // The next page is elsewhere in memory (pages are scattered): fetch it while this one is computed.
-      if ((pi + 1) * S < hi) {
-        int64_t next = pages[pi + 1];
-        next = next < 0 ? 0 : (next >= pb.P ? pb.P - 1 : next);
-        prefetch_page(static_cast<const char*>(pb.cache) + (head_base + next) * S * two_d * kElemBytes<C>,
-                      S * two_d * kElemBytes<C>);
+      // The next page into L2 while this one is computed, spread over its keys (prefetch_part); the first
+      // page at the start.
+      const int64_t elem = kElemBytes<C>;
+      if (pi == lo / S) {
+        prefetch_part(static_cast<const char*>(pb.cache) + (base + j0 * two_d) * elem, n * two_d * elem, 0, (n * two_d * elem + 63) / 64);
       }
+      const bool more = (pi + 1) * S < hi;
+      const int64_t next_bytes = more ? std::min<int64_t>(hi - (pi + 1) * S, S) * two_d * elem : 0;
+      const char* next = more ? static_cast<const char*>(pb.cache) + (head_base + page_at(pb, pages, pi + 1)) * S * two_d * elem : nullptr;
+      const int64_t per = ((next_bytes + 63) / 64 + n - 1) / n;
       // scores[g, j] = q_g . k_j
       for (int64_t j = 0; j < n; ++j) {
+        if (more) prefetch_part(next, next_bytes, j, per);
         const int64_t row = base + (j0 + j) * two_d;
         FP32Vec8 a[G];
         for (int g = 0; g < G; ++g) a[g] = FP32Vec8::zero();
