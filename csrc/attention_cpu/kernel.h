@@ -97,7 +97,7 @@ inline float softmax_step(const Problem& pb, float* sg, int64_t a0, int64_t a1, 
 }
 
 // Query heads [g0, g0 + G) of KV head item.head's group, rows [item.row_begin, item.row_end).
-// (It keeps its own copies of the page lookup, prefetch and softmax step rather than the helpers above:
+// (It keeps its own copies of the page lookup and softmax step rather than the helpers above:
 // built on them, longtail-256 at 64 slots ran 3-5% slower, `bench/throughput.py`, interleaved pairs.)
 template <int G, CacheType C>
 void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
