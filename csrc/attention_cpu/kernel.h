@@ -140,11 +140,13 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
       // page at the start.
       const int64_t elem = kElemBytes<C>;
       if (pi == lo / S) {
-        prefetch_part(static_cast<const char*>(pb.cache) + (base + j0 * two_d) * elem, n * two_d * elem, 0, (n * two_d * elem + 63) / 64);
+        const int64_t bytes = n * two_d * elem;
+        prefetch_part(static_cast<const char*>(pb.cache) + (base + j0 * two_d) * elem, bytes, 0, (bytes + 63) / 64);
       }
       const bool more = (pi + 1) * S < hi;
       const int64_t next_bytes = more ? std::min<int64_t>(hi - (pi + 1) * S, S) * two_d * elem : 0;
-      const char* next = more ? static_cast<const char*>(pb.cache) + (head_base + page_at(pb, pages, pi + 1)) * S * two_d * elem : nullptr;
+      const char* next =
+          more ? static_cast<const char*>(pb.cache) + (head_base + page_at(pb, pages, pi + 1)) * S * two_d * elem : nullptr;
       const int64_t per = ((next_bytes + 63) / 64 + n - 1) / n;
       // scores[g, j] = q_g . k_j
       for (int64_t j = 0; j < n; ++j) {
