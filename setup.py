@@ -30,8 +30,8 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001 - any compiler failure: install without the kernel
             logging.getLogger("setup").warning(
-                "jaxserve: the CPU attention kernel %s was not built (%s); the reference attention serves "
-                "on CPU instead", ext.name, e)
+                "jaxserve: the CPU kernel %s was not built (%s); on CPU %s serves instead", ext.name, e,
+                "the reference attention" if "attention" in ext.name else "XLA's dot")
 
 
 setup(
