@@ -139,7 +139,9 @@ namespace avx2 {
 #pragma GCC target("avx2,fma,f16c,avx512f")
 #endif
 namespace avx512 {
+using avx2::KeyBytes;
 using avx2::page_at;
+using avx2::page_keys;
 using avx2::prefetch_part;
 using avx2::seq_view;
 using avx2::SeqView;

@@ -64,27 +64,25 @@ void decode_row(const Problem& pb, const Item& item, Scratch& sc) {
     m[g] = -std::numeric_limits<float>::infinity(), l[g] = 0.f;
     for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_setzero_ps();
   }
-  // the bytes of page pi's keys [a, b) in the cache, for the prefetches
-  auto keys_of = [&](int64_t pi, int64_t a, int64_t b) {
-    return std::make_pair(reinterpret_cast<const char*>(cache + ((head_base + page_at(pb, pages, pi)) * S + a) * two_d),
-                          (b - a) * two_d * static_cast<int64_t>(sizeof(float)));
-  };
+  constexpr int64_t elem = sizeof(float);
   {
     const int64_t p0 = lo / S;
-    const auto [first, bytes] = keys_of(p0, lo - p0 * S, std::min<int64_t>(hi - p0 * S, S));
-    prefetch_part(first, bytes, 0, (bytes + 63) / 64);
+    const KeyBytes first =
+        page_keys(pb, pages, head_base, p0, lo - p0 * S, std::min<int64_t>(hi - p0 * S, S), elem);
+    prefetch_part(first.p, first.bytes, 0, (first.bytes + 63) / 64);
   }
   for (int64_t pi = lo / S; pi * S < hi; ++pi) {
     const int64_t base = (head_base + page_at(pb, pages, pi)) * S * two_d;
     const int64_t j0 = std::max<int64_t>(lo - pi * S, 0), j1 = std::min<int64_t>(hi - pi * S, S);
     const int64_t n = j1 - j0;
     const bool more = (pi + 1) * S < hi;
-    const auto [next, next_bytes] = more ? keys_of(pi + 1, 0, std::min<int64_t>(hi - (pi + 1) * S, S))
-                                         : std::make_pair(static_cast<const char*>(nullptr), int64_t{0});
-    const int64_t per = ((next_bytes + 63) / 64 + n - 1) / n;
+    const KeyBytes next =
+        more ? page_keys(pb, pages, head_base, pi + 1, 0, std::min<int64_t>(hi - (pi + 1) * S, S), elem)
+             : KeyBytes{nullptr, 0};
+    const int64_t per = ((next.bytes + 63) / 64 + n - 1) / n;
     // scores[g, j] = q_g . k_j
     for (int64_t j = 0; j < n; ++j) {
-      if (more) prefetch_part(next, next_bytes, j, per);
+      if (more) prefetch_part(next.p, next.bytes, j, per);
       const float* kr = cache + base + (j0 + j) * two_d;
       __m512 k[CH];
       for (int c = 0; c < CH; ++c) k[c] = _mm512_loadu_ps(kr + 16 * c);

@@ -56,6 +56,18 @@ inline int64_t page_at(const Problem& pb, const int32_t* pages, int64_t pi) {
   return page < 0 ? 0 : (page >= pb.P ? pb.P - 1 : page);
 }
 
+// Keys [a, b) of page pi of a sequence's KV head (head_base: its first page in the cache) as bytes of a
+// cache of elem-byte elements: where they start and how many bytes they are, for the prefetches.
+struct KeyBytes {
+  const char* p;
+  int64_t bytes;
+};
+inline KeyBytes page_keys(const Problem& pb, const int32_t* pages, int64_t head_base, int64_t pi, int64_t a,
+                          int64_t b, int64_t elem) {
+  return {static_cast<const char*>(pb.cache) + ((head_base + page_at(pb, pages, pi)) * pb.S + a) * 2 * pb.D * elem,
+          (b - a) * 2 * pb.D * elem};
+}
+
 // The page after pi, when keys below `hi` are on it, is elsewhere in memory (pages are scattered): fetch
 // it while page pi is computed.
 template <CacheType C>
@@ -140,17 +152,17 @@ void attend_item(const Problem& pb, const Item& item, int64_t g0, Scratch& sc) {
       // page at the start.
       const int64_t elem = kElemBytes<C>;
       if (pi == lo / S) {
-        const int64_t bytes = n * two_d * elem;
-        prefetch_part(static_cast<const char*>(pb.cache) + (base + j0 * two_d) * elem, bytes, 0, (bytes + 63) / 64);
+        const KeyBytes first = page_keys(pb, pages, head_base, pi, j0, j1, elem);
+        prefetch_part(first.p, first.bytes, 0, (first.bytes + 63) / 64);
       }
       const bool more = (pi + 1) * S < hi;
-      const int64_t next_bytes = more ? std::min<int64_t>(hi - (pi + 1) * S, S) * two_d * elem : 0;
-      const char* next =
-          more ? static_cast<const char*>(pb.cache) + (head_base + page_at(pb, pages, pi + 1)) * S * two_d * elem : nullptr;
-      const int64_t per = ((next_bytes + 63) / 64 + n - 1) / n;
+      const KeyBytes next =
+          more ? page_keys(pb, pages, head_base, pi + 1, 0, std::min<int64_t>(hi - (pi + 1) * S, S), elem)
+               : KeyBytes{nullptr, 0};
+      const int64_t per = ((next.bytes + 63) / 64 + n - 1) / n;
       // scores[g, j] = q_g . k_j
       for (int64_t j = 0; j < n; ++j) {
-        if (more) prefetch_part(next, next_bytes, j, per);
+        if (more) prefetch_part(next.p, next.bytes, j, per);
         const int64_t row = base + (j0 + j) * two_d;
         FP32Vec8 a[G];
         for (int g = 0; g < G; ++g) a[g] = FP32Vec8::zero();
