@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     for path in args.workload:
         engine = Engine.from_pretrained(args.model, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
                                         max_num_batched_tokens=args.max_num_batched_tokens,
-                                        max_model_len=args.max_model_len, compile_cache_dir=None)
+                                        max_model_len=args.max_model_len, compile_cache_dir=None,
+                                        async_scheduling=False)  # steps through execute, replaced below
         runner = engine.runner
         used: collections.Counter = collections.Counter()
         padded: collections.Counter = collections.Counter()

@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="HF model directory, .gguf file, or 'smollm2'")
     ap.add_argument("--workload", required=True)
     ap.add_argument("--mode", default="continuous", choices=["continuous", "static"])
+    ap.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                    help="EngineConfig.async_scheduling (auto: on for GPU/TPU, off on CPU)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024)
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         kv_cache_dtype=args.kv_cache_dtype,
         attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape,
         matmul_impl=args.matmul_impl,
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
         "engine": "jaxserve",
         "workload": workload.get("name", os.path.basename(args.workload)),
         "mode": args.mode,
+        "async_scheduling": engine.async_scheduling and args.mode == "continuous",
         "attention_impl": engine.runner.attention_impl,  # as resolved (auto: the platform's kernel or the reference)
         "moe_impl": args.moe_impl,
         "layer_loop": engine.runner.layer_loop,

@@ -49,6 +49,9 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
                    help="KV cache values: auto (= --dtype), int8 (per-token-per-head scales) or fp8_e4m3 "
                         "(jaxserve/kv_cache.py)")
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="schedule the next step and process the last one's tokens while a step runs (auto, "
+                        "the default: on for GPU/TPU, off on CPU, where the host shares the cores with the step)")
     p.add_argument("--quantization", default=None, choices=["int8", "w8a8", "gguf"],
                    help="int8: weight-only int8 (W8A16) with per-output-channel scales, quantized at load; w8a8: the "
                         "same weights with each token row of a layer's input quantized to int8 too; gguf: a GGUF "
@@ -138,6 +141,7 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, scheduling=args.scheduling,
+                          async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
                           quantization=args.quantization,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
                           matmul_impl=args.matmul_impl, min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),

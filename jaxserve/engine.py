@@ -204,6 +204,11 @@ class Engine:
         self.runner.eos_token_ids = set(self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # aborted requests' final outputs, sent at the next step
+        self._inflight: _Launched | None = None  # async scheduling: the step running while the host goes on
+        # EngineConfig.async_scheduling, resolved (auto: on for GPU/TPU, off on CPU)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.platform != "cpu")
+        self._host_bound = 0  # live requests that need the host between two tokens (_needs_host)
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
         self.op_log: list[tuple] | None = None  # admissions and aborts, recorded for followers (replica.py)
@@ -372,6 +377,7 @@ class Engine:
 
     def _enqueue(self, seq: Sequence) -> str:
         self._seqs[seq.request_id] = seq
+        self._host_bound += self._needs_host(seq)
         if self.op_log is not None:  # serve --distributed (jaxserve/replica.py): the request as admitted
             params = dataclasses.replace(seq.params, seed=seq.seed)
             self.op_log.append(("add", seq.request_id, list(seq.prompt_token_ids), params))
@@ -389,6 +395,7 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
+        self._host_bound -= self._needs_host(seq)
         if self.op_log is not None:
             self.op_log.append(("abort", request_id))
         self.scheduler.finish(seq)
@@ -399,38 +406,99 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     # -- the loop --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step and model step; return the outputs of requests that changed."""
+        """Run one scheduling step and model step; return the outputs of requests that changed.
+
+        Async scheduling (``EngineConfig.async_scheduling``, continuous batching; by default on GPU/TPU):
+        one step stays in flight.  This call schedules and prepares the next step while the one in flight
+        runs, launches it as soon as the tokens of the one in flight reach the host (a decode's input is
+        its sequence's last token), and processes those tokens while the new step runs; it returns the
+        outputs of the step it processed.  The next step is scheduled as if every sampled token were already known
+        (``Sequence.num_pending``): a sequence that then stops on a stop token has computed one row for
+        nothing, which is dropped.  Requests that need the host between two of their tokens (penalties,
+        structured outputs, prompt logprobs, speculative decoding) run step by step."""
         outputs, self._pending = self._pending, []
+        overlap = self._can_overlap()
+        if not overlap and self._inflight is not None:  # e.g. a request that needs the host arrived
+            outputs += self._land(self._inflight, self.runner.collect(self._inflight.prep))
+            self._inflight = None
         proposer = self.scheduler.proposer
         if hasattr(proposer, "prepare"):  # a draft model proposes for every decoding sequence at once
             proposer.prepare(self.scheduler.running, self.scheduler.num_speculative_tokens)
         sched = self.scheduler.schedule()
         if sched.empty:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if self._inflight is not None:
+                outputs += self._land(self._inflight, self.runner.collect(self._inflight.prep))
+                self._inflight = None
+            elif self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress with requests waiting (cache too small?)")
             return outputs
-        result = self.runner.execute(sched)
-        # The runner's sequence slot of each decode, then each prefill.  Whether a sequence samples is
-        # decided before its progress advances.
-        entries = [(slot, s, s.samples) for slot, s in zip(result.slots, sched.decodes + sched.prefills)]
+        if not overlap:
+            samples = [s.samples for s in sched.decodes + sched.prefills]
+            result = self.runner.execute(sched)
+            return outputs + self._land(self._launched(sched, result.slots, samples), result)
+        samples = [s.samples for s in sched.decodes + sched.prefills]
+        prep = self.runner.prepare_step(sched)
+        prev, prev_result = self._inflight, None
+        if prev is not None:  # its tokens are inputs of this step
+            prev_result = self.runner.collect(prev.prep)
+            slot_of = {id(sch.seq): slot for slot, sch, _, _, _ in prev.entries}
+            self.runner.launch(prep, lambda seq: int(prev_result.tokens[slot_of[id(seq)]]))
+        else:
+            self.runner.launch(prep)
+        self._inflight = self._launched(sched, prep.slots, samples, prep)
+        if prev is not None:
+            outputs += self._land(prev, prev_result)
+            if all(sch.seq.status == Status.FINISHED for _, sch, _, _, _ in self._inflight.entries):
+                self._inflight = None  # every row of it is for nothing now (its sequences stopped or were aborted)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        cfg = self.config
+        return (self.async_scheduling and cfg.scheduling == "continuous" and self.scheduler.proposer is None
+                and not self.runner._multi_process and self.op_log is None and not self._host_bound)
+
+    @staticmethod
+    def _needs_host(seq: Sequence) -> bool:
+        """Whether a request needs the host between two of its tokens (so steps with it do not overlap):
+        penalties and bad words (host-side bans), a grammar (the next mask), prompt logprobs."""
+        p = seq.params
+        return p.penalized or seq.matcher is not None or p.prompt_logprobs is not None
+
+    def _launched(self, sched, slots: list[int], samples: list[bool], prep=None) -> "_Launched":
+        """A step just launched: each sequence's tokens count as computed from now on, and the token it
+        samples as pending until the step lands (``_land``)."""
+        entries = []
+        for slot, sch, sampled in zip(slots, sched.decodes + sched.prefills, samples):
+            seq = sch.seq
+            if not sch.draft:  # a verified chunk moves on when its acceptance is known (_finish_verification)
+                seq.num_computed_tokens += sch.num_tokens
+                seq.num_pending += sampled
+            entries.append((slot, sch, sampled, seq.num_computed_tokens, seq.page_ids))
+        return _Launched(entries, prep)
+
+    def _land(self, step: "_Launched", result) -> list[RequestOutput]:
+        """Process a step's results: register the pages it filled, append each sampled token."""
+        outputs = []
         now = time.monotonic()
         for seq, pos, row, count in result.prompt_rows:
             self._record_prompt_logprobs(seq, pos, row, count, result.prompt)
-        for slot, sch, samples in entries:
+        for slot, sch, samples, computed, pages in step.entries:
             seq = sch.seq
             if sch.draft:
                 if self._finish_verification(seq, slot, sch.draft, result, now):
                     outputs.append(seq.to_output(self._with_text(seq)))
                 continue
-            seq.num_computed_tokens += sch.num_tokens
-            self.allocator.register_full_pages(seq.page_ids, seq.page_keys, seq.token_ids,
-                                               seq.num_computed_tokens)
-            if samples and seq.status == Status.RUNNING:
+            seq.num_pending -= samples
+            if seq.status == Status.FINISHED:  # aborted, or stopped at the step before (async)
+                continue
+            if seq.status == Status.RUNNING and seq.page_ids is pages:  # not preempted since
+                self.allocator.register_full_pages(seq.page_ids, seq.page_keys, seq.token_ids, computed)
+            if samples:  # (a sequence preempted while this step ran keeps its token too)
                 self._append_token(seq, slot, result, now)
                 outputs.append(seq.to_output(self._with_text(seq)))
         return outputs
@@ -509,7 +577,8 @@ class Engine:
             seq.finish_time = now
             self.scheduler.finish(seq)
             self.runner.release_penalty_row(seq)
-            self._seqs.pop(seq.request_id, None)
+            if self._seqs.pop(seq.request_id, None) is not None:
+                self._host_bound -= self._needs_host(seq)
 
     @staticmethod
     def _truncate_at_stop(seq: Sequence, delta_len: int) -> bool:
@@ -762,3 +831,12 @@ def _check_conversation(messages: Any) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}]: expected a dict with string 'role' and 'content', got {m!r}")
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A launched step as ``Engine.step`` tracks it: per sequence slot (slot, the scheduled chunk, whether it
+    samples, the sequence's computed tokens after it, its page list then), and the runner's step
+    (``PreparedStep``) while it is in flight."""
+    entries: list
+    prep: Any = None

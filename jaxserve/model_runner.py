@@ -117,6 +117,23 @@ class StepResult:
     slots: list = dataclasses.field(default_factory=list)  # sequence slot of each decode, then each prefill
 
 
+@dataclasses.dataclass
+class PreparedStep:
+    """One step between ``ModelRunner.prepare_step`` and ``collect``: its inputs, its program and, once
+    launched, its outputs on the device."""
+    key: tuple[int, int]
+    inputs: StepInputs
+    exe: Any
+    decode_slots: int
+    want_logprobs: bool
+    slots: list
+    prompt_rows: list
+    spec_first: dict
+    patch: list  # (row, sequence): a decode whose input token the step before is still sampling
+    t_launch: float = 0.0
+    outputs: list = dataclasses.field(default_factory=list)
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params: Any, cache: Any,
                  dtype: Any, max_model_len: int, num_pages: int, mesh: Mesh | None = None,
@@ -172,6 +189,7 @@ class ModelRunner:
         self.prefill_buckets = [0] + [self.groups * b for b in power_of_two_buckets(min(lo, tokens), tokens)]
         self._executables: dict[tuple[int, int], Any] = {}
         self._slots: list[int] = []  # the last prepared step's sequence slot of each decode, then prefill
+        self._patch: list = []  # the last prepared step's decodes waiting for their input token (PreparedStep)
         # While buckets are compiled in the background (serve): a step whose bucket is not compiled yet runs
         # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
         self.use_compiled_cover = False
@@ -423,6 +441,7 @@ class ModelRunner:
         constrained: list[tuple[int, Any]] = []  # (slot, matcher) of rows sampling under a grammar
         self._prompt_rows = []
         self._spec_first = {}
+        self._patch = []
         num_spec = 0
         num_bans = 0
         # In group g's block: decode i is sequence slot i at row i, prefill j is slot d_l + j, its rows
@@ -441,7 +460,11 @@ class ModelRunner:
             start = seq.num_computed_tokens
             pos = np.arange(start, start + n)
             pages = np.asarray(seq.page_ids, np.int32) - g * self.group_pages  # the group's shard's page ids
-            a["input_ids"][row:row + n] = seq.token_ids(start, start + n - len(sch.draft)) + sch.draft
+            ids = seq.token_ids(start, start + n - len(sch.draft))
+            if len(ids) < n - len(sch.draft):  # its last token is being sampled by the step in flight
+                self._patch.append((row + len(ids), seq))
+                ids = ids + [0]
+            a["input_ids"][row:row + n] = ids + sch.draft
             if sch.draft:  # verified rows: this slot's last token and its proposals
                 self._spec_first[i] = num_spec
                 a["spec_rows"][num_spec:num_spec + n] = np.arange(row, row + n)
@@ -462,7 +485,7 @@ class ModelRunner:
             a["top_p"][i] = p.top_p
             a["min_p"][i] = p.min_p
             a["seed"][i] = (seq.seed & 0xFFFFFFFF, seq.seed >> 32)
-            a["step"][i] = len(seq.output_token_ids)
+            a["step"][i] = len(seq.output_token_ids) + seq.num_pending
             want_logprobs |= p.logprobs is not None
             if p.prompt_logprobs is not None:
                 count = min(start + n, len(seq.prompt_token_ids) - 1) - start  # rows whose next token is prompt
@@ -614,36 +637,57 @@ class ModelRunner:
         return exe
 
     def execute(self, out: SchedulerOutput) -> StepResult:
+        """Prepare, run and collect one step."""
+        return self.collect(self.launch(self.prepare_step(out)))
+
+    def prepare_step(self, out: SchedulerOutput) -> PreparedStep:
+        """A step's inputs on the host and its compiled program, ready to ``launch``.  Under async
+        scheduling (``Engine.step``) this runs while the step before it is still running: a decode whose
+        input token that step is sampling gets it at ``launch`` (``patch``)."""
         t0 = time.perf_counter()
         key, arrays, decode_slots, want_logprobs = self.prepare(out)
         self.last_bucket = key
         inputs = self._to_inputs(arrays, want_logprobs)
         exe = self._executable(key, inputs)
-        t1 = time.perf_counter()
+        prep = PreparedStep(key, inputs, exe, decode_slots, want_logprobs, self._slots, self._prompt_rows,
+                            self._spec_first, self._patch)
+        self._prompt_rows, self._spec_first, self._patch = [], {}, []
+        self.stats["prepare_s"] += time.perf_counter() - t0
+        return prep
+
+    def launch(self, prep: PreparedStep, token_of: Any = None) -> PreparedStep:
+        """Dispatch a prepared step (it runs while the host goes on); ``token_of(seq)``: the input token of
+        each decode in ``prep.patch``, sampled by the step before (async scheduling)."""
+        for row, seq in prep.patch:
+            prep.inputs.input_ids[row] = token_of(seq)
+        prep.t_launch = time.perf_counter()
+        self.stats["steps"] += 1
+        self.stats["prefill_steps"] += bool(prep.key[1])
         for init in self._row_inits:  # rows of requests penalized for the first time
             self.penalty_state = init_penalty_row(self.penalty_state, *init)
         self._row_inits = []
-        self.cache, tokens, logprob, top_ids, top_lp, self.penalty_state, prompt, spec = exe(
-            self.params, self.cache, self._place_inputs(inputs), self.penalty_state)
+        self.cache, *prep.outputs, self.penalty_state, prompt, spec = prep.exe(
+            self.params, self.cache, self._place_inputs(prep.inputs), self.penalty_state)
+        prep.outputs += [prompt, spec]
+        return prep
+
+    def collect(self, prep: PreparedStep) -> StepResult:
+        """Wait for a launched step's results and bring them to the host."""
+        tokens, logprob, top_ids, top_lp, prompt, spec = prep.outputs
         to_host = _local_copy if self._multi_process else np.asarray
         tokens = to_host(tokens)
-        spec_first, self._spec_first = self._spec_first, {}
-        spec_tokens, spec_accept = (to_host(spec[0]), to_host(spec[1])) if spec_first else (None, None)
-        if want_logprobs:
+        spec_tokens, spec_accept = (to_host(spec[0]), to_host(spec[1])) if prep.spec_first else (None, None)
+        if prep.want_logprobs:
             logprob, top_ids, top_lp = (to_host(x) for x in (logprob, top_ids, top_lp))
         else:
             logprob = top_ids = top_lp = None
-        prompt_rows, self._prompt_rows = self._prompt_rows, []
-        prompt = tuple(to_host(x) for x in prompt) if prompt_rows else None
-        t2 = time.perf_counter()
-        self.stats["steps"] += 1
-        self.stats["prepare_s"] += t1 - t0
-        self.stats["device_s"] += t2 - t1
-        if key[1]:
-            self.stats["prefill_steps"] += 1
-            self.stats["prefill_device_s"] += t2 - t1
-        return StepResult(tokens, logprob, top_ids, top_lp, decode_slots, prompt_rows, prompt, spec_tokens,
-                          spec_accept, spec_first, self._slots)
+        prompt = tuple(to_host(x) for x in prompt) if prep.prompt_rows else None
+        dt = time.perf_counter() - prep.t_launch  # (a step dropped uncollected, Engine.step, adds none)
+        self.stats["device_s"] += dt
+        if prep.key[1]:
+            self.stats["prefill_device_s"] += dt
+        return StepResult(tokens, logprob, top_ids, top_lp, prep.decode_slots, prep.prompt_rows, prompt, spec_tokens,
+                          spec_accept, prep.spec_first, prep.slots)
 
     @property
     def programs_compiled(self) -> int:

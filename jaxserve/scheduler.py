@@ -100,6 +100,8 @@ class Scheduler:
             g = seq.data_group
             if seq.status != Status.RUNNING or budget[g] == 0:
                 continue
+            if seq.num_pending and len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
+                continue  # its last token is in flight (async scheduling): it finishes when that lands
             if seq.num_computed_tokens == 0 and not seq.page_ids:
                 self._match_prefix(seq)  # admitted by static batching, not yet started
             remaining = seq.num_tokens - seq.num_computed_tokens
@@ -137,6 +139,8 @@ class Scheduler:
                     break
                 g = min(open_groups, key=lambda g: (running[g], -self.allocator.free_in(g), g))
                 seq = self.waiting[0]
+                if seq.num_pending:  # preempted while a step in flight samples for it: back once that lands
+                    break
                 seq.data_group = g
                 self._match_prefix(seq)
                 remaining = seq.num_tokens - seq.num_computed_tokens

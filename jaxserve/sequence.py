@@ -84,6 +84,9 @@ class Sequence:
         self.spec_accepted = 0
         self.spec_disabled = False  # its acceptance fell below speculative_config.min_acceptance_rate
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        # Async scheduling (Engine.step): tokens a step in flight is sampling for it, not yet known on the
+        # host; counted in num_tokens (the next step computes them), not in output_token_ids.
+        self.num_pending = 0
         self.finish_reason: str | None = None
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: dict[int, Logprob] | None = {} if params.prompt_logprobs is not None else None
@@ -100,14 +103,15 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens ``start:end`` of prompt + output, without concatenating the whole lists."""
+        """Tokens ``start:end`` of prompt + output, without concatenating the whole lists (the known ones:
+        a pending token is left out)."""
         n = len(self.prompt_token_ids)
         if start >= n:
             return self.output_token_ids[start - n:end - n]
