@@ -455,16 +455,23 @@ class ModelRunner:
                 row += sch.num_tokens
         slots = [placed[id(sch)] + (sch,) for sch in out.decodes + out.prefills]
         self._slots = [i for i, _, _, _ in slots]
+        # Per sequence, what its rows and its slot need (_write_rows writes them all at once).
+        recs: list[tuple] = []
+        ids_all: list[int] = []
+        page_ids: list[int] = []
         for i, row, g, sch in slots:
             seq, n = sch.seq, sch.num_tokens
             start = seq.num_computed_tokens
-            pos = np.arange(start, start + n)
-            pages = np.asarray(seq.page_ids, np.int32) - g * self.group_pages  # the group's shard's page ids
             ids = seq.token_ids(start, start + n - len(sch.draft))
             if len(ids) < n - len(sch.draft):  # its last token is being sampled by the step in flight
                 self._patch.append((row + len(ids), seq))
                 ids = ids + [0]
-            a["input_ids"][row:row + n] = ids + sch.draft
+            ids_all += ids
+            ids_all += sch.draft
+            page_ids += seq.page_ids
+            p = seq.params
+            recs.append((i, row, n, start, g, len(seq.page_ids), len(seq.output_token_ids) + seq.num_pending,
+                         p.top_k, seq.seed & 0xFFFFFFFF, seq.seed >> 32, p.temperature, p.top_p, p.min_p))
             if sch.draft:  # verified rows: this slot's last token and its proposals
                 self._spec_first[i] = num_spec
                 a["spec_rows"][num_spec:num_spec + n] = np.arange(row, row + n)
@@ -472,20 +479,8 @@ class ModelRunner:
                 a["spec_offset"][num_spec:num_spec + n] = np.arange(n)
                 a["spec_next"][num_spec:num_spec + n - 1] = sch.draft
                 num_spec += n
-            a["positions"][row:row + n] = pos
-            a["slot_mapping"][row:row + n] = pages[pos // ps] * ps + pos % ps
-            a["seq_lens"][i] = start + n
-            a["block_tables"][i, :len(pages)] = pages
-            a["logits_indices"][i] = row + n - 1
             if i - g * slots_g >= d_l:
                 a["query_start_loc"][g, i - g * slots_g + 1] = row - g * rows_g + n
-            p = seq.params
-            a["temperature"][i] = p.temperature
-            a["top_k"][i] = p.top_k
-            a["top_p"][i] = p.top_p
-            a["min_p"][i] = p.min_p
-            a["seed"][i] = (seq.seed & 0xFFFFFFFF, seq.seed >> 32)
-            a["step"][i] = len(seq.output_token_ids) + seq.num_pending
             want_logprobs |= p.logprobs is not None
             if p.prompt_logprobs is not None:
                 count = min(start + n, len(seq.prompt_token_ids) - 1) - start  # rows whose next token is prompt
@@ -511,6 +506,8 @@ class ModelRunner:
                     a["ban_slot"][num_bans:num_bans + len(bans)] = i
                     a["ban_token"][num_bans:num_bans + len(bans)] = bans
                     num_bans += len(bans)
+        if slots:
+            self._write_rows(a, recs, ids_all, page_ids)
         # Prefill slots after the last real one end where the last one ended.
         for g in range(g_n):
             n_pre = len(pre[g])
@@ -533,6 +530,29 @@ class ModelRunner:
             self.mask_stats["rows"] += len(constrained)
             self.mask_stats["seconds"] += time.perf_counter() - t0
         return (d, tp), a, d, want_logprobs
+
+    def _write_rows(self, a: dict[str, np.ndarray], recs: list[tuple], ids: list[int], pages: list[int]) -> None:
+        """``prepare``'s per-sequence records (slot, first row, rows, first position, data group, pages,
+        tokens generated, top_k, seed low and high halves, temperature, top_p, min_p) and the concatenated
+        token ids and page ids of its sequences into the step's arrays, vectorized over the step."""
+        ints = np.array([r[:10] for r in recs], np.int64)
+        slot, row, n, start, group, npages = ints[:, :6].T
+        off = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # a row's index within its sequence
+        rows, pos = np.repeat(row, n) + off, np.repeat(start, n) + off
+        a["input_ids"][rows] = ids
+        a["positions"][rows] = pos
+        local = np.asarray(pages, np.int64) - np.repeat(group * self.group_pages, npages)  # the group's shard's ids
+        a["block_tables"][np.repeat(slot, npages), np.arange(len(pages)) - np.repeat(np.cumsum(npages) - npages,
+                                                                                       npages)] = local
+        ps = self.page_size
+        a["slot_mapping"][rows] = a["block_tables"][np.repeat(slot, n), pos // ps] * ps + pos % ps
+        a["seq_lens"][slot] = start + n
+        a["logits_indices"][slot] = row + n - 1
+        a["step"][slot] = ints[:, 6]
+        a["top_k"][slot] = ints[:, 7]
+        a["seed"][slot] = ints[:, 8:10]
+        floats = np.array([r[10:] for r in recs], np.float64)
+        a["temperature"][slot], a["top_p"][slot], a["min_p"][slot] = floats.T
 
     def _no_mask(self, rows: int) -> tuple:
         """The bitmask inputs of a batch without constraints: kept on the device once per bucket size
