@@ -32,6 +32,7 @@ import jax  # noqa: E402
 
 from jaxserve import Engine  # noqa: E402
 from jaxserve.benchmark import load_workload, run_workload  # noqa: E402
+from jaxserve.config import ASYNC_SCHEDULING_FLAGS  # noqa: E402
 from jaxserve.quant import param_bytes  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="HF model directory, .gguf file, or 'smollm2'")
     ap.add_argument("--workload", required=True)
     ap.add_argument("--mode", default="continuous", choices=["continuous", "static"])
-    ap.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+    ap.add_argument("--async-scheduling", default="auto", choices=list(ASYNC_SCHEDULING_FLAGS),
                     help="EngineConfig.async_scheduling (auto: on for GPU/TPU, off on CPU)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained(
         args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, page_size=args.page_size, scheduling=args.mode,
-        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        async_scheduling=ASYNC_SCHEDULING_FLAGS[args.async_scheduling],
         kv_cache_dtype=args.kv_cache_dtype,
         attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape,
         matmul_impl=args.matmul_impl,

@@ -135,13 +135,14 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
     """The engine the flags describe (``progress``: tqdm bars while the weights load; None: only a Hub
     download's)."""
     from jaxserve import Engine, EngineConfig
+    from jaxserve.config import ASYNC_SCHEDULING_FLAGS
     from jaxserve.engine import load_model
     from jaxserve.sharding import make_mesh
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                           dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, scheduling=args.scheduling,
-                          async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+                          async_scheduling=ASYNC_SCHEDULING_FLAGS[args.async_scheduling],
                           quantization=args.quantization,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
                           matmul_impl=args.matmul_impl, min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),

@@ -310,6 +310,10 @@ def _parse_rope(params: dict[str, Any], legacy: Any, legacy_theta: Any) -> tuple
     return float(theta), tuple(sorted(rope.items()))
 
 
+# --async-scheduling (CLI, bench/throughput.py) to EngineConfig.async_scheduling
+ASYNC_SCHEDULING_FLAGS = {"auto": None, "on": True, "off": False}
+
+
 @dataclasses.dataclass
 class EngineConfig:
     """Engine knobs (names follow vLLM where it has one)."""

@@ -423,25 +423,21 @@ class Engine:
         structured outputs, prompt logprobs, speculative decoding) run step by step."""
         outputs, self._pending = self._pending, []
         overlap = self._can_overlap()
-        if not overlap and self._inflight is not None:  # e.g. a request that needs the host arrived
-            outputs += self._land(self._inflight, self.runner.collect(self._inflight.prep))
-            self._inflight = None
+        if not overlap:  # e.g. a request that needs the host arrived: first the step in flight, if any
+            outputs += self._land_inflight()
         proposer = self.scheduler.proposer
         if hasattr(proposer, "prepare"):  # a draft model proposes for every decoding sequence at once
             proposer.prepare(self.scheduler.running, self.scheduler.num_speculative_tokens)
         sched = self.scheduler.schedule()
         if sched.empty:
-            if self._inflight is not None:
-                outputs += self._land(self._inflight, self.runner.collect(self._inflight.prep))
-                self._inflight = None
-            elif self.scheduler.waiting and not self.scheduler.running:
+            if self._inflight is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress with requests waiting (cache too small?)")
-            return outputs
+            return outputs + self._land_inflight()
+        # Whether each sequence samples is decided before its progress advances (_launched).
+        samples = [s.samples for s in sched.decodes + sched.prefills]
         if not overlap:
-            samples = [s.samples for s in sched.decodes + sched.prefills]
             result = self.runner.execute(sched)
             return outputs + self._land(self._launched(sched, result.slots, samples), result)
-        samples = [s.samples for s in sched.decodes + sched.prefills]
         prep = self.runner.prepare_step(sched)
         prev, prev_result = self._inflight, None
         if prev is not None:  # its tokens are inputs of this step
@@ -456,6 +452,11 @@ class Engine:
             if all(sch.seq.status == Status.FINISHED for _, sch, _, _, _ in self._inflight.entries):
                 self._inflight = None  # every row of it is for nothing now (its sequences stopped or were aborted)
         return outputs
+
+    def _land_inflight(self) -> list[RequestOutput]:
+        """Wait for the step in flight, if any, and process it."""
+        step, self._inflight = self._inflight, None
+        return [] if step is None else self._land(step, self.runner.collect(step.prep))
 
     def _can_overlap(self) -> bool:
         cfg = self.config
