@@ -48,13 +48,14 @@ def main(argv=None) -> int:
         clock = [0.0]
 
         def fake_execute(out, runner=runner, used=used, padded=padded, clock=clock):
-            key, arrays, decode_slots, _ = runner.prepare(out)
+            host = runner.prepare(out)
+            key, arrays = host.key, host.arrays
             used[key] += 1
             real = len(out.decodes) + sum(s.num_tokens for s in out.prefills)
             padded[key] += key[0] + key[1] - real
             clock[0] += args.step_s_base + args.step_s_per_token * (key[0] + key[1])
             tokens = np.full(len(arrays["seq_lens"]), 7, np.int32)
-            return StepResult(tokens, None, None, None, decode_slots, slots=runner._slots)
+            return StepResult(tokens, None, None, None, host.decode_slots, slots=host.slots)
 
         runner.execute = fake_execute
         with open(path) as f:

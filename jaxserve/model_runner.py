@@ -118,6 +118,20 @@ class StepResult:
 
 
 @dataclasses.dataclass
+class HostStep:
+    """What ``ModelRunner.prepare`` makes of a scheduler step on the host: its bucket (``key``: decode slots,
+    prefill rows), its input arrays, and what ``collect`` and the engine need to read its results."""
+    key: tuple[int, int]
+    arrays: dict[str, np.ndarray]
+    decode_slots: int
+    want_logprobs: bool
+    slots: list  # sequence slot of each decode, then each prefill
+    prompt_rows: list  # (seq, first position, first row, count): rows whose prompt logprobs are returned
+    spec_first: dict  # slot -> the index of its first verified row (speculative decoding)
+    patch: list  # (row, sequence): a decode whose input token the step before is still sampling
+
+
+@dataclasses.dataclass
 class PreparedStep:
     """One step between ``ModelRunner.prepare_step`` and ``collect``: its inputs, its program and, once
     launched, its outputs on the device."""
@@ -188,8 +202,6 @@ class ModelRunner:
             engine_cfg.min_prefill_bucket, 1 << self.spec_k.bit_length())
         self.prefill_buckets = [0] + [self.groups * b for b in power_of_two_buckets(min(lo, tokens), tokens)]
         self._executables: dict[tuple[int, int], Any] = {}
-        self._slots: list[int] = []  # the last prepared step's sequence slot of each decode, then prefill
-        self._patch: list = []  # the last prepared step's decodes waiting for their input token (PreparedStep)
         # While buckets are compiled in the background (serve): a step whose bucket is not compiled yet runs
         # in the smallest compiled bucket that holds it instead of waiting for a compile (counted here).
         self.use_compiled_cover = False
@@ -420,7 +432,7 @@ class ModelRunner:
                 bans.append(word[-1])
         return bans
 
-    def prepare(self, out: SchedulerOutput) -> tuple[tuple[int, int], dict[str, np.ndarray], int, bool]:
+    def prepare(self, out: SchedulerOutput) -> HostStep:
         g_n = self.groups
         dec = [[s for s in out.decodes if s.seq.data_group == g] for g in range(g_n)]
         pre = [[s for s in out.prefills if s.seq.data_group == g] for g in range(g_n)]
@@ -439,9 +451,9 @@ class ModelRunner:
         any_penalty = False
         busy = {id(sch.seq) for sch in out.decodes} | {id(sch.seq) for sch in out.prefills}
         constrained: list[tuple[int, Any]] = []  # (slot, matcher) of rows sampling under a grammar
-        self._prompt_rows = []
-        self._spec_first = {}
-        self._patch = []
+        prompt_rows: list = []
+        spec_first: dict = {}
+        patch: list = []
         num_spec = 0
         num_bans = 0
         # In group g's block: decode i is sequence slot i at row i, prefill j is slot d_l + j, its rows
@@ -454,7 +466,6 @@ class ModelRunner:
                 placed[id(sch)] = (g * slots_g + d_l + j, row, g)
                 row += sch.num_tokens
         slots = [placed[id(sch)] + (sch,) for sch in out.decodes + out.prefills]
-        self._slots = [i for i, _, _, _ in slots]
         # Per sequence, what its rows and its slot need (_write_rows writes them all at once).
         recs: list[tuple] = []
         ids_all: list[int] = []
@@ -464,7 +475,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             ids = seq.token_ids(start, start + n - len(sch.draft))
             if len(ids) < n - len(sch.draft):  # its last token is being sampled by the step in flight
-                self._patch.append((row + len(ids), seq))
+                patch.append((row + len(ids), seq))
                 ids = ids + [0]
             ids_all += ids
             ids_all += sch.draft
@@ -473,7 +484,7 @@ class ModelRunner:
             recs.append((i, row, n, start, g, len(seq.page_ids), len(seq.output_token_ids) + seq.num_pending,
                          p.top_k, seq.seed & 0xFFFFFFFF, seq.seed >> 32, p.temperature, p.top_p, p.min_p))
             if sch.draft:  # verified rows: this slot's last token and its proposals
-                self._spec_first[i] = num_spec
+                spec_first[i] = num_spec
                 a["spec_rows"][num_spec:num_spec + n] = np.arange(row, row + n)
                 a["spec_slot"][num_spec:num_spec + n] = i
                 a["spec_offset"][num_spec:num_spec + n] = np.arange(n)
@@ -486,7 +497,7 @@ class ModelRunner:
                 count = min(start + n, len(seq.prompt_token_ids) - 1) - start  # rows whose next token is prompt
                 if count > 0:
                     a["prompt_targets"][row:row + count] = seq.prompt_token_ids[start + 1:start + 1 + count]
-                    self._prompt_rows.append((seq, start + 1, row, count))
+                    prompt_rows.append((seq, start + 1, row, count))
             matcher = getattr(seq, "matcher", None)
             if matcher is not None and sch.samples and not matcher.is_terminated():
                 constrained.append((i, matcher))
@@ -516,7 +527,7 @@ class ModelRunner:
         a["any_penalty"] = np.bool_(any_penalty)
         a["greedy"] = np.bool_(not (want_logprobs or any_penalty or constrained) and all(
             sch.seq.params.greedy for sch in out.decodes + out.prefills))
-        a["want_prompt"] = np.bool_(bool(self._prompt_rows))
+        a["want_prompt"] = np.bool_(bool(prompt_rows))
         a["spec_any"] = np.bool_(num_spec > 0)
         if constrained:
             t0 = time.perf_counter()
@@ -529,7 +540,7 @@ class ModelRunner:
             self.mask_stats["steps"] += 1
             self.mask_stats["rows"] += len(constrained)
             self.mask_stats["seconds"] += time.perf_counter() - t0
-        return (d, tp), a, d, want_logprobs
+        return HostStep((d, tp), a, d, want_logprobs, [i for i, _, _, _ in slots], prompt_rows, spec_first, patch)
 
     def _write_rows(self, a: dict[str, np.ndarray], recs: list[tuple], ids: list[int], pages: list[int]) -> None:
         """``prepare``'s per-sequence records (slot, first row, rows, first position, data group, pages,
@@ -665,13 +676,12 @@ class ModelRunner:
         scheduling (``Engine.step``) this runs while the step before it is still running: a decode whose
         input token that step is sampling gets it at ``launch`` (``patch``)."""
         t0 = time.perf_counter()
-        key, arrays, decode_slots, want_logprobs = self.prepare(out)
-        self.last_bucket = key
-        inputs = self._to_inputs(arrays, want_logprobs)
-        exe = self._executable(key, inputs)
-        prep = PreparedStep(key, inputs, exe, decode_slots, want_logprobs, self._slots, self._prompt_rows,
-                            self._spec_first, self._patch)
-        self._prompt_rows, self._spec_first, self._patch = [], {}, []
+        host = self.prepare(out)
+        self.last_bucket = host.key
+        inputs = self._to_inputs(host.arrays, host.want_logprobs)
+        exe = self._executable(host.key, inputs)
+        prep = PreparedStep(host.key, inputs, exe, host.decode_slots, host.want_logprobs, host.slots,
+                            host.prompt_rows, host.spec_first, host.patch)
         self.stats["prepare_s"] += time.perf_counter() - t0
         return prep
 

@@ -398,7 +398,7 @@ def test_padding_slots_and_rows_are_left_out(llama_dir):
 
     def capture(out):
         res = prepare(out)
-        (d, tp), arrays = res[0], res[1]
+        (d, tp), arrays = res.key, res.arrays
         meta = runner._to_inputs(arrays, False).meta
         want = d + len(out.prefills) if out.prefills else len(out.decodes)
         assert int(sampled_slots(meta)) == want

@@ -176,7 +176,7 @@ def test_last_layer_on_sampled_rows_only_equals_full_layer(engine):
     def capture(out):
         res = prepare(out)
         if out.decodes and out.prefills and not captured:  # before the step donates the cache
-            captured.append((res[0], res[1], jax.tree.map(jnp.copy, runner.cache)))
+            captured.append((res.key, res.arrays, jax.tree.map(jnp.copy, runner.cache)))
         return res
 
     runner.prepare = capture
