@@ -446,7 +446,7 @@ class Engine:
             self.runner.launch(prep, lambda seq: int(prev_result.tokens[slot_of[id(seq)]]))
         else:
             self.runner.launch(prep)
-        self._inflight = self._launched(sched, prep.slots, samples, prep)
+        self._inflight = self._launched(sched, prep.host.slots, samples, prep)
         if prev is not None:
             outputs += self._land(prev, prev_result)
             if all(sch.seq.status == Status.FINISHED for _, sch, _, _, _ in self._inflight.entries):

@@ -133,17 +133,11 @@ class HostStep:
 
 @dataclasses.dataclass
 class PreparedStep:
-    """One step between ``ModelRunner.prepare_step`` and ``collect``: its inputs, its program and, once
-    launched, its outputs on the device."""
-    key: tuple[int, int]
+    """One step between ``ModelRunner.prepare_step`` and ``collect``: what ``prepare`` made of it on the host,
+    its inputs, its program and, once launched, its outputs on the device."""
+    host: HostStep
     inputs: StepInputs
     exe: Any
-    decode_slots: int
-    want_logprobs: bool
-    slots: list
-    prompt_rows: list
-    spec_first: dict
-    patch: list  # (row, sequence): a decode whose input token the step before is still sampling
     t_launch: float = 0.0
     outputs: list = dataclasses.field(default_factory=list)
 
@@ -680,19 +674,18 @@ class ModelRunner:
         self.last_bucket = host.key
         inputs = self._to_inputs(host.arrays, host.want_logprobs)
         exe = self._executable(host.key, inputs)
-        prep = PreparedStep(host.key, inputs, exe, host.decode_slots, host.want_logprobs, host.slots,
-                            host.prompt_rows, host.spec_first, host.patch)
+        prep = PreparedStep(host, inputs, exe)
         self.stats["prepare_s"] += time.perf_counter() - t0
         return prep
 
     def launch(self, prep: PreparedStep, token_of: Any = None) -> PreparedStep:
         """Dispatch a prepared step (it runs while the host goes on); ``token_of(seq)``: the input token of
-        each decode in ``prep.patch``, sampled by the step before (async scheduling)."""
-        for row, seq in prep.patch:
+        each decode in ``prep.host.patch``, sampled by the step before (async scheduling)."""
+        for row, seq in prep.host.patch:
             prep.inputs.input_ids[row] = token_of(seq)
         prep.t_launch = time.perf_counter()
         self.stats["steps"] += 1
-        self.stats["prefill_steps"] += bool(prep.key[1])
+        self.stats["prefill_steps"] += bool(prep.host.key[1])
         for init in self._row_inits:  # rows of requests penalized for the first time
             self.penalty_state = init_penalty_row(self.penalty_state, *init)
         self._row_inits = []
@@ -704,20 +697,21 @@ class ModelRunner:
     def collect(self, prep: PreparedStep) -> StepResult:
         """Wait for a launched step's results and bring them to the host."""
         tokens, logprob, top_ids, top_lp, prompt, spec = prep.outputs
+        host = prep.host
         to_host = _local_copy if self._multi_process else np.asarray
         tokens = to_host(tokens)
-        spec_tokens, spec_accept = (to_host(spec[0]), to_host(spec[1])) if prep.spec_first else (None, None)
-        if prep.want_logprobs:
+        spec_tokens, spec_accept = (to_host(spec[0]), to_host(spec[1])) if host.spec_first else (None, None)
+        if host.want_logprobs:
             logprob, top_ids, top_lp = (to_host(x) for x in (logprob, top_ids, top_lp))
         else:
             logprob = top_ids = top_lp = None
-        prompt = tuple(to_host(x) for x in prompt) if prep.prompt_rows else None
+        prompt = tuple(to_host(x) for x in prompt) if host.prompt_rows else None
         dt = time.perf_counter() - prep.t_launch  # (a step dropped uncollected, Engine.step, adds none)
         self.stats["device_s"] += dt
-        if prep.key[1]:
+        if host.key[1]:
             self.stats["prefill_device_s"] += dt
-        return StepResult(tokens, logprob, top_ids, top_lp, prep.decode_slots, prep.prompt_rows, prompt, spec_tokens,
-                          spec_accept, prep.spec_first, prep.slots)
+        return StepResult(tokens, logprob, top_ids, top_lp, host.decode_slots, host.prompt_rows, prompt, spec_tokens,
+                          spec_accept, host.spec_first, host.slots)
 
     @property
     def programs_compiled(self) -> int:
