@@ -123,12 +123,16 @@ class HostStep:
     prefill rows), its input arrays, and what ``collect`` and the engine need to read its results."""
     key: tuple[int, int]
     arrays: dict[str, np.ndarray]
-    decode_slots: int
     want_logprobs: bool
     slots: list  # sequence slot of each decode, then each prefill
     prompt_rows: list  # (seq, first position, first row, count): rows whose prompt logprobs are returned
     spec_first: dict  # slot -> the index of its first verified row (speculative decoding)
     patch: list  # (row, sequence): a decode whose input token the step before is still sampling
+
+    @property
+    def decode_slots(self) -> int:
+        """The bucket's decode slots: the first prefill slot."""
+        return self.key[0]
 
 
 @dataclasses.dataclass
@@ -534,7 +538,7 @@ class ModelRunner:
             self.mask_stats["steps"] += 1
             self.mask_stats["rows"] += len(constrained)
             self.mask_stats["seconds"] += time.perf_counter() - t0
-        return HostStep((d, tp), a, d, want_logprobs, [i for i, _, _, _ in slots], prompt_rows, spec_first, patch)
+        return HostStep((d, tp), a, want_logprobs, [i for i, _, _, _ in slots], prompt_rows, spec_first, patch)
 
     def _write_rows(self, a: dict[str, np.ndarray], recs: list[tuple], ids: list[int], pages: list[int]) -> None:
         """``prepare``'s per-sequence records (slot, first row, rows, first position, data group, pages,
