@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             padded[key] += key[0] + key[1] - real
             clock[0] += args.step_s_base + args.step_s_per_token * (key[0] + key[1])
             tokens = np.full(len(arrays["seq_lens"]), 7, np.int32)
-            return StepResult(tokens, None, None, None, host.decode_slots, slots=host.slots)
+            return StepResult(tokens, None, None, None, host)
 
         runner.execute = fake_execute
         with open(path) as f:

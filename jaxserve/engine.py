@@ -437,7 +437,7 @@ class Engine:
         samples = [s.samples for s in sched.decodes + sched.prefills]
         if not overlap:
             result = self.runner.execute(sched)
-            return outputs + self._land(self._launched(sched, result.slots, samples), result)
+            return outputs + self._land(self._launched(sched, result.host.slots, samples), result)
         prep = self.runner.prepare_step(sched)
         prev, prev_result = self._inflight, None
         if prev is not None:  # its tokens are inputs of this step
@@ -486,7 +486,7 @@ class Engine:
         """Process a step's results: register the pages it filled, append each sampled token."""
         outputs = []
         now = time.monotonic()
-        for seq, pos, row, count in result.prompt_rows:
+        for seq, pos, row, count in result.host.prompt_rows:
             self._record_prompt_logprobs(seq, pos, row, count, result.prompt)
         for slot, sch, samples, computed, pages in step.entries:
             seq = sch.seq
@@ -508,7 +508,7 @@ class Engine:
         """A verified chunk (spec_decode.py): keep the accepted proposals and the target's next token, move
         ``num_computed_tokens`` past the accepted rows and return the pages past them.  Returns whether
         tokens were appended."""
-        first = result.spec_first[slot]
+        first = result.host.spec_first[slot]
         a = accepted_prefix(result.spec_accept, first, len(draft))
         seq.num_computed_tokens += 1 + a  # the rejected rows' K/V are overwritten later
         keep = pages_needed(seq.num_computed_tokens + 1, self.config.page_size)

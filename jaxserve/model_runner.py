@@ -100,21 +100,20 @@ class StepInputs:
 
 @dataclasses.dataclass
 class StepResult:
+    """A collected step's results on the host, beside the ``HostStep`` they answer (its slots, prompt-logprob
+    rows and verified rows say which sequence each row is)."""
     tokens: np.ndarray  # [S] sampled token per sequence slot
     logprob: np.ndarray | None  # [S]
     top_ids: np.ndarray | None  # [S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None
-    decode_slots: int  # index of the first prefill sequence slot (of a data group's block)
-    # Prompt logprobs: (seq, first position, first row, count) of the rows that have them, and per row
-    # (logprob of the next prompt token, its rank, top ids, top logprobs).
-    prompt_rows: list = dataclasses.field(default_factory=list)
+    host: "HostStep"
+    # Prompt logprobs of host.prompt_rows' rows: per row (logprob of the next prompt token, its rank, top ids,
+    # top logprobs).
     prompt: tuple | None = None
-    # Speculative decoding: per verified row, the token to emit if the chain stops there and whether the
-    # next proposal was accepted; spec_first[slot]: the index of the slot's first verified row.
+    # Speculative decoding: per verified row (host.spec_first), the token to emit if the chain stops there and
+    # whether the next proposal was accepted.
     spec_tokens: np.ndarray | None = None
     spec_accept: np.ndarray | None = None
-    spec_first: dict = dataclasses.field(default_factory=dict)
-    slots: list = dataclasses.field(default_factory=list)  # sequence slot of each decode, then each prefill
 
 
 @dataclasses.dataclass
@@ -714,8 +713,7 @@ class ModelRunner:
         self.stats["device_s"] += dt
         if host.key[1]:
             self.stats["prefill_device_s"] += dt
-        return StepResult(tokens, logprob, top_ids, top_lp, host.decode_slots, host.prompt_rows, prompt, spec_tokens,
-                          spec_accept, host.spec_first, host.slots)
+        return StepResult(tokens, logprob, top_ids, top_lp, host, prompt, spec_tokens, spec_accept)
 
     @property
     def programs_compiled(self) -> int:

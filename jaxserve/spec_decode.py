@@ -232,7 +232,7 @@ class DraftProposer:
         result = self.engine.runner.execute(out)
         self.draft_steps += 1
         entries = [(i, sch) for i, sch in enumerate(out.decodes)]
-        entries += [(result.decode_slots + j, sch) for j, sch in enumerate(out.prefills)]
+        entries += [(result.host.decode_slots + j, sch) for j, sch in enumerate(out.prefills)]
         unfinished = []
         for slot, sch in entries:
             d, samples = sch.seq, sch.samples
