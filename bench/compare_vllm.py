@@ -5,7 +5,12 @@ Speed figures do not carry from one machine to another (the same command ran 2.8
 machine than on another), so a comparison is only a ratio measured like this.
 
     python bench/compare_vllm.py --model DIR --workload ../shared/workloads/longtail-256.json \\
-        --max-num-seqs 64 [--static] [--vllm-python .venv-vllm/bin/python]
+        --max-num-seqs 64 [--static] [--rounds N] [--vllm-python .venv-vllm/bin/python]
+
+``--rounds N`` runs the whole comparison N times, the engines alternating (jaxserve, [static,] vLLM, then
+again), for a machine whose speed drifts between processes.  The JSON is then the round whose headline
+ratio (``continuous_over_static`` with ``--static``, else ``jaxserve_over_vllm``) is the median one (the lower middle one of
+an even number), with ``rounds`` (each round's figures, in order) and ``median`` (each ratio's median).
 
 ``--static`` also runs jaxserve with static batching (the continuous/static ratio of the same run).  Each
 jaxserve record then has ``decode_step_ms`` (the mean device time of its steps without prompt tokens), and
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -63,8 +69,46 @@ def main(argv=None) -> int:
     ap.add_argument("--vllm-runner", default=os.path.join(PEERS, "vllm_cpu.py"))
     ap.add_argument("--vllm-threads", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND (all cores of this machine)")
     ap.add_argument("--skip-vllm", action="store_true", help="jaxserve only (no ratio)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the comparison this many times, alternating the engines")
     ap.add_argument("jaxserve_args", nargs="*", help="extra flags for bench/throughput.py (after --)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not args.skip_vllm and not os.path.exists(args.vllm_python):
+        raise SystemExit(f"--vllm-python: {args.vllm_python} does not exist; install vLLM-CPU as "
+                         f"{os.path.join(PEERS, 'README.md')} says, or pass --skip-vllm")
+
+    results = []
+    for i in range(args.rounds):
+        if args.rounds > 1:
+            print(f"[compare] round {i + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        results.append(compare(args))
+    print(json.dumps(summarize(results) if args.rounds > 1 else results[0]), flush=True)
+    return 0
+
+
+RATIOS = ("continuous_over_static", "jaxserve_over_vllm")  # the first one present heads the rounds
+
+
+def summarize(results: list[dict]) -> dict:
+    """Several rounds as one record: the round whose headline ratio is the median one (of an even number, the
+    lower middle one), each round's figures (``rounds``) and each ratio's median over the rounds (``median``)."""
+    head = next((k for k in RATIOS if k in results[0]), None)
+    order = sorted(range(len(results)), key=lambda i: results[i][head] if head else results[i]["jaxserve"]["tok_s"])
+    mid = order[(len(order) - 1) // 2]
+    out = dict(results[mid])
+    out["round_of_median"] = mid + 1
+    out["rounds"] = [{"jaxserve_tok_s": r["jaxserve"]["tok_s"],
+                      **({"static_tok_s": r["jaxserve_static"]["tok_s"]} if "jaxserve_static" in r else {}),
+                      **({"vllm_tok_s": r["vllm"]["tok_s"]} if "vllm" in r else {}),
+                      **{k: r[k] for k in RATIOS if k in r}} for r in results]
+    out["median"] = {k: round(statistics.median(r[k] for r in results), 3) for k in RATIOS if k in results[0]}
+    out["median"]["jaxserve_tok_s"] = round(statistics.median(r["jaxserve"]["tok_s"] for r in results), 2)
+    return out
+
+
+def compare(args) -> dict:
+    """One round: jaxserve (continuous, then static with ``--static``), then vLLM-CPU; one JSON record."""
 
     def jaxserve(mode: str) -> dict:
         return run_json([sys.executable, os.path.join(HERE, "throughput.py"), "--model", args.model,
@@ -89,9 +133,6 @@ def main(argv=None) -> int:
         if continuous_decode_s > 0:
             result["continuous_over_static_without_prompts"] = round(static_decode_s / continuous_decode_s, 3)
     if not args.skip_vllm:
-        if not os.path.exists(args.vllm_python):
-            raise SystemExit(f"--vllm-python: {args.vllm_python} does not exist; install vLLM-CPU as "
-                             f"{os.path.join(PEERS, 'README.md')} says, or pass --skip-vllm")
         vl = run_json([args.vllm_python, args.vllm_runner, "--model", args.model, "--workload", args.workload,
                        "--max-num-seqs", str(args.max_num_seqs)], '{"engine": "vllm-cpu"',
                       env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": args.vllm_threads})
@@ -100,8 +141,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"[compare] output tokens differ: jaxserve {js['output_tokens']}, "
                              f"vLLM {vl['output_tokens']}")
         result["jaxserve_over_vllm"] = round(js["tok_s"] / vl["tok_s"], 3)
-    print(json.dumps(result), flush=True)
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -161,3 +161,41 @@ def test_compare_vllm_decode_step_fields(monkeypatch, capsys):
     # static's 3.6 s of decode-only steps against continuous's 100 steps at 15 ms
     assert out["continuous_over_static_without_prompts"] == 2.4
     assert "vllm" not in out
+
+
+def test_compare_vllm_rounds_report_the_median_round(monkeypatch, capsys, tmp_path):
+    """bench/compare_vllm.py --rounds 3: the engines alternate three times; the record is the round with the
+    median headline ratio (continuous/static with --static, else jaxserve/vLLM), with every round's figures
+    and each ratio's median (runs stubbed)."""
+    script = _bench_script("compare_vllm")
+    common = {"attention_impl": "cpu", "matmul_impl": "cpu", "output_tokens": 100, "seconds": 1.0, "warmup_s": 0.0,
+              "compiles": 3, "buckets": 3, "host_prepare_s": 0.0, "process_s": 1.0, "steps": 100,
+              "prefill_steps": 20, "device_step_s": 2.0, "prefill_device_s": 0.8}
+    # (continuous, static, vLLM) tok/s per round, in the order the script asks for them
+    figures = iter([300.0, 100.0, 200.0, 330.0, 100.0, 200.0, 310.0, 110.0, 250.0])
+    calls = []
+
+    def run_json(cmd, prefix, env=None):
+        calls.append("vllm" if "--mode" not in cmd else cmd[cmd.index("--mode") + 1])
+        return dict(common, tok_s=next(figures))
+
+    monkeypatch.setattr(script, "run_json", run_json)
+    vllm_python = tmp_path / "python"
+    vllm_python.write_text("")
+    assert script.main(["--model", "m", "--workload", "w.json", "--static", "--rounds", "3",
+                        "--vllm-python", str(vllm_python)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calls == ["continuous", "static", "vllm"] * 3
+    assert [r["jaxserve_over_vllm"] for r in out["rounds"]] == [1.5, 1.65, 1.24]
+    assert [r["continuous_over_static"] for r in out["rounds"]] == [3.0, 3.3, 2.818]
+    assert out["round_of_median"] == 1 and out["continuous_over_static"] == 3.0 and out["jaxserve"]["tok_s"] == 300.0
+    assert out["median"] == {"jaxserve_over_vllm": 1.5, "continuous_over_static": 3.0, "jaxserve_tok_s": 310.0}
+    # without --static the jaxserve/vLLM ratio heads: round 3 (1.24) < round 1 (1.5) < round 2 (1.65)
+    figures = iter([300.0, 200.0, 330.0, 200.0, 310.0, 250.0])
+    calls.clear()
+    assert script.main(["--model", "m", "--workload", "w.json", "--rounds", "3", "--vllm-python", str(vllm_python)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calls == ["continuous", "vllm"] * 3
+    assert out["round_of_median"] == 1 and out["median"] == {"jaxserve_over_vllm": 1.5, "jaxserve_tok_s": 310.0}
+    with pytest.raises(SystemExit):
+        script.main(["--model", "m", "--workload", "w.json", "--rounds", "0", "--skip-vllm"])
