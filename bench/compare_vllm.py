@@ -9,8 +9,9 @@ machine than on another), so a comparison is only a ratio measured like this.
 
 ``--rounds N`` runs the whole comparison N times, the engines alternating (jaxserve, [static,] vLLM, then
 again), for a machine whose speed drifts between processes.  The JSON is then the round whose headline
-ratio (``continuous_over_static`` with ``--static``, else ``jaxserve_over_vllm``) is the median one (the lower middle one of
-an even number), with ``rounds`` (each round's figures, in order) and ``median`` (each ratio's median).
+ratio (``continuous_over_static`` with ``--static``, else ``jaxserve_over_vllm``) is the median one (of an
+even number, the lower middle one), with ``rounds`` (each round's figures, in order) and ``median`` (each
+ratio's median).
 
 ``--static`` also runs jaxserve with static batching (the continuous/static ratio of the same run).  Each
 jaxserve record then has ``decode_step_ms`` (the mean device time of its steps without prompt tokens), and

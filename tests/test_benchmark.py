@@ -193,7 +193,8 @@ def test_compare_vllm_rounds_report_the_median_round(monkeypatch, capsys, tmp_pa
     # without --static the jaxserve/vLLM ratio heads: round 3 (1.24) < round 1 (1.5) < round 2 (1.65)
     figures = iter([300.0, 200.0, 330.0, 200.0, 310.0, 250.0])
     calls.clear()
-    assert script.main(["--model", "m", "--workload", "w.json", "--rounds", "3", "--vllm-python", str(vllm_python)]) == 0
+    assert script.main(["--model", "m", "--workload", "w.json", "--rounds", "3",
+                        "--vllm-python", str(vllm_python)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert calls == ["continuous", "vllm"] * 3
     assert out["round_of_median"] == 1 and out["median"] == {"jaxserve_over_vllm": 1.5, "jaxserve_tok_s": 310.0}
