@@ -64,6 +64,10 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--matmul-impl", default="auto", choices=["auto", "xla", "cpu"],
                    help="the layers' matmuls (auto, the default: the C++ kernel for float32 weights on one CPU device "
                         "at steps of up to 48 rows, XLA's dot elsewhere; kernels_pallas/gemm_cpu.py)")
+    p.add_argument("--layer-impl", default="auto", choices=["auto", "fused", "ops"],
+                   help="a decoder layer in one call of the C++ kernel (auto, the default: where the model is "
+                        "Llama-shaped and the matmuls and attention run the CPU kernels; kernels_pallas/layer_cpu.py)"
+                        " or op by op")
     p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"],
                    help="how a step runs the layers (auto, the default: switch on one CPU device, a layer scan that "
                         "reads each layer's own weight buffers, as XLA CPU copies the stacked weights' slices; "
@@ -145,6 +149,7 @@ def engine_from_args(args: argparse.Namespace, progress: bool | None = None) -> 
                           async_scheduling=ASYNC_SCHEDULING_FLAGS[args.async_scheduling],
                           quantization=args.quantization,
                           attention_impl=args.attention_impl, layer_loop=args.layer_loop,
+                          layer_impl=args.layer_impl,
                           matmul_impl=args.matmul_impl, min_prefill_bucket=args.min_prefill_bucket, mesh_shape=mesh_shape_from_args(args), compile_cache_dir=compile_cache_from_args(args),
                           memory_utilization=args.memory_utilization,
                           speculative_config=getattr(args, "speculative_config", None))

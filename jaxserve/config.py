@@ -357,6 +357,9 @@ class EngineConfig:
     # how the step runs the layers: auto (switch on one CPU device, scan elsewhere) | scan | switch;
     # see jaxserve/model.py resolve_layer_loop
     layer_loop: str = "auto"
+    # a decoder layer in one call: auto (the C++ kernel kernels_pallas/layer_cpu.py where the model is
+    # Llama-shaped and the matmuls and attention are the CPU kernels') | fused (it, or an error) | ops
+    layer_impl: str = "auto"
     seed: int = 0  # seeds requests that do not set their own
     min_decode_bucket: int = 4
     min_prefill_bucket: int = 32
@@ -408,6 +411,10 @@ class EngineConfig:
         if self.matmul_impl not in MATMUL_IMPLS:
             raise ValueError(f"matmul_impl: must be one of {', '.join(MATMUL_IMPLS)}, got {self.matmul_impl!r}")
 
+        from kernels_pallas.layer_cpu import LAYER_IMPLS
+
+        if self.layer_impl not in LAYER_IMPLS:
+            raise ValueError(f"layer_impl: must be one of {', '.join(LAYER_IMPLS)}, got {self.layer_impl!r}")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl: must be one of {', '.join(MOE_IMPLS)}, got {self.moe_impl!r}")
         if self.layer_loop not in LAYER_LOOPS:

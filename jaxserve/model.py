@@ -59,7 +59,7 @@ import numpy as np
 from jaxserve import kv_cache, moe, quant
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import DATA, MODEL, cache_spec as cache_spec_of, constrain, data_groups
-from kernels_pallas import gemm_cpu, ragged_paged_attention
+from kernels_pallas import gemm_cpu, layer_cpu, ragged_paged_attention
 from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
 
@@ -529,6 +529,8 @@ class CausalLM(nn.Module):
     # static batching: a decode-only step computes its whole bucket, finished members' idle slots included,
     # as a fixed-shape batch does (else it computes its rows up to the last decode: real_rows)
     fixed_shape: bool = False
+    # "fused": each layer (with "switch" and matmul_impl="cpu") in one call, kernels_pallas/layer_cpu.py
+    layer_impl: str = "ops"
 
     @nn.compact
     def __call__(self, input_ids, positions, cache: jax.Array, meta: AttentionMetadata, logits_indices,
@@ -573,7 +575,14 @@ class CausalLM(nn.Module):
 
             sampled = (self.sampled_last_layer and not self.skip_head and self.mesh is None
                        and logits_indices.shape[0] < x.shape[0])
-            (x, cache), _ = jax.lax.scan(body, (x, cache), steps[:cfg.num_layers - sampled])
+            if self.layer_impl == "fused":  # one call a layer, unrolled (each its own weight buffers)
+                for i in range(cfg.num_layers - sampled):
+                    x, cache = layer_cpu.decoder_layer_cpu(
+                        x, weights[i]["params"], cos, sin, cache, i, meta.slot_mapping, meta.seq_lens,
+                        meta.block_tables, meta.query_start_loc, meta.num_seqs, rows, num_heads=cfg.num_heads,
+                        intermediate_size=cfg.intermediate_size, eps=cfg.rms_norm_eps, sm_scale=cfg.attn_scale)
+            else:
+                (x, cache), _ = jax.lax.scan(body, (x, cache), steps[:cfg.num_layers - sampled])
             if sampled:
                 x, hidden, cache = _last_layer(layer, weights[-1], x, cache, cos, sin, meta, logits_indices, rows,
                                                every_row)

@@ -55,6 +55,7 @@ from jaxserve.spec_decode import SpecInputs, verify
 from jaxserve.structured import apply_token_bitmask
 from kernels_pallas import gemm_cpu, resolve_impl, unsupported_reason
 from kernels_pallas.gemm_cpu import resolve_matmul
+from kernels_pallas.layer_cpu import resolve_layer
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,11 @@ class ModelRunner:
                             and bool({"amx", "dpbf16", "avx512"} & set(gemm_cpu.available_isas())))
         if self.matmul_impl == "cpu":  # the linear layers' weights in the CPU matmul kernel's layout, once
             params = pack_linears(params, greedy_head=self.greedy_head)
+        # a decoder layer in one call (kernels_pallas/layer_cpu.py): per-layer packed weights, CPU kernels
+        self.layer_impl = resolve_layer(
+            engine_cfg.layer_impl, model_cfg, matmul_impl=self.matmul_impl, attention_impl=self.attention_impl,
+            kv_dtype=kv_cache_dtype(cache, dtype), mesh=mesh, quantization=self.quantization,
+            layer_loop=self.layer_loop)
         head = params.get("lm_head", {})
         self.greedy_head = self.greedy_head and "greedy_hi" in head and "bias" not in head
         self.params = params
@@ -248,6 +254,7 @@ class ModelRunner:
                          self.platform, self.layer_loop, self.cfg.moe_impl, return_hidden=True,
                          quantization=self.quantization, skip_head=inputs.spec is not None,
                          matmul_impl=self.matmul_impl, sampled_last_layer=True, defer_head=greedy,
+                         layer_impl=self.layer_impl,
                          fixed_shape=self.cfg.scheduling == "static")
         logits, cache, hidden = model.apply({"params": params}, inputs.input_ids, inputs.positions, cache,
                                             inputs.meta, inputs.logits_indices, inputs.want_prompt_logprobs)

@@ -180,6 +180,23 @@ bool cpu_has_avx512() {
 
 int64_t best_isa() { return cpu_has_avx512() ? kIsaAvx512 : cpu_has_avx2() ? kIsaAvx2 : kIsaPortable; }
 
+// One work item on the instruction set `isa` (kIsaAvx512, kIsaAvx2 or kIsaPortable).
+inline void attend_one(int64_t isa, const Problem& pb, const Item& item, Scratch& sc) {
+#if JAXSERVE_HAVE_AVX2_PATH
+  if (isa == kIsaAvx512 && avx512::decode_row_serves(pb, item)) {
+    avx512::attend_decode(pb, item, sc);
+  } else if (isa == kIsaAvx512 && avx512::rows_serve(pb, item)) {
+    avx512::rows_avx512(pb, item, sc);
+  } else if (isa == kIsaAvx2 || isa == kIsaAvx512) {
+    avx2::attend(pb, item, sc);
+  } else {
+    portable::attend(pb, item, sc);
+  }
+#else
+  portable::attend(pb, item, sc);
+#endif
+}
+
 // The work of one call, shared by the calling thread and the helpers it schedules on XLA's thread pool
 // (jaxserve_cpu::run_on_pool, csrc/cpu_pool.h): items claimed from an atomic counter, each counted in
 // `done` when finished.
@@ -193,19 +210,7 @@ struct Work {
     thread_local Scratch sc;
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-#if JAXSERVE_HAVE_AVX2_PATH
-      if (isa == kIsaAvx512 && avx512::decode_row_serves(pb, items[i])) {
-        avx512::attend_decode(pb, items[i], sc);
-      } else if (isa == kIsaAvx512 && avx512::rows_serve(pb, items[i])) {
-        avx512::rows_avx512(pb, items[i], sc);
-      } else if (isa == kIsaAvx2 || isa == kIsaAvx512) {
-        avx2::attend(pb, items[i], sc);
-      } else {
-        portable::attend(pb, items[i], sc);
-      }
-#else
-      portable::attend(pb, items[i], sc);
-#endif
+      attend_one(isa, pb, items[i], sc);
       done.fetch_add(1, std::memory_order_acq_rel);
     }
   }
@@ -213,6 +218,31 @@ struct Work {
 
 // Prefill rows are cut into items of this many rows (a decode row is an item of its own).
 constexpr int64_t kRowsPerItem = 8;
+
+// The work items of a call with `ns` sequences: (rows of a sequence, KV head), largest first.
+inline void make_items(const Problem& pb, int64_t ns, std::vector<Item>& items) {
+  const int64_t T = pb.T, S = pb.S, Hkv = pb.Hkv;
+  const int64_t key_cap = pb.max_pages * S;
+  int64_t prev_end = 0;
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t rb = std::clamp<int64_t>(std::max<int64_t>(pb.cu_q_lens[s], prev_end), 0, T);
+    const int64_t re = std::clamp<int64_t>(pb.cu_q_lens[s + 1], rb, T);
+    prev_end = std::max(prev_end, re);
+    const int64_t kv = pb.kv_lens[s];
+    if (re <= rb || kv <= 0) continue;
+    for (int64_t r0 = rb; r0 < re; r0 += kRowsPerItem) {
+      const int64_t r1 = std::min(re, r0 + kRowsPerItem);
+      // keys this chunk's rows read (its last row sees the most): an estimate for the order
+      const int64_t last_pos = kv - (pb.cu_q_lens[s + 1] - pb.cu_q_lens[s]) + (r1 - 1 - pb.cu_q_lens[s]);
+      const int64_t keys = std::min(std::min(last_pos + 1, key_cap), std::max<int64_t>(pb.window, 1));
+      if (last_pos < 0) continue;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        items.push_back(Item{static_cast<int32_t>(s), static_cast<int32_t>(h), r0, r1, keys * (r1 - r0)});
+      }
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+}
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer cache,
                      ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> kv_lens,
@@ -261,37 +291,15 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuff
   work->isa = isa == kIsaAuto ? best_isa() : isa;
   std::memset(pb.out, 0, sizeof(float) * T * Hq * D);  // rows of no sequence (and empty ones) are zero
 
-  // Work items: (rows of a sequence, KV head), largest first.
-  const int64_t ns = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, N);
-  const int64_t key_cap = pb.max_pages * S;
-  std::vector<Item>& items = work->items;
-  int64_t prev_end = 0;
-  for (int64_t s = 0; s < ns; ++s) {
-    const int64_t rb = std::clamp<int64_t>(std::max<int64_t>(pb.cu_q_lens[s], prev_end), 0, T);
-    const int64_t re = std::clamp<int64_t>(pb.cu_q_lens[s + 1], rb, T);
-    prev_end = std::max(prev_end, re);
-    const int64_t kv = pb.kv_lens[s];
-    if (re <= rb || kv <= 0) continue;
-    for (int64_t r0 = rb; r0 < re; r0 += kRowsPerItem) {
-      const int64_t r1 = std::min(re, r0 + kRowsPerItem);
-      // keys this chunk's rows read (its last row sees the most): an estimate for the order
-      const int64_t last_pos = kv - (pb.cu_q_lens[s + 1] - pb.cu_q_lens[s]) + (r1 - 1 - pb.cu_q_lens[s]);
-      const int64_t keys = std::min(std::min(last_pos + 1, key_cap), std::max<int64_t>(pb.window, 1));
-      if (last_pos < 0) continue;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        items.push_back(Item{static_cast<int32_t>(s), static_cast<int32_t>(h), r0, r1, keys * (r1 - r0)});
-      }
-    }
-  }
-  if (items.empty()) return ffi::Error::Success();
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
-
-  jaxserve_cpu::run_on_pool(pool, work, static_cast<int64_t>(items.size()), num_threads);
+  make_items(pb, std::clamp<int64_t>(num_seqs.typed_data()[0], 0, N), work->items);
+  if (work->items.empty()) return ffi::Error::Success();
+  jaxserve_cpu::run_on_pool(pool, work, static_cast<int64_t>(work->items.size()), num_threads);
   return ffi::Error::Success();
 }
 
 }  // namespace jaxserve_cpu_attention
 
+#ifndef JAXSERVE_EMBEDDED  // csrc/layer_cpu/ includes this file for its kernels
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveRaggedPagedAttentionCpu, jaxserve_cpu_attention::Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -340,3 +348,4 @@ static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_attention_cpu",
                                      "Ragged paged attention on the CPU (XLA FFI handler).", -1, kMethods};
 
 PyMODINIT_FUNC PyInit__attention_cpu(void) { return PyModule_Create(&kModule); }
+#endif  // JAXSERVE_EMBEDDED

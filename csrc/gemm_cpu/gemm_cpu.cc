@@ -582,6 +582,28 @@ bool has_dpbf16() { return false; }
 // The best instruction set this CPU runs (kIsaAuto: none, the call fails).
 int64_t best_isa() { return has_avx512() ? kIsaAvx512 : (has_avx2() ? kIsaAvx2 : kIsaAuto); }
 
+// C[:M, panels p0..p1 of NR columns] = A [M, K] . B (packed), K in blocks of kKBlock rows so that a panel's
+// block stays in L1 while every tile of MR rows runs over it.  One work item of Run (and of csrc/layer_cpu/).
+template <typename T>
+void gemm_panels(const Micro<T>* micro, const float* A, const T* B, float* C, int64_t M, int64_t K, int64_t Kp,
+                 int64_t N, int64_t MR, int64_t NR, int64_t p0, int64_t p1) {
+  p1 = std::min(p1, (N + NR - 1) / NR);
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t kn = std::min(kKBlock, K - k0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * NR;
+      const int w = static_cast<int>(std::min(NR, N - n0));
+      // the packed panel holding column n0, at row k0 (NR divides kPackNR; k0 is even)
+      const T* b = sizeof(T) == 2 ? B + (n0 / kPackNR) * Kp * kPackNR + k0 * kPackNR + 2 * (n0 % kPackNR)
+                                  : B + (n0 / kPackNR) * K * kPackNR + k0 * kPackNR + n0 % kPackNR;
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int64_t rows = std::min(MR, M - m0);
+        micro[rows](A + m0 * K + k0, K, b, kPackNR, C + m0 * N + n0, N, kn, w, k0 > 0);
+      }
+    }
+  }
+}
+
 // One call: items of `chunk` adjacent panels, claimed from an atomic counter by the calling thread and the
 // helpers it schedules on XLA's pool (jaxserve_cpu::run_on_pool, csrc/cpu_pool.h).
 template <typename T>
@@ -594,23 +616,8 @@ struct Work {
   std::atomic<int64_t> next{0}, done{0};
 
   void run() {
-    const int64_t panels = (N + NR - 1) / NR;
     for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t p0 = it * chunk, p1 = std::min(panels, p0 + chunk);
-      for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
-        const int64_t kn = std::min(kKBlock, K - k0);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n0 = p * NR;
-          const int w = static_cast<int>(std::min(NR, N - n0));
-          // the packed panel holding column n0, at row k0 (NR divides kPackNR; k0 is even)
-          const T* b = sizeof(T) == 2 ? B + (n0 / kPackNR) * Kp * kPackNR + k0 * kPackNR + 2 * (n0 % kPackNR)
-                                      : B + (n0 / kPackNR) * K * kPackNR + k0 * kPackNR + n0 % kPackNR;
-          for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int64_t rows = std::min(MR, M - m0);
-            micro[rows](A + m0 * K + k0, K, b, kPackNR, C + m0 * N + n0, N, kn, w, k0 > 0);
-          }
-        }
-      }
+      gemm_panels(micro, A, B, C, M, K, Kp, N, MR, NR, it * chunk, (it + 1) * chunk);
       done.fetch_add(1, std::memory_order_acq_rel);
     }
   }
@@ -845,6 +852,7 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
 
 }  // namespace jaxserve_cpu_gemm
 
+#ifndef JAXSERVE_EMBEDDED  // csrc/layer_cpu/ includes this file for its kernels
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveArgmaxCpu, jaxserve_cpu_gemm::Argmax,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -917,3 +925,4 @@ static PyMethodDef kMethods[] = {
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_gemm_cpu",
                                      "The layers' float32 matmul on the CPU (XLA FFI handler).", -1, kMethods};
 PyMODINIT_FUNC PyInit__gemm_cpu(void) { return PyModule_Create(&kModule); }
+#endif  // JAXSERVE_EMBEDDED
