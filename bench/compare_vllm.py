@@ -118,7 +118,7 @@ def compare(args) -> dict:
 
     result: dict = {"workload": os.path.basename(args.workload), "max_num_seqs": args.max_num_seqs}
     js = jaxserve("continuous")
-    result["jaxserve"] = {k: js[k] for k in ("attention_impl", "matmul_impl", "tok_s", "seconds", "output_tokens", "warmup_s", "compiles", "buckets",
+    result["jaxserve"] = {k: js[k] for k in ("attention_impl", "matmul_impl", "layer_impl", "tok_s", "seconds", "output_tokens", "warmup_s", "compiles", "buckets",
                                              "steps", "device_step_s", "prefill_steps", "prefill_device_s",
                                              "host_prepare_s", "process_s")}
     if args.static:

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     print(json.dumps({
         "workload": os.path.basename(args.workload), "max_num_seqs": args.max_num_seqs,
         "output_tokens": run["output_tokens"], "wall_s": round(run["seconds"], 3),
-        "step_s": round(total["seconds"], 3), "floor_s": _sig(floor_s),
+        "step_s": _sig(total["seconds"]), "floor_s": _sig(floor_s),
         "matmuls_floor_s": _sig(total["matmuls_floor_s"]), "attention_floor_s": _sig(total["attention_floor_s"]),
         "efficiency": round(floor_s / total["seconds"], 3), "peak_gflops": round(peak / 1e9, 1),
         "read_gbs": round(read / 1e9, 1), "steps": len(steps),

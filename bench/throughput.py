@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "switch"])
     ap.add_argument("--matmul-impl", default="auto", choices=["auto", "xla", "cpu"],
                     help="the layers' matmuls: the CPU kernel (kernels_pallas/gemm_cpu.py) or XLA's dot")
+    ap.add_argument("--layer-impl", default="auto", choices=["auto", "fused", "ops"],
+                    help="a decoder layer in one call of the CPU kernel (kernels_pallas/layer_cpu.py) or op by op")
     ap.add_argument("--limit", type=int, default=None, help="run only the first N requests")
     ap.add_argument("--no-warmup", action="store_true", help="compile buckets lazily inside the timed run")
     ap.add_argument("--no-progress", action="store_true")
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         async_scheduling=ASYNC_SCHEDULING_FLAGS[args.async_scheduling],
         kv_cache_dtype=args.kv_cache_dtype,
         attention_impl=args.attention_impl, layer_loop=args.layer_loop, mesh_shape=mesh_shape,
-        matmul_impl=args.matmul_impl,
+        matmul_impl=args.matmul_impl, layer_impl=args.layer_impl,
         moe_impl=args.moe_impl, quantization=args.quantization, min_prefill_bucket=args.min_prefill_bucket,
         max_num_prefill_seqs=args.max_num_prefill_seqs, speculative_config=args.speculative_config)
     warmup_s = 0.0 if args.no_warmup else engine.warmup()
@@ -104,6 +106,7 @@ def main(argv=None) -> int:
         "moe_impl": args.moe_impl,
         "layer_loop": engine.runner.layer_loop,
         "matmul_impl": engine.runner.matmul_impl,
+        "layer_impl": engine.runner.layer_impl,
         "max_num_seqs": args.max_num_seqs,
         "dtype": engine.dtype_name,
         "kv_cache_dtype": engine.kv_dtype.name,

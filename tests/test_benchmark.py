@@ -146,7 +146,7 @@ def test_compare_vllm_decode_step_fields(monkeypatch, capsys):
     """bench/compare_vllm.py --static: each mode's decode-only step time and the ratio without prompt work,
     from the two runs' step counters (the runs themselves are stubbed: this checks the arithmetic)."""
     script = _bench_script("compare_vllm")
-    common = {"attention_impl": "cpu", "matmul_impl": "cpu", "output_tokens": 100, "seconds": 1.0, "warmup_s": 0.0,
+    common = {"attention_impl": "cpu", "matmul_impl": "cpu", "layer_impl": "fused", "output_tokens": 100, "seconds": 1.0, "warmup_s": 0.0,
               "compiles": 3, "buckets": 3, "host_prepare_s": 0.0, "process_s": 1.0}
     runs = {"continuous": dict(common, tok_s=300.0, steps=100, prefill_steps=20, device_step_s=2.0,
                                prefill_device_s=0.8),
@@ -168,7 +168,7 @@ def test_compare_vllm_rounds_report_the_median_round(monkeypatch, capsys, tmp_pa
     median headline ratio (continuous/static with --static, else jaxserve/vLLM), with every round's figures
     and each ratio's median (runs stubbed)."""
     script = _bench_script("compare_vllm")
-    common = {"attention_impl": "cpu", "matmul_impl": "cpu", "output_tokens": 100, "seconds": 1.0, "warmup_s": 0.0,
+    common = {"attention_impl": "cpu", "matmul_impl": "cpu", "layer_impl": "fused", "output_tokens": 100, "seconds": 1.0, "warmup_s": 0.0,
               "compiles": 3, "buckets": 3, "host_prepare_s": 0.0, "process_s": 1.0, "steps": 100,
               "prefill_steps": 20, "device_step_s": 2.0, "prefill_device_s": 0.8}
     # (continuous, static, vLLM) tok/s per round, in the order the script asks for them
