@@ -251,8 +251,8 @@ ffi::Error Layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   const int64_t L = cd[0], P = cd[2], S = cd[3], N = kv_lens.dimensions()[0];
   if (w.Hkv <= 0 || w.Hq % w.Hkv != 0 || w.D % 8 != 0 || cos.dimensions()[0] != w.T || cos.dimensions()[1] != w.D ||
       sin.dimensions()[0] != w.T || sin.dimensions()[1] != w.D || slot_mapping.dimensions()[0] != w.T ||
-      pd[0] != N || cu_q_lens.dimensions()[0] != N + 1 || layer < 0 || layer >= L || ln1.element_count() != w.H ||
-      ln2.element_count() != w.H) {
+      pd[0] != N || cu_q_lens.dimensions()[0] != N + 1 || layer < 0 || layer >= L || static_cast<int64_t>(ln1.element_count()) != w.H ||
+      static_cast<int64_t>(ln2.element_count()) != w.H) {
     return ffi::Error::InvalidArgument("layer_cpu: inconsistent shapes (head_dim a multiple of 8, Hq a multiple "
                                        "of Hkv, cos/sin [T, head_dim], 0 <= layer < L)");
   }
