@@ -10,7 +10,8 @@ EPYC) found 15% of a 64-row decode step outside the kernels.  Here one call runs
 the calling thread and its helpers, with a spin wait at each phase's end (``csrc/layer_cpu/layer_cpu.cc``).
 The matmuls are ``gemm_cpu``'s sums bit for bit (its AVX-512 / AVX2 path: the kernel is not used on a CPU
 with AMX, where ``gemm_cpu`` switches to AMX for prompt chunks); the norms, RoPE and SwiGLU round as float32
-code does, not as XLA's loops do (last bits).
+code does, not as XLA's loops do (last bits).  Measured (README, "A decoder layer in one call"): 2-6% off
+64-row decode steps, about 1% off 32-row ones, nothing measurable off prompt steps or small decode steps.
 
 ``layer_impl="auto"`` (``resolve_layer``) takes it where the model is Llama-shaped (RMSNorm, no q/k norms, no
 biases, SiLU, no sliding window or soft cap, dense MLP), the weights are packed (``matmul_impl="cpu"``), the

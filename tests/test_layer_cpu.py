@@ -88,7 +88,7 @@ def test_layer_equals_the_layer_op_by_op(group, page_size, weights):
     (want, want_cache), _ = ref_layer.apply({"params": params}, (x, cache), 1, cos, sin, meta)
     packed = pack_linears({"layers_1": params})["layers_1"]
     assert packed["down_proj"]["packed_kernel"].dtype == weights
-    got, got_cache = jax.jit(functools_partial(cfg))(x, packed, cos, sin, cache, meta, jnp.asarray(real, jnp.int32))
+    got, got_cache = jax.jit(_fused_layer(cfg))(x, packed, cos, sin, cache, meta, jnp.asarray(real, jnp.int32))
     np.testing.assert_allclose(np.asarray(got[:real]), np.asarray(want[:real]), rtol=2e-5, atol=2e-5)
     # padding rows pass through (the op-by-op CPU path's zero matmul rows add nothing to them)
     np.testing.assert_array_equal(np.asarray(got[real:]), np.asarray(x[real:]))
@@ -101,7 +101,7 @@ def test_layer_equals_the_layer_op_by_op(group, page_size, weights):
     np.testing.assert_array_equal(written, expect)  # this layer's new tokens' slots, and no other entry
 
 
-def functools_partial(cfg):
+def _fused_layer(cfg):
     def run(x, params, cos, sin, cache, meta, rows):
         return layer_cpu.decoder_layer_cpu(
             x, params, cos, sin, cache, 1, meta.slot_mapping, meta.seq_lens, meta.block_tables,
@@ -120,7 +120,7 @@ def test_no_rows_leaves_everything_as_it_was():
     params = DecoderLayer(cfg, jnp.float32, "reference", decode_rows).init(
         jax.random.PRNGKey(0), (x, cache), 1, cos, sin, meta)["params"]
     packed = pack_linears({"layers_1": params})["layers_1"]
-    got, got_cache = jax.jit(functools_partial(cfg))(x, packed, cos, sin, cache, meta, jnp.asarray(0, jnp.int32))
+    got, got_cache = jax.jit(_fused_layer(cfg))(x, packed, cos, sin, cache, meta, jnp.asarray(0, jnp.int32))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(x))
     np.testing.assert_array_equal(np.asarray(got_cache), np.asarray(cache))
 
