@@ -41,16 +41,16 @@ setup(
                            depends=["csrc/attention_cpu/kernel.h", "csrc/attention_cpu/vec_avx2.h",
                                     "csrc/attention_cpu/decode_avx512.h",
                                     "csrc/attention_cpu/prefill_avx512.h",
-                                    "csrc/attention_cpu/vec_portable.h", "csrc/cpu_pool.h"],
+                                    "csrc/attention_cpu/vec_portable.h", "csrc/cpu_pool.h", "csrc/ffi_module.h"],
                            language="c++", optional=True),  # optional: a failed build is not copied
                  Extension("kernels_pallas._gemm_cpu", sources=["csrc/gemm_cpu/gemm_cpu.cc"],
-                           depends=["csrc/cpu_pool.h"], language="c++", optional=True),
+                           depends=["csrc/cpu_pool.h", "csrc/ffi_module.h"], language="c++", optional=True),
                  # a whole decoder layer in one call: includes the two kernels' sources
                  Extension("kernels_pallas._layer_cpu", sources=["csrc/layer_cpu/layer_cpu.cc"],
                            depends=["csrc/gemm_cpu/gemm_cpu.cc", "csrc/attention_cpu/attention_cpu.cc",
                                     "csrc/attention_cpu/kernel.h", "csrc/attention_cpu/vec_avx2.h",
                                     "csrc/attention_cpu/decode_avx512.h", "csrc/attention_cpu/prefill_avx512.h",
-                                    "csrc/attention_cpu/vec_portable.h", "csrc/cpu_pool.h"],
+                                    "csrc/attention_cpu/vec_portable.h", "csrc/cpu_pool.h", "csrc/ffi_module.h"],
                            language="c++", optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
 )

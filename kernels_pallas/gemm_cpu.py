@@ -76,6 +76,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.ffi_extension import load_extension
+
 TARGET = "jaxserve_gemm_cpu"
 ISAS = {"auto": 0, "avx2": 2, "avx512": 3, "amx": 4, "dpbf16": 5}  # the kernel's ``isa`` attribute
 # ``auto`` runs the AMX path from this many rows (by the weights' dtype), the AVX-512 kernel below: where
@@ -87,15 +89,7 @@ MATMUL_IMPLS = ("auto", "xla", "cpu")
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, str | None]:
     """(the extension module, None) once its handler is registered with XLA, or (None, why not)."""
-    try:
-        from kernels_pallas import _gemm_cpu
-    except ImportError as e:
-        return None, f"the extension kernels_pallas._gemm_cpu is not built ({e}); `pip install -e .` builds it"
-    if not _gemm_cpu.isas():
-        return None, "this CPU has neither AVX-512 nor AVX2/FMA"
-    for name, capsule in _gemm_cpu.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    return _gemm_cpu, None
+    return load_extension("_gemm_cpu", lambda m: None if m.isas() else "this CPU has neither AVX-512 nor AVX2/FMA")
 
 
 def cpu_gemm_unavailable_reason() -> str | None:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import gemm_cpu
+from kernels_pallas.ffi_extension import load_extension
 from kernels_pallas.ragged_paged_attention import NO_WINDOW
 
 TARGET = "jaxserve_decoder_layer_cpu"
@@ -36,15 +37,7 @@ LAYER_IMPLS = ("auto", "fused", "ops")
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, str | None]:
     """(the extension module, None) once its handler is registered with XLA, or (None, why not)."""
-    try:
-        from kernels_pallas import _layer_cpu
-    except ImportError as e:
-        return None, f"the extension kernels_pallas._layer_cpu is not built ({e}); `pip install -e .` builds it"
-    if not _layer_cpu.serves():
-        return None, "this CPU has neither AVX-512 nor AVX2/FMA"
-    for name, capsule in _layer_cpu.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    return _layer_cpu, None
+    return load_extension("_layer_cpu", lambda m: None if m.serves() else "this CPU has neither AVX-512 nor AVX2/FMA")
 
 
 def unsupported_reason(cfg, *, matmul_impl: str, attention_impl: str, kv_dtype, mesh=None,

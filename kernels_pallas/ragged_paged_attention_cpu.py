@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.ffi_extension import load_extension
 from kernels_pallas.ragged_paged_attention import NO_WINDOW, ragged_paged_attention_ref, split_cache
 
 TARGET = "jaxserve_ragged_paged_attention_cpu"
@@ -29,13 +30,7 @@ _CACHE_TYPES = {"float32": 0, "bfloat16": 1, "float16": 2}  # the cache's value 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, str | None]:
     """(the extension module, None) once its handler is registered with XLA, or (None, why not)."""
-    try:
-        from kernels_pallas import _attention_cpu
-    except ImportError as e:
-        return None, f"the extension kernels_pallas._attention_cpu is not built ({e}); `pip install -e .` builds it"
-    for name, capsule in _attention_cpu.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    return _attention_cpu, None
+    return load_extension("_attention_cpu")
 
 
 def cpu_unavailable_reason() -> str | None:

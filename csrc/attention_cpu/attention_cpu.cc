@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu_pool.h"
+#include "ffi_module.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -321,16 +322,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveRaggedPagedAttentionCpu, jaxserve_cpu_atte
 // -- the Python module: kernels_pallas._attention_cpu ---------------------------------------------------
 
 static PyObject* registrations(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(JaxserveRaggedPagedAttentionCpu), nullptr, nullptr);
-  if (capsule == nullptr || PyDict_SetItemString(dict, "jaxserve_ragged_paged_attention_cpu", capsule) < 0) {
-    Py_XDECREF(capsule);
-    Py_DECREF(dict);
-    return nullptr;
-  }
-  Py_DECREF(capsule);
-  return dict;
+  return jaxserve_cpu::ffi_registrations(
+      {{"jaxserve_ragged_paged_attention_cpu", reinterpret_cast<void*>(JaxserveRaggedPagedAttentionCpu)}});
 }
 
 static PyObject* best_isa(PyObject*, PyObject*) {

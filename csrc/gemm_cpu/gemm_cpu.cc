@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cpu_pool.h"
+#include "ffi_module.h"
 #include "xla/ffi/api/ffi.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -877,23 +878,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveGemmCpu, jaxserve_cpu_gemm::Gemm,
 
 // -- the Python module: kernels_pallas._gemm_cpu ---------------------------------------------------------
 static PyObject* registrations(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(JaxserveGemmCpu), nullptr, nullptr);
-  if (capsule == nullptr || PyDict_SetItemString(dict, "jaxserve_gemm_cpu", capsule) < 0) {
-    Py_XDECREF(capsule);
-    Py_DECREF(dict);
-    return nullptr;
-  }
-  Py_DECREF(capsule);
-  capsule = PyCapsule_New(reinterpret_cast<void*>(JaxserveArgmaxCpu), nullptr, nullptr);
-  if (capsule == nullptr || PyDict_SetItemString(dict, "jaxserve_argmax_cpu", capsule) < 0) {
-    Py_XDECREF(capsule);
-    Py_DECREF(dict);
-    return nullptr;
-  }
-  Py_DECREF(capsule);
-  return dict;
+  return jaxserve_cpu::ffi_registrations({{"jaxserve_gemm_cpu", reinterpret_cast<void*>(JaxserveGemmCpu)},
+                                          {"jaxserve_argmax_cpu", reinterpret_cast<void*>(JaxserveArgmaxCpu)}});
 }
 
 static PyObject* isas(PyObject*, PyObject*) {

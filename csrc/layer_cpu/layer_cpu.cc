@@ -340,16 +340,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveDecoderLayerCpu, jaxserve_cpu_layer::Layer
 // -- the Python module: kernels_pallas._layer_cpu -------------------------------------------------------
 
 static PyObject* registrations(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(JaxserveDecoderLayerCpu), nullptr, nullptr);
-  if (capsule == nullptr || PyDict_SetItemString(dict, "jaxserve_decoder_layer_cpu", capsule) < 0) {
-    Py_XDECREF(capsule);
-    Py_DECREF(dict);
-    return nullptr;
-  }
-  Py_DECREF(capsule);
-  return dict;
+  return jaxserve_cpu::ffi_registrations(
+      {{"jaxserve_decoder_layer_cpu", reinterpret_cast<void*>(JaxserveDecoderLayerCpu)}});
 }
 
 static PyObject* serves(PyObject*, PyObject*) {
