@@ -76,12 +76,14 @@ def test_bf16_exact():
 
 @pytest.mark.parametrize("isa", ["avx512", "amx"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_gemm_threads_give_the_same_bits(isa, threads):
-    """Items are column panels: every thread count sums each output in the same order."""
+@pytest.mark.parametrize("m", [40, 300])
+def test_gemm_threads_give_the_same_bits(isa, threads, m):
+    """Items are column panels (and for many rows, as at 300, blocks of rows, as many as the thread count
+    asks for): every thread count sums each output in the same order."""
     if isa not in available_isas():
         pytest.skip(f"this CPU has no {isa}")
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((40, 600)).astype(np.float32))
+    a = jnp.asarray(rng.standard_normal((m, 600)).astype(np.float32))
     b = jnp.asarray(gemm_cpu.pack(rng.standard_normal((600, 700)).astype(np.float32)))
     one = np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=1, isa=isa))
     np.testing.assert_array_equal(np.asarray(gemm_cpu.gemm_cpu(a, b, 700, num_threads=threads, isa=isa)), one)
@@ -95,10 +97,10 @@ def test_rows_do_not_change_a_rows_bits(isa):
     if isa not in available_isas():
         pytest.skip(f"this CPU has no {isa}")
     rng = np.random.default_rng(2)
-    a = rng.standard_normal((70, 512)).astype(np.float32)
+    a = rng.standard_normal((250, 512)).astype(np.float32)  # 250 rows: items cut by rows too
     b = jnp.asarray(gemm_cpu.pack(rng.standard_normal((512, 300)).astype(np.float32)))
     full = np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a), b, 300, isa=isa))
-    for rows in (1, 5, 13, 33, 64):
+    for rows in (1, 5, 13, 33, 64, 101):
         got = np.asarray(gemm_cpu.gemm_cpu(jnp.asarray(a[:rows]), b, 300, isa=isa))
         np.testing.assert_array_equal(got, full[:rows])
 

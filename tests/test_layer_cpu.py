@@ -37,16 +37,15 @@ def _cfg(group: int, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _step(page_size: int, rng):
+def _step(page_size: int, rng, chunks=((0, 7), (20, 11)), t: int = 32):
     """A ragged step of T = 32 rows: 4 decode slots (slot 2 empty), a new 7-token prompt, 11 rows of a prompt
-    with 20 tokens cached, 10 padding rows.  Returns (metadata, positions, real rows, decode rows, pages)."""
+    with 20 tokens cached, 10 padding rows (or other `chunks`: (tokens cached before, new rows), in `t` rows).
+    Returns (metadata, positions, real rows, decode rows, pages)."""
     decode_ctx = [5, 17, 0, 40]  # kv lengths after this step's token (0: an empty slot)
-    chunks = [(0, 7), (20, 11)]  # (tokens cached before, new rows)
     kv_lens = decode_ctx + [c + n for c, n in chunks]
-    pages_per_seq = 64 // page_size
+    pages_per_seq = -(-max(64, *kv_lens) // page_size)
     num_pages = 6 * pages_per_seq + 3
     tables = rng.permutation(num_pages)[:6 * pages_per_seq].reshape(6, pages_per_seq).astype(np.int32)
-    t = 32
     slots = np.full(t, num_pages * page_size, np.int32)  # out of range: dropped
     positions = np.zeros(t, np.int32)
     cu = [0, 1, 2, 3, 4]
@@ -72,10 +71,19 @@ def _step(page_size: int, rng):
 @pytest.mark.parametrize("page_size", [8, 16])
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 def test_layer_equals_the_layer_op_by_op(group, page_size, weights):
+    _check_layer(group, page_size, weights)
+
+
+def test_a_long_prompt_chunk_equals_the_layer_op_by_op():
+    """160 rows (a 110-row prompt chunk): the matmul phases' items are cut by rows too (gemm_cpu.cc Split)."""
+    _check_layer(2, 16, "float32", chunks=((0, 7), (20, 110)), t=160)
+
+
+def _check_layer(group, page_size, weights, chunks=((0, 7), (20, 11)), t=32):
     cfg = _cfg(group)
     rng = np.random.default_rng(group * 100 + page_size)
-    meta, positions, real, decode_rows, num_pages = _step(page_size, rng)
-    t, h = 32, cfg.hidden_size
+    meta, positions, real, decode_rows, num_pages = _step(page_size, rng, chunks, t)
+    h = cfg.hidden_size
     ref_layer = DecoderLayer(cfg, jnp.float32, "reference", decode_rows)
     x = jnp.asarray(rng.standard_normal((t, h)), jnp.float32)
     cache = jnp.asarray(rng.standard_normal((2, cfg.num_kv_heads, num_pages, page_size, 2 * cfg.head_dim)),

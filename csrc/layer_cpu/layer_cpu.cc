@@ -66,20 +66,23 @@ struct LayerWork {
   int64_t attn_isa = 0;
   std::vector<at::Item> items;
   bool avx512 = false;
-  int64_t MR = 0, NR = 0, chunk[kPhases] = {};
+  int64_t MR = 0, NR = 0;
+  gm::Split split[kPhases] = {};
   int64_t nitems[kPhases] = {};
   std::atomic<int64_t> next[kPhases] = {}, done[kPhases] = {};
 
-  // C [R, m.N] = A [R, m.K] . m, panels [p0, p1) of NR columns
-  void gemm(const Mat& m, const float* A, float* C, int64_t p0, int64_t p1) const {
+  // item `it` (of split `sp`) of C [R, m.N] = A [R, m.K] . m
+  void gemm(const Mat& m, const gm::Split& sp, const float* A, float* C, int64_t it) const {
     const int64_t Kp = (m.K + 31) / 32 * 32;
+    int64_t p0, p1, r0, r1;
+    sp.bounds(it, R, p0, p1, r0, r1);
 #if JAXSERVE_GEMM_X86
     if (m.bf16) {
       gm::gemm_panels(avx512 ? gm::kAvx512<gm::bf16> : gm::kAvx2<gm::bf16>, A, static_cast<const gm::bf16*>(m.b),
-                      C, R, m.K, Kp, m.N, MR, NR, p0, p1);
+                      C, r0, r1, m.K, Kp, m.N, MR, NR, p0, p1);
     } else {
-      gm::gemm_panels(avx512 ? gm::kAvx512<float> : gm::kAvx2<float>, A, static_cast<const float*>(m.b), C, R,
-                      m.K, Kp, m.N, MR, NR, p0, p1);
+      gm::gemm_panels(avx512 ? gm::kAvx512<float> : gm::kAvx2<float>, A, static_cast<const float*>(m.b), C, r0,
+                      r1, m.K, Kp, m.N, MR, NR, p0, p1);
     }
 #endif
   }
@@ -175,22 +178,22 @@ struct LayerWork {
 #endif
 
   void item(int phase, int64_t it, at::Scratch& sc) {
-    const int64_t p0 = it * chunk[phase], p1 = p0 + chunk[phase];
+    const gm::Split& sp = split[phase];
     switch (phase) {
       case kQkv:
-        gemm(wqkv, h, qkv, p0, p1);
+        gemm(wqkv, sp, h, qkv, it);
         break;
       case kAttn:
         at::attend_one(attn_isa, pb, items[it], sc);
         break;
       case kOut:
-        gemm(wo, attn, tmp, p0, p1);
+        gemm(wo, sp, attn, tmp, it);
         break;
       case kGateUp:
-        gemm(wgu, h, gu, p0, p1);
+        gemm(wgu, sp, h, gu, it);
         break;
       case kDown:
-        gemm(wdown, act, tmp, p0, p1);
+        gemm(wdown, sp, act, tmp, it);
         break;
       default:
         rows_item(phase, it);
@@ -292,9 +295,8 @@ ffi::Error Layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
   const int64_t row_items = (w.R + kRowsPerItem - 1) / kRowsPerItem;
   auto gemm_phase = [&](int phase, const Mat& m) {
-    const int64_t panels = (m.N + w.NR - 1) / w.NR;
-    w.chunk[phase] = std::clamp<int64_t>(panels / (8 * threads), 1, 8);  // as gemm_cpu's Run
-    w.nitems[phase] = (panels + w.chunk[phase] - 1) / w.chunk[phase];
+    w.split[phase] = gm::Split(w.R, (m.N + w.NR - 1) / w.NR, w.MR, threads);  // as gemm_cpu's Run
+    w.nitems[phase] = w.split[phase].items;
   };
   for (int p : {kNorm1, kRope, kNorm2, kSwiglu, kResidual}) w.nitems[p] = row_items;
   gemm_phase(kQkv, w.wqkv), gemm_phase(kOut, w.wo), gemm_phase(kGateUp, w.wgu), gemm_phase(kDown, w.wdown);
