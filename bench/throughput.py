@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", required=True)
     ap.add_argument("--mode", default="continuous", choices=["continuous", "static"])
     ap.add_argument("--async-scheduling", default="auto", choices=list(ASYNC_SCHEDULING_FLAGS),
-                    help="EngineConfig.async_scheduling (auto: on for GPU/TPU, off on CPU)")
+                    help="EngineConfig.async_scheduling (auto: on)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024)

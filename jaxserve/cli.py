@@ -51,7 +51,7 @@ def _add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="schedule the next step and process the last one's tokens while a step runs (auto, "
-                        "the default: on for GPU/TPU, off on CPU, where the host shares the cores with the step)")
+                        "the default: on)")
     p.add_argument("--quantization", default=None, choices=["int8", "w8a8", "gguf"],
                    help="int8: weight-only int8 (W8A16) with per-output-channel scales, quantized at load; w8a8: the "
                         "same weights with each token row of a layer's input quantized to int8 too; gguf: a GGUF "

@@ -340,8 +340,8 @@ class EngineConfig:
     # Continuous scheduling: schedule and prepare the next step, and process the last step's tokens, while
     # a step runs (Engine.step; vLLM's async_scheduling).  Requests with penalties, bad words, logit bias,
     # min_tokens, structured outputs or prompt logprobs, and speculative decoding, run step by step.
-    # None: on for GPU/TPU (the host's work leaves the device's critical path), off on CPU, where the
-    # host shares the cores with the step (longtail-256 at 64 slots, 2-core EPYC: 0.985x; README).
+    # None: on (the host's work leaves the device's critical path; on a 2-core CPU too, where the host
+    # shares the cores with the step: longtail-256 at 64 slots, 1.02x; README "Async scheduling").
     async_scheduling: bool | None = None
     enable_prefix_caching: bool = True  # share the KV pages of identical prompt prefixes
     enable_chunked_prefill: bool = True  # else a prompt is prefilled in one step (budget >= max_model_len)

@@ -205,9 +205,8 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # aborted requests' final outputs, sent at the next step
         self._inflight: _Launched | None = None  # async scheduling: the step running while the host goes on
-        # EngineConfig.async_scheduling, resolved (auto: on for GPU/TPU, off on CPU)
-        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.platform != "cpu")
+        # EngineConfig.async_scheduling, resolved (auto: on)
+        self.async_scheduling = config.async_scheduling is not False
         self._host_bound = 0  # live requests that need the host between two tokens (_needs_host)
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
@@ -413,7 +412,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and model step; return the outputs of requests that changed.
 
-        Async scheduling (``EngineConfig.async_scheduling``, continuous batching; by default on GPU/TPU):
+        Async scheduling (``EngineConfig.async_scheduling``, continuous batching; on by default):
         one step stays in flight.  This call schedules and prepares the next step while the one in flight
         runs, launches it as soon as the tokens of the one in flight reach the host (a decode's input is
         its sequence's last token), and processes those tokens while the new step runs; it returns the
