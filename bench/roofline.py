@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     requests = load_workload(args.workload)["requests"][:args.limit]
     engine = Engine.from_pretrained(args.model, max_num_seqs=args.max_num_seqs,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                    max_model_len=args.max_model_len, dtype="float32")
+                                    max_model_len=args.max_model_len, dtype="float32",
+                                    async_scheduling=False)  # each step timed alone, through execute (below)
     costs = step_costs(engine)
     peak, read = (None, None) if args.peak_gflops and args.read_gbs else measure_cpu_peaks()
     peak = args.peak_gflops * 1e9 if args.peak_gflops else peak  # a rate given replaces the measured one

@@ -40,7 +40,8 @@ def decode_engine(args, batch: int, context: int, impl: str, layer: str) -> Engi
     """An engine with ``batch`` sequences decoding at ``context`` tokens, warmed up."""
     engine = Engine.from_pretrained(args.model, max_num_seqs=max(batch, args.slots), max_model_len=1024,
                                     max_num_batched_tokens=512, dtype=args.dtype, layer_loop=args.layer_loop,
-                                    attention_impl=impl, layer_impl=layer)
+                                    attention_impl=impl, layer_impl=layer,
+                                    async_scheduling=False)  # a step's time, not overlapped with the next
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     prompt = min(args.grow_from, context) if args.grow_from else context
@@ -82,7 +83,7 @@ def prefill_cases(args, prompts: int, length: int, attention: bool, runs: list) 
     two warm-up steps), the runs' engines taking turns step by step."""
     engines = [Engine.from_pretrained(args.model, max_num_seqs=64, max_model_len=1024, max_num_batched_tokens=512,
                                       dtype=args.dtype, layer_loop=args.layer_loop, attention_impl=impl,
-                                      layer_impl=layer) for impl, layer in runs]
+                                      layer_impl=layer, async_scheduling=False) for impl, layer in runs]
     rng = np.random.default_rng(0)
     vocab = engines[0].model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
