@@ -619,9 +619,9 @@ void gemm_panels(const Micro<T>* micro, const float* A, const T* B, float* C, in
 // against the default shows how the kernel scales.
 constexpr int64_t kItemsPerThread = 64;
 struct Split {
-  int64_t chunk = 1, mblocks = 1, mrows = 0, items = 0;
+  int64_t M = 0, chunk = 1, mblocks = 1, mrows = 0, items = 0;
   Split() = default;
-  Split(int64_t M, int64_t panels, int64_t MR, int64_t threads) {
+  Split(int64_t M_, int64_t panels, int64_t MR, int64_t threads) : M(M_) {
     chunk = std::clamp<int64_t>(panels / (8 * threads), 1, 8);
     const int64_t groups = (panels + chunk - 1) / chunk;
     mblocks = std::clamp<int64_t>((kItemsPerThread * threads + groups - 1) / groups, 1,
@@ -631,7 +631,7 @@ struct Split {
     items = groups * mblocks;
   }
   // item `it`'s panels [p0, p1) and rows [r0, r1)
-  void bounds(int64_t it, int64_t M, int64_t& p0, int64_t& p1, int64_t& r0, int64_t& r1) const {
+  void bounds(int64_t it, int64_t& p0, int64_t& p1, int64_t& r0, int64_t& r1) const {
     const int64_t g = it / mblocks, j = it % mblocks;
     p0 = g * chunk, p1 = p0 + chunk, r0 = j * mrows, r1 = std::min(M, r0 + mrows);
   }
@@ -644,15 +644,15 @@ struct Work {
   const float* A;
   const T* B;
   float* C;
-  int64_t M, K, Kp, N, MR, NR, items;  // Kp: K rounded up to 32 (a bf16 panel's rows)
-  Split split;
+  int64_t K, Kp, N, MR, NR;  // Kp: K rounded up to 32 (a bf16 panel's rows)
+  Split split;  // of the call's M rows
   const Micro<T>* micro = nullptr;
   std::atomic<int64_t> next{0}, done{0};
 
   void run() {
-    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+    for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < split.items;) {
       int64_t p0, p1, r0, r1;
-      split.bounds(it, M, p0, p1, r0, r1);
+      split.bounds(it, p0, p1, r0, r1);
       gemm_panels(micro, A, B, C, r0, r1, K, Kp, N, MR, NR, p0, p1);
       done.fetch_add(1, std::memory_order_acq_rel);
     }
@@ -679,12 +679,11 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* a, const T* b, int64_t M, int
 #else
   return ffi::Error::InvalidArgument("gemm_cpu: built without the x86 kernels");
 #endif
-  work->A = a, work->B = b, work->C = c, work->M = M, work->K = K, work->Kp = (K + 31) / 32 * 32, work->N = N;
+  work->A = a, work->B = b, work->C = c, work->K = K, work->Kp = (K + 31) / 32 * 32, work->N = N;
   const int64_t threads = num_threads > 0 ? num_threads : jaxserve_cpu::cpu_count();
   const int64_t panels = (N + work->NR - 1) / work->NR;
   work->split = Split(M, panels, work->MR, threads);
-  work->items = work->split.items;
-  jaxserve_cpu::run_on_pool(pool, work, work->items, threads);
+  jaxserve_cpu::run_on_pool(pool, work, work->split.items, threads);
   return ffi::Error::Success();
 }
 

@@ -75,7 +75,7 @@ struct LayerWork {
   void gemm(const Mat& m, const gm::Split& sp, const float* A, float* C, int64_t it) const {
     const int64_t Kp = (m.K + 31) / 32 * 32;
     int64_t p0, p1, r0, r1;
-    sp.bounds(it, R, p0, p1, r0, r1);
+    sp.bounds(it, p0, p1, r0, r1);
 #if JAXSERVE_GEMM_X86
     if (m.bf16) {
       gm::gemm_panels(avx512 ? gm::kAvx512<gm::bf16> : gm::kAvx2<gm::bf16>, A, static_cast<const gm::bf16*>(m.b),
