@@ -575,7 +575,9 @@ class CausalLM(nn.Module):
 
             sampled = (self.sampled_last_layer and not self.skip_head and self.mesh is None
                        and logits_indices.shape[0] < x.shape[0])
-            if self.layer_impl == "fused":  # one call a layer, unrolled (each its own weight buffers)
+            # "fused": one call a layer, unrolled (each its own weight buffers); op by op where gemm_cpu
+            # would take AMX for this many rows (layer_cpu.serves_rows)
+            if self.layer_impl == "fused" and layer_cpu.serves_rows(x.shape[0], [w["params"] for w in weights]):
                 for i in range(cfg.num_layers - sampled):
                     x, cache = layer_cpu.decoder_layer_cpu(
                         x, weights[i]["params"], cos, sin, cache, i, meta.slot_mapping, meta.seq_lens,

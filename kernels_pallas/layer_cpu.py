@@ -8,9 +8,10 @@ Each call schedules its helper on XLA's pool at its start, the second core is sl
 XLA runs the small loops on one thread; ``bench/step_profile.py --batches 64 --contexts 256`` (56m, 2-core
 EPYC) found 15% of a 64-row decode step outside the kernels.  Here one call runs the layer's ten phases on
 the calling thread and its helpers, with a spin wait at each phase's end (``csrc/layer_cpu/layer_cpu.cc``).
-The matmuls are ``gemm_cpu``'s sums bit for bit (its AVX-512 / AVX2 path: the kernel is not used on a CPU
-with AMX, where ``gemm_cpu`` switches to AMX for prompt chunks); the norms, RoPE and SwiGLU round as float32
-code does, not as XLA's loops do (last bits).  Measured (README, "A decoder layer in one call"): 2-6% off
+The matmuls are ``gemm_cpu``'s sums bit for bit (its AVX-512 / AVX2 path); the norms, RoPE and SwiGLU round as
+float32 code does, not as XLA's loops do (last bits).  On a CPU with AMX, ``gemm_cpu`` takes the AMX path from
+``AMX_MIN_ROWS`` rows (prompt chunks), which this kernel does not have: a step with that many rows runs its
+layers op by op (``serves_rows``), the others here.  Measured (README, "A decoder layer in one call"): 2-6% off
 64-row decode steps, about 1% off 32-row ones, nothing measurable off prompt steps or small decode steps.
 
 ``layer_impl="auto"`` (``resolve_layer``) takes it where the model is Llama-shaped (RMSNorm, no q/k norms, no
@@ -65,9 +66,19 @@ def unsupported_reason(cfg, *, matmul_impl: str, attention_impl: str, kv_dtype, 
     for bad, what in shape:
         if bad:
             return f"the model has {what}"
-    if "amx" in gemm_cpu.available_isas():
-        return "this CPU has AMX, which gemm_cpu uses for prompt chunks"
     return _load()[1]
+
+
+def serves_rows(num_rows: int, layers: list[dict]) -> bool:
+    """Whether a step of ``num_rows`` rows (its bucket's, static) runs its layers in this kernel, with the layers'
+    parameter trees ``layers``.  On a CPU with AMX, ``gemm_cpu`` takes the AMX path from ``AMX_MIN_ROWS`` rows
+    (by the weights' dtype: prompt chunks), which this kernel does not run; such a step goes op by op, so that
+    every step computes the sums ``gemm_cpu`` gives it (below that, both are its AVX-512 path, bit for bit)."""
+    if "amx" not in gemm_cpu.available_isas():
+        return True
+    dtypes = {jnp.dtype(layer[name]["packed_kernel"].dtype).name for layer in layers
+              for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+    return num_rows < min(gemm_cpu.AMX_MIN_ROWS[d] for d in dtypes)
 
 
 def resolve_layer(layer_impl: str, cfg, **kw) -> str:

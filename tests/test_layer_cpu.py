@@ -4,8 +4,9 @@ dot and the reference attention (the pure-JAX path every kernel is tested agains
 rows, an empty decode slot, a new prompt, a prompt's later chunk, padding rows) over GQA groups 1-3, page
 sizes 8 and 16 and float32 or bfloat16-held weights, writing the same K/V into the cache and nothing else;
 ``auto`` resolves to it only where it can serve and says why not elsewhere; and an engine with it gives the
-op-by-op engine's greedy tokens with the same programs.  (Greedy parity with Hugging Face: tests/test_hf_parity.py,
-whose engines use ``auto``, i.e. this kernel on a CPU without AMX.)
+op-by-op engine's greedy tokens with the same programs, running its steps op by op only where ``gemm_cpu`` would
+take AMX (``serves_rows``).  (Greedy parity with Hugging Face: tests/test_hf_parity.py, whose engines use ``auto``,
+i.e. this kernel.)
 """
 
 from __future__ import annotations
@@ -187,5 +188,31 @@ def test_auto_picks_the_fused_layer_for_a_llama_on_this_cpu(llama_dir):
     from kernels_pallas.gemm_cpu import available_isas
 
     engine = Engine.from_pretrained(llama_dir, max_num_seqs=2, max_model_len=64)
-    assert engine.runner.layer_impl == ("ops" if "amx" in available_isas() else "fused")
+    assert engine.runner.layer_impl == "fused"  # with AMX too: steps of fewer than AMX_MIN_ROWS rows (serves_rows)
     assert dataclasses.asdict(engine.config)["layer_impl"] == "auto"
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_steps_that_gemm_cpu_runs_on_amx_go_op_by_op(llama_dir, monkeypatch, amx):
+    """On a CPU with AMX (reported to the Python side here: the kernels' own choice follows the CPU), a bucket
+    of AMX_MIN_ROWS rows or more runs its layers op by op, where gemm_cpu takes AMX, and the smaller ones in
+    the fused kernel; without AMX every bucket is fused.  (float32 weights: from 112 rows; bfloat16: from 16.)"""
+    from jaxserve import Engine
+    from kernels_pallas import gemm_cpu
+
+    isas = [i for i in gemm_cpu.available_isas() if i != "amx"]
+    monkeypatch.setattr(gemm_cpu, "available_isas", lambda: (["amx"] if amx else []) + isas)
+    engine = Engine.from_pretrained(llama_dir, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=128,
+                                    layer_impl="fused")
+    runner = engine.runner
+    big = gemm_cpu.AMX_MIN_ROWS["float32"]
+    keys = [(4, 0), (4, 64), (0, 128), (4, 128)]  # 4, 68, 128 and 132 rows
+    for key in keys:
+        text = runner._lower(key, runner._bucket_inputs(key)).as_text()
+        fused = text.count(layer_cpu.TARGET)
+        rows = key[0] + key[1]
+        assert fused == (0 if amx and rows >= big else runner.model_cfg.num_layers - (key[1] > 0)), (key, fused)
+    layers = [runner.params[f"layers_{i}"] for i in range(runner.model_cfg.num_layers)]
+    assert layer_cpu.serves_rows(big - 1, layers) and layer_cpu.serves_rows(big, layers) == (not amx)
+    bf16 = [jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), layer) for layer in layers]
+    assert layer_cpu.serves_rows(15, bf16) and layer_cpu.serves_rows(16, bf16) == (not amx)
