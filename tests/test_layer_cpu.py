@@ -185,7 +185,6 @@ def test_engine_tokens_equal_the_op_by_op_engine_and_programs_per_bucket(llama_d
 
 def test_auto_picks_the_fused_layer_for_a_llama_on_this_cpu(llama_dir):
     from jaxserve import Engine
-    from kernels_pallas.gemm_cpu import available_isas
 
     engine = Engine.from_pretrained(llama_dir, max_num_seqs=2, max_model_len=64)
     assert engine.runner.layer_impl == "fused"  # with AMX too: steps of fewer than AMX_MIN_ROWS rows (serves_rows)
