@@ -43,10 +43,15 @@ one run each, after the tile buffers were aligned to 64 bytes), layers / LM head
     avx512, bf16     1.30/0.66  1.72/1.08  3.30/1.80  6.33/3.28  12.19/7.54  22.79/14.73  85.53/56.98
     amx, bf16        2.90/1.43  3.25/1.44  3.90/1.51  3.94/1.52   6.06/3.00  10.57/ 4.99  45.00/21.24
 
-and with float32 weights (cut per call: a pass over the weights, ~7.5 ms for these layers whatever the
-rows) ``--isa amx`` against ``--isa avx512``, layers in ms: 12.18 / 11.98 at 64 rows, 16.70 / 17.01 at
-96, 19.50 / 23.98 at 128, 32.63 / 46.08 at 256, 60.75 / 93.87 at 512 (398 against 257 GFLOP/s).  Hence
-``AMX_MIN_ROWS``.  Where it switches paths a row's bits change (another summation order, both float32-
+and with float32 weights (cut into pieces per call, panel by panel) ``--isa amx`` against ``--isa avx512``,
+layers in ms: 12.18 / 11.98 at 64 rows, 16.70 / 17.01 at 96, 19.50 / 23.98 at 128, 32.63 / 46.08 at 256,
+60.75 / 93.87 at 512 (398 against 257 GFLOP/s).  Hence ``AMX_MIN_ROWS``.  The cut is not what costs: a
+timing-only local build that cut one panel and reused its pieces for every panel ran the layers in 15.95 /
+19.05 / 21.79 / 31.98 / 69.44 ms at 64 / 128 / 160 / 256 / 512 rows against the kernel's 16.10 / 20.93 /
+23.37 / 32.73 / 68.75 (same command, ``--isa amx``, two alternated runs each, means; 2026-12-06, this
+Xeon), so weights held pre-cut (2.5x their bytes) would save at most 2 ms of a prompt step.  Keeping a
+block of the panel's B tiles in L1 across the 32-row blocks (K cut into blocks of 12-48 KB of tiles, the
+partial sums stored and reloaded) was slower at every size (128 rows: 22.0-24.2 ms against 20.1).  Where it switches paths a row's bits change (another summation order, both float32-
 accurate): a sequence's logits can differ in the last bits between a step of 15 and one of 16 rows, as
 they do between XLA's dot and torch's.
 
