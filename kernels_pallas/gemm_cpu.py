@@ -51,8 +51,9 @@ timing-only local build that cut one panel and reused its pieces for every panel
 23.37 / 32.73 / 68.75 (same command, ``--isa amx``, two alternated runs each, means; 2026-12-06, this
 Xeon), so weights held pre-cut (2.5x their bytes) would save at most 2 ms of a prompt step.  Keeping a
 block of the panel's B tiles in L1 across the 32-row blocks (K cut into blocks of 12-48 KB of tiles, the
-partial sums stored and reloaded) was slower at every size (128 rows: 22.0-24.2 ms against 20.1).  Where it switches paths a row's bits change (another summation order, both float32-
-accurate): a sequence's logits can differ in the last bits between a step of 15 and one of 16 rows, as
+partial sums stored and reloaded) was slower at every size (128 rows: 22.0-24.2 ms against 20.1).
+Where it switches paths a row's bits change (another summation order, both float32-accurate): a
+sequence's logits can differ in the last bits between a step of 15 and one of 16 rows, as
 they do between XLA's dot and torch's.
 
 **The greedy LM head** (``argmax_head``, below): a step whose rows are all greedy needs only each row's
