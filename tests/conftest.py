@@ -5,7 +5,8 @@ once; an engine is therefore shared by every test that can use it.  The
 ``engine`` fixture hands out the shared Llama engine and, after each test,
 checks that the test left it clean (nothing queued, every page free) and
 restores that state if it did not, so that one failing test cannot break the
-following ones.
+following ones.  Under the README's ``-n 2 --dist loadfile`` each pytest-xdist worker builds its own
+session fixtures, and a file's tests all run in one worker.
 """
 
 from __future__ import annotations
