@@ -140,6 +140,15 @@ def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
     assert out["floor_s"] == pytest.approx(sum(b["floor_s"] for b in out["buckets"].values()), abs=0.01)
     assert out["efficiency"] == pytest.approx(out["floor_s"] / out["step_s"], abs=2e-3)
     assert out["matmuls_floor_s"] > 0 and out["attention_floor_s"] > 0 and 0 < out["efficiency"]
+    assert out["mode"] == "continuous"
+    # --mode static: the same requests in fixed batches, so more steps, each floored by the rows it really has
+    assert script.main(["--model", llama_dir, "--workload", _tiny_workload(tmp_path), "--max-num-seqs", "4",
+                        "--max-num-batched-tokens", "32", "--max-model-len", "128", "--mode", "static",
+                        "--peak-gflops", "100", "--read-gbs", "10"]) == 0
+    static = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert static["mode"] == "static" and static["output_tokens"] == 36
+    assert static["steps"] > out["steps"]
+    assert static["floor_s"] == pytest.approx(static["matmuls_floor_s"] + static["attention_floor_s"], abs=2e-3)
 
 
 def test_compare_vllm_decode_step_fields(monkeypatch, capsys):
