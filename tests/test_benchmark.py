@@ -130,9 +130,9 @@ def _bench_script(name: str):
 def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
     """bench/roofline.py: every step timed and given its floor; the floors add up to the run's."""
     script = _bench_script("roofline")
-    assert script.main(["--model", llama_dir, "--workload", _tiny_workload(tmp_path), "--max-num-seqs", "4",
-                        "--max-num-batched-tokens", "32", "--max-model-len", "128",
-                        "--peak-gflops", "100", "--read-gbs", "10"]) == 0
+    argv = ["--model", llama_dir, "--workload", _tiny_workload(tmp_path), "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "32", "--max-model-len", "128", "--peak-gflops", "100", "--read-gbs", "10"]
+    assert script.main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["output_tokens"] == 36 and out["peak_gflops"] == 100 and out["read_gbs"] == 10
     assert sum(b["steps"] for b in out["buckets"].values()) == out["steps"] > 0
@@ -142,9 +142,7 @@ def test_roofline_script_per_step_floor(llama_dir, tmp_path, capsys):
     assert out["matmuls_floor_s"] > 0 and out["attention_floor_s"] > 0 and 0 < out["efficiency"]
     assert out["mode"] == "continuous"
     # --mode static: the same requests in fixed batches, so more steps, each floored by the rows it really has
-    assert script.main(["--model", llama_dir, "--workload", _tiny_workload(tmp_path), "--max-num-seqs", "4",
-                        "--max-num-batched-tokens", "32", "--max-model-len", "128", "--mode", "static",
-                        "--peak-gflops", "100", "--read-gbs", "10"]) == 0
+    assert script.main(argv + ["--mode", "static"]) == 0
     static = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert static["mode"] == "static" and static["output_tokens"] == 36
     assert static["steps"] > out["steps"]
